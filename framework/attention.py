@@ -1,0 +1,71 @@
+"""Rows-only attention: the attention probabilities of a few query rows over a layer's keys.
+
+FastV, SparseVLM and PDrop need softmax(QK^T / sqrt(d)) for a handful of rows (raters, the last
+token). Fused kernels (sdpa, flash) never return probabilities, and switching the whole model to eager
+costs O(H L^2) memory in every layer. We recompute only the needed rows: O(R L) per head, post-RoPE,
+causal, padding-aware, GQA-expanded, in fp32.
+"""
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, L, hd); cos/sin (B, L, hd) as transformers' rotary modules return them."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t (B|1, L, ...) gathered along dim 1 at idx (B, R) -> (B, R, ...)."""
+    if t.shape[0] != idx.shape[0]:
+        t = t.expand(idx.shape[0], *t.shape[1:])
+    view = idx.view(*idx.shape, *([1] * (t.dim() - 2)))
+    return torch.gather(t, 1, view.expand(*idx.shape, *t.shape[2:]))
+
+
+def project_keys(attn: torch.nn.Module, normed: torch.Tensor, cos, sin) -> torch.Tensor:
+    """Post-RoPE keys (B, H_kv, L, hd) of an attention module for already-normed inputs."""
+    k = rearrange(attn.k_proj(normed), "b l (h d) -> b h l d", d=attn.head_dim)
+    if hasattr(attn, "k_norm"):
+        k = attn.k_norm(k)
+    return apply_rope(k, cos, sin)
+
+
+def attention_rows(
+    attn: torch.nn.Module,
+    normed: torch.Tensor,
+    rows: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    key_valid: torch.Tensor,
+    keys: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention probabilities of query rows over all keys of one layer.
+
+    attn: the layer's self-attention module (q_proj/k_proj, head_dim, scaling).
+    normed: (B, L, D) the layer's input after its input layernorm.
+    rows: (B, R) slot indices of the query rows (ascending or not).
+    cos, sin: (B, L, hd) the position embeddings this layer used.
+    key_valid: (B, L) bool, False for padding / empty slots.
+    keys: (B, H_kv, L, hd) post-RoPE keys if already computed (the layer's KV cache); else recomputed.
+    Returns (B, H, R, L) float32 probabilities; causal: row r sees keys with slot index <= rows[r].
+    """
+    B, L, _ = normed.shape
+    q = rearrange(attn.q_proj(gather_rows(normed, rows)), "b r (h d) -> b h r d", d=attn.head_dim)
+    if hasattr(attn, "q_norm"):
+        q = attn.q_norm(q)
+    q = apply_rope(q, gather_rows(cos, rows), gather_rows(sin, rows))
+    if keys is None:
+        keys = project_keys(attn, normed, cos, sin)
+    groups = q.shape[1] // keys.shape[1]
+    keys = keys.repeat_interleave(groups, dim=1) if groups > 1 else keys
+    logits = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * attn.scaling
+    allowed = (torch.arange(L, device=rows.device)[None, None] <= rows[..., None]) & key_valid[:, None]
+    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0)

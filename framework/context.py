@@ -1,0 +1,110 @@
+"""What a reducer sees at a decision point (`StageContext`), and the slot bookkeeping behind it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .attention import attention_rows
+
+
+@dataclass
+class Slots:
+    """The current token sequence of a batch, as slots (B, L').
+
+    index: slot -> index into the language model's input sequence (RoPE source in `keep` mode);
+      for merged tokens the anchor's index.
+    valid: False for padding and for the empty slots that let samples keep different counts.
+    visual: True for visual tokens (kept, or merged).
+    members: per sample, (n_visual, n_visual_at_input) bool: which input visual tokens each current
+      visual token stands for (identity until something merges).
+    """
+
+    index: torch.Tensor
+    valid: torch.Tensor
+    visual: torch.Tensor
+    members: list[torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return int(self.index.shape[1])
+
+    def visual_slots(self, b: int) -> torch.Tensor:
+        return torch.nonzero(self.visual[b] & self.valid[b]).flatten()
+
+    def text_slots(self, b: int) -> torch.Tensor:
+        """Valid non-visual slots after the last visual token (the prompt text that follows the image)."""
+        vis = self.visual_slots(b)
+        start = int(vis[-1]) + 1 if len(vis) else 0
+        pos = torch.arange(self.length, device=self.index.device)
+        return torch.nonzero(self.valid[b] & ~self.visual[b] & (pos >= start)).flatten()
+
+    def n_valid(self) -> torch.Tensor:
+        return self.valid.sum(1)
+
+
+@dataclass
+class StageContext:
+    """Signals for one decision point. Everything is per batch; `b` indexes samples.
+
+    stage: "projector" or "llm"; layer: the decoder layer the decision applies before (llm).
+    hidden: (B, L', D) hidden states entering that layer (the input embeddings at the projector).
+    visual / text: per sample, slot indices of the current visual tokens / the prompt text after them.
+    state: scratch space shared by all decision points of one prefill (e.g. SparseVLM's raters).
+    """
+
+    stage: str
+    layer: int
+    hidden: torch.Tensor
+    slots: Slots
+    adapter: Any
+    state: dict[str, Any]
+    embeds: torch.Tensor | None = None
+    _attn_source: Callable[[str], dict] | None = None
+    _cache: dict = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.hidden.shape[0])
+
+    @property
+    def visual(self) -> list[torch.Tensor]:
+        if "visual" not in self._cache:
+            self._cache["visual"] = [self.slots.visual_slots(b) for b in range(self.batch_size)]
+        return self._cache["visual"]
+
+    @property
+    def text(self) -> list[torch.Tensor]:
+        if "text" not in self._cache:
+            self._cache["text"] = [self.slots.text_slots(b) for b in range(self.batch_size)]
+        return self._cache["text"]
+
+    def n_visual(self, b: int) -> int:
+        return int(self.visual[b].numel())
+
+    def visual_hidden(self, b: int) -> torch.Tensor:
+        return self.hidden[b, self.visual[b]]
+
+    def last_slot(self, b: int) -> int:
+        """The last valid slot: the last prompt token (left padding puts it at the end)."""
+        return int(torch.nonzero(self.slots.valid[b]).max())
+
+    def attention(self, rows: list[torch.Tensor], which: str = "previous") -> list[torch.Tensor]:
+        """Attention probabilities (H, R_b, L') of the given query slots, per sample.
+
+        which="previous": the layer just run (layer-1), with its own keys (from the KV cache when
+        present); which="current": this layer's projections applied to `hidden` (PDrop's rule).
+        Rows-only: never materialises the L' x L' map.
+        """
+        if self.stage != "llm" or self._attn_source is None:
+            raise RuntimeError("attention rows are available only at llm-stage decision points")
+        src = self._attn_source(which)
+        R = max(1, max(int(r.numel()) for r in rows))
+        dev = self.hidden.device
+        padded = torch.zeros(self.batch_size, R, dtype=torch.long, device=dev)
+        for b, r in enumerate(rows):
+            padded[b, : r.numel()] = r
+        probs = attention_rows(src["attn"], src["normed"], padded, src["cos"], src["sin"],
+                               self.slots.valid, keys=src.get("keys"))
+        return [probs[b, :, : rows[b].numel()] for b in range(self.batch_size)]

@@ -1,0 +1,157 @@
+"""The `TokenReducer` contract every strategy implements.
+
+A reducer is a small dataclass of hyper-parameters. It declares where it acts (`stage`) and, for the
+`llm` stage, before which decoder layers it decides (`decision_layers`). At each of those points the
+engine hands it a `StageContext` (hidden states, which slots are visual / text, lazily computed
+attention rows) and the reducer returns one `Decision` per sample: which of the current visual tokens
+survive and which merged tokens are added. It never touches masks, caches or positions: the engine
+applies decisions (see `framework/engine.py`).
+
+Writing a new strategy (one file)::
+
+    @register("l2norm")
+    @dataclass
+    class L2Norm(ScoringReducer):
+        '''Keep the visual tokens with the largest hidden-state norm before layer `layer`.'''
+        layer: int = 2
+        def score(self, ctx, b):
+            return ctx.hidden[b, ctx.visual[b]].norm(dim=-1)
+"""
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+
+import torch
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .context import StageContext
+
+STAGES = ("vision", "projector", "llm")
+POSITION_MODES = ("keep", "repack")
+
+
+@dataclass
+class Decision:
+    """What survives of one sample's current visual tokens at one decision point.
+
+    All indices are into the sample's *current* visual tokens (0..n_visual-1, in sequence order).
+    `keep` may be in any order: the engine keeps surviving tokens in their original order.
+    `merged` (m, D) are new tokens placed right after the kept visual tokens; `sources[i]` lists the
+    current visual tokens merged into token i (for provenance and overlays), and `anchors[i]` is the
+    current visual token whose RoPE position merged token i takes in `keep` position mode (default:
+    its first source). `record` is stored as-is in the engine's per-sample record.
+    """
+
+    keep: torch.Tensor
+    merged: torch.Tensor | None = None
+    sources: Sequence[torch.Tensor] = ()
+    anchors: torch.Tensor | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_merged(self) -> int:
+        return 0 if self.merged is None else int(self.merged.shape[0])
+
+
+def resolve_count(keep: int | float, n_visual: int, what: str = "keep") -> int:
+    """A budget given as a count (int >= 1) or a ratio (float in (0, 1]) -> a count in [1, n_visual]."""
+    if isinstance(keep, bool):
+        raise ConfigError(f"{what} must be a count (int >= 1) or a ratio (float in (0, 1]), got {keep!r}")
+    if isinstance(keep, float):
+        if not 0.0 < keep <= 1.0:
+            raise ConfigError(f"{what} ratio must be in (0, 1], got {keep}")
+        return max(1, round(keep * n_visual))
+    if isinstance(keep, int):
+        if keep < 1 or keep > n_visual:
+            raise ConfigError(
+                f"{what}={keep} is not allowed for an input with {n_visual} visual tokens; "
+                f"allowed: 1..{n_visual} (or a ratio in (0, 1])")
+        return keep
+    raise ConfigError(f"{what} must be an int count or a float ratio, got {type(keep).__name__}")
+
+
+@dataclass
+class TokenReducer(ABC):
+    """Base class: a strategy that decides, per sample, which visual tokens survive.
+
+    Fields common to every strategy:
+      positions: `keep` (survivors keep their original RoPE positions) or `repack` (0..L'-1 after
+        each reduction, as the official SparseVLM v1/v1.5 code does).
+    """
+
+    positions: str = "keep"
+
+    stage: ClassVar[str] = "llm"
+    registry_name: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        if self.positions not in POSITION_MODES:
+            raise ConfigError(f"positions={self.positions!r}; allowed: {list(POSITION_MODES)}")
+
+    # --- where it acts -------------------------------------------------------------------------
+    def decision_layers(self) -> list[int]:
+        """For `llm` reducers: decoder layer indices before which `decide` is called (each >= 1)."""
+        return []
+
+    def setup(self, adapter) -> None:
+        """Called once when attached: check the model can host this reducer (layers, stages)."""
+        if self.stage not in adapter.stages:
+            raise ConfigError(
+                f"{type(self).__name__} acts at stage {self.stage!r} but backbone {adapter.family!r} "
+                f"supports only {list(adapter.stages)}")
+        n = adapter.num_layers
+        for k in self.decision_layers():
+            if not 1 <= k < n:
+                raise ConfigError(
+                    f"{type(self).__name__}: decision before decoder layer {k} is outside the model; "
+                    f"allowed: 1..{n - 1} for a {n}-layer decoder")
+
+    # --- what it does --------------------------------------------------------------------------
+    def begin(self, ctx: "StageContext") -> None:
+        """Called once per prefill, before any decision, with the language model's input embeddings."""
+
+    @abstractmethod
+    def decide(self, ctx: "StageContext") -> list[Decision]:
+        """One `Decision` per sample at the current decision point."""
+
+    # --- helpers -------------------------------------------------------------------------------
+    def config_dict(self) -> dict[str, Any]:
+        return {"name": self.registry_name, **dataclasses.asdict(self)}
+
+
+@dataclass
+class ScoringReducer(TokenReducer):
+    """Keep the top-`keep` visual tokens by a per-token score, before decoder layer `layer`.
+
+    Subclasses implement `score(ctx, b) -> Tensor[n_visual]` (higher = keep), or `scores(ctx)` for
+    all samples at once when batching helps; ties break by the lower index.
+    `keep`: a count (int) or a ratio of the visual tokens entering the decision (float).
+    """
+
+    layer: int = 2
+    keep: int | float = 0.5
+
+    def decision_layers(self) -> list[int]:
+        return [self.layer] if self.stage == "llm" else []
+
+    def score(self, ctx: "StageContext", b: int) -> torch.Tensor:
+        """Scores of sample b's current visual tokens, shape (n_visual,)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement score() or scores()")
+
+    def scores(self, ctx: "StageContext") -> list[torch.Tensor]:
+        return [self.score(ctx, b) for b in range(ctx.batch_size)]
+
+    def decide(self, ctx: "StageContext") -> list[Decision]:
+        return [Decision(keep=topk_indices(s, resolve_count(self.keep, ctx.n_visual(b))))
+                for b, s in enumerate(self.scores(ctx))]
+
+
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores, ties broken by the lower index (deterministic), sorted."""
+    order = torch.sort(scores.float(), descending=True, stable=True).indices
+    return order[:k].sort().values

@@ -1,0 +1,89 @@
+"""The backbone adapter contract: where things are in one model family. Nothing else.
+
+The engine asks an adapter for the decoder layers, the rotary module, which prompt positions are
+visual, and how position ids look (1-D for Llama; 3-D M-RoPE for Qwen2-VL). Adapters never import a
+strategy, and strategies never import a model class.
+"""
+from __future__ import annotations
+
+import torch
+
+from framework.attention import gather_rows
+from framework.errors import ConfigError
+
+
+class BackboneAdapter:
+    family: str = ""
+    model_classes: tuple[str, ...] = ()
+    stages: tuple[str, ...] = ("projector", "llm")
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    # --- where things are --------------------------------------------------------------------
+    @property
+    def top(self) -> torch.nn.Module:
+        return self.model
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def text_config(self):
+        return self.model.config.get_text_config()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.text_config._attn_implementation or "eager"
+
+    def shape(self) -> dict:
+        """Decoder shape for accounting: hidden d, FFN width m, layers, KV heads and head dim."""
+        c = self.text_config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return {"layers": self.num_layers, "hidden": c.hidden_size, "ffn": c.intermediate_size,
+                "heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads or c.num_attention_heads,
+                "head_dim": head_dim}
+
+    def attention_parts(self, layer: int):
+        lay = self.layers[layer]
+        return lay.input_layernorm, lay.self_attn
+
+    def rotary(self, x: torch.Tensor, position_ids: torch.Tensor):
+        return self.language_model.rotary_emb(x, position_ids)
+
+    # --- inputs ---------------------------------------------------------------------------------
+    def has_visual_input(self, kwargs: dict) -> bool:
+        raise NotImplementedError
+
+    def visual_mask(self, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check_inputs(self, input_ids: torch.Tensor, kwargs: dict) -> None:
+        """Raise ConfigError on prompts the engine cannot reduce (no visual tokens, count mismatch)."""
+
+    # --- positions (1-D default) --------------------------------------------------------------
+    def text_positions(self, pos: torch.Tensor) -> torch.Tensor:
+        return pos if pos.dim() == 2 else pos[None]
+
+    def gather_positions(self, pos: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return gather_rows(pos.expand(index.shape[0], -1), index)
+
+    def repack_positions(self, pos: torch.Tensor, slots, base: torch.Tensor) -> torch.Tensor:
+        return base[:, None] + (slots.valid.long().cumsum(1) - 1).clamp(min=0)
+
+    def shift_positions(self, pos: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return pos + delta.to(pos.dtype)[:, None]
+
+
+def require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)

@@ -1,0 +1,47 @@
+"""LLaVA-1.5 (`LlavaForConditionalGeneration`): CLIP vision tower + MLP projector + Llama decoder."""
+from __future__ import annotations
+
+import torch
+
+from .base import BackboneAdapter, require
+
+
+class LlavaAdapter(BackboneAdapter):
+    family = "llava"
+    model_classes = ("LlavaForConditionalGeneration",)
+    stages = ("vision", "projector", "llm")
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    @property
+    def vision_layers(self) -> torch.nn.ModuleList:
+        return self.model.model.vision_tower.vision_model.encoder.layers
+
+    @property
+    def projector(self) -> torch.nn.Module:
+        return self.model.model.multi_modal_projector
+
+    def tokens_per_image(self) -> int:
+        v = self.model.config.vision_config
+        n = (v.image_size // v.patch_size) ** 2
+        return n + (1 if self.model.config.vision_feature_select_strategy == "full" else 0)
+
+    def has_visual_input(self, kwargs: dict) -> bool:
+        return kwargs.get("pixel_values") is not None
+
+    def visual_mask(self, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        return input_ids == self.image_token_id
+
+    def check_inputs(self, input_ids: torch.Tensor, kwargs: dict) -> None:
+        per_sample = (input_ids == self.image_token_id).sum(1)
+        per_image = self.tokens_per_image()
+        n_images = kwargs["pixel_values"].shape[0]
+        require(bool((per_sample > 0).all()),
+                f"a prompt has no image tokens (id {self.image_token_id}) but pixel_values were given; "
+                f"every sample needs {per_image} image tokens per image")
+        require(int(per_sample.sum()) == n_images * per_image and bool((per_sample % per_image == 0).all()),
+                f"image tokens per sample {per_sample.tolist()} do not match {n_images} image(s) x "
+                f"{per_image} tokens per image; allowed: a multiple of {per_image} per sample, "
+                f"{n_images * per_image} in all")
