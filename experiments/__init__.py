@@ -1,0 +1,1 @@
+"""Experiments: configs, the Lightning runner, tasks, logging, reports and the `sparsevlm` CLI."""

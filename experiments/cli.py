@@ -1,0 +1,104 @@
+"""The `sparsevlm` console command. Sub-commands register themselves in COMMANDS."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from framework.errors import ConfigError
+
+
+def cmd_list(args) -> int:
+    from framework.registry import available, describe, get
+    from models import available_backbones, describe_backbone
+
+    print("strategies:")
+    for name in available():
+        cls = get(name)
+        stage = cls.stage if isinstance(cls.stage, str) else "projector|llm"
+        print(f"  {name:<11} [{stage}] {describe(name)}")
+    print("backbones:")
+    for family, cls in available_backbones().items():
+        print(f"  {family:<11} stages: {', '.join(cls.stages):<24} {describe_backbone(family)}")
+    return 0
+
+
+def add_list(sub) -> None:
+    p = sub.add_parser("list", help="strategies and backbones")
+    p.set_defaults(func=cmd_list)
+
+
+def cmd_flops(args) -> int:
+    from framework.accounting import equivalent_tokens, kv_cache_bytes, parse_schedule, prefill_flops
+
+    visual = parse_schedule(args.keep or "", args.layers, args.visual)
+    tokens = [v + args.text for v in visual]
+    flops = prefill_flops(tokens, args.hidden, args.ffn)
+    head_dim = args.hidden // args.heads
+    kv = kv_cache_bytes(tokens, args.kv_heads or args.heads, head_dim, 2)
+    base = prefill_flops([args.visual + args.text] * args.layers, args.hidden, args.ffn)
+    out = {"tflops": flops * 1e-12, "flops_ratio": flops / base, "equivalent_tokens": equivalent_tokens(visual),
+           "tokens_per_layer": tokens, "visual_per_layer": visual, "kv_cache_mb_fp16": kv / 2**20}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"decoder: {args.layers} layers, d={args.hidden}, m={args.ffn}; {args.visual} visual + {args.text} other tokens")
+    print(f"{'layers':<10}{'visual in':>10}{'tokens in':>10}")
+    start = 0
+    for i in range(1, args.layers + 1):
+        if i == args.layers or visual[i] != visual[start]:
+            print(f"{f'{start}-{i - 1}':<10}{visual[start]:>10}{tokens[start]:>10}")
+            start = i
+    print(f"prefill TFLOPs      {out['tflops']:.3f}  ({out['flops_ratio']:.1%} of no reduction)")
+    print(f"equivalent tokens   {out['equivalent_tokens']:.2f}")
+    print(f"KV cache (fp16)     {out['kv_cache_mb_fp16']:.1f} MB")
+    return 0
+
+
+def add_flops(sub) -> None:
+    p = sub.add_parser("flops", help="prefill FLOPs / equivalent tokens for a decoder shape and a schedule")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--ffn", type=int, default=11008)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=None)
+    p.add_argument("--visual", type=int, default=576)
+    p.add_argument("--text", type=int, default=118, help="non-visual tokens in the prompt")
+    p.add_argument("--keep", default="", help="LAYER:KEPT,... visual tokens remaining after each pruning layer")
+    p.add_argument("--json", action="store_true", help="one JSON object (tflops, equivalent_tokens, tokens_per_layer)")
+    p.set_defaults(func=cmd_flops)
+
+
+COMMANDS = [add_list, add_flops]
+
+
+def _optional_commands() -> None:
+    """Sub-commands living in their own modules (run, report, bench) register here when present."""
+    import importlib
+
+    for mod in ("experiments.commands",):
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as err:
+            if err.name != mod:
+                raise
+            continue
+        COMMANDS.extend(c for c in m.COMMANDS if c not in COMMANDS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _optional_commands()
+    parser = argparse.ArgumentParser(prog="sparsevlm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

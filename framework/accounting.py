@@ -1,0 +1,93 @@
+"""Token, FLOPs and KV-cache accounting, with the conventions of the SparseVLM paper and code.
+
+* tokens entering each decoder layer (all tokens: visual + text), prefill only;
+* equivalent tokens: the mean over decoder layers of the visual tokens present *after* each layer
+  (the official code's "equal token num": a pruning layer counts with its reduced count; this is what
+  the paper reports as "192/128/64");
+* FLOPs: sum over layers of 4 n d^2 + 2 n^2 d + 3 n d m (n tokens entering the layer, d hidden,
+  m FFN width): multiply-accumulates of the decoder layers at prefill, no vision tower, no lm_head;
+* KV-cache bytes: 2 (K and V) x kv_heads x head_dim x bytes per element, summed over layers of the
+  tokens each layer holds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def layer_flops(n: int, d: int, m: int) -> int:
+    return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
+
+
+def prefill_flops(tokens_per_layer: list[int], d: int, m: int) -> int:
+    return sum(layer_flops(n, d, m) for n in tokens_per_layer)
+
+
+def equivalent_tokens(visual_per_layer: list[int], final_visual: int | None = None) -> float:
+    """Mean over layers of the visual tokens after each layer (= entering the next; the last layer
+    counts the final number)."""
+    after = list(visual_per_layer[1:]) + [visual_per_layer[-1] if final_visual is None else final_visual]
+    return sum(after) / len(after)
+
+
+def kv_cache_bytes(tokens_per_layer: list[int], kv_heads: int, head_dim: int, bytes_per_elem: int = 2) -> int:
+    return sum(2 * kv_heads * head_dim * bytes_per_elem * n for n in tokens_per_layer)
+
+
+def parse_schedule(spec: str, layers: int, visual: int) -> list[int]:
+    """`"2:309,6:204,15:113"` -> visual tokens entering each layer: 576 enter 0-2, 309 enter 3-6, ...
+
+    Each `l:k` means k visual tokens remain after layer l. Layers must increase and lie in 0..layers-2.
+    """
+    from .errors import ConfigError
+
+    counts = [visual] * layers
+    last_layer, last_k = -1, visual
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        try:
+            layer_s, k_s = item.split(":")
+            layer, k = int(layer_s), int(k_s)
+        except ValueError:
+            raise ConfigError(f"bad schedule item {item!r}; expected LAYER:KEPT, e.g. 2:309") from None
+        if not last_layer < layer <= layers - 2:
+            raise ConfigError(f"schedule layer {layer} must increase and lie in 0..{layers - 2}")
+        if not 1 <= k <= last_k:
+            raise ConfigError(f"schedule keeps {k} after layer {layer}; allowed 1..{last_k}")
+        for i in range(layer + 1, layers):
+            counts[i] = k
+        last_layer, last_k = layer, k
+    return counts
+
+
+@dataclass
+class Accounting:
+    """Per-sample figures for one prefill (from the engine's record and the decoder shape)."""
+
+    visual_per_layer: list[int]
+    tokens_per_layer: list[int]
+    equivalent_tokens: float
+    flops: int
+    kv_bytes: int
+
+    @classmethod
+    def from_counts(cls, visual_per_layer, tokens_per_layer, shape: dict, bytes_per_elem: int = 2):
+        return cls(
+            visual_per_layer=list(visual_per_layer),
+            tokens_per_layer=list(tokens_per_layer),
+            equivalent_tokens=equivalent_tokens(visual_per_layer),
+            flops=prefill_flops(tokens_per_layer, shape["hidden"], shape["ffn"]),
+            kv_bytes=kv_cache_bytes(tokens_per_layer, shape["kv_heads"], shape["head_dim"], bytes_per_elem),
+        )
+
+    def to_dict(self) -> dict:
+        return {"visual_per_layer": self.visual_per_layer, "tokens_per_layer": self.tokens_per_layer,
+                "equivalent_tokens": self.equivalent_tokens, "tflops": self.flops * 1e-12,
+                "kv_cache_mb": self.kv_bytes / 2**20}
+
+
+def account(engine, bytes_per_elem: int | None = None) -> list[Accounting]:
+    """Accounting for each sample of the engine's last prefill."""
+    shape = engine.adapter.shape()
+    if bytes_per_elem is None:
+        bytes_per_elem = next(engine.model.parameters()).element_size()
+    return [Accounting.from_counts(s["visual_per_layer"], s["tokens_per_layer"], shape, bytes_per_elem)
+            for s in engine.last_record]
