@@ -1,0 +1,87 @@
+"""DPC-kNN clustering and cluster merging as pure tensor functions (SparseVLM's token recycling).
+
+Density-peak clustering (Rodriguez & Laio 2014) with kNN densities, as in TCFormer and SparseVLM's
+`cluster_and_merge`:
+
+  d_ij   = ||x_i - x_j|| / sqrt(D)                         (Euclidean, scaled by the feature size)
+  rho_i  = exp(-mean_{j in kNN_k(i)} d_ij^2)               (the point itself, distance 0, is among its k)
+  delta_i = min_{j denser than i} d_ij,  or max_ij d_ij for the densest point
+  centres = the C points with the largest rho * delta
+  labels  = nearest centre (Euclidean, as the code) or most cosine-similar centre (as the paper says);
+            each centre belongs to its own cluster.
+
+Deterministic: the official code adds U(0,1)*1e-6 to rho to break ties; here "denser" means a larger
+rho, or an equal rho at a lower index, and every other tie (centre scores, assignment) goes to the lower
+index. Everything is computed in float32.
+"""
+from __future__ import annotations
+
+import torch
+
+MERGE_MODES = ("mean", "sum")
+ASSIGN_MODES = ("euclidean", "cosine")
+
+
+def scaled_distances(x: torch.Tensor) -> torch.Tensor:
+    """(N, D) -> (N, N) Euclidean distances divided by sqrt(D), float32, exact zeros on the diagonal."""
+    x = x.float()
+    d = torch.cdist(x[None], x[None], compute_mode="donot_use_mm_for_euclid_dist")[0]
+    return d / (x.shape[-1] ** 0.5)
+
+
+def dpc_knn(x: torch.Tensor, n_clusters: int, k: int | None = None, assign: str = "euclidean"
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cluster the rows of x (N, D) into `n_clusters` groups by DPC-kNN.
+
+    k: neighbours for the density (default `n_clusters`, as the official code), clipped to N.
+    assign: "euclidean" (nearest centre; official code) or "cosine" (most similar centre; the paper).
+    Returns (labels (N,) in 0..C-1, centres (C,) row indices in ascending order; label c <-> centres[c]).
+    """
+    if assign not in ASSIGN_MODES:
+        raise ValueError(f"assign={assign!r}; allowed: {list(ASSIGN_MODES)}")
+    N = int(x.shape[0])
+    if N == 0:
+        raise ValueError("dpc_knn needs at least one point")
+    C = max(1, min(int(n_clusters), N))
+    k = max(1, min(int(k if k is not None else C), N))
+    dist = scaled_distances(x)
+    knn = torch.topk(dist, k, dim=-1, largest=False).values
+    rho = torch.exp(-(knn ** 2).mean(-1))
+    idx = torch.arange(N, device=x.device)
+    # j is denser than i: larger rho, or equal rho and lower index (replaces the official random noise)
+    denser = (rho[None, :] > rho[:, None]) | ((rho[None, :] == rho[:, None]) & (idx[None, :] < idx[:, None]))
+    dmax = dist.max()
+    delta = torch.where(denser, dist, torch.full_like(dist, float("inf"))).min(-1).values
+    delta = torch.where(denser.any(-1), delta, dmax)
+    score = rho * delta
+    centres = torch.sort(score, descending=True, stable=True).indices[:C].sort().values
+    if assign == "euclidean":
+        labels = torch.argmin(dist[:, centres], dim=-1)  # first minimum = lower-index centre
+    else:
+        xn = torch.nn.functional.normalize(x.float(), dim=-1)
+        labels = torch.argmax(xn @ xn[centres].T, dim=-1)
+    labels[centres] = torch.arange(C, device=x.device)
+    return labels, centres
+
+
+def merge_clusters(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, merge: str = "mean") -> torch.Tensor:
+    """(N, D) rows -> (C, D): the mean (official code) or element-wise sum (paper Eq. 10) of each cluster."""
+    if merge not in MERGE_MODES:
+        raise ValueError(f"merge={merge!r}; allowed: {list(MERGE_MODES)}")
+    out = torch.zeros(n_clusters, x.shape[-1], dtype=torch.float32, device=x.device)
+    out.index_add_(0, labels, x.float())
+    if merge == "mean":
+        counts = torch.bincount(labels, minlength=n_clusters).clamp(min=1).to(out.dtype)
+        out = out / counts[:, None]
+    return out
+
+
+def cluster_and_merge(x: torch.Tensor, n_clusters: int, k: int | None = None, merge: str = "mean",
+                      assign: str = "euclidean") -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """DPC-kNN + merge. Returns (merged (C, D) float32, sources: per cluster the row indices of x,
+    centres (C,) the row index of each cluster's centre)."""
+    labels, centres = dpc_knn(x, n_clusters, k=k, assign=assign)
+    C = int(centres.numel())
+    merged = merge_clusters(x, labels, C, merge)
+    sources = [torch.nonzero(labels == c).flatten() for c in range(C)]
+    return merged, sources, centres

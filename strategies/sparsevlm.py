@@ -1,0 +1,252 @@
+"""SparseVLM (Zhang et al., ICML 2025, arXiv 2410.04417): text-guided visual-token sparsification.
+
+Per prompt:
+  1. Raters (once, from the LM input embeddings, fp32): r = mean over visual tokens of
+     softmax_text(H_v H_q^T) over the text after the image; raters = text tokens with r > mean(r)
+     (strict, as the code; the paper writes >=). Options: `raters` = selected | all_text | last_token |
+     all_tokens (every valid token currently in the sequence).
+  2. At each pruning layer l: P = head-mean attention probabilities of layer l, rater rows x current
+     visual columns (recycled tokens included), rows-only (never the full map); score = mean over rows.
+     The layer still runs on every token; its *output* is pruned, so the decision is taken before
+     decoder layer l+1 (`decision_layers` = [l+1 for l in layers]).
+  3. Keep count per sample (`budget`):
+       fixed     -- v1.5 code / paper v4 results: keep = min(keep[l], Nv-1) at layers [2, 6, 15].
+       rank_v1   -- v1 code: keep = min(int(scale*rank(P) + bias), Nv-1) at layers [2, 6, 15, 19];
+                    the layer is skipped when Nv - rank(P) == 0 (torch.linalg.matrix_rank, fp32,
+                    default tolerance).
+       rank_paper-- paper Eq. 7: delete N = int(lam * (Nv - rank(P))); skipped when N == 0.
+     In every mode at least one visual token survives (1 <= keep <= Nv-1 when the layer prunes).
+  4. Recycling (`recycling`): of the deleted tokens, the top int(tau*n_deleted)+1 by score are clustered
+     by DPC-kNN (`framework.clustering`, C = int(theta*L_r)+1 clusters, k = C) on the pruning layer's
+     output hidden states; each cluster becomes one token (`merge` = mean (code) | sum (paper Eq. 10);
+     `assign` = euclidean (code) | cosine (paper)), placed right after the kept visual tokens, anchored
+     at the cluster centre. Merged tokens are ordinary visual tokens at later layers.
+
+Presets (`preset` = "192" | "128" | "96" | "64") are those of the official code for LLaVA-1.5-7B
+(32 layers, 576 visual tokens): fixed keeps [300,200,110] / [303,110,36] / [238,48,26] / [66,30,17];
+rank_v1 (scale, bias) = (13.5,0) / (9,6) / (0.8,0) (no 96). For other models they are scaled: pruning
+layers by num_layers/32 (rounded half up, kept strictly increasing and <= num_layers-2), fixed keep counts
+by n_visual/576 (rounded, per sample, from the sample's visual-token count at the LM input). Explicit
+`layers` / `keep` / `scale` / `bias` fields override the preset and are used as given (no scaling).
+
+Positions: `positions` defaults to "repack" here (survivors and merged tokens renumbered 0..L'-1 after
+each pruning, decode positions shifted by the removed count per stage), which is what the official
+v1/v1.5 code does (`position_ids[:, :L_new]`); "keep" (original RoPE positions; merged tokens at their
+centre's position) is what SparseVLM+ and the LightCompress port do.
+
+Batches: raters, scores, ranks and keep counts are per sample. Record (per stage, per sample):
+`raters` (LM-input indices), `n_raters`, `rank` (rank modes), `skipped`, and with `record_scores`
+the scores and the rater slots used.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from framework.clustering import ASSIGN_MODES, MERGE_MODES, cluster_and_merge
+from framework.errors import ConfigError
+from framework.reducer import Decision, TokenReducer, topk_indices
+from framework.registry import register
+
+BUDGETS = ("fixed", "rank_v1", "rank_paper")
+RATER_MODES = ("selected", "all_text", "last_token", "all_tokens")
+REF_LAYERS, REF_VISUAL = 32, 576
+FIXED_LAYERS = [2, 6, 15]
+RANK_LAYERS = [2, 6, 15, 19]
+FIXED_PRESETS = {"192": [300, 200, 110], "128": [303, 110, 36], "96": [238, 48, 26], "64": [66, 30, 17]}
+RANK_PRESETS = {"192": (13.5, 0.0), "128": (9.0, 6.0), "64": (0.8, 0.0)}
+
+
+def select_raters(visual_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """Eq. 5-6 (code form): indices of the text tokens with r > mean(r), where
+    r = mean over visual tokens of softmax over text of (H_v H_q^T). fp32."""
+    if text_embeds.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long, device=text_embeds.device)
+    r = (visual_embeds.float() @ text_embeds.float().T).softmax(dim=-1).mean(0)
+    return torch.nonzero(r > r.mean()).flatten()
+
+
+def rank_keep(P: torch.Tensor, scale: float, bias: float) -> int | None:
+    """v1 code: keep = min(int(scale*rank(P)+bias), Nv-1), at least 1; None when Nv - rank == 0 (skip)."""
+    nv = int(P.shape[-1])
+    rank = int(torch.linalg.matrix_rank(P.float()))
+    if nv - rank == 0:
+        return None
+    return max(1, min(int(scale * rank + bias), nv - 1))
+
+
+def scale_layers(layers: list[int], n_layers: int) -> list[int]:
+    """Reference pruning layers (of 32) -> this depth: round half up, strictly increasing, <= n_layers-2."""
+    out: list[int] = []
+    for layer in layers:
+        v = int(layer * n_layers / REF_LAYERS + 0.5)
+        if out:
+            v = max(v, out[-1] + 1)
+        out.append(v)
+    if out and out[-1] > n_layers - 2:
+        raise ConfigError(f"cannot place {len(layers)} pruning layers in a {n_layers}-layer decoder")
+    return out
+
+
+@register("sparsevlm")
+@dataclass
+class SparseVLM(TokenReducer):
+    """SparseVLM: text raters score visual tokens at a few layers; pruned tokens are partly recycled.
+
+    budget: fixed | rank_v1 | rank_paper. preset: "192" | "128" | "96" | "64" (LLaVA-1.5-7B values,
+    scaled to other depths / visual counts; see the module docstring). layers: pruning layers
+    (0-indexed; the layer's output is pruned) overriding the preset; keep: fixed keep counts per layer;
+    scale/bias: rank_v1 parameters; lam: rank_paper's lambda. raters: selected | all_text | last_token |
+    all_tokens. recycling, tau (0.3), theta (0.1), merge (mean | sum), assign (euclidean | cosine).
+    positions: "repack" by default (as the official code).
+    """
+
+    positions: str = "repack"
+    budget: str = "fixed"
+    preset: str = "192"
+    layers: list[int] | None = None
+    keep: list[int] | None = None
+    scale: float | None = None
+    bias: float | None = None
+    lam: float = 1.0
+    raters: str = "selected"
+    recycling: bool = True
+    tau: float = 0.3
+    theta: float = 0.1
+    merge: str = "mean"
+    assign: str = "euclidean"
+    record_scores: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, value, allowed in (("budget", self.budget, BUDGETS), ("raters", self.raters, RATER_MODES),
+                                     ("merge", self.merge, MERGE_MODES), ("assign", self.assign, ASSIGN_MODES)):
+            if value not in allowed:
+                raise ConfigError(f"sparsevlm {name}={value!r}; allowed: {list(allowed)}")
+        self.preset = str(self.preset)
+        if self.budget == "fixed" and self.keep is None and self.preset not in FIXED_PRESETS:
+            raise ConfigError(f"sparsevlm fixed preset={self.preset!r}; allowed: {sorted(FIXED_PRESETS)}")
+        if self.budget == "rank_v1" and (self.scale is None or self.bias is None) and self.preset not in RANK_PRESETS:
+            raise ConfigError(f"sparsevlm rank_v1 preset={self.preset!r}; allowed: {sorted(RANK_PRESETS)} "
+                              f"(or give scale and bias)")
+        if self.keep is not None and self.layers is not None and len(self.keep) != len(self.layers):
+            raise ConfigError(f"sparsevlm keep has {len(self.keep)} counts for {len(self.layers)} layers")
+        if self.keep is not None and any(int(k) < 1 for k in self.keep):
+            raise ConfigError(f"sparsevlm keep counts must be >= 1, got {self.keep}")
+        if not 0.0 <= self.tau <= 1.0 or not 0.0 <= self.theta <= 1.0:
+            raise ConfigError(f"sparsevlm tau and theta must be in [0, 1], got {self.tau}, {self.theta}")
+        self._n_layers = REF_LAYERS
+
+    # ------------------------------------------------------------------ schedule
+    def setup(self, adapter) -> None:
+        self._n_layers = int(adapter.num_layers)
+        super().setup(adapter)
+
+    def prune_layers(self) -> list[int]:
+        if self.layers is not None:
+            return [int(x) for x in self.layers]
+        ref = FIXED_LAYERS if self.budget == "fixed" else RANK_LAYERS
+        return scale_layers(ref, self._n_layers) if self._n_layers != REF_LAYERS else list(ref)
+
+    def decision_layers(self) -> list[int]:
+        return [layer + 1 for layer in self.prune_layers()]
+
+    def _fixed_keep(self, stage: int, n_visual_input: int) -> int:
+        if self.keep is not None:
+            return int(self.keep[stage])
+        k = FIXED_PRESETS[self.preset][stage]
+        return k if n_visual_input == REF_VISUAL else max(1, round(k * n_visual_input / REF_VISUAL))
+
+    def _scale_bias(self) -> tuple[float, float]:
+        if self.scale is not None and self.bias is not None:
+            return float(self.scale), float(self.bias)
+        return RANK_PRESETS[self.preset]
+
+    # ------------------------------------------------------------------ raters
+    def begin(self, ctx) -> None:
+        """Choose the raters once per prompt; store their LM-input indices in ctx.state."""
+        raters = []
+        for b in range(ctx.batch_size):
+            text = ctx.text[b]
+            if self.raters == "selected":
+                emb = ctx.embeds[b]
+                sel = text[select_raters(emb[ctx.visual[b]], emb[text])]
+            elif self.raters == "all_text":
+                sel = text
+            elif self.raters == "last_token":
+                sel = torch.tensor([ctx.last_slot(b)], device=text.device)
+            else:  # all_tokens: resolved at each decision point
+                sel = torch.zeros(0, dtype=torch.long, device=text.device)
+            raters.append(ctx.slots.index[b, sel])
+        ctx.state["sparsevlm_raters"] = raters
+
+    def rater_slots(self, ctx, b: int) -> torch.Tensor:
+        """Current slots of sample b's raters (text tokens are never removed; slots move)."""
+        valid = ctx.slots.valid[b]
+        if self.raters == "all_tokens":
+            return torch.nonzero(valid).flatten()
+        idx = ctx.state["sparsevlm_raters"][b]
+        if idx.numel() == 0:  # no text after the image: fall back to the last prompt token
+            return torch.tensor([ctx.last_slot(b)], device=valid.device)
+        cand = torch.nonzero(valid & ~ctx.slots.visual[b]).flatten()
+        n_in = int(ctx.embeds.shape[1]) if ctx.embeds is not None else int(ctx.slots.index.max()) + 1
+        inv = torch.full((n_in,), -1, dtype=torch.long, device=valid.device)
+        inv[ctx.slots.index[b, cand]] = cand
+        slots = inv[idx]
+        if bool((slots < 0).any()):
+            raise RuntimeError("sparsevlm: a rater token is no longer in the sequence")
+        return slots
+
+    # ------------------------------------------------------------------ decisions
+    def decide(self, ctx) -> list[Decision]:
+        stage = self.decision_layers().index(ctx.layer)
+        rows = [self.rater_slots(ctx, b) for b in range(ctx.batch_size)]
+        probs = ctx.attention(rows, which="previous")
+        return [self._decide_one(ctx, b, stage, rows[b], p) for b, p in enumerate(probs)]
+
+    def _decide_one(self, ctx, b: int, stage: int, rows: torch.Tensor, probs: torch.Tensor) -> Decision:
+        vis = ctx.visual[b]
+        nv = int(vis.numel())
+        P = probs.mean(0)[:, vis].float()  # (R, Nv) head-mean rater x visual block
+        scores = P.mean(0)
+        record: dict[str, Any] = {
+            "raters": (ctx.slots.index[b, rows] if self.raters == "all_tokens"
+                       else ctx.state["sparsevlm_raters"][b]).tolist(),
+            "n_raters": int(rows.numel()),
+        }
+        if self.record_scores:
+            record["scores"] = scores.tolist()
+            record["rater_slots"] = rows.tolist()
+        keep_n: int | None
+        if nv <= 1:
+            keep_n = None
+        elif self.budget == "fixed":
+            n_in = int(ctx.slots.members[b].shape[1])
+            keep_n = max(1, min(self._fixed_keep(stage, n_in), nv - 1))
+        else:
+            rank = int(torch.linalg.matrix_rank(P))
+            record["rank"] = rank
+            if self.budget == "rank_v1":
+                scale, bias = self._scale_bias()
+                keep_n = None if nv - rank == 0 else max(1, min(int(scale * rank + bias), nv - 1))
+            else:
+                n_del = int(self.lam * (nv - rank))
+                keep_n = None if n_del <= 0 else max(1, min(nv - n_del, nv - 1))
+        record["skipped"] = keep_n is None
+        if keep_n is None:
+            return Decision(keep=torch.arange(nv, device=vis.device), record=record)
+        keep = topk_indices(scores, keep_n)
+        if not self.recycling:
+            return Decision(keep=keep, record=record)
+        dropped = torch.ones(nv, dtype=torch.bool, device=vis.device)
+        dropped[keep] = False
+        deleted = torch.nonzero(dropped).flatten()
+        n_rec = min(int(self.tau * deleted.numel()) + 1, int(deleted.numel()))
+        recycled = deleted[topk_indices(scores[deleted], n_rec)]  # ascending visual index
+        n_clusters = int(self.theta * n_rec + 1e-9) + 1
+        feats = ctx.hidden[b, vis[recycled]]  # the pruning layer's output hidden states
+        merged, sources, centres = cluster_and_merge(feats, n_clusters, merge=self.merge, assign=self.assign)
+        return Decision(keep=keep, merged=merged.to(ctx.hidden.dtype), sources=[recycled[s] for s in sources],
+                        anchors=recycled[centres], record=record)
