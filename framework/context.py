@@ -25,6 +25,7 @@ class Slots:
     valid: torch.Tensor
     visual: torch.Tensor
     members: list[torch.Tensor]
+    span: list[torch.Tensor] | None = None  # per sample, (n_visual_at_input,) input span (image/frame) id
 
     @property
     def length(self) -> int:
@@ -42,6 +43,19 @@ class Slots:
 
     def n_valid(self) -> torch.Tensor:
         return self.valid.sum(1)
+
+    def visual_span_ids(self, b: int) -> torch.Tensor:
+        """(n_visual,) the input span (image / video frame, 0-based) of each current visual token of
+        sample b; a merged token belongs to the span of its first member. All 0 without span info."""
+        m = self.members[b]
+        if self.span is None or m.shape[0] == 0:
+            return torch.zeros(m.shape[0], dtype=torch.long, device=self.index.device)
+        return self.span[b][m.float().argmax(1)]
+
+    def n_spans(self, b: int) -> int:
+        if self.span is None or self.span[b].numel() == 0:
+            return 1
+        return int(self.span[b].max()) + 1
 
 
 @dataclass
@@ -79,6 +93,16 @@ class StageContext:
         if "text" not in self._cache:
             self._cache["text"] = [self.slots.text_slots(b) for b in range(self.batch_size)]
         return self._cache["text"]
+
+    def span_ids(self, b: int) -> torch.Tensor:
+        """(n_visual,) input span (image / video frame) id of each current visual token of sample b."""
+        return self.slots.visual_span_ids(b)
+
+    def spans(self, b: int) -> list[torch.Tensor]:
+        """Per input span (image / frame) of sample b, the slot indices of its current visual tokens
+        (empty once a span lost all its tokens). Index `ctx.visual[b]` positions via `span_ids`."""
+        ids = self.span_ids(b)
+        return [self.visual[b][ids == s] for s in range(self.slots.n_spans(b))]
 
     def n_visual(self, b: int) -> int:
         return int(self.visual[b].numel())

@@ -111,6 +111,8 @@ class ReductionEngine:
             return None
         self.adapter.check_inputs(input_ids, kwargs)
         self._pending = {"visual": self.adapter.visual_mask(input_ids, kwargs)}
+        spans = getattr(self.adapter, "visual_spans", None)  # (B, L) image/frame id, -1 elsewhere
+        self._pending["spans"] = spans(input_ids, kwargs, self._pending["visual"]) if spans else None
         return None
 
     def _lm_hook(self, module, args, kwargs):
@@ -135,7 +137,8 @@ class ReductionEngine:
         n_vis = visual.sum(1)
         members = [torch.eye(int(n), dtype=torch.bool, device=embeds.device) for n in n_vis]
         slots = Slots(index=torch.arange(L, device=embeds.device)[None].expand(B, L).clone(),
-                      valid=valid, visual=visual, members=members)
+                      valid=valid, visual=visual, members=members,
+                      span=None if pending.get("spans") is None else [sp[v] for sp, v in zip(pending["spans"], visual)])
         first = valid.float().argmax(1)
         base = self.adapter.text_positions(pos).gather(1, first[:, None]).squeeze(1)
         run = _Prefill(slots=slots, n_valid_in=valid.sum(1), base_pos=base, state={}, embeds=embeds)
@@ -404,7 +407,7 @@ def apply_decisions(slots: Slots, hidden: torch.Tensor, decisions: list[Decision
         valid[b, L - n:] = True
         visual[b, L - n:] = seq_vis[b]
         out[b, L - n:] = seq_hidden[b]
-    return Slots(index=index, valid=valid, visual=visual, members=members), out
+    return Slots(index=index, valid=valid, visual=visual, members=members, span=slots.span), out
 
 
 @contextmanager

@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 STAGES = ("vision", "projector", "llm")
 POSITION_MODES = ("keep", "repack")
+BUDGET_SCOPES = ("global", "per_span")
 
 
 @dataclass
@@ -92,6 +93,8 @@ class TokenReducer(ABC):
     def __post_init__(self) -> None:
         if self.positions not in POSITION_MODES:
             raise ConfigError(f"positions={self.positions!r}; allowed: {list(POSITION_MODES)}")
+        if getattr(self, "budget_scope", "global") not in BUDGET_SCOPES:
+            raise ConfigError(f"budget_scope={self.budget_scope!r}; allowed: {list(BUDGET_SCOPES)}")
 
     # --- where it acts -------------------------------------------------------------------------
     def decision_layers(self) -> list[int]:
@@ -104,6 +107,10 @@ class TokenReducer(ABC):
             raise ConfigError(
                 f"{type(self).__name__} acts at stage {self.stage!r} but backbone {adapter.family!r} "
                 f"supports only {list(adapter.stages)}")
+        if self.positions == "repack" and not getattr(adapter, "supports_repack", True):
+            raise ConfigError(
+                f"{type(self).__name__}: positions='repack' is not supported on backbone {adapter.family!r} "
+                f"({getattr(adapter, 'repack_note', '')}); allowed: positions='keep'")
         n = adapter.num_layers
         for k in self.decision_layers():
             if not 1 <= k < n:
@@ -131,10 +138,23 @@ class ScoringReducer(TokenReducer):
     Subclasses implement `score(ctx, b) -> Tensor[n_visual]` (higher = keep), or `scores(ctx)` for
     all samples at once when batching helps; ties break by the lower index.
     `keep`: a count (int) or a ratio of the visual tokens entering the decision (float).
+    `budget_scope`: `global` (one top-k over all of a sample's visual tokens) or `per_span` (the
+      budget applies to each image / video frame separately, see `StageContext.spans`).
     """
 
     layer: int = 2
     keep: int | float = 0.5
+    budget_scope: str = "global"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.keep, (int, float)) and not isinstance(self.keep, bool):
+            if isinstance(self.keep, int) and self.keep < 1:
+                raise ConfigError(f"keep={self.keep}; allowed: a count >= 1 or a ratio in (0, 1]")
+            if isinstance(self.keep, float) and not 0.0 < self.keep <= 1.0:
+                raise ConfigError(f"keep={self.keep}; allowed: a count >= 1 or a ratio in (0, 1]")
+        else:
+            raise ConfigError(f"keep={self.keep!r}; allowed: a count >= 1 or a ratio in (0, 1]")
 
     def decision_layers(self) -> list[int]:
         return [self.layer] if self.stage == "llm" else []
@@ -147,8 +167,18 @@ class ScoringReducer(TokenReducer):
         return [self.score(ctx, b) for b in range(ctx.batch_size)]
 
     def decide(self, ctx: "StageContext") -> list[Decision]:
-        return [Decision(keep=topk_indices(s, resolve_count(self.keep, ctx.n_visual(b))))
-                for b, s in enumerate(self.scores(ctx))]
+        return [Decision(keep=self.select(ctx, b, s)) for b, s in enumerate(self.scores(ctx))]
+
+    def select(self, ctx: "StageContext", b: int, scores: torch.Tensor) -> torch.Tensor:
+        """Top-`keep` of sample b's visual tokens, over all of them or per span (`budget_scope`)."""
+        if getattr(self, "budget_scope", "global") != "per_span":
+            return topk_indices(scores, resolve_count(self.keep, ctx.n_visual(b)))
+        ids = ctx.span_ids(b)
+        out = []
+        for s in ids.unique():
+            sel = torch.nonzero(ids == s).flatten()
+            out.append(sel[topk_indices(scores[sel], resolve_count(self.keep, int(sel.numel()), "keep (per span)"))])
+        return torch.cat(out).sort().values
 
 
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -29,7 +29,13 @@ class LlavaAdapter(BackboneAdapter):
         return n + (1 if self.model.config.vision_feature_select_strategy == "full" else 0)
 
     def has_visual_input(self, kwargs: dict) -> bool:
-        return kwargs.get("pixel_values") is not None
+        # generate() encodes images before the first forward and passes them as mm_encoder_outputs
+        return kwargs.get("pixel_values") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None
+
+    def n_images(self, kwargs: dict) -> int:
+        if kwargs.get("pixel_values") is not None:
+            return int(kwargs["pixel_values"].shape[0])
+        return len(kwargs["mm_encoder_outputs"]["image"].pooler_output)
 
     def visual_mask(self, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
         return input_ids == self.image_token_id
@@ -37,7 +43,7 @@ class LlavaAdapter(BackboneAdapter):
     def check_inputs(self, input_ids: torch.Tensor, kwargs: dict) -> None:
         per_sample = (input_ids == self.image_token_id).sum(1)
         per_image = self.tokens_per_image()
-        n_images = kwargs["pixel_values"].shape[0]
+        n_images = self.n_images(kwargs)
         require(bool((per_sample > 0).all()),
                 f"a prompt has no image tokens (id {self.image_token_id}) but pixel_values were given; "
                 f"every sample needs {per_image} image tokens per image")
