@@ -68,13 +68,14 @@ def select_raters(visual_embeds: torch.Tensor, text_embeds: torch.Tensor) -> tor
     return torch.nonzero(r > r.mean()).flatten()
 
 
-def rank_keep(P: torch.Tensor, scale: float, bias: float) -> int | None:
-    """v1 code: keep = min(int(scale*rank(P)+bias), Nv-1), at least 1; None when Nv - rank == 0 (skip)."""
+def rank_keep(P: torch.Tensor, scale: float, bias: float) -> tuple[int | None, int]:
+    """v1 code: (keep, rank) with keep = min(int(scale*rank(P)+bias), Nv-1) (at least 1), or keep=None
+    when Nv - rank(P) == 0 (the layer is skipped). rank: torch.linalg.matrix_rank in fp32, default tol."""
     nv = int(P.shape[-1])
     rank = int(torch.linalg.matrix_rank(P.float()))
     if nv - rank == 0:
-        return None
-    return max(1, min(int(scale * rank + bias), nv - 1))
+        return None, rank
+    return max(1, min(int(scale * rank + bias), nv - 1)), rank
 
 
 def scale_layers(layers: list[int], n_layers: int) -> list[int]:
@@ -219,6 +220,7 @@ class SparseVLM(TokenReducer):
         if self.record_scores:
             record["scores"] = scores.tolist()
             record["rater_slots"] = rows.tolist()
+            record["visual_slots"] = vis.tolist()
         keep_n: int | None
         if nv <= 1:
             keep_n = None
@@ -226,14 +228,13 @@ class SparseVLM(TokenReducer):
             n_in = int(ctx.slots.members[b].shape[1])
             keep_n = max(1, min(self._fixed_keep(stage, n_in), nv - 1))
         else:
-            rank = int(torch.linalg.matrix_rank(P))
-            record["rank"] = rank
             if self.budget == "rank_v1":
-                scale, bias = self._scale_bias()
-                keep_n = None if nv - rank == 0 else max(1, min(int(scale * rank + bias), nv - 1))
+                keep_n, rank = rank_keep(P, *self._scale_bias())
             else:
+                rank = int(torch.linalg.matrix_rank(P))
                 n_del = int(self.lam * (nv - rank))
                 keep_n = None if n_del <= 0 else max(1, min(nv - n_del, nv - 1))
+            record["rank"] = rank
         record["skipped"] = keep_n is None
         if keep_n is None:
             return Decision(keep=torch.arange(nv, device=vis.device), record=record)
