@@ -263,7 +263,9 @@ class ReductionEngine:
             j = torch.arange(n_new, device=dev)
             tail = (j[None, :] <= (n_new - q + torch.arange(q, device=dev))[:, None])[None, None].expand(B, 1, q, n_new)
         allowed = torch.cat([geo.valid[:, None, None, :].expand(B, 1, q, Ls), tail], -1)
-        out = {"attention_mask": self._mask_kind(allowed, h.dtype)}
+        if orig is None and q == 1 and bool(geo.valid.all()):
+            allowed = None  # nothing to hide: keep the stock (mask-free) decode path
+        out = {"attention_mask": None if allowed is None else self._mask_kind(allowed, h.dtype)}
         if self.reducer.positions == "repack":
             pos = kwargs.get("position_ids")
             if pos is None:
@@ -316,7 +318,9 @@ class ReductionEngine:
             return self.adapter.gather_positions(pos, slots.index)
         return self.adapter.repack_positions(pos, slots, run.base_pos)
 
-    def _prefill_mask(self, valid: torch.Tensor, like, dtype) -> torch.Tensor:
+    def _prefill_mask(self, valid: torch.Tensor, like, dtype) -> torch.Tensor | None:
+        if self.adapter.attn_implementation == "sdpa" and bool(valid.all()):
+            return None  # sdpa then runs its fused causal kernel, as the stock model does without padding
         L = valid.shape[1]
         causal = torch.ones(L, L, dtype=torch.bool, device=valid.device).tril()
         # Empty / padding slots see only themselves, so no softmax row is empty; real tokens never see them.
@@ -381,6 +385,8 @@ def apply_decisions(slots: Slots, hidden: torch.Tensor, decisions: list[Decision
         hid = hidden[b, order]
         is_vis = slots.visual[b, order]
         m = slots.members[b][keep]
+        if not d.n_merged and len(d.sources) == keep.numel():  # kept tokens that absorbed others in place
+            m = torch.stack([slots.members[b][torch.as_tensor(s, device=dev).long()].any(0) for s in d.sources])
         if d.n_merged:
             sources = [torch.as_tensor(s, device=dev).long() for s in d.sources]
             if len(sources) != d.n_merged:
