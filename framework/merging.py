@@ -1,0 +1,211 @@
+"""Pure tensor functions behind the merging / selection strategies (no model, no hooks).
+
+Tokens are `[batch, tokens, channels]` unless stated. ToMe-style: matching is computed once and
+returned as a closure that is then applied to features, sizes and source maps alike.
+  * `bipartite_soft_matching(metric, r, protected)` -> `merge(x, mode)` (ToMe, Bolya et al. ICLR 2023)
+  * `merge_wavg` (size-weighted average, sizes add), `merge_source` (provenance), `spatial_order`
+  * `farthest_point_selection` (DivPrune's max-min diversity on cosine distance)
+  * `grid_shape`, `grid_pool` (spatial average pooling of a visual grid to a target count)
+  * `contextual_merge` (VisionZip's contextual tokens)
+  * `scaled` (a budget quoted for 576 tokens, scaled to another token count)
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+Merge = Callable[..., torch.Tensor]
+
+
+def scaled(count: int | float, n: int, ref: int = 576) -> int:
+    """A budget quoted for `ref` tokens (LLaVA-1.5's 576), for `n` tokens: round(count * n / ref), >= 1."""
+    return max(1, min(n, round(count * n / ref)))
+
+
+def _identity(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+    return x
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0) -> tuple[Merge, int]:
+    """ToMe's bipartite soft matching: merge `r` tokens of set A (even indices) into set B (odd).
+
+    metric: (B, N, C) similarity features (cosine is used). The first `protected` tokens (e.g. CLS)
+    are never merged. Returns (merge, r_used); `merge(x, mode="sum"|"mean")` maps (B, N, C) ->
+    (B, N - r_used, C) with output order [unmerged A, all of B] (use `spatial_order` afterwards).
+    r is clamped to what one round can do; r <= 0 returns the identity.
+    """
+    B, N, _ = metric.shape
+    n_a, n_b = (N + 1) // 2, N // 2
+    pa, pb = (protected + 1) // 2, protected // 2  # protected tokens that fall in A / in B
+    r = min(r, n_a - pa, n_b - pb)
+    if r <= 0:
+        return _identity, 0
+    with torch.no_grad():
+        m = metric.float()
+        m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        a, b = m[:, ::2], m[:, 1::2]
+        scores = a @ b.transpose(-1, -2)
+        if pa:
+            scores[:, :pa, :] = -math.inf
+        if pb:
+            scores[:, :, :pb] = -math.inf
+        node_max, node_idx = scores.max(dim=-1)
+        edge_idx = torch.sort(node_max, dim=-1, descending=True, stable=True).indices[..., None]
+        unm_idx = edge_idx[:, r:].sort(dim=1).values  # unmerged A, in their original order
+        src_idx = edge_idx[:, :r]
+        dst_idx = node_idx[..., None].gather(dim=1, index=src_idx)
+
+    def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+        src, dst = x[:, ::2], x[:, 1::2]
+        n, t1, c = src.shape
+        unm = src.gather(dim=1, index=unm_idx.expand(n, t1 - r, c))
+        src = src.gather(dim=1, index=src_idx.expand(n, r, c))
+        dst = dst.scatter_reduce(1, dst_idx.expand(n, r, c), src, reduce=mode)
+        return torch.cat([unm, dst], dim=1)
+
+    return merge, r
+
+
+def merge_wavg(merge: Merge, x: torch.Tensor, size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted average: merged = sum(size * x) / sum(size); sizes (B, N) add up."""
+    if size is None:
+        size = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
+    s = size[..., None].to(x.dtype)
+    x = merge(x * s, mode="sum")
+    s = merge(s, mode="sum")
+    return x / s, s[..., 0]
+
+
+def merge_source(merge: Merge, source: torch.Tensor) -> torch.Tensor:
+    """source (B, N, N0): which original tokens each current token stands for (0/1 floats or bool)."""
+    return merge(source.float(), mode="amax")
+
+
+def spatial_order(source: torch.Tensor) -> torch.Tensor:
+    """(B, N) permutation that sorts current tokens by their first original token (spatial order)."""
+    n0 = source.shape[-1]
+    ar = torch.arange(n0, device=source.device).expand_as(source)
+    first = torch.where(source.bool(), ar, n0).min(dim=-1).values
+    return first.argsort(dim=-1)
+
+
+def representatives(source: torch.Tensor) -> torch.Tensor:
+    """(B, N) first original token of each current token."""
+    n0 = source.shape[-1]
+    ar = torch.arange(n0, device=source.device).expand_as(source)
+    return torch.where(source.bool(), ar, n0).min(dim=-1).values
+
+
+def gather_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """x (B, N, ...) reordered along dim 1 by perm (B, N)."""
+    idx = perm.view(*perm.shape, *([1] * (x.dim() - 2))).expand(*perm.shape, *x.shape[2:])
+    return x.gather(1, idx)
+
+
+def merge_to(x: torch.Tensor, target: int, metric: torch.Tensor | None = None, size: torch.Tensor | None = None,
+             source: torch.Tensor | None = None, protected: int = 0):
+    """Repeated bipartite rounds until `target` tokens remain; results in spatial order.
+
+    Returns (x, size, source) with source (B, target, N0)."""
+    B, N, _ = x.shape
+    metric = x if metric is None else metric
+    size = torch.ones(B, N, dtype=x.dtype, device=x.device) if size is None else size
+    source = torch.eye(N, device=x.device)[None].expand(B, N, N) if source is None else source
+    while x.shape[1] > target:
+        merge, r = bipartite_soft_matching(metric, x.shape[1] - target, protected)
+        if r == 0:
+            break
+        msize = size
+        x, size = merge_wavg(merge, x, msize)
+        metric, _ = merge_wavg(merge, metric, msize)
+        source = merge_source(merge, source)
+    perm = spatial_order(source)
+    return gather_tokens(x, perm), size.gather(1, perm), gather_tokens(source, perm)
+
+
+def farthest_point_selection(x: torch.Tensor, k: int) -> torch.Tensor:
+    """DivPrune's greedy max-min diversity selection on cosine distance; x (N, D) -> k indices (sorted).
+
+    First pick: the token farthest from its nearest neighbour; then repeatedly the token whose
+    minimum distance to the selected set is largest (ties -> lower index)."""
+    N = x.shape[0]
+    k = min(k, N)
+    xn = x.float() / x.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    dist = 1.0 - xn @ xn.T
+    if N == 1:
+        return torch.zeros(1, dtype=torch.long, device=x.device)
+    off = dist + torch.diag(torch.full((N,), math.inf, device=x.device))
+    first = int(torch.argmax(off.min(dim=1).values))
+    chosen = [first]
+    mind = dist[first].clone()
+    taken = torch.zeros(N, dtype=torch.bool, device=x.device)
+    taken[first] = True
+    for _ in range(k - 1):
+        score = mind.masked_fill(taken, -math.inf)
+        i = int(torch.argmax(score))
+        chosen.append(i)
+        taken[i] = True
+        mind = torch.minimum(mind, dist[i])
+    return torch.tensor(sorted(chosen), dtype=torch.long, device=x.device)
+
+
+def grid_shape(target: int, rows: int, cols: int) -> tuple[int, int]:
+    """(h, w) with h * w == target, h <= rows, w <= cols, closest to the grid's aspect ratio."""
+    best = None
+    for h in range(1, rows + 1):
+        if target % h:
+            continue
+        w = target // h
+        if w > cols:
+            continue
+        err = abs(math.log((h / w) / (rows / cols)))
+        if best is None or err < best[0]:
+            best = (err, h, w)
+    if best is None:
+        raise ValueError(f"no h x w == {target} grid fits inside a {rows} x {cols} grid")
+    return best[1], best[2]
+
+
+def _bins(n: int, m: int) -> list[tuple[int, int]]:
+    """Adaptive-pooling bins: m ranges over 0..n (torch's adaptive_avg_pool formula)."""
+    return [(i * n // m, -(-(i + 1) * n // m)) for i in range(m)]
+
+
+def grid_pool(x: torch.Tensor, rows: int, cols: int, h: int, w: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Average pooling of a row-major (rows*cols, D) grid to h x w cells (adaptive bins).
+
+    Returns (pooled (h*w, D) row-major, cells: list of the flat grid indices averaged into each)."""
+    grid = torch.arange(rows * cols, device=x.device).view(rows, cols)
+    cells = [grid[r0:r1, c0:c1].flatten() for r0, r1 in _bins(rows, h) for c0, c1 in _bins(cols, w)]
+    pooled = torch.stack([x[c].mean(0) for c in cells])
+    return pooled, cells
+
+
+def contextual_merge(hidden: torch.Tensor, metric: torch.Tensor, n_ctx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VisionZip's contextual tokens from the non-dominant tokens of one image.
+
+    hidden (R, D), metric (R, C) of the remaining tokens. Targets: uniform stride over the remaining
+    list (step = R // n_ctx); every other token joins its most cosine-similar target. Contextual token
+    = target hidden + mean of the hidden states assigned to it (the official sum).
+    Returns (tokens (n_ctx, D), target indices (n_ctx,), assignment (R,) -> 0..n_ctx-1)."""
+    R = hidden.shape[0]
+    n_ctx = min(n_ctx, R)
+    step = max(1, R // n_ctx)
+    targets = torch.arange(0, R, step, device=hidden.device)[:n_ctx]
+    m = metric.float() / metric.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    is_t = torch.zeros(R, dtype=torch.bool, device=hidden.device)
+    is_t[targets] = True
+    others = torch.nonzero(~is_t).flatten()
+    assign = torch.empty(R, dtype=torch.long, device=hidden.device)
+    assign[targets] = torch.arange(n_ctx, device=hidden.device)
+    out = hidden[targets].clone()
+    if others.numel():
+        sim = m[others] @ m[targets].T
+        a = sim.argmax(dim=1)
+        assign[others] = a
+        onehot = torch.nn.functional.one_hot(a, n_ctx).to(hidden.dtype)  # (O, n_ctx)
+        counts = onehot.sum(0).clamp(min=1)[:, None]
+        out = out + (onehot.T @ hidden[others]) / counts
+    return out, targets, assign
