@@ -14,6 +14,7 @@ Prefill only: decode steps never re-decide.
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,6 +105,10 @@ class ReductionEngine:
     def _top_hook(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         pixels = self.adapter.has_visual_input(kwargs)
+        acts = bool(self.layer_set) or self.reducer.stage != "llm"
+        if acts and input_ids is None and kwargs.get("inputs_embeds") is not None and kwargs["inputs_embeds"].shape[1] > 1:
+            warnings.warn(f"{type(self.reducer).__name__} not applied: the engine finds visual tokens in "
+                          "input_ids, and this call passed inputs_embeds only", stacklevel=2)
         if input_ids is None or input_ids.shape[1] == 1:
             return None
         if not pixels:
@@ -150,7 +155,7 @@ class ReductionEngine:
         if not self.replay or not self._decisions:
             self.reducer.begin(ctx)
         if self.reducer.stage not in ("projector", "vision"):
-            self._finish_projector(L)
+            self._finish_projector()
             return None
         decisions = self._decide(("projector", 0), ctx)
         new_slots, new_embeds = apply_decisions(slots, embeds, decisions)
@@ -162,10 +167,10 @@ class ReductionEngine:
         run.slots = new_slots
         self._proj = StageGeometry(0, new_slots.valid, run.n_valid_in - new_slots.n_valid())
         self._proj.kwargs["orig_len"] = L
-        self._finish_projector(new_slots.length)
+        self._finish_projector()
         return args, kw
 
-    def _finish_projector(self, length: int) -> None:
+    def _finish_projector(self) -> None:
         run = self._run
         run.n_valid_in = run.slots.n_valid()
         for s, n in zip(run.samples, run.n_valid_in):
