@@ -1,0 +1,53 @@
+"""Every registered strategy with the kwargs the shared matrix (tests/test_matrix.py) runs it with.
+
+`DEFAULTS[name]` is a list of cases, easy to hard; each case is (kwargs, expect) where
+`expect(n_visual, n_layers) -> list[int]` gives the visual tokens entering each decoder layer
+(engine.last_record[b]["visual_per_layer"]) for a sample with n_visual image tokens, or None when the
+count is data-dependent. A registered name without an entry runs with {} and no count check.
+Budgets are written for the tiny backbones (16 visual tokens per image, 4 decoder layers); the
+expectations scale with n_visual so other backbones can reuse them.
+"""
+from __future__ import annotations
+
+
+def _flat(k):
+    return lambda n, L: [k(n)] * L
+
+
+def _at(layer, k):
+    return lambda n, L: [n] * layer + [k(n)] * (L - layer)
+
+
+def _pdrop(layers, lam):
+    def f(n, L):
+        out, cur = [], n
+        for i in range(L):
+            if i in layers:
+                cur = max(1, int(n * lam ** (layers.index(i) + 1)))
+            out.append(cur)
+        return out
+    return f
+
+
+DEFAULTS: dict[str, list[tuple[dict, object]]] = {
+    "none": [({}, _flat(lambda n: n))],
+    "random": [({"keep": 0.5}, _flat(lambda n: round(n * 0.5))),
+               ({"keep": 5, "layer": 2}, _at(2, lambda n: 5))],
+    "fastv": [({"layer": 2, "keep": 5}, _at(2, lambda n: 5))],
+    "pooling": [({"keep": 4}, _flat(lambda n: 4))],
+    "divprune": [({"keep": 5}, _flat(lambda n: 5)),
+                 ({"preset": 192}, _flat(lambda n: max(1, round(192 * n / 576))))],
+    "tome": [({"keep": 6}, _flat(lambda n: 6)),
+             ({"keep": 7, "placement": "projector"}, _flat(lambda n: 7)),
+             ({"r": [3, 2]}, _flat(lambda n: n - 3))],  # tiny CLIP: only layer 0 feeds the features
+    "visionzip": [({"dominant": 4, "contextual": 2}, _flat(lambda n: 6)),
+                  ({"preset": 64}, _flat(lambda n: max(1, round(54 * n / 576)) + max(1, round(10 * n / 576))))],
+    "dart": [({"layer": 2, "keep": 6, "pivot_image": 2, "pivot_text": 2}, _at(2, lambda n: 6))],
+    "pdrop": [({"layers": [1, 2, 3], "lam": 0.5}, _pdrop([1, 2, 3], 0.5))],
+    "chain": [({"reducers": [{"name": "tome", "keep": 8}, {"name": "fastv", "layer": 2, "keep": 3}]},
+               lambda n, L: [8, 8] + [3] * (L - 2))],
+}
+
+
+def cases(name: str) -> list[tuple[dict, object]]:
+    return DEFAULTS.get(name, [({}, None)])
