@@ -1,0 +1,177 @@
+"""Measured efficiency: prefill latency, per-token decode latency, peak memory; and ratios.
+
+Everything here times a model with a reducer attached through `framework.attach`, so the identity
+reducer ("none") is the stock model. `measure_pair` times a strategy and its baseline interleaved
+(baseline, strategy, baseline, ...) on the same inputs in the same process, so machine noise hits both
+and the ratios are what we report. Medians of `repeats`.
+
+* prefill latency: wall time from the call to `generate` to the first new token (the prefill forward,
+  vision tower and projector included, plus one greedy pick);
+* decode latency per token: median gap between later new tokens (the `streamer` callback of `generate`
+  stamps each step);
+* peak memory: CUDA allocator peak over the prefill on GPU; on CPU the peak of live tensor bytes over
+  the prefill, replayed from the PyTorch profiler's allocation events (`profile_memory=True`).
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from typing import Callable, Mapping
+
+import torch
+
+from framework import attach
+
+
+class _Clock:
+    """A `generate` streamer that only stamps the time of every `put` (prompt, then each new token)."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def put(self, value) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        self.stamps.append(time.perf_counter())
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _generation_config(model, new_tokens: int):
+    gc = copy.deepcopy(model.generation_config)
+    gc.max_new_tokens = new_tokens
+    gc.min_new_tokens = None
+    gc.do_sample = False
+    gc.eos_token_id = None  # always generate exactly new_tokens
+    if gc.pad_token_id is None:
+        gc.pad_token_id = 0
+    for k in ("temperature", "top_p", "top_k"):
+        setattr(gc, k, None)
+    return gc
+
+
+@torch.no_grad()
+def time_generate(model, inputs: Mapping[str, torch.Tensor], new_tokens: int = 8) -> dict:
+    """One greedy `generate`: prefill seconds and median seconds per decoded token."""
+    dev = next(model.parameters()).device
+    clock = _Clock()
+    _sync(dev)
+    t0 = time.perf_counter()
+    model.generate(**inputs, generation_config=_generation_config(model, max(1, new_tokens)), streamer=_SyncClock(clock, dev))
+    s = clock.stamps
+    # s[0] = prompt put (before prefill), s[1] = first token, s[2..] = later tokens, last = end()
+    prefill = s[1] - t0 if len(s) > 1 else float("nan")
+    gaps = [b - a for a, b in zip(s[1:-1], s[2:-1])]
+    return {"prefill_s": prefill, "decode_s": statistics.median(gaps) if gaps else float("nan")}
+
+
+class _SyncClock(_Clock):
+    def __init__(self, inner: _Clock, device):
+        self.inner, self.device = inner, device
+
+    def put(self, value) -> None:
+        _sync(self.device)
+        self.inner.put(value)
+
+    def end(self) -> None:
+        self.inner.end()
+
+
+@torch.no_grad()
+def time_prefill(model, inputs: Mapping[str, torch.Tensor]) -> float:
+    """Seconds for one prefill forward (no generate machinery), e.g. for batched throughput."""
+    dev = next(model.parameters()).device
+    _sync(dev)
+    t0 = time.perf_counter()
+    model(**inputs, use_cache=True)
+    _sync(dev)
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def peak_memory_mb(model, inputs: Mapping[str, torch.Tensor]) -> float | None:
+    """Peak bytes allocated during one prefill, above what was live before it (MB)."""
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        model(**inputs, use_cache=True)
+        torch.cuda.synchronize(dev)
+        return (torch.cuda.max_memory_allocated(dev) - before) / 2**20
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            model(**inputs, use_cache=True)
+        events = sorted((e.time_range.start, e.self_cpu_memory_usage)
+                        for e in prof.events() if e.self_cpu_memory_usage)
+    except Exception:  # profiler unavailable: no number rather than a wrong one
+        return None
+    cur = peak = 0
+    for _, b in events:
+        cur += b
+        peak = max(peak, cur)
+    return peak / 2**20
+
+
+def measure_pair(model, inputs_list: list[Mapping[str, torch.Tensor]], reducers: Mapping[str, object],
+                 repeats: int = 3, new_tokens: int = 8, memory: bool = True, warmup: int = 1,
+                 progress: Callable | None = None) -> dict[str, dict]:
+    """Time each reducer (name -> reducer) on each input, interleaved; medians over repeats of the
+    mean over inputs. Returns name -> {prefill_ms, decode_ms, peak_mb}."""
+    names = list(reducers)
+    raw: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n in names}
+    for _ in range(warmup):
+        for n in names:
+            with attach(model, reducers[n]):
+                time_generate(model, inputs_list[0], new_tokens)
+    for _ in range(repeats):
+        acc = {n: {"prefill": [], "decode": []} for n in names}
+        for inputs in inputs_list:
+            for n in names:
+                with attach(model, reducers[n]):
+                    t = time_generate(model, inputs, new_tokens)
+                acc[n]["prefill"].append(t["prefill_s"])
+                acc[n]["decode"].append(t["decode_s"])
+        for n in names:
+            raw[n]["prefill"].append(statistics.fmean(acc[n]["prefill"]))
+            raw[n]["decode"].append(statistics.fmean(acc[n]["decode"]))
+        if progress:
+            progress()
+    out = {}
+    for n in names:
+        peak = None
+        if memory:
+            with attach(model, reducers[n]):
+                peak = peak_memory_mb(model, inputs_list[0])
+        out[n] = {"prefill_ms": 1e3 * statistics.median(raw[n]["prefill"]),
+                  "decode_ms": 1e3 * statistics.median(raw[n]["decode"]) if new_tokens > 1 else None,
+                  "peak_mb": peak}
+    return out
+
+
+def ratio(a, b) -> float | None:
+    """a / b, or None when either is missing or b is zero."""
+    if a is None or b is None or b == 0:
+        return None
+    try:
+        import math
+
+        if math.isnan(a) or math.isnan(b):
+            return None
+    except TypeError:
+        return None
+    return a / b
+
+
+def add_ratios(row: dict, base: dict, keys: tuple[str, ...]) -> dict:
+    """row[f"{k}_ratio"] = row[k] / base[k] for every key present in both."""
+    for k in keys:
+        row[f"{k}_ratio"] = ratio(row.get(k), base.get(k))
+    return row

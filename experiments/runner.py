@@ -1,0 +1,414 @@
+"""Configs -> backbone + task + reducer -> one evaluated run (Lightning), and the result row.
+
+* `compose(overrides)`: the Hydra config tree (`experiments/conf`), every mistake a `ConfigError`;
+* `load_backbone(cfg.backbone)`: the model (+ tokenizer) named by the backbone group;
+* `load_task(cfg.task)`: the evaluation questions;
+* `strategy_fields(cfg_node, budget, n_visual)`: a strategy's fields with the sweep budget applied;
+* `EvalModule`: a LightningModule whose `test_step` runs one batch with the reducer attached and
+  keeps per-sample records (answer, correctness, visual tokens per layer, accounting); works under DDP
+  (each rank evaluates a disjoint shard; the records are gathered on rank 0);
+* `evaluate(...)`: Trainer.test over the task + interleaved latency/memory against no reduction.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from framework.accounting import Accounting, prefill_flops
+from framework.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+GROUPS = ("backbone", "task", "strategy", "run", "sweep")
+
+
+# ---------------------------------------------------------------------------------------- configs
+def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config"):
+    """Compose `experiments/conf/config.yaml` with Hydra and OmegaConf dot-notation overrides."""
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = hcompose(config_name=config_name, overrides=list(overrides))
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_explain(err, overrides)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    return cfg
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _explain(err: Exception, overrides) -> str:
+    msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    for o in overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        if key in GROUPS and value and value not in options(key):
+            return f"unknown {key} option {value!r}; available: {', '.join(options(key))}"
+        root = key.split(".")[0]
+        if "." not in key and key not in GROUPS and ("not in struct" in msg or "Could not override" in msg
+                                                       or "Key" in msg) and root in msg:
+            return f"unknown config key {key!r}: {msg}; groups: {', '.join(GROUPS)}"
+    if "not in struct" in msg or "Could not override" in msg:
+        return f"unknown config key: {msg} (add a new key with +key=value)"
+    return msg
+
+
+def to_dict(node) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+# ---------------------------------------------------------------------------------------- backbone
+@dataclasses.dataclass
+class Backbone:
+    model: torch.nn.Module
+    tokenizer: Any
+    name: str
+    n_visual: int
+
+
+def _dtype(name: str) -> torch.dtype:
+    try:
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[str(name)]
+    except KeyError:
+        raise ConfigError(f"backbone dtype {name!r}; allowed: float32, float16, bfloat16") from None
+
+
+def load_backbone(bcfg) -> Backbone:
+    b = to_dict(bcfg)
+    loader = b.get("loader")
+    if loader == "toy":
+        from models.toy import load_toy
+
+        try:
+            model, tok = load_toy(b.get("path", "toy-llava"), attn_implementation=b.get("attn_implementation", "eager"),
+                                  dtype=_dtype(b.get("dtype", "float32")))
+        except FileNotFoundError as err:
+            raise ConfigError(f"{err}; train it with `python -m experiments.train_toy` or use backbone=toy_random") from None
+        name = str(b.get("path", "toy-llava"))
+    elif loader == "toy_random":
+        from models.toy import build_toy_model
+
+        model, tok = build_toy_model({**b.get("model", {}), "attn_implementation": b.get("attn_implementation", "eager"),
+                                      "seed": b.get("seed", 0)})
+        model = model.to(_dtype(b.get("dtype", "float32"))).eval()
+        name = "toy-random"
+    elif loader == "random_llava":
+        model = random_llava(b)
+        tok, name = None, f"random-llava-{b['text']['hidden']}x{b['text']['layers']}"
+    else:
+        raise ConfigError(f"backbone loader {loader!r}; allowed: toy, toy_random, random_llava")
+    from models import adapter_for
+
+    adapter = adapter_for(model)
+    return Backbone(model=model, tokenizer=tok, name=name, n_visual=int(adapter.tokens_per_image()))
+
+
+def random_llava(b: dict, images: int = 1):
+    """A random-weight stock Llava of the given shapes (benchmarks): vision grid x grid patches."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    t, v = b["text"], b["vision"]
+    torch.manual_seed(int(b.get("seed", 0)))
+    clip = CLIPVisionConfig(hidden_size=v["hidden"], intermediate_size=v["ffn"], num_hidden_layers=v["layers"],
+                            num_attention_heads=v["heads"], image_size=v["patch"] * v["grid"], patch_size=v["patch"],
+                            projection_dim=v["hidden"])
+    text = LlamaConfig(vocab_size=t["vocab"], hidden_size=t["hidden"], intermediate_size=t["ffn"],
+                       num_hidden_layers=t["layers"], num_attention_heads=t["heads"],
+                       num_key_value_heads=t.get("kv_heads", t["heads"]), max_position_embeddings=16384,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = LlavaConfig(vision_config=clip, text_config=text, image_token_index=t["vocab"] - 1,
+                      image_seq_length=v["grid"] ** 2, vision_feature_layer=-1,
+                      vision_feature_select_strategy="default")  # CLS dropped: grid^2 tokens per image
+    model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation=b.get("attn_implementation", "sdpa"),
+                                                       dtype=_dtype(b.get("dtype", "float32")))
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------- task
+def load_task(tcfg) -> list:
+    t = to_dict(tcfg)
+    if t.get("name") != "synthetic_vqa":
+        raise ConfigError(f"task {t.get('name')!r}; available: {', '.join(options('task'))}")
+    from experiments.tasks import synthetic_vqa as task
+
+    n = int(t.get("n") or 0)
+    qtypes = list(t.get("qtypes") or [])
+    if n < 1 or not qtypes:
+        raise ConfigError(f"task {t['name']!r} has no questions (n={n}, qtypes={qtypes}); need n >= 1 and "
+                          f"at least one of {task.QTYPES}")
+    bad = sorted(set(qtypes) - set(task.QTYPES))
+    if bad:
+        raise ConfigError(f"unknown question type(s) {bad}; allowed: {task.QTYPES}")
+    if int(t.get("batch_size", 1)) < 1:
+        raise ConfigError(f"task.batch_size must be >= 1, got {t.get('batch_size')}")
+    return task.generate(int(t.get("seed", 0)), n, qtypes=qtypes)
+
+
+# ---------------------------------------------------------------------------------------- strategy
+SPARSEVLM_REF_VISUAL = 576
+
+
+def strategy_fields(scfg, budget: int | None, n_visual: int) -> dict:
+    """A strategy's fields with a visual-token budget applied.
+
+    * `none`: no budget;
+    * a class method `for_budget(fields, budget, n_visual) -> fields` when the strategy has one;
+    * `sparsevlm`: the preset nearest to budget x 576 / n_visual (the presets are for 576 tokens and the
+      strategy scales them to the model);
+    * otherwise a `keep` field receives the count.
+    Budgets outside 1..n_visual are a ConfigError.
+    """
+    from framework import registry
+
+    fields = dict(to_dict(scfg)) if not isinstance(scfg, str) else {"name": scfg}
+    name = fields.get("name")
+    cls = registry.get(name)
+    if budget is None or name == "none":
+        return fields
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise ConfigError(f"budget must be a count of visual tokens (int), got {budget!r}")
+    if not 1 <= budget <= n_visual:
+        raise ConfigError(f"budget {budget} is not allowed: the backbone has {n_visual} visual tokens; "
+                          f"allowed 1..{n_visual}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    if hasattr(cls, "for_budget"):
+        return dict(cls.for_budget(fields, budget, n_visual))
+    if name == "sparsevlm":
+        from strategies import sparsevlm as sv
+
+        presets = sv.RANK_PRESETS if fields.get("budget") == "rank_v1" else sv.FIXED_PRESETS
+        target = budget * SPARSEVLM_REF_VISUAL / n_visual
+        fields["preset"] = min(presets, key=lambda p: abs(int(p) - target))
+        return fields
+    for key in ("keep", "keep_tokens", "tokens", "budget"):
+        if key in names:
+            fields[key] = budget
+            return fields
+    raise ConfigError(f"strategy {name!r} has no budget field (keep); allowed fields: {sorted(names)}")
+
+
+def build_reducer(fields: dict):
+    from framework import registry
+
+    return registry.build(dict(fields))
+
+
+# ---------------------------------------------------------------------------------------- Lightning
+def _quiet_lightning() -> None:
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import warnings
+
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*Consider setting `persistent_workers`.*")
+    warnings.filterwarnings("ignore", ".*sync_dist.*")
+    warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Indices rank, rank+world, ...: a disjoint shard per DDP rank, no padding duplicates."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def _rw(self):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def __iter__(self):
+        r, w = self._rw()
+        return iter(range(r, self.n, w))
+
+    def __len__(self):
+        r, w = self._rw()
+        return len(range(r, self.n, w))
+
+
+class _Collate:
+    def __init__(self, tokenizer, samples):
+        self.tokenizer, self.samples = tokenizer, samples
+
+    def __call__(self, idx: list[int]) -> dict:
+        from models.toy import encode_batch
+
+        batch = [self.samples[i] for i in idx]
+        out = encode_batch(batch, self.tokenizer, with_labels=True)
+        out["index"] = torch.tensor(idx)
+        return out
+
+
+def make_loader(samples, tokenizer, batch_size: int):
+    ds = list(range(len(samples)))
+    return torch.utils.data.DataLoader(ds, batch_sampler=torch.utils.data.BatchSampler(
+        ShardSampler(len(ds)), batch_size, drop_last=False), collate_fn=_Collate(tokenizer, samples))
+
+
+def _make_module_class():
+    import pytorch_lightning as pl
+
+    class EvalModule(pl.LightningModule):
+        """Evaluate a backbone with a reducer attached: next-token answer accuracy + per-sample records."""
+
+        def __init__(self, model, tokenizer, reducer, samples_meta: list[dict], overlays: int = 0,
+                     result_path: str | None = None):
+            super().__init__()
+            self.model = model
+            self.tokenizer = tokenizer
+            self.reducer = reducer
+            self.meta = samples_meta
+            self.overlays = overlays
+            self.result_path = result_path
+            self.records: list[dict] = []
+            self.result: dict | None = None
+            self._engine = None
+
+        def on_test_start(self) -> None:
+            from framework import ReductionEngine
+
+            self.records = []
+            self._engine = ReductionEngine(self.model, self.reducer).attach()
+
+        def on_test_end(self) -> None:
+            if self._engine is not None:
+                self._engine.detach()
+                self._engine = None
+
+        def test_step(self, batch, batch_idx):
+            from models import adapter_for
+
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             pixel_values=batch["pixel_values"].to(self.model.dtype), use_cache=False)
+            pred = out.logits[:, -1].argmax(-1)
+            correct = (pred == batch["answer_ids"]).tolist()
+            shape = adapter_for(self.model).shape() if not hasattr(self, "_shape") else self._shape
+            self._shape = shape
+            bytes_per = next(self.model.parameters()).element_size()
+            words = self.tokenizer.convert_ids_to_tokens(pred.tolist())
+            for b, (i, rec) in enumerate(zip(batch["index"].tolist(), self._engine.last_record)):
+                acc = Accounting.from_counts(rec["visual_per_layer"], rec["tokens_per_layer"], shape, bytes_per)
+                base_tokens = [rec["tokens_in"]] * len(rec["tokens_per_layer"])
+                r = {"index": i, "qtype": self.meta[i]["qtype"], "answer": self.meta[i]["answer"],
+                     "pred": words[b], "correct": bool(correct[b]),
+                     "visual_per_layer": acc.visual_per_layer, "tokens_per_layer": acc.tokens_per_layer,
+                     "equivalent_tokens": acc.equivalent_tokens, "flops": acc.flops,
+                     "flops_base": prefill_flops(base_tokens, shape["hidden"], shape["ffn"]),
+                     "kv_bytes": acc.kv_bytes}
+                if i < self.overlays:
+                    r["groups"] = final_groups(rec)
+                self.records.append(r)
+
+        def on_test_epoch_end(self) -> None:
+            records = self.records
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                gathered = [None] * torch.distributed.get_world_size()
+                torch.distributed.all_gather_object(gathered, records)
+                records = [r for part in gathered for r in part]
+            if self.global_rank == 0:
+                uniq = {r["index"]: r for r in records}
+                self.result = summarize([uniq[k] for k in sorted(uniq)])
+                if self.result_path:
+                    Path(self.result_path).write_text(json.dumps(self.result))
+
+    return EvalModule
+
+
+_MODULE_CLASS = None
+
+
+def EvalModule(*args, **kwargs):  # noqa: N802 - a lazily created LightningModule class
+    global _MODULE_CLASS
+    if _MODULE_CLASS is None:
+        _MODULE_CLASS = _make_module_class()
+    return _MODULE_CLASS(*args, **kwargs)
+
+
+def final_groups(rec: dict) -> list[list[int]]:
+    """Surviving visual tokens at the end of the prefill, as groups of original token indices
+    (a kept token is a group of one, a merged token lists its sources)."""
+    if rec.get("stages"):
+        return [list(g) for g in rec["stages"][-1]["groups"]]
+    return [[i] for i in range(rec["n_visual_input"])]
+
+
+def summarize(records: list[dict]) -> dict:
+    """Accuracy (overall, per question type) and mean accounting over per-sample records."""
+    n = len(records)
+    if n == 0:
+        raise ConfigError("the task produced no questions to evaluate")
+    by_type: dict[str, list[bool]] = {}
+    for r in records:
+        by_type.setdefault(r["qtype"], []).append(r["correct"])
+    layers = len(records[0]["visual_per_layer"])
+    mean = statistics.fmean
+    return {
+        "n": n,
+        "accuracy": mean(float(r["correct"]) for r in records),
+        "acc_by_type": {k: mean(float(x) for x in v) for k, v in sorted(by_type.items())},
+        "n_by_type": {k: len(v) for k, v in sorted(by_type.items())},
+        "visual_per_layer": [mean(r["visual_per_layer"][i] for r in records) for i in range(layers)],
+        "tokens_per_layer": [mean(r["tokens_per_layer"][i] for r in records) for i in range(layers)],
+        "equivalent_tokens": mean(r["equivalent_tokens"] for r in records),
+        "tflops": mean(r["flops"] for r in records) * 1e-12,
+        "tflops_base": mean(r["flops_base"] for r in records) * 1e-12,
+        "flops_ratio": mean(r["flops"] / r["flops_base"] for r in records),
+        "kv_cache_mb": mean(r["kv_bytes"] for r in records) / 2**20,
+        "overlays": [{"index": r["index"], "groups": r["groups"], "qtype": r["qtype"], "correct": r["correct"]}
+                     for r in records if "groups" in r],
+        "records": records,
+    }
+
+
+def run_test(backbone: Backbone, samples: list, reducer, run_cfg, batch_size: int) -> dict:
+    """Trainer.test over the samples with the reducer attached; the summary (rank 0's view)."""
+    import pytorch_lightning as pl
+
+    _quiet_lightning()
+    r = to_dict(run_cfg)
+    devices = int(r.get("devices", 1))
+    meta = [{"qtype": s.qtype, "answer": s.answer} for s in samples]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "result.json")
+        module = EvalModule(backbone.model, backbone.tokenizer, reducer, meta, int(r.get("overlays", 0)), path)
+        trainer = pl.Trainer(accelerator=r.get("accelerator", "cpu"), devices=devices,
+                             strategy="auto" if devices == 1 else r.get("ddp", "ddp_spawn"),
+                             logger=False, enable_checkpointing=False, enable_model_summary=False,
+                             enable_progress_bar=bool(r.get("progress", True)), use_distributed_sampler=False,
+                             inference_mode=True, default_root_dir=tmp)
+        trainer.test(module, dataloaders=make_loader(samples, backbone.tokenizer, batch_size), verbose=False)
+        if module.result is not None:
+            return module.result
+        return json.loads(Path(path).read_text())
+
+
+def latency_inputs(backbone: Backbone, samples: list, k: int) -> list[dict]:
+    from models.toy import encode_batch
+
+    dev = next(backbone.model.parameters()).device
+    out = []
+    for s in samples[:max(1, k)]:
+        enc = encode_batch([s], backbone.tokenizer)
+        enc["pixel_values"] = enc["pixel_values"].to(backbone.model.dtype)
+        out.append({k2: v.to(dev) for k2, v in enc.items()})
+    return out

@@ -1,0 +1,185 @@
+"""Sweeps: strategies x budgets x ablation flags from one config, resumable.
+
+`sweep.strategies` lists strategy names (each takes its fields from `conf/strategy/<name>.yaml`, or from
+the composed `strategy` node when it is the selected one, so `strategy.layer=3` overrides apply);
+`sweep.budgets` lists visual-token budgets; `sweep.ablations` maps `strategy.field` (or a bare `field`,
+for every listed strategy that has it) to a list of values. `none` runs once, first: it is the baseline
+every other row's ratios refer to. Every run is checked (strategy built, budget applied) before the
+first one starts, so a typo fails in a second, not an hour in.
+
+Resume: each run has a `run_key` (hash of backbone, task, strategy fields and budget). Rows already in
+the results file are skipped; a run interrupted before its row is appended is simply run again.
+Latency ratios are always measured against a baseline timed in the same process (interleaved).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from framework.errors import ConfigError
+
+from . import runner
+from .logging_utils import ResultsFile, log_wandb, run_key, write_jsonl_atomic
+
+
+@dataclass
+class RunSpec:
+    strategy: str
+    budget: int | None
+    fields: dict
+    ablation: dict = field(default_factory=dict)
+    key: str = ""
+    name: str = ""
+
+
+def _strategy_node(cfg, name: str) -> dict:
+    from omegaconf import OmegaConf
+
+    if cfg.strategy.get("name") == name:
+        return runner.to_dict(cfg.strategy)
+    path = runner.CONF_DIR / "strategy" / f"{name}.yaml"
+    if path.exists():
+        return runner.to_dict(OmegaConf.load(path))
+    from framework import registry
+
+    registry.get(name)  # ConfigError listing the available strategies
+    return {"name": name}
+
+
+def expand(cfg, n_visual: int) -> list[RunSpec]:
+    """The grid of runs a config describes (baseline first), every one validated."""
+    from framework import registry
+
+    sw = cfg.sweep
+    strategies = list(sw.strategies) if sw.get("strategies") else [cfg.strategy.name]
+    budgets = list(sw.budgets) if sw.get("budgets") else [cfg.get("budget")]
+    ablations = runner.to_dict(sw.get("ablations") or {})
+    for s in strategies:
+        registry.get(s)
+    if "none" in strategies:
+        strategies.remove("none")
+    nodes = {s: _strategy_node(cfg, s) for s in strategies}
+    fields_of = {s: {f.name for f in dataclasses.fields(registry.get(s))} for s in strategies}
+    axes: dict[str, list[tuple[str, list]]] = {s: [] for s in strategies}
+    for key, values in ablations.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep.ablations.{key} must be a non-empty list of values")
+        strat, _, fname = key.rpartition(".")
+        targets = [strat] if strat else [s for s in strategies if fname in fields_of[s]]
+        for t in targets:
+            if t not in fields_of:
+                raise ConfigError(f"ablation {key!r} names strategy {t!r}, not in this sweep ({strategies})")
+            if fname not in fields_of[t]:
+                raise ConfigError(f"unknown ablation key {key!r}: strategy {t!r} has no field {fname!r}; "
+                                  f"allowed: {sorted(fields_of[t] - {'name'})}")
+        if not targets:
+            raise ConfigError(f"ablation {key!r}: no strategy in {strategies} has a field {fname!r}")
+        for t in targets:
+            axes[t].append((fname, values))
+    specs = [RunSpec("none", None, {"name": "none"})]
+    for s in strategies:
+        names = [a[0] for a in axes[s]]
+        for budget in budgets:
+            for combo in itertools.product(*[a[1] for a in axes[s]]):
+                fields = {**nodes[s], **dict(zip(names, combo))}
+                fields = runner.strategy_fields(fields, budget, n_visual)
+                runner.build_reducer(fields)  # validate now
+                specs.append(RunSpec(s, budget, fields, dict(zip(names, combo))))
+    backbone = runner.to_dict(cfg.backbone)
+    task = runner.to_dict(cfg.task)
+    for sp in specs:
+        sp.key = run_key({"backbone": backbone, "task": task, "strategy": sp.fields, "budget": sp.budget})
+        tags = "".join(f"-{k}={_short(v)}" for k, v in sp.ablation.items())
+        sp.name = sp.strategy if sp.budget is None else f"{sp.strategy}-{sp.budget}{tags}"
+    return specs
+
+
+def _short(v) -> str:
+    return {True: "on", False: "off"}.get(v, str(v)) if isinstance(v, bool) else str(v)
+
+
+def _evaluate(cfg, bb: runner.Backbone, samples, spec: RunSpec, base_row: dict | None, progress) -> tuple[dict, list]:
+    from framework import registry
+
+    from . import metrics
+
+    run = runner.to_dict(cfg.run)
+    reducer = runner.build_reducer(spec.fields)
+    t0 = time.time()
+    res = runner.run_test(bb, samples, reducer, cfg.run, int(cfg.task.batch_size))
+    eval_s = time.time() - t0
+    lat = run.get("latency", {})
+    inputs = runner.latency_inputs(bb, samples, int(lat.get("samples", 4)))
+    reducers = {"run": reducer} if spec.strategy == "none" else {"base": registry.build("none"), "run": reducer}
+    timing = metrics.measure_pair(bb.model, inputs, reducers, repeats=int(lat.get("repeats", 3)),
+                                  new_tokens=int(lat.get("decode_tokens", 8)), memory=bool(lat.get("memory", True)))
+    base_t = timing.get("base", timing["run"])
+    records = res.pop("records")
+    row = {
+        "run_key": spec.key, "sweep": cfg.sweep.name, "name": spec.name, "strategy": spec.strategy,
+        "budget": spec.budget, "ablation": spec.ablation, "fields": spec.fields, "reducer": repr(reducer),
+        "backbone": bb.name, "task": cfg.task.name, "n_visual": bb.n_visual, **res,
+        "prefill_ms": timing["run"]["prefill_ms"], "decode_ms": timing["run"]["decode_ms"],
+        "peak_mb": timing["run"]["peak_mb"],
+        "base_prefill_ms": base_t["prefill_ms"], "base_decode_ms": base_t["decode_ms"], "base_peak_mb": base_t["peak_mb"],
+        "eval_seconds": eval_s, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "config": runner.to_dict(cfg),
+    }
+    row["kv_cache_mb_base"] = res["kv_cache_mb"] if base_row is None else base_row["kv_cache_mb"]
+    base_acc = row["accuracy"] if base_row is None else base_row["accuracy"]
+    base_by_type = row["acc_by_type"] if base_row is None else base_row["acc_by_type"]
+    row["base_accuracy"] = base_acc
+    row["accuracy_ratio"] = metrics.ratio(row["accuracy"], base_acc)
+    row["acc_ratio_by_type"] = {k: metrics.ratio(v, base_by_type.get(k)) for k, v in row["acc_by_type"].items()}
+    for k in ("prefill_ms", "decode_ms", "peak_mb"):
+        row[f"{k}_ratio"] = metrics.ratio(row[k], row[f"base_{k}"])
+    row["kv_cache_mb_ratio"] = metrics.ratio(row["kv_cache_mb"], row["kv_cache_mb_base"])
+    return row, records
+
+
+def run_sweep(cfg, on_row: Callable[[dict, int], None] | None = None, quiet: bool = False) -> list[dict]:
+    """Run (or resume) every run of the config's sweep; returns the sweep's rows (in grid order)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    torch.set_num_threads(int(cfg.run.get("threads", 1)))
+    out = Path(cfg.out_dir)
+    bb = runner.load_backbone(cfg.backbone)
+    samples = runner.load_task(cfg.task)
+    specs = expand(cfg, bb.n_visual)
+    results = ResultsFile(out / "results.jsonl")
+    if results.repair() and not quiet:
+        print(f"note: removed a truncated last line from {results.path}")
+    done = {r["run_key"]: r for r in results.rows()}
+    todo = [s for s in specs if s.key not in done]
+    if not quiet:
+        print(f"sweep {cfg.sweep.name!r}: {len(specs)} runs ({len(specs) - len(todo)} already done) -> {out}")
+    base_row = done.get(specs[0].key)
+    bar = tqdm(total=len(todo), desc=f"sweep {cfg.sweep.name}", disable=quiet or not cfg.run.get("progress", True),
+               unit="run")
+    finished = 0
+    for spec in specs:
+        if spec.key in done:
+            continue
+        bar.set_postfix_str(spec.name)
+        row, records = _evaluate(cfg, bb, samples, spec, base_row, bar)
+        if cfg.run.get("per_sample", True):
+            write_jsonl_atomic(out / "samples" / f"{spec.key}.jsonl", records)
+        if cfg.run.get("wandb", True):
+            row["wandb_dir"] = log_wandb(row, row["config"] | {"strategy_fields": spec.fields, "run_key": spec.key},
+                                         out, group=cfg.sweep.name, name=spec.name,
+                                         project=cfg.run.get("wandb_project", "sparsevlm"), samples=records)
+        results.append(row)  # the commit point
+        done[spec.key] = row
+        if spec.strategy == "none":
+            base_row = row
+        finished += 1
+        bar.update(1)
+        if on_row is not None:
+            on_row(row, finished)
+    bar.close()
+    return [done[s.key] for s in specs]
