@@ -70,6 +70,23 @@ class BackboneAdapter:
     def check_inputs(self, input_ids: torch.Tensor, kwargs: dict) -> None:
         """Raise ConfigError on prompts the engine cannot reduce (no visual tokens, count mismatch)."""
 
+    def visual_spans(self, input_ids: torch.Tensor, kwargs: dict, visual: torch.Tensor) -> torch.Tensor:
+        """(B, L) long: the image / frame (0-based per sample, in prompt order) each visual position
+        belongs to, -1 elsewhere. Default: runs of consecutive visual positions, cut into chunks of
+        `tokens_per_image()` when the adapter has a fixed count per image (adjacent images)."""
+        per = self.tokens_per_image() if hasattr(self, "tokens_per_image") else None
+        out = torch.full(visual.shape, -1, dtype=torch.long, device=visual.device)
+        for b in range(visual.shape[0]):
+            pos = torch.nonzero(visual[b]).flatten()
+            if pos.numel() == 0:
+                continue
+            new_run = torch.ones(pos.numel(), dtype=torch.long, device=pos.device)
+            new_run[1:] = (pos[1:] != pos[:-1] + 1).long()
+            if per:
+                new_run[torch.arange(pos.numel(), device=pos.device) % per == 0] = 1
+            out[b, pos] = new_run.cumsum(0) - 1
+        return out
+
     # --- positions (1-D default) --------------------------------------------------------------
     def text_positions(self, pos: torch.Tensor) -> torch.Tensor:
         return pos if pos.dim() == 2 else pos[None]

@@ -1,0 +1,123 @@
+"""LLaVA-NeXT / LLaVA-1.6 (`LlavaNextForConditionalGeneration`): AnyRes image tokens + Llama decoder.
+
+One image becomes, in this order: the base (low-res) view's `side x side` tokens, then the high-res
+crops' features, unpadded to the image's aspect ratio and laid out row by row, with one `image_newline`
+token at the end of every row (an image without high-res crops gets a single trailing newline).
+All of these sit at `image_token_id` positions in `input_ids`.
+
+Newline tokens (`newline=`):
+  * "visual" (default, as the official FastV / SparseVLM LLaVA-NeXT code does, which reduces the whole
+    image-token range): newline tokens are visual tokens like any other; they can be dropped and they
+    count towards the budget.
+  * "keep": newline tokens are treated as text, so they are always kept and never counted in a budget
+    (note: the last row's newline then is the first "text" slot after the image).
+
+Spans (`ctx.spans(b)`): one span per image (base view + crops + newlines), in prompt order; budgets
+per image therefore use `budget_scope="per_span"`. Vision-stage reduction is not offered (AnyRes
+unpadding needs full crop grids).
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import BackboneAdapter, require
+
+NEWLINE_MODES = ("visual", "keep")
+
+
+class LlavaNextAdapter(BackboneAdapter):
+    family = "llava_next"
+    model_classes = ("LlavaNextForConditionalGeneration",)
+    stages = ("projector", "llm")
+
+    def __init__(self, model: torch.nn.Module, newline: str = "visual"):
+        super().__init__(model)
+        require(newline in NEWLINE_MODES, f"llava_next: newline={newline!r}; allowed: {list(NEWLINE_MODES)}")
+        self.newline = newline
+        self._layout_cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    # --- AnyRes layout ----------------------------------------------------------------------------
+    def image_layout(self, image_size) -> torch.Tensor:
+        """(n_tokens,) bool for one image of size (height, width): True at its newline tokens.
+
+        Runs the model's own `pack_image_features` on index-valued features, so the layout (crop
+        grid, unpadding, newlines) is exactly the model's."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        key = tuple(int(x) for x in (image_size.tolist() if torch.is_tensor(image_size) else image_size))
+        if key not in self._layout_cache:
+            cfg = self.model.config
+            v = cfg.vision_config
+            n_crops = image_size_to_num_patches(list(key), cfg.image_grid_pinpoints, v.image_size)
+            per = (v.image_size // v.patch_size) ** 2 + (cfg.vision_feature_select_strategy == "full")
+            feats = torch.arange(n_crops * per, dtype=torch.float64).view(n_crops, per, 1)
+            packed, _ = self.model.model.pack_image_features(
+                [feats], [list(key)], cfg.vision_feature_select_strategy,
+                image_newline=torch.tensor([-1.0], dtype=torch.float64))
+            self._layout_cache[key] = packed[0][:, 0] < 0
+        return self._layout_cache[key]
+
+    def _layouts(self, kwargs: dict) -> list[torch.Tensor]:
+        """Newline layouts of all images of the batch, in order: from `image_sizes` (plain forward),
+        else from the pre-encoded features `generate` passes (newline rows equal `image_newline`)."""
+        sizes = kwargs.get("image_sizes")
+        if sizes is not None:
+            return [self.image_layout(s) for s in sizes]
+        enc = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        require(enc is not None, "llava_next: image_sizes must be passed with the images (the processor returns it)")
+        nl = self.model.model.image_newline
+        return [(f == nl.to(f)).all(-1).cpu() for f in enc.pooler_output]
+
+    def _assign(self, input_ids: torch.Tensor, kwargs: dict) -> list[list[torch.Tensor]]:
+        """Per sample, the newline layouts of its images (images are consumed in batch order)."""
+        layouts = self._layouts(kwargs)
+        per_sample = (input_ids == self.image_token_id).sum(1).tolist()
+        out, j = [], 0
+        for b, n in enumerate(per_sample):
+            mine, total = [], 0
+            while total < n and j < len(layouts):
+                mine.append(layouts[j])
+                total += int(layouts[j].numel())
+                j += 1
+            require(total == n and n > 0,
+                    f"llava_next: sample {b} has {n} image tokens (id {self.image_token_id}) but its images "
+                    f"need {total}; per-image counts from image_sizes: {[int(l.numel()) for l in layouts]}")
+            out.append(mine)
+        require(j == len(layouts), f"llava_next: {len(layouts)} images given but the prompts hold only {j}")
+        return out
+
+    # --- inputs -------------------------------------------------------------------------------------
+    def has_visual_input(self, kwargs: dict) -> bool:
+        return kwargs.get("pixel_values") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None
+
+    def check_inputs(self, input_ids: torch.Tensor, kwargs: dict) -> None:
+        self._assign(input_ids, kwargs)
+
+    def _per_position(self, input_ids: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L) image index per image-token position (-1 elsewhere) and (B, L) newline flags."""
+        span = torch.full(input_ids.shape, -1, dtype=torch.long, device=input_ids.device)
+        newline = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        for b, layouts in enumerate(self._assign(input_ids, kwargs)):
+            pos = torch.nonzero(input_ids[b] == self.image_token_id).flatten()
+            ids = torch.cat([torch.full((int(l.numel()),), i, dtype=torch.long) for i, l in enumerate(layouts)])
+            span[b, pos] = ids.to(pos.device)
+            newline[b, pos] = torch.cat(layouts).to(pos.device)
+        return span, newline
+
+    def visual_mask(self, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        image = input_ids == self.image_token_id
+        if self.newline == "visual":
+            return image
+        return image & ~self._per_position(input_ids, kwargs)[1]
+
+    def visual_spans(self, input_ids: torch.Tensor, kwargs: dict, visual: torch.Tensor) -> torch.Tensor:
+        span, _ = self._per_position(input_ids, kwargs)
+        return span.masked_fill(~visual, -1)
+
+    def newline_mask(self, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """(B, L) True at the image-newline positions (for analysis and overlays)."""
+        return self._per_position(input_ids, kwargs)[1]

@@ -1,0 +1,204 @@
+"""Tiny random LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL models and inputs (no hub access, no processors).
+
+Inputs are built per sample (`*_sample`, unpadded) and left-padded into a batch by `collate`, so a
+test can run the same sample alone (`collate([s])`) and inside a batch. Factories share one signature:
+`make_*(layers=4, attn="sdpa", seed=0)`; `BACKBONES` maps a family to (factory, example builder).
+"""
+from __future__ import annotations
+
+import torch
+from transformers import (CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration)
+
+from tests.tiny import IMAGE_TOKEN, llama_config, make_llava
+
+VIDEO_TOKEN, VISION_START, VISION_END = 101, 102, 103
+PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
+
+
+def _quiet(model):
+    model.generation_config.eos_token_id = None  # never stop early on a random eos
+    model.generation_config.pad_token_id = 0
+    # a generated image/video/marker token would be re-read as visual input by no-cache generate
+    model.generation_config.suppress_tokens = [IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END]
+    return model
+
+
+# ------------------------------------------------------------------------------- factories
+def make_llava_next(layers: int = 4, attn: str = "sdpa", seed: int = 0):
+    torch.manual_seed(seed)
+    clip = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=56, patch_size=14, projection_dim=32)
+    cfg = LlavaNextConfig(vision_config=clip, text_config=llama_config(layers), image_token_index=IMAGE_TOKEN,
+                          image_seq_length=16, image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
+                          vision_feature_select_strategy="default")
+    return _quiet(LlavaNextForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval())
+
+
+def _qwen_text(layers: int) -> dict:
+    return dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=1,
+                eos_token_id=2, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+
+
+_QWEN_IDS = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+                 vision_end_token_id=VISION_END)
+
+
+def make_qwen2_vl(layers: int = 4, attn: str = "sdpa", seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = Qwen2VLConfig(text_config=_qwen_text(layers),
+                        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2,
+                                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                                           in_channels=3), **_QWEN_IDS)
+    return _quiet(Qwen2VLForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval())
+
+
+def make_qwen25_vl(layers: int = 4, attn: str = "sdpa", seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = Qwen2_5_VLConfig(text_config=_qwen_text(layers),
+                           vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4,
+                                              out_hidden_size=64, patch_size=14, spatial_merge_size=2,
+                                              temporal_patch_size=2, in_channels=3, window_size=56,
+                                              fullatt_block_indexes=[1]), **_QWEN_IDS)
+    return _quiet(Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval())
+
+
+# ------------------------------------------------------------------------------- samples
+def _text(n: int, g) -> torch.Tensor:
+    return torch.randint(4, 90, (n,), generator=g)
+
+
+def llava_next_sample(model, pre: int, post: int, sizes=((70, 90),), seed: int = 0, between: int = 2) -> dict:
+    """[bos, text*pre, (image, text*between)..., text*post]; one image per entry of `sizes` (H, W)."""
+    from models.llava_next import LlavaNextAdapter
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    g = torch.Generator().manual_seed(seed)
+    ad = LlavaNextAdapter(model)
+    parts = [torch.tensor([1]), _text(pre, g)]
+    for i, s in enumerate(sizes):
+        if i:
+            parts.append(_text(between, g))
+        parts.append(torch.full((int(ad.image_layout(s).numel()),), IMAGE_TOKEN))
+    parts.append(_text(post, g))
+    side = model.config.vision_config.image_size
+    n_patch = [image_size_to_num_patches(list(s), model.config.image_grid_pinpoints, side) for s in sizes]
+    pixels = torch.randn(len(sizes), max(n_patch), 3, side, side, generator=g)
+    return {"input_ids": torch.cat(parts), "pixel_values": pixels, "image_sizes": torch.tensor(sizes)}
+
+
+def qwen_sample(model, segments, seed: int = 0) -> dict:
+    """segments: ("text", n) | ("image", (t, h, w)) | ("video", (t, h, w)), grids in patches
+    (h, w even); each visual segment is wrapped in vision-start/end tokens."""
+    g = torch.Generator().manual_seed(seed)
+    v = model.config.vision_config
+    dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+    m2 = v.spatial_merge_size ** 2
+    parts, images, videos, igrid, vgrid = [torch.tensor([1])], [], [], [], []
+    for kind, arg in segments:
+        if kind == "text":
+            parts.append(_text(arg, g))
+            continue
+        t, h, w = arg
+        tok = IMAGE_TOKEN if kind == "image" else VIDEO_TOKEN
+        parts += [torch.tensor([VISION_START]), torch.full((t * h * w // m2,), tok), torch.tensor([VISION_END])]
+        (images if kind == "image" else videos).append(torch.randn(t * h * w, dim, generator=g))
+        (igrid if kind == "image" else vgrid).append([t, h, w])
+    ids = torch.cat(parts)
+    out = {"input_ids": ids}
+    if images:
+        out["pixel_values"], out["image_grid_thw"] = torch.cat(images), torch.tensor(igrid)
+    if videos:
+        out["pixel_values_videos"], out["video_grid_thw"] = torch.cat(videos), torch.tensor(vgrid)
+    return out
+
+
+def llava_frames_sample(model, pre: int, n_frames: int, post: int, seed: int = 0, between: int = 1) -> dict:
+    """LLaVA-1.5 multi-frame input: several images in one prompt, text tokens between frames."""
+    g = torch.Generator().manual_seed(seed)
+    n_img = model.config.image_seq_length
+    parts = [torch.tensor([1]), _text(pre, g)]
+    for i in range(n_frames):
+        if i:
+            parts.append(_text(between, g))
+        parts.append(torch.full((n_img,), IMAGE_TOKEN))
+    parts.append(_text(post, g))
+    size = model.config.vision_config.image_size
+    return {"input_ids": torch.cat(parts), "pixel_values": torch.randn(n_frames, 3, size, size, generator=g)}
+
+
+# ------------------------------------------------------------------------------- batching
+def collate(samples: list[dict]) -> dict:
+    """Left-pad `input_ids` (pad 0) and build attention_mask; concatenate the visual inputs in
+    sample order; add mm_token_type_ids for Qwen-style samples (those with grids)."""
+    L = max(int(s["input_ids"].numel()) for s in samples)
+    B = len(samples)
+    ids = torch.zeros(B, L, dtype=torch.long)
+    mask = torch.zeros(B, L, dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = s["input_ids"].numel()
+        ids[i, L - n:] = s["input_ids"]
+        mask[i, L - n:] = 1
+    out = {"input_ids": ids, "attention_mask": mask}
+    keys = set().union(*(s.keys() for s in samples)) - {"input_ids"}
+    for k in sorted(keys):
+        parts = [s[k] for s in samples if k in s]
+        if k == "pixel_values" and parts[0].dim() == 5:  # LLaVA-NeXT: pad the crop dimension
+            P = max(p.shape[1] for p in parts)
+            parts = [torch.cat([p, p.new_zeros(p.shape[0], P - p.shape[1], *p.shape[2:])], 1) for p in parts]
+        out[k] = torch.cat(parts)
+    if "image_grid_thw" in out or "video_grid_thw" in out:
+        out["mm_token_type_ids"] = ((ids == IMAGE_TOKEN).int() + 2 * (ids == VIDEO_TOKEN).int())
+    return out
+
+
+def unpad(batch: dict, b: int, samples: list[dict]) -> dict:
+    """Sample b of a batch built by `collate(samples)`, alone."""
+    return collate([samples[b]])
+
+
+# ------------------------------------------------------------------------------- examples
+def llava_next_examples(model, seed: int = 0) -> list[dict]:
+    """Three samples with different AnyRes layouts (and visual counts)."""
+    return [llava_next_sample(model, 3, 5, ((70, 90),), seed),
+            llava_next_sample(model, 1, 2, ((100, 50),), seed + 1),
+            llava_next_sample(model, 6, 8, ((56, 56),), seed + 2)]
+
+
+def qwen_examples(model, seed: int = 0) -> list[dict]:
+    """Three samples with different visual counts (16 / 4 / 8 merged tokens)."""
+    return [qwen_sample(model, [("text", 3), ("image", (1, 8, 8)), ("text", 5)], seed),
+            qwen_sample(model, [("text", 1), ("image", (1, 4, 4)), ("text", 2)], seed + 1),
+            qwen_sample(model, [("text", 6), ("image", (1, 4, 8)), ("text", 8)], seed + 2)]
+
+
+def qwen_video_sample(model, frames: int = 3, seed: int = 0) -> dict:
+    """A video of `frames` temporal patches (grid (frames, 4, 4): 4 tokens per frame)."""
+    return qwen_sample(model, [("text", 2), ("video", (frames, 4, 4)), ("text", 4)], seed)
+
+
+def qwen_two_image_sample(model, seed: int = 0) -> dict:
+    return qwen_sample(model, [("text", 2), ("image", (1, 4, 8)), ("text", 2), ("image", (1, 4, 4)),
+                               ("text", 4)], seed)
+
+
+BACKBONES = {
+    "llava_next": (make_llava_next, llava_next_examples),
+    "qwen2_vl": (make_qwen2_vl, qwen_examples),
+    "qwen2_5_vl": (make_qwen25_vl, qwen_examples),
+}
+
+
+def llava_examples(model, seed: int = 0) -> list[dict]:
+    from tests.tiny import llava_inputs
+    x = llava_inputs(model, [(3, 5), (1, 2), (6, 8)], seed)
+    out = []
+    for b in range(3):
+        keep = x["attention_mask"][b].bool()
+        out.append({"input_ids": x["input_ids"][b, keep], "pixel_values": x["pixel_values"][b:b + 1]})
+    return out
+
+
+ALL_BACKBONES = {"llava": (make_llava, llava_examples), **BACKBONES}
