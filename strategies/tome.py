@@ -1,0 +1,165 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from framework.errors import ConfigError
+from framework.merging import (bipartite_soft_matching, gather_tokens, merge_source, merge_to, merge_wavg, scaled,
+                               spatial_order)
+from framework.reducer import TokenReducer, resolve_count
+from framework.registry import register
+from framework.vision import cls_in_features, feature_depth, plan_decisions, plans_from_source, scatter_slots, vision_layers
+
+PRESETS = {192: 192, 128: 128, 64: 64}
+PLACEMENTS = ("vision", "projector")
+
+
+def prop_attn_mask(size: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """ToMe's proportional attention as an additive mask: log(size) of each key, (n, 1, N, N)."""
+    n, N = size.shape
+    return size.log().to(dtype)[:, None, None, :].expand(n, 1, N, N)
+
+
+def layer_schedule(r: int | list[int] | None, total: int, depth: int) -> list[int]:
+    """Merges per encoder layer: an explicit r (int: every layer; list: per layer) or `total` spread
+    evenly over the `depth` layers that feed the features (earlier layers take the remainder)."""
+    if r is not None:
+        rs = [r] * depth if isinstance(r, int) else list(r)
+        return (rs + [0] * depth)[:depth]
+    return [total // depth + (1 if i < total % depth else 0) for i in range(depth)]
+
+
+@register("tome")
+@dataclass
+class ToMe(TokenReducer):
+    """ToMe (Bolya et al., ICLR 2023): bipartite soft matching with size-weighted averaging.
+
+    placement="vision": inside the vision encoder, before each layer that feeds the LLM's features
+      (LLaVA: the first 23 of 24 CLIP layers). Metric: that layer's keys (head mean, cosine); CLS is
+      protected; sizes are tracked and, with `prop_attn`, log(size) is added to the attention logits
+      of later layers (an additive mask). Merges per layer: `r` (int, or a list per layer, ToMe's
+      schedule; clamped to half the tokens as in ToMe) or, when r is None, the `keep`/`preset` budget
+      spread evenly over the layers (extra bipartite rounds when one layer must merge more than half).
+    placement="projector": on the projected visual tokens of each image before the LLM, repeated
+      bipartite rounds (metric: the tokens themselves) from N down to the budget.
+    keep: tokens per image (count or ratio); preset: 192 / 128 / 64 (for 576 patches, scaled by n/576).
+    Merged tokens sit at their first patch's slot, so tokens stay in spatial order; the engine records
+    each token's patch group. Modifications vs the paper: merging happens before a layer (on its input
+    residual stream, with its keys) rather than between its attention and MLP.
+    """
+
+    placement: str = "vision"
+    keep: int | float = 0.5
+    preset: int | None = None
+    r: int | list[int] | None = None
+    prop_attn: bool = True
+
+    registry_name: ClassVar[str] = "tome"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"tome placement={self.placement!r}; allowed: {list(PLACEMENTS)}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError(f"tome preset={self.preset}; allowed: {sorted(PRESETS)}")
+        if self.r is not None and self.placement != "vision":
+            raise ConfigError("tome: r (per-layer merges) applies to placement='vision' only; use keep/preset")
+        rs = [self.r] if isinstance(self.r, int) else (self.r or [])
+        if any(not isinstance(v, int) or v < 0 for v in rs):
+            raise ConfigError(f"tome r={self.r!r}; allowed: an int >= 0 or a list of them")
+
+    @property
+    def stage(self) -> str:  # type: ignore[override]
+        return "vision" if self.placement == "vision" else "projector"
+
+    def target(self, n: int) -> int:
+        return scaled(PRESETS[self.preset], n) if self.preset is not None else resolve_count(self.keep, n)
+
+    # ------------------------------------------------------------------ hooks
+    def extra_hooks(self, adapter, engine):
+        self._per_image = adapter.tokens_per_image()
+        self._full = cls_in_features(adapter)
+        self._plans = None
+        self._state = None
+        if self.placement == "projector":
+            return [adapter.projector.register_forward_hook(self._projector_merge)]
+        layers = vision_layers(adapter)
+        self._depth = feature_depth(adapter)
+        hooks = [layer.register_forward_pre_hook(self._layer_hook(i, layer), with_kwargs=True)
+                 for i, layer in enumerate(layers)]
+        hooks.append(adapter.projector.register_forward_pre_hook(self._scatter))
+        return hooks
+
+    def _layer_hook(self, i: int, layer):
+        def hook(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            if i == 0:
+                n, N, _ = h.shape
+                patches = N - 1
+                sched = layer_schedule(self.r, patches - self.target(patches), max(1, self._depth))
+                self._state = {"size": h.new_ones(n, N), "source": torch.eye(N, device=h.device)[None].expand(n, N, N),
+                               "schedule": sched}
+            st = self._state
+            if st is None:
+                return None
+            if i < self._depth and st["schedule"][i] > 0:
+                h = self._merge(layer, h, st, st["schedule"][i])
+            mask = None
+            if self.prop_attn and bool((st["size"] != 1).any()):
+                mask = prop_attn_mask(st["size"], h.dtype)
+            if args:
+                args = (h, mask if mask is not None else (args[1] if len(args) > 1 else None), *args[2:])
+            else:
+                kwargs = {**kwargs, "hidden_states": h}
+            if not args or len(args) < 2:
+                kwargs = {**kwargs, "attention_mask": mask if mask is not None else kwargs.get("attention_mask")}
+            return args, kwargs
+
+        return hook
+
+    def _merge(self, layer, h: torch.Tensor, st: dict, r: int) -> torch.Tensor:
+        attn = layer.self_attn
+        with torch.no_grad():
+            k = attn.k_proj(layer.layer_norm1(h))
+            metric = k.view(*k.shape[:2], attn.num_heads, -1).mean(2)
+        size, source = st["size"], st["source"]
+        while r > 0:
+            merge, done = bipartite_soft_matching(metric, r, protected=1)
+            if done == 0:
+                break
+            metric, _ = merge_wavg(merge, metric, size)
+            h, size2 = merge_wavg(merge, h, size)
+            source = merge_source(merge, source)
+            size = size2
+            r = r - done if self.r is None else 0  # paper mode: one clamped round per layer
+        perm = spatial_order(source)
+        st["size"], st["source"] = size.gather(1, perm), gather_tokens(source, perm)
+        return gather_tokens(h, perm)
+
+    def _scatter(self, module, args):
+        st, self._state = self._state, None
+        if st is None:
+            return None
+        feats = args[0]
+        plans = plans_from_source(st["source"], drop_cls=not self._full)
+        reps = torch.stack([p.reps for p in plans])
+        if feats.shape[1] != reps.shape[1]:
+            raise RuntimeError(f"tome: the projector got {feats.shape[1]} tokens per image but {reps.shape[1]} "
+                               f"merged tokens were tracked")
+        self._plans = plans
+        return (scatter_slots(feats, reps, self._per_image), *args[1:])
+
+    def _projector_merge(self, module, args, out):
+        c = 1 if self._full else 0
+        target = self.target(out.shape[1] - c) + c
+        merged, _, source = merge_to(out, target, protected=c)
+        plans = plans_from_source(source, drop_cls=False)
+        reps = torch.stack([p.reps for p in plans])
+        self._plans = plans
+        return out.scatter(1, reps[..., None].expand(-1, -1, out.shape[-1]), merged.to(out.dtype))
+
+    def decide(self, ctx):
+        plans, self._plans = self._plans, None
+        return plan_decisions(ctx, plans, self._per_image, "tome")
