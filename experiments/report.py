@@ -1,0 +1,238 @@
+"""`sparsevlm report`: paper-style tables, plots and token overlays from a results JSONL file.
+
+Table: one row per run (strategy x budget x ablation), the unreduced baseline first; columns: accuracy
+per question type (%), average accuracy (%), average as % of unreduced, equivalent tokens, prefill
+TFLOPs (and % of unreduced), prefill latency ms (and % of unreduced, measured in the same run),
+decode ms/token, KV-cache MB, peak MB.
+Files written to the output folder: `table.md`, `table.csv`, `acc_vs_tokens.png`, `acc_vs_latency.png`,
+`overlays.png` (kept tokens outlined, dropped cells dimmed, merged groups in one colour per group).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from framework.errors import ConfigError
+
+from .logging_utils import ResultsFile, write_csv
+
+
+def load_rows(results: str | Path, sweep: str | None = None) -> list[dict]:
+    path = Path(results)
+    if path.is_dir():
+        path = path / "results.jsonl"
+    if not path.exists():
+        raise ConfigError(f"no results file at {path}; run `sparsevlm run` or `sparsevlm sweep` first")
+    rows = ResultsFile(path).rows()
+    if sweep:
+        rows = [r for r in rows if r.get("sweep") == sweep]
+    if not rows:
+        raise ConfigError(f"no result rows in {path}" + (f" for sweep {sweep!r}" if sweep else ""))
+    return order_rows(rows)
+
+
+def order_rows(rows: list[dict]) -> list[dict]:
+    """Baseline(s) first, then strategies in first-seen order, budgets descending, ablations as seen."""
+    seen: dict[str, int] = {}
+    for r in rows:
+        seen.setdefault(r["strategy"], len(seen))
+    idx = {id(r): i for i, r in enumerate(rows)}
+    return sorted(rows, key=lambda r: (r["strategy"] != "none", seen[r["strategy"]],
+                                       -(r.get("budget") or 10**9), idx[id(r)]))
+
+
+def qtypes_of(rows: list[dict]) -> list[str]:
+    out: list[str] = list(((rows[0].get("config") or {}).get("task") or {}).get("qtypes") or [])
+    for r in rows:
+        for k in r.get("acc_by_type", {}):
+            if k not in out:
+                out.append(k)
+    return out
+
+
+def table_rows(rows: list[dict]) -> tuple[list[str], list[dict]]:
+    """Columns and one dict per row, numbers in display units (the values of the results, scaled)."""
+    qt = qtypes_of(rows)
+    cols = (["method", "budget"] + [f"{q} %" for q in qt] +
+            ["avg %", "% of none", "eq. tokens", "TFLOPs", "FLOPs %", "prefill ms", "prefill %",
+             "decode ms/tok", "KV MB", "peak MB"])
+    out = []
+    for r in rows:
+        d = {"method": r["name"], "budget": r.get("budget") if r.get("budget") is not None else r.get("n_visual")}
+        for q in qt:
+            v = r.get("acc_by_type", {}).get(q)
+            d[f"{q} %"] = None if v is None else 100 * v
+        d["avg %"] = 100 * r["accuracy"]
+        d["% of none"] = _pct(r.get("accuracy_ratio"))
+        d["eq. tokens"] = r.get("equivalent_tokens")
+        d["TFLOPs"] = r.get("tflops")
+        d["FLOPs %"] = _pct(r.get("flops_ratio"))
+        d["prefill ms"] = r.get("prefill_ms")
+        d["prefill %"] = _pct(r.get("prefill_ms_ratio"))
+        d["decode ms/tok"] = r.get("decode_ms")
+        d["KV MB"] = r.get("kv_cache_mb")
+        d["peak MB"] = r.get("peak_mb")
+        out.append(d)
+    return cols, out
+
+
+def _pct(x):
+    return None if x is None else 100 * x
+
+
+def _fmt(v, col: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, str):
+        return v
+    if col == "TFLOPs":
+        return f"{v:.2e}" if v < 0.01 else f"{v:.3f}"
+    if col in ("KV MB", "peak MB"):
+        return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+    if col == "budget":
+        return str(v)
+    return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+
+def format_table(cols: list[str], rows: list[dict]) -> str:
+    cells = [[_fmt(r.get(c), c) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = lambda xs: "| " + " | ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(xs, widths))) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cols), sep] + [line(r) for r in cells])
+
+
+# ---------------------------------------------------------------------------------------- plots
+def _series(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["strategy"] == "none":
+            continue
+        tags = "".join(f" {k}={v}" for k, v in (r.get("ablation") or {}).items())
+        out.setdefault(r["strategy"] + tags, []).append(r)
+    return out
+
+
+def plot_accuracy(rows: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = [r for r in rows if r["strategy"] == "none"]
+    files = []
+    for fname, xkey, xlabel in (("acc_vs_tokens.png", "equivalent_tokens", "equivalent visual tokens"),
+                                ("acc_vs_latency.png", "prefill_ms", "prefill latency (ms, batch 1)")):
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        for label, rs in _series(rows).items():
+            rs = sorted(rs, key=lambda r: r.get(xkey) or 0)
+            ax.plot([r.get(xkey) for r in rs], [100 * r["accuracy"] for r in rs], "o-", label=label)
+        for b in base[:1]:
+            ax.axhline(100 * b["accuracy"], color="k", ls="--", lw=1, label=f"no reduction ({100 * b['accuracy']:.1f} %)")
+            if b.get(xkey) is not None:
+                ax.plot([b[xkey]], [100 * b["accuracy"]], "k*", ms=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"{rows[0].get('backbone', '')} on {rows[0].get('task', '')}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        files.append(out / fname)
+    return files
+
+
+def _task_images(row: dict, indices: list[int]) -> dict[int, object]:
+    task = (row.get("config") or {}).get("task") or {}
+    if task.get("name") != "synthetic_vqa":
+        return {}
+    from experiments.tasks import synthetic_vqa as sv
+
+    samples = sv.generate(int(task.get("seed", 0)), int(task["n"]), qtypes=list(task.get("qtypes") or sv.QTYPES))
+    return {i: samples[i] for i in indices if i < len(samples)}
+
+
+def plot_overlays(rows: list[dict], out: Path, max_samples: int = 4) -> Path | None:
+    """One row of panels per reduced run: the sample image, dropped cells dimmed, kept cells outlined
+    white, each merged group's cells outlined in its own colour."""
+    runs = [r for r in rows if r.get("overlays") and r["strategy"] != "none"]
+    if not runs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    indices = sorted({o["index"] for r in runs for o in r["overlays"]})[:max_samples]
+    samples = _task_images(runs[0], indices)
+    ncol = len(indices)
+    fig, axes = plt.subplots(len(runs), ncol, figsize=(2.1 * ncol, 2.3 * len(runs)), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for i, r in enumerate(runs):
+        ov = {o["index"]: o for o in r["overlays"]}
+        n_vis = int(r.get("n_visual") or 64)
+        grid = int(round(math.sqrt(n_vis)))
+        for j, idx in enumerate(indices):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            s = samples.get(idx)
+            img = np.asarray(s.image, dtype=np.float32) / 255 if s is not None else np.full((grid * 8, grid * 8, 3), 0.8)
+            cell = img.shape[0] / grid
+            o = ov.get(idx)
+            if o is None:
+                ax.imshow(img)
+                continue
+            alive = np.zeros(n_vis, bool)
+            for g in o["groups"]:
+                alive[g] = True
+            shade = np.repeat(np.repeat(alive.reshape(grid, grid), int(cell), 0), int(cell), 1)[..., None]
+            ax.imshow(np.where(shade, img, 0.15 + 0.25 * img))
+            merged = [g for g in o["groups"] if len(g) > 1]
+            for g in o["groups"]:
+                if len(g) == 1:
+                    rr, cc = divmod(g[0], grid)
+                    ax.add_patch(Rectangle((cc * cell - 0.5, rr * cell - 0.5), cell, cell, fill=False, ec="white", lw=1.2))
+            for k, g in enumerate(merged):
+                for t in g:
+                    rr, cc = divmod(t, grid)
+                    ax.add_patch(Rectangle((cc * cell - 0.5, rr * cell - 0.5), cell, cell, fill=False,
+                                           ec=cmap(k % 10), lw=1.5, ls="--"))
+            mark = "ok" if o.get("correct") else "x"
+            ax.set_title(f"#{idx} {o.get('qtype', '')} [{mark}]", fontsize=7)
+            if j == 0:
+                ax.set_ylabel(f"{r['name']}\n{len(o['groups'])} tok ({len(merged)} merged)", fontsize=7)
+    fig.suptitle("kept (white), dropped (dim), merged groups (dashed colours)", fontsize=9)
+    fig.tight_layout()
+    path = out / "overlays.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def make_report(results: str | Path, out_dir: str | Path | None = None, sweep: str | None = None,
+                plots: bool = True, echo: bool = True) -> dict:
+    """Table (printed + table.md + table.csv) and plots. Returns {"columns", "rows", "text", "files"}."""
+    rows = load_rows(results, sweep)
+    out = Path(out_dir) if out_dir else (Path(results) if Path(results).is_dir() else Path(results).parent)
+    out.mkdir(parents=True, exist_ok=True)
+    cols, trows = table_rows(rows)
+    text = format_table(cols, trows)
+    title = (f"{rows[0].get('backbone')} on {rows[0].get('task')} ({rows[0].get('n')} questions/run); "
+             f"% = relative to no reduction measured in the same run")
+    (out / "table.md").write_text(f"{title}\n\n{text}\n")
+    write_csv(out / "table.csv", trows, cols)
+    files = [out / "table.md", out / "table.csv"]
+    if plots:
+        files += plot_accuracy(rows, out)
+        ov = plot_overlays(rows, out)
+        if ov:
+            files.append(ov)
+    if echo:
+        print(title)
+        print(text)
+        print("wrote: " + ", ".join(str(f) for f in files))
+    return {"columns": cols, "rows": trows, "text": text, "files": files, "results": rows}
