@@ -164,6 +164,8 @@ class ReductionEngine:
         kw["inputs_embeds"] = new_embeds
         kw["attention_mask"] = new_slots.valid.long()
         kw["position_ids"] = self._stage_positions(new_slots, pos, run)
+        # The reduced sequence is now the language model's input: later (llm) stages index into it.
+        new_slots.index = torch.arange(new_slots.length, device=embeds.device)[None].expand_as(new_slots.index).clone()
         run.slots = new_slots
         self._proj = StageGeometry(0, new_slots.valid, run.n_valid_in - new_slots.n_valid())
         self._proj.kwargs["orig_len"] = L

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from framework.errors import ConfigError
+from framework.reducer import TokenReducer
+from framework.registry import build, register
+
+PRE_LLM = ("vision", "projector")
+
+
+@register("chain")
+@dataclass
+class Chain(TokenReducer):
+    """Several reducers at their own stages in one model, e.g. ToMe in the vision encoder + FastV in the LLM.
+
+    reducers: member configs (`{"name": ..., **fields}`) or built reducers, e.g.
+    `{"name": "chain", "reducers": [{"name": "tome", "keep": 192}, {"name": "fastv", "layer": 2, "keep": 64}]}`.
+    At most one member acts before the LLM (vision / projector stage); LLM members must use disjoint
+    decision layers and all members the same `positions` mode. The projector-stage decision goes to
+    the pre-LLM member, each LLM decision to the member that owns that layer; `begin`, `setup` and
+    `extra_hooks` go to every member.
+    """
+
+    reducers: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.reducers:
+            raise ConfigError("chain needs at least one reducer in `reducers`")
+        self.members = [r if isinstance(r, TokenReducer) else build(r) for r in self.reducers]
+        pre = [m for m in self.members if m.stage in PRE_LLM]
+        if len(pre) > 1:
+            raise ConfigError(f"chain: at most one member may act before the LLM, got "
+                              f"{[type(m).__name__ for m in pre]}")
+        modes = {m.positions for m in self.members}
+        if len(modes) > 1:
+            raise ConfigError(f"chain: members disagree on positions {sorted(modes)}; set the same mode on all")
+        self.positions = modes.pop()
+        seen: dict[int, str] = {}
+        for m in self.members:
+            for k in m.decision_layers():
+                if k in seen:
+                    raise ConfigError(f"chain: {seen[k]} and {type(m).__name__} both decide before layer {k}")
+                seen[k] = type(m).__name__
+        self._owner = {k: m for m in self.members for k in m.decision_layers()}
+
+    @property
+    def stage(self) -> str:  # type: ignore[override]
+        return "projector" if any(m.stage in PRE_LLM for m in self.members) else "llm"
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"name": self.registry_name, "positions": self.positions,
+                "reducers": [m.config_dict() for m in self.members]}
+
+    def decision_layers(self) -> list[int]:
+        return sorted(self._owner)
+
+    def setup(self, adapter) -> None:
+        for m in self.members:
+            m.setup(adapter)
+
+    def extra_hooks(self, adapter, engine):
+        handles = []
+        for m in self.members:
+            if hasattr(m, "extra_hooks"):
+                handles.extend(m.extra_hooks(adapter, engine))
+        return handles
+
+    def begin(self, ctx) -> None:
+        for m in self.members:
+            m.begin(ctx)
+
+    def decide(self, ctx):
+        if ctx.stage == "projector":
+            return next(m for m in self.members if m.stage in PRE_LLM).decide(ctx)
+        return self._owner[ctx.layer].decide(ctx)
