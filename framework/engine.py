@@ -80,8 +80,12 @@ class ReductionEngine:
         self._handles.append(a.language_model.register_forward_pre_hook(self._lm_hook, with_kwargs=True))
         for i, layer in enumerate(a.layers):
             self._handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
-        for h in getattr(self.reducer, "extra_hooks", lambda adapter, engine: [])(a, self):
-            self._handles.append(h)
+        try:
+            for h in getattr(self.reducer, "extra_hooks", lambda adapter, engine: [])(a, self):
+                self._handles.append(h)
+        except Exception:  # e.g. a strategy refusing this backbone: leave the stock model behind
+            self.detach()
+            raise
         return self
 
     def detach(self) -> None:
@@ -228,7 +232,7 @@ class ReductionEngine:
         geo.kwargs["attention_mask"] = self._prefill_mask(new_slots.valid, l0.get("attention_mask"), h.dtype)
         pos0 = l0.get("position_ids")
         if pos0 is None:
-            pos0 = torch.arange(run.slots.index.shape[1], device=h.device)[None]
+            pos0 = torch.arange(l0["position_embeddings"][0].shape[1], device=h.device)[None]  # layer-0 length
         if self.reducer.positions == "keep":
             cos, sin = l0["position_embeddings"]
             geo.kwargs["position_embeddings"] = (gather_rows(cos, new_slots.index), gather_rows(sin, new_slots.index))

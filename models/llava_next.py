@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from framework.errors import ConfigError
+
 from .base import BackboneAdapter, require
 
 NEWLINE_MODES = ("visual", "keep")
@@ -89,6 +91,16 @@ class LlavaNextAdapter(BackboneAdapter):
             out.append(mine)
         require(j == len(layouts), f"llava_next: {len(layouts)} images given but the prompts hold only {j}")
         return out
+
+    # --- per-image projector hooks (LLaVA-1.5's fixed square grid) are not offered -------------
+    def tokens_per_image(self) -> int:
+        raise ConfigError(f"{self.family}: this strategy hooks the projector and needs a fixed square grid of "
+                          f"tokens per image (LLaVA-1.5); AnyRes images have variable token counts. "
+                          "Use a strategy that decides on the language model's input or layers.")
+
+    @property
+    def projector(self):
+        self.tokens_per_image()
 
     # --- inputs -------------------------------------------------------------------------------------
     def has_visual_input(self, kwargs: dict) -> bool:

@@ -56,6 +56,16 @@ class Qwen2VLAdapter(BackboneAdapter):
     def merge(self) -> int:
         return self.model.config.vision_config.spatial_merge_size
 
+    # --- per-image projector hooks (LLaVA-1.5's fixed square grid) are not offered -------------
+    def tokens_per_image(self) -> int:
+        raise ConfigError(f"{self.family}: this strategy hooks the projector and needs a fixed square grid of "
+                          f"tokens per image (LLaVA-1.5); dynamic-resolution images have variable token counts. "
+                          "Use a strategy that decides on the language model's input or layers.")
+
+    @property
+    def projector(self):
+        self.tokens_per_image()
+
     # --- inputs -------------------------------------------------------------------------------------
     def has_visual_input(self, kwargs: dict) -> bool:
         enc = kwargs.get("mm_encoder_outputs") or {}

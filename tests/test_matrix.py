@@ -13,8 +13,9 @@ from typing import Callable
 import pytest
 import torch
 
-from framework import attach, build
+from framework import ConfigError, attach, build
 from framework.registry import available
+from models import adapter_for
 from tests.strategy_defaults import cases
 from tests.tiny import llava_inputs, make_llava, positions
 
@@ -29,6 +30,8 @@ class Backbone:
     batch: Callable[[torch.nn.Module], dict]  # a left-padded batch of 3: input_ids, attention_mask, pixels...
     single: Callable[[torch.nn.Module], dict]  # one unpadded sample
     alone: Callable[[dict, int], dict]  # sample b of `batch`, unpadded
+    # extra kwargs for a plain forward on `batch` (Llama-style: generate's left-padding positions)
+    forward_kw: Callable[[torch.nn.Module, dict], dict] = lambda m, x: {"position_ids": positions(x["attention_mask"])}
 
 
 def _llava_alone(x: dict, b: int) -> dict:
@@ -43,6 +46,24 @@ BACKBONES = [
              lambda m: llava_inputs(m, [(2, 4)], seed=1),
              _llava_alone),
 ]
+
+
+def _tiny_backbone(name: str) -> Backbone:
+    """LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL factories from tests/tiny_backbones.py."""
+    from tests import tiny_backbones as tb
+
+    make, examples = tb.BACKBONES[name]
+    cache: dict = {}
+
+    def batch(m):
+        cache[id(m)] = examples(m)
+        return tb.collate(cache[id(m)])
+
+    return Backbone(name, make, batch, lambda m: tb.collate([examples(m, seed=1)[0]]),
+                    lambda x, b: tb.split_batch(_MODELS[name], x, b), tb.forward_kwargs)
+
+
+BACKBONES += [_tiny_backbone(n) for n in ("llava_next", "qwen2_vl", "qwen2_5_vl")]
 
 _MODELS: dict[str, torch.nn.Module] = {}
 
@@ -73,6 +94,17 @@ def test_matrix(bb: Backbone, name: str, case: int):
     kwargs, expect = cases(name)[case]
     model = _model(bb)
     reducer = build({"name": name, **kwargs})
+    adapter = adapter_for(model)
+    if reducer.stage not in adapter.stages:
+        pytest.skip(f"{bb.name} has no {reducer.stage!r} stage")
+    if reducer.positions == "repack" and not getattr(adapter, "supports_repack", True):
+        reducer = build({"name": name, **kwargs, "positions": "keep"})  # M-RoPE: repack is refused
+    if bb.name != "llava":  # a strategy may need LLaVA-1.5's fixed per-image grid; it must say so clearly
+        try:
+            with attach(model, reducer):
+                pass
+        except ConfigError as err:
+            pytest.skip(f"{name} is not available on {bb.name}: {err}")
     n_layers = model.config.text_config.num_hidden_layers
     gen = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True)
 
@@ -86,9 +118,8 @@ def test_matrix(bb: Backbone, name: str, case: int):
 
     # left-padded batch of 3 == each sample alone
     x = bb.batch(model)
-    pos = positions(x["attention_mask"])
     with attach(model, reducer) as eng:
-        out = model(**x, position_ids=pos).logits[:, -1]
+        out = model(**x, **bb.forward_kw(model, x)).logits[:, -1]
         if expect is not None:
             _check_counts(eng, x, model, expect, n_layers)
         for b in range(out.shape[0]):

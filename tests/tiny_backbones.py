@@ -168,10 +168,10 @@ def llava_next_examples(model, seed: int = 0) -> list[dict]:
 
 
 def qwen_examples(model, seed: int = 0) -> list[dict]:
-    """Three samples with different visual counts (16 / 4 / 8 merged tokens)."""
+    """Three samples with different visual counts (16 / 24 / 20 merged tokens)."""
     return [qwen_sample(model, [("text", 3), ("image", (1, 8, 8)), ("text", 5)], seed),
-            qwen_sample(model, [("text", 1), ("image", (1, 4, 4)), ("text", 2)], seed + 1),
-            qwen_sample(model, [("text", 6), ("image", (1, 4, 8)), ("text", 8)], seed + 2)]
+            qwen_sample(model, [("text", 1), ("image", (1, 8, 12)), ("text", 2)], seed + 1),
+            qwen_sample(model, [("text", 6), ("image", (1, 4, 20)), ("text", 8)], seed + 2)]
 
 
 def qwen_video_sample(model, frames: int = 3, seed: int = 0) -> dict:
@@ -202,3 +202,54 @@ def llava_examples(model, seed: int = 0) -> list[dict]:
 
 
 ALL_BACKBONES = {"llava": (make_llava, llava_examples), **BACKBONES}
+
+
+def split_batch(model, x: dict, b: int) -> dict:
+    """Sample b of a left-padded batch, alone and unpadded (pad columns and other samples' visual
+    inputs removed), for any of the tiny backbones (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL)."""
+    from models import adapter_for
+
+    cols = x["attention_mask"][b].bool()
+    out = {"input_ids": x["input_ids"][b:b + 1, cols], "attention_mask": x["attention_mask"][b:b + 1, cols]}
+    ids = x["input_ids"]
+    name = type(model).__name__
+    if name.startswith("Qwen"):
+        m2 = model.config.vision_config.spatial_merge_size ** 2
+        out["mm_token_type_ids"] = x["mm_token_type_ids"][b:b + 1, cols]
+        for tok, pix, grid in ((IMAGE_TOKEN, "pixel_values", "image_grid_thw"),
+                               (VIDEO_TOKEN, "pixel_values_videos", "video_grid_thw")):
+            if grid not in x:
+                continue
+            need = [int((ids[i] == tok).sum()) for i in range(ids.shape[0])]
+            rows, j, start = [], 0, 0
+            for i, n in enumerate(need):
+                got = 0
+                while got < n:
+                    t, h, w = x[grid][j].tolist()
+                    if i == b:
+                        rows.append((j, start, start + t * h * w))
+                    got += t * h * w // m2
+                    start += t * h * w
+                    j += 1
+            if rows:
+                out[pix] = torch.cat([x[pix][s:e] for _, s, e in rows])
+                out[grid] = x[grid][[r[0] for r in rows]]
+        return out
+    if name.startswith("LlavaNext"):
+        per_sample = adapter_for(model)._assign(ids, x)
+        first = sum(len(p) for p in per_sample[:b])
+        sel = slice(first, first + len(per_sample[b]))
+        out["pixel_values"], out["image_sizes"] = x["pixel_values"][sel], x["image_sizes"][sel]
+        return out
+    per = model.config.image_seq_length  # LLaVA-1.5: images in batch order
+    counts = [int((ids[i] == model.config.image_token_id).sum()) // per for i in range(ids.shape[0])]
+    first = sum(counts[:b])
+    out["pixel_values"] = x["pixel_values"][first:first + counts[b]]
+    return out
+
+
+def forward_kwargs(model, x: dict) -> dict:
+    """Extra kwargs for a plain forward that match generate(): Llama-style backbones need
+    position_ids = cumsum(mask) - 1 under left padding; Qwen computes its M-RoPE ids from the mask."""
+    from tests.tiny import positions
+    return {} if type(model).__name__.startswith("Qwen") else {"position_ids": positions(x["attention_mask"])}
