@@ -160,7 +160,7 @@ def grid_shape(target: int, rows: int, cols: int) -> tuple[int, int]:
         w = target // h
         if w > cols:
             continue
-        err = abs(math.log((h / w) / (rows / cols)))
+        err = round(abs(math.log((h / w) / (rows / cols))), 9)  # ties -> fewer rows
         if best is None or err < best[0]:
             best = (err, h, w)
     if best is None:
