@@ -56,7 +56,7 @@ def options(group: str) -> list[str]:
 
 
 def _explain(err: Exception, overrides) -> str:
-    msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    msg = " ".join(str(err).split()) or type(err).__name__
     for o in overrides:
         key, _, value = o.lstrip("+~").partition("=")
         if key in GROUPS and value and value not in options(key):
@@ -66,7 +66,7 @@ def _explain(err: Exception, overrides) -> str:
                                                        or "Key" in msg) and root in msg:
             return f"unknown config key {key!r}: {msg}; groups: {', '.join(GROUPS)}"
     if "not in struct" in msg or "Could not override" in msg:
-        return f"unknown config key: {msg} (add a new key with +key=value)"
+        return f"unknown config key: {msg}" + ("" if "+" in msg else " (add a new key with +key=value)")
     return msg
 
 
@@ -191,21 +191,31 @@ def strategy_fields(scfg, budget: int | None, n_visual: int) -> dict:
     if not 1 <= budget <= n_visual:
         raise ConfigError(f"budget {budget} is not allowed: the backbone has {n_visual} visual tokens; "
                           f"allowed 1..{n_visual}")
-    names = {f.name for f in dataclasses.fields(cls)}
+    flds = {f.name: f for f in dataclasses.fields(cls)}
     if hasattr(cls, "for_budget"):
         return dict(cls.for_budget(fields, budget, n_visual))
     if name == "sparsevlm":
         from strategies import sparsevlm as sv
 
         presets = sv.RANK_PRESETS if fields.get("budget") == "rank_v1" else sv.FIXED_PRESETS
-        target = budget * SPARSEVLM_REF_VISUAL / n_visual
-        fields["preset"] = min(presets, key=lambda p: abs(int(p) - target))
+        fields["preset"] = _nearest(presets, budget, n_visual)
         return fields
-    for key in ("keep", "keep_tokens", "tokens", "budget"):
-        if key in names:
-            fields[key] = budget
-            return fields
-    raise ConfigError(f"strategy {name!r} has no budget field (keep); allowed fields: {sorted(names)}")
+    if "keep" in flds and not isinstance(getattr(cls, "keep", None), (list, type(None))):
+        fields["keep"] = budget
+        return fields
+    import sys
+
+    presets = getattr(sys.modules[cls.__module__], "PRESETS", None)
+    if "preset" in flds and isinstance(presets, dict):
+        fields["preset"] = _nearest(presets, budget, n_visual)
+        return fields
+    raise ConfigError(f"strategy {name!r} has no budget field (keep or preset); allowed fields: {sorted(flds)}")
+
+
+def _nearest(presets, budget: int, n_visual: int):
+    """The preset (quoted for 576 visual tokens) nearest to budget x 576 / n_visual, in the table's key type."""
+    target = budget * SPARSEVLM_REF_VISUAL / n_visual
+    return min(presets, key=lambda p: abs(int(p) - target))
 
 
 def build_reducer(fields: dict):

@@ -50,14 +50,14 @@ def _strategy_node(cfg, name: str) -> dict:
     return {"name": name}
 
 
-def expand(cfg, n_visual: int) -> list[RunSpec]:
+def expand(cfg, n_visual: int, adapter=None) -> list[RunSpec]:
     """The grid of runs a config describes (baseline first), every one validated."""
     from framework import registry
 
     sw = cfg.sweep
     strategies = list(sw.strategies) if sw.get("strategies") else [cfg.strategy.name]
     budgets = list(sw.budgets) if sw.get("budgets") else [cfg.get("budget")]
-    ablations = runner.to_dict(sw.get("ablations") or {})
+    ablations = _flatten_axes(runner.to_dict(sw.get("ablations") or {}))
     for s in strategies:
         registry.get(s)
     if "none" in strategies:
@@ -87,7 +87,9 @@ def expand(cfg, n_visual: int) -> list[RunSpec]:
             for combo in itertools.product(*[a[1] for a in axes[s]]):
                 fields = {**nodes[s], **dict(zip(names, combo))}
                 fields = runner.strategy_fields(fields, budget, n_visual)
-                runner.build_reducer(fields)  # validate now
+                reducer = runner.build_reducer(fields)  # validate now
+                if adapter is not None:
+                    reducer.setup(adapter)
                 specs.append(RunSpec(s, budget, fields, dict(zip(names, combo))))
     backbone = runner.to_dict(cfg.backbone)
     task = runner.to_dict(cfg.task)
@@ -96,6 +98,17 @@ def expand(cfg, n_visual: int) -> list[RunSpec]:
         tags = "".join(f"-{k}={_short(v)}" for k, v in sp.ablation.items())
         sp.name = sp.strategy if sp.budget is None else f"{sp.strategy}-{sp.budget}{tags}"
     return specs
+
+
+def _flatten_axes(d: dict, prefix: str = "") -> dict:
+    """{"sparsevlm": {"recycling": [..]}} (from +sweep.ablations.sparsevlm.recycling=[..]) -> {"sparsevlm.recycling": [..]}"""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten_axes(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _short(v) -> str:
@@ -148,9 +161,11 @@ def run_sweep(cfg, on_row: Callable[[dict, int], None] | None = None, quiet: boo
 
     torch.set_num_threads(int(cfg.run.get("threads", 1)))
     out = Path(cfg.out_dir)
-    bb = runner.load_backbone(cfg.backbone)
     samples = runner.load_task(cfg.task)
-    specs = expand(cfg, bb.n_visual)
+    bb = runner.load_backbone(cfg.backbone)
+    from models import adapter_for
+
+    specs = expand(cfg, bb.n_visual, adapter_for(bb.model))
     results = ResultsFile(out / "results.jsonl")
     if results.repair() and not quiet:
         print(f"note: removed a truncated last line from {results.path}")

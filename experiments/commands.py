@@ -1,0 +1,64 @@
+"""`sparsevlm run`, `sparsevlm sweep`, `sparsevlm report`, `sparsevlm bench` (picked up by experiments.cli)."""
+from __future__ import annotations
+
+import os
+
+
+def _env() -> None:
+    os.environ.setdefault("WANDB_SILENT", "true")
+    if not os.environ.get("WANDB_API_KEY"):
+        os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def cmd_run(args) -> int:
+    _env()
+    from . import report, runner, sweep
+
+    cfg = runner.compose(args.overrides)
+    if args.print_config:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(cfg))
+        return 0
+    sweep.run_sweep(cfg)
+    if cfg.run.get("report", True):
+        print()
+        report.make_report(cfg.out_dir, sweep=cfg.sweep.name, plots=not args.no_plots)
+    return 0
+
+
+def add_run(sub) -> None:
+    doc = ("evaluate strategies x budgets on a task (default: the toy model, none/random/fastv/tome/sparsevlm "
+           "at 21 and 7 of 64 visual tokens), print the table, write plots")
+    for name in ("run", "sweep"):
+        p = sub.add_parser(name, help=doc if name == "run" else "alias of run (sweep=<name> picks the grid)")
+        p.add_argument("overrides", nargs="*", help="Hydra/OmegaConf overrides: sweep=recycling strategy=fastv "
+                       "budget=21 task.n=200 run.devices=2 out_dir=...")
+        p.add_argument("--print-config", action="store_true", help="print the composed config and exit")
+        p.add_argument("--no-plots", action="store_true")
+        p.set_defaults(func=cmd_run)
+
+
+def cmd_report(args) -> int:
+    from . import report
+
+    report.make_report(args.results, out_dir=args.out, sweep=args.sweep, plots=not args.no_plots)
+    return 0
+
+
+def add_report(sub) -> None:
+    p = sub.add_parser("report", help="table + plots + token overlays from a results.jsonl")
+    p.add_argument("results", nargs="?", default="outputs/main", help="results.jsonl or the folder holding it")
+    p.add_argument("--out", default=None, help="where tables and PNGs go (default: next to the results)")
+    p.add_argument("--sweep", default=None, help="only rows of this sweep name")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(func=cmd_report)
+
+
+def add_bench(sub) -> None:
+    from .bench import add_bench as add
+
+    add(sub)
+
+
+COMMANDS = [add_run, add_report, add_bench]
