@@ -31,13 +31,8 @@ class ImagePlan:
 
 
 def vision_layers(adapter) -> torch.nn.ModuleList:
-    """The vision encoder's layers (falls back to `vision_tower.encoder.layers` for transformers 5 CLIP)."""
-    try:
-        return adapter.vision_layers
-    except AttributeError:
-        tower = adapter.model.model.vision_tower
-        enc = getattr(tower, "encoder", None) or tower.vision_model.encoder
-        return enc.layers
+    """The vision encoder's layers, as the backbone adapter locates them."""
+    return adapter.vision_layers
 
 
 def feature_depth(adapter) -> int:

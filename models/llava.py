@@ -17,7 +17,8 @@ class LlavaAdapter(BackboneAdapter):
 
     @property
     def vision_layers(self) -> torch.nn.ModuleList:
-        return self.model.model.vision_tower.vision_model.encoder.layers
+        tower = self.model.model.vision_tower  # CLIPVisionModel (transformers 5: no .vision_model level)
+        return (tower.encoder if hasattr(tower, "encoder") else tower.vision_model.encoder).layers
 
     @property
     def projector(self) -> torch.nn.Module:
