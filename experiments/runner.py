@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 
 from framework.accounting import Accounting, prefill_flops
@@ -275,83 +276,68 @@ def make_loader(samples, tokenizer, batch_size: int):
         ShardSampler(len(ds)), batch_size, drop_last=False), collate_fn=_Collate(tokenizer, samples))
 
 
-def _make_module_class():
-    import pytorch_lightning as pl
+class EvalModule(pl.LightningModule):
+    """Evaluate a backbone with a reducer attached: next-token answer accuracy + per-sample records."""
 
-    class EvalModule(pl.LightningModule):
-        """Evaluate a backbone with a reducer attached: next-token answer accuracy + per-sample records."""
+    def __init__(self, model, tokenizer, reducer, samples_meta: list[dict], overlays: int = 0,
+                 result_path: str | None = None):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.reducer = reducer
+        self.meta = samples_meta
+        self.overlays = overlays
+        self.result_path = result_path
+        self.records: list[dict] = []
+        self.result: dict | None = None
+        self._engine = None
 
-        def __init__(self, model, tokenizer, reducer, samples_meta: list[dict], overlays: int = 0,
-                     result_path: str | None = None):
-            super().__init__()
-            self.model = model
-            self.tokenizer = tokenizer
-            self.reducer = reducer
-            self.meta = samples_meta
-            self.overlays = overlays
-            self.result_path = result_path
-            self.records: list[dict] = []
-            self.result: dict | None = None
+    def on_test_start(self) -> None:
+        from framework import ReductionEngine
+
+        self.records = []
+        self._engine = ReductionEngine(self.model, self.reducer).attach()
+
+    def on_test_end(self) -> None:
+        if self._engine is not None:
+            self._engine.detach()
             self._engine = None
 
-        def on_test_start(self) -> None:
-            from framework import ReductionEngine
+    def test_step(self, batch, batch_idx):
+        from models import adapter_for
 
-            self.records = []
-            self._engine = ReductionEngine(self.model, self.reducer).attach()
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         pixel_values=batch["pixel_values"].to(self.model.dtype), use_cache=False)
+        pred = out.logits[:, -1].argmax(-1)
+        correct = (pred == batch["answer_ids"]).tolist()
+        shape = adapter_for(self.model).shape() if not hasattr(self, "_shape") else self._shape
+        self._shape = shape
+        bytes_per = next(self.model.parameters()).element_size()
+        words = self.tokenizer.convert_ids_to_tokens(pred.tolist())
+        for b, (i, rec) in enumerate(zip(batch["index"].tolist(), self._engine.last_record)):
+            acc = Accounting.from_counts(rec["visual_per_layer"], rec["tokens_per_layer"], shape, bytes_per)
+            base_tokens = [rec["tokens_in"]] * len(rec["tokens_per_layer"])
+            r = {"index": i, "qtype": self.meta[i]["qtype"], "answer": self.meta[i]["answer"],
+                 "pred": words[b], "correct": bool(correct[b]),
+                 "visual_per_layer": acc.visual_per_layer, "tokens_per_layer": acc.tokens_per_layer,
+                 "equivalent_tokens": acc.equivalent_tokens, "flops": acc.flops,
+                 "flops_base": prefill_flops(base_tokens, shape["hidden"], shape["ffn"]),
+                 "kv_bytes": acc.kv_bytes, "rank": self.global_rank}
+            if i < self.overlays:
+                r["groups"] = final_groups(rec)
+            self.records.append(r)
 
-        def on_test_end(self) -> None:
-            if self._engine is not None:
-                self._engine.detach()
-                self._engine = None
-
-        def test_step(self, batch, batch_idx):
-            from models import adapter_for
-
-            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             pixel_values=batch["pixel_values"].to(self.model.dtype), use_cache=False)
-            pred = out.logits[:, -1].argmax(-1)
-            correct = (pred == batch["answer_ids"]).tolist()
-            shape = adapter_for(self.model).shape() if not hasattr(self, "_shape") else self._shape
-            self._shape = shape
-            bytes_per = next(self.model.parameters()).element_size()
-            words = self.tokenizer.convert_ids_to_tokens(pred.tolist())
-            for b, (i, rec) in enumerate(zip(batch["index"].tolist(), self._engine.last_record)):
-                acc = Accounting.from_counts(rec["visual_per_layer"], rec["tokens_per_layer"], shape, bytes_per)
-                base_tokens = [rec["tokens_in"]] * len(rec["tokens_per_layer"])
-                r = {"index": i, "qtype": self.meta[i]["qtype"], "answer": self.meta[i]["answer"],
-                     "pred": words[b], "correct": bool(correct[b]),
-                     "visual_per_layer": acc.visual_per_layer, "tokens_per_layer": acc.tokens_per_layer,
-                     "equivalent_tokens": acc.equivalent_tokens, "flops": acc.flops,
-                     "flops_base": prefill_flops(base_tokens, shape["hidden"], shape["ffn"]),
-                     "kv_bytes": acc.kv_bytes}
-                if i < self.overlays:
-                    r["groups"] = final_groups(rec)
-                self.records.append(r)
-
-        def on_test_epoch_end(self) -> None:
-            records = self.records
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                gathered = [None] * torch.distributed.get_world_size()
-                torch.distributed.all_gather_object(gathered, records)
-                records = [r for part in gathered for r in part]
-            if self.global_rank == 0:
-                uniq = {r["index"]: r for r in records}
-                self.result = summarize([uniq[k] for k in sorted(uniq)])
-                if self.result_path:
-                    Path(self.result_path).write_text(json.dumps(self.result))
-
-    return EvalModule
-
-
-_MODULE_CLASS = None
-
-
-def EvalModule(*args, **kwargs):  # noqa: N802 - a lazily created LightningModule class
-    global _MODULE_CLASS
-    if _MODULE_CLASS is None:
-        _MODULE_CLASS = _make_module_class()
-    return _MODULE_CLASS(*args, **kwargs)
+    def on_test_epoch_end(self) -> None:
+        records = self.records
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, records)
+            records = [r for part in gathered for r in part]
+        if self.global_rank == 0:
+            uniq = {r["index"]: r for r in records}
+            self.result = summarize([uniq[k] for k in sorted(uniq)])
+            if self.result_path:
+                Path(self.result_path).write_text(json.dumps(self.result))
 
 
 def final_groups(rec: dict) -> list[list[int]]:
@@ -392,8 +378,6 @@ def summarize(records: list[dict]) -> dict:
 
 def run_test(backbone: Backbone, samples: list, reducer, run_cfg, batch_size: int) -> dict:
     """Trainer.test over the samples with the reducer attached; the summary (rank 0's view)."""
-    import pytorch_lightning as pl
-
     _quiet_lightning()
     r = to_dict(run_cfg)
     devices = int(r.get("devices", 1))

@@ -1,0 +1,203 @@
+"""lmms-eval model plugin: any backbone we support, with a token-reduction strategy attached.
+
+    python -m lmms_eval --model sparsevlm \
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,strategy=sparsevlm,budget=64 --tasks mme
+
+Declared as the `lmms_eval` entry point `sparsevlm` in pyproject.toml. lmms-eval is optional: without
+it the class still imports (on a small stand-in base) so it can be registered, inspected and tested.
+
+Keyword arguments mirror the CLI (`--model_args`) and leftovers are refused with a ConfigError:
+  pretrained: hub name / local path, or `toy-llava` (the shipped toy checkpoint);
+  strategy, budget: a registered strategy and its visual-token budget (see `sparsevlm list`);
+  strategy_args: extra strategy fields, "k1=v1;k2=v2" (e.g. "recycling=false;raters=all_text");
+  device, dtype, attn_implementation, max_new_tokens, batch_size (1 only: one prompt per prefill).
+`generate_until` runs greedy generation with the reducer attached; `loglikelihood` and multi-round are
+not implemented (NotImplementedError naming the class). Accounting of every request is kept in
+`self.records` (visual tokens per layer, equivalent tokens, FLOPs).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from framework.errors import ConfigError
+
+try:  # optional dependency
+    from lmms_eval.api.model import lmms as _LmmsBase  # type: ignore
+    from lmms_eval.api.registry import register_model as _register_model  # type: ignore
+
+    HAVE_LMMS_EVAL = True
+except ImportError:  # pragma: no cover - exercised when lmms-eval is absent (our CI)
+    HAVE_LMMS_EVAL = False
+
+    class _LmmsBase:  # minimal stand-in for lmms_eval.api.model.lmms
+        def __init__(self) -> None:
+            self._rank, self._world_size = 0, 1
+            self.task_dict: dict = {}
+
+    def _register_model(*names):
+        def deco(cls):
+            return cls
+
+        return deco
+
+
+def _parse_value(v: Any) -> Any:
+    if not isinstance(v, str):
+        return v
+    low = v.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+@_register_model("sparsevlm")
+class SparseVLMLmms(_LmmsBase):
+    """lmms-eval `simple` model: a supported VLM + a token-reduction strategy (see module docstring)."""
+
+    def __init__(self, pretrained: str = "toy-llava", strategy: str = "none", budget: int | str | None = None,
+                 strategy_args: str | dict | None = None, device: str = "cpu", dtype: str = "float32",
+                 attn_implementation: str = "eager", max_new_tokens: int = 16, batch_size: int | str = 1,
+                 model=None, processor=None, **kwargs) -> None:
+        super().__init__()
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("device_map",)}  # harmless lmms-eval extras
+        if kwargs:
+            raise ConfigError(f"SparseVLMLmms: unknown argument(s) {sorted(kwargs)}; allowed: pretrained, strategy, "
+                              "budget, strategy_args, device, dtype, attn_implementation, max_new_tokens, batch_size")
+        if int(batch_size) != 1:
+            raise ConfigError(f"SparseVLMLmms: batch_size={batch_size}; only 1 is supported")
+        from . import runner
+
+        self._device = torch.device(device)
+        self.max_new_tokens = int(max_new_tokens)
+        if model is None:
+            model, processor = self._load(pretrained, dtype, attn_implementation)
+        self._model = model.to(self._device).eval()
+        self._processor = processor
+        self.toy = hasattr(processor, "convert_tokens_to_ids") and not hasattr(processor, "image_processor")
+        from models import adapter_for
+
+        self.adapter = adapter_for(self._model)
+        extra = self._strategy_args(strategy_args)
+        budget = _parse_value(budget)
+        n_visual = int(self.adapter.tokens_per_image()) if hasattr(self.adapter, "tokens_per_image") else 10**9
+        fields = runner.strategy_fields({"name": strategy, **extra}, budget, n_visual)
+        self.reducer = runner.build_reducer(fields)
+        self.strategy_fields = fields
+        self.records: list[dict] = []
+
+    # ------------------------------------------------------------------ properties (lmms-eval shape)
+    @property
+    def model(self):
+        return self._model
+
+    @property
+    def tokenizer(self):
+        return getattr(self._processor, "tokenizer", self._processor)
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def rank(self) -> int:
+        return getattr(self, "_rank", 0)
+
+    @property
+    def world_size(self) -> int:
+        return getattr(self, "_world_size", 1)
+
+    # ------------------------------------------------------------------ loading
+    @staticmethod
+    def _strategy_args(spec) -> dict:
+        if spec is None or spec == "":
+            return {}
+        if isinstance(spec, dict):
+            return dict(spec)
+        out = {}
+        for item in str(spec).split(";"):
+            if not item.strip():
+                continue
+            k, sep, v = item.partition("=")
+            if not sep:
+                raise ConfigError(f"strategy_args item {item!r}; expected key=value")
+            out[k.strip()] = _parse_value(v.strip())
+        return out
+
+    @staticmethod
+    def _load(pretrained: str, dtype: str, attn: str):
+        from . import runner
+
+        if str(pretrained).startswith("toy"):
+            from models.toy import load_toy
+
+            return load_toy(pretrained, attn_implementation=attn, dtype=runner._dtype(dtype))
+        from models.loading import load
+
+        model, _adapter, processor = load(pretrained, dtype=runner._dtype(dtype), attn_implementation=attn)
+        return model, processor
+
+    # ------------------------------------------------------------------ inputs
+    def _encode(self, context: str, visuals: list) -> dict:
+        if self.toy:
+            import numpy as np
+
+            from models.toy import image_to_tensor, prompt_text
+
+            tok = self._processor
+            n = self.adapter.tokens_per_image()
+            enc = tok([prompt_text(context, n)], return_tensors="pt", add_special_tokens=False)
+            images = [np.asarray(v.convert("RGB") if hasattr(v, "convert") else v, dtype=np.uint8) for v in visuals]
+            out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                   "pixel_values": image_to_tensor(images).to(self._model.dtype)}
+        else:
+            proc = self._processor
+            image_tok = getattr(proc, "image_token", "<image>")
+            text = context if image_tok in context else " ".join([image_tok] * len(visuals) + [context])
+            out = dict(proc(text=[text], images=visuals or None, return_tensors="pt"))
+        return {k: (v.to(self._device) if torch.is_tensor(v) else v) for k, v in out.items()}
+
+    # ------------------------------------------------------------------ lmms API
+    @torch.no_grad()
+    def generate_until(self, requests) -> list[str]:
+        from tqdm.auto import tqdm
+
+        from framework import attach
+        from framework.accounting import account
+
+        out = []
+        for req in tqdm(requests, desc="sparsevlm generate", disable=self.rank != 0 or len(requests) < 8):
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
+            gen_kwargs = dict(gen_kwargs or {})
+            until = gen_kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(gen_kwargs.pop("max_new_tokens", self.max_new_tokens))
+            visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
+            visuals = [v for v in (visuals or []) if v is not None]
+            inputs = self._encode(context, visuals)
+            with attach(self._model, self.reducer) as engine:
+                ids = self._model.generate(**inputs, max_new_tokens=max_new, do_sample=False,
+                                           pad_token_id=self.tokenizer.pad_token_id)
+                acc = account(engine) if engine.last_record else []
+            text = self.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            for stop in until:
+                if stop and stop in text:
+                    text = text.split(stop)[0]
+            self.records.append({"doc_id": doc_id, "task": task,
+                                 **({"accounting": acc[0].to_dict()} if acc else {})})
+            out.append(text.strip())
+        return out
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError(f"{type(self).__name__} does not implement loglikelihood (generation tasks only)")
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError(f"{type(self).__name__} does not implement generate_until_multi_round")
