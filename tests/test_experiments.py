@@ -1,0 +1,210 @@
+"""Experiments layer: configs, the Lightning runner (incl. DDP), resumable sweeps with W&B offline,
+the `sparsevlm run` main job (reduced, on an untrained toy-shaped model), the lmms-eval plugin."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from framework.errors import ConfigError
+
+FAST = ["backbone=toy_random", "run=fast", "task.batch_size=20"]
+
+
+def _compose(*overrides):
+    from experiments import runner
+
+    return runner.compose([*FAST, *overrides])
+
+
+# ---------------------------------------------------------------------------------------- configs
+def test_compose_defaults_and_overrides():
+    from experiments import runner
+
+    cfg = runner.compose([])
+    assert cfg.backbone.loader == "toy" and cfg.task.name == "synthetic_vqa"
+    assert list(cfg.sweep.strategies) == ["none", "random", "fastv", "tome", "sparsevlm"]
+    assert list(cfg.sweep.budgets) == [21, 7]
+    cfg = runner.compose(["strategy=fastv", "strategy.layer=3", "task.n=7"])
+    assert cfg.strategy.layer == 3 and cfg.task.n == 7
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["strategy=bogus"], "unknown strategy option 'bogus'"),
+    (["backbone=nope"], "unknown backbone option"),
+    (["foo=1"], "unknown config key 'foo'"),
+    (["strategy=fastv", "strategy.nope=1"], "unknown config key"),
+])
+def test_bad_config_is_config_error(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        _compose(*overrides)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["sweep=single", "strategy=fastv", "budget=65"], "budget 65 is not allowed: the backbone has 64 visual tokens"),
+    (["task.n=0"], "has no questions"),
+    (["task.qtypes=[]"], "has no questions"),
+    (["task.qtypes=[colour_at,weather]"], "unknown question type"),
+    (["sweep.strategies=[none,nosuch]"], "unknown strategy 'nosuch'"),
+    (["+sweep.ablations.sparsevlm.bogus=[1,2]", "sweep.strategies=[sparsevlm]"], "has no field 'bogus'"),
+    (["sweep=single", "strategy=fastv", "+strategy.bogus=3", "budget=4"], r"unknown config key\(s\) \['bogus'\]"),
+])
+def test_bad_run_config_fails_before_any_run(tmp_path, overrides, match):
+    from experiments import sweep
+
+    cfg = _compose("task.n=4", f"out_dir={tmp_path}", *overrides)
+    with pytest.raises(ConfigError, match=match):
+        sweep.run_sweep(cfg, quiet=True)
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_cli_reports_config_error(capsys):
+    from experiments.cli import main
+
+    assert main(["run", "strategy=bogus"]) == 2
+    assert "unknown strategy option 'bogus'" in capsys.readouterr().err
+
+
+def test_budget_mapping():
+    from experiments.runner import strategy_fields
+
+    assert strategy_fields({"name": "fastv", "layer": 2}, 21, 64)["keep"] == 21
+    assert strategy_fields({"name": "sparsevlm"}, 21, 64)["preset"] == "192"
+    assert strategy_fields({"name": "sparsevlm"}, 7, 64)["preset"] == "64"
+    assert strategy_fields({"name": "none"}, 7, 64) == {"name": "none"}
+    with pytest.raises(ConfigError, match="allowed 1..64"):
+        strategy_fields({"name": "random"}, 100, 64)
+
+
+# ---------------------------------------------------------------------------------------- runner
+def test_runner_ddp_matches_single_process():
+    """Lightning DDP (2 CPU processes, gloo) evaluates disjoint shards; gathered results equal devices=1."""
+    from experiments import runner
+    from framework import build
+
+    cfg = _compose("task.n=24", "task.batch_size=6")
+    bb = runner.load_backbone(cfg.backbone)
+    samples = runner.load_task(cfg.task)
+    one = runner.run_test(bb, samples, build({"name": "fastv", "keep": 7}), cfg.run, 6)
+    two = runner.run_test(bb, samples, build({"name": "fastv", "keep": 7}), _compose("run.devices=2").run, 6)
+    assert {r["rank"] for r in two["records"]} == {0, 1}
+    assert two["n"] == one["n"] == 24
+    assert two["accuracy"] == one["accuracy"] and two["acc_by_type"] == one["acc_by_type"]
+    assert [r["pred"] for r in two["records"]] == [r["pred"] for r in one["records"]]
+    assert two["visual_per_layer"] == one["visual_per_layer"]
+    assert one["visual_per_layer"][:2] == [64, 64] and one["visual_per_layer"][2] == 7
+
+
+def _wandb_runs(out: Path) -> list[Path]:
+    return sorted((out / "wandb").glob("offline-run-*"))
+
+
+def test_sweep_grid_wandb_and_resume(tmp_path):
+    """2 strategies x 2 budgets x an on/off flag = 8 rows (+ the no-reduction baseline), 1 W&B run each;
+    an interruption after 3 runs and a truncated last line resume without duplicates."""
+    from experiments import sweep
+    from experiments.logging_utils import ResultsFile
+
+    overrides = ["task.n=8", f"out_dir={tmp_path}", "sweep.name=grid", "sweep.strategies=[none,sparsevlm,fastv]",
+                 "sweep.budgets=[21,7]", "+sweep.ablations.sparsevlm.recycling=[true,false]",
+                 "+sweep.ablations.fastv.positions=[keep,repack]", "run.per_sample=true"]
+    cfg = _compose(*overrides)
+
+    class Boom(Exception):
+        pass
+
+    def interrupt(row, k):
+        if k == 3:
+            raise Boom
+
+    with pytest.raises(Boom):
+        sweep.run_sweep(cfg, on_row=interrupt, quiet=True)
+    results = ResultsFile(tmp_path / "results.jsonl")
+    assert len(results.rows()) == 3
+    # a run killed inside the final write leaves a partial line
+    with open(results.path, "a") as f:
+        f.write('{"run_key": "partial", "accur')
+    rows = sweep.run_sweep(_compose(*overrides), quiet=True)
+    assert len(rows) == 9
+    stored = results.rows()
+    keys = [r["run_key"] for r in stored]
+    assert len(keys) == len(set(keys)) == 9 and "partial" not in keys
+    assert results.path.read_text().endswith("\n")
+    assert all(json.loads(line) for line in results.path.read_text().splitlines())
+    reduced = [r for r in stored if r["strategy"] != "none"]
+    assert len(reduced) == 8
+    assert {(r["strategy"], r["budget"], json.dumps(r["ablation"])) for r in reduced} == {
+        (s, b, json.dumps({k: v})) for s, k, vs in (("sparsevlm", "recycling", (True, False)),
+                                                    ("fastv", "positions", ("keep", "repack")))
+        for b in (21, 7) for v in vs}
+    assert len(_wandb_runs(tmp_path)) == 9
+    # a third invocation does nothing
+    assert len(sweep.run_sweep(_compose(*overrides), quiet=True)) == 9
+    assert len(results.rows()) == 9 and len(_wandb_runs(tmp_path)) == 9
+    # what each row carries
+    base = next(r for r in stored if r["strategy"] == "none")
+    for r in stored:
+        assert set(r["acc_by_type"]) == {"colour_at", "shape_at", "count", "relation"}
+        assert len(r["visual_per_layer"]) == 4 and r["tflops"] > 0 and r["kv_cache_mb"] > 0
+        assert r["prefill_ms"] > 0 and r["base_prefill_ms"] > 0 and r["decode_ms"] > 0
+        assert r["prefill_ms_ratio"] == pytest.approx(r["prefill_ms"] / r["base_prefill_ms"])
+        assert r["kv_cache_mb_ratio"] == pytest.approx(r["kv_cache_mb"] / base["kv_cache_mb"])
+        assert r["flops_ratio"] <= 1.0 and r["config"]["backbone"]["loader"] == "toy_random"
+        assert (tmp_path / "samples" / f"{r['run_key']}.jsonl").exists()
+    assert base["flops_ratio"] == 1.0 and base["equivalent_tokens"] == 64
+    fv = next(r for r in stored if r["strategy"] == "fastv" and r["budget"] == 7)
+    assert fv["visual_per_layer"] == [64, 64, 7, 7]
+
+
+def test_main_job_reduced(tmp_path, capsys):
+    """`sparsevlm run` = the default sweep (none/random/fastv/tome/sparsevlm x 21, 7) + table + plots;
+    here on an untrained toy-shaped model with few questions."""
+    from experiments.cli import main
+
+    rc = main(["run", *FAST, "task.n=8", "run.wandb=false", f"out_dir={tmp_path}"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    for name in ("none", "random-21", "random-7", "fastv-21", "fastv-7", "tome-21", "tome-7",
+                 "sparsevlm-21", "sparsevlm-7"):
+        assert f"| {name} " in out
+    for f in ("acc_vs_tokens.png", "acc_vs_latency.png", "overlays.png", "table.md", "table.csv"):
+        assert (tmp_path / f).stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------- lmms-eval
+def test_lmms_plugin_registration():
+    from importlib.metadata import entry_points
+
+    from experiments.lmms_plugin import SparseVLMLmms
+
+    eps = [e for e in entry_points(group="lmms_eval") if e.name == "sparsevlm"]
+    assert eps and eps[0].value == "experiments.lmms_plugin:SparseVLMLmms"
+    assert eps[0].load() is SparseVLMLmms
+
+
+def test_lmms_plugin_fake_task():
+    from types import SimpleNamespace
+
+    from experiments.lmms_plugin import SparseVLMLmms
+    from experiments.tasks import synthetic_vqa
+    from models.toy import build_toy_model
+
+    model, tok = build_toy_model({"vision_hidden": 32, "vision_layers": 1, "vision_heads": 2,
+                                  "vision_intermediate": 64, "text_hidden": 32, "text_layers": 4,
+                                  "text_heads": 2, "text_intermediate": 64})
+    model.generation_config.eos_token_id = None
+    with pytest.raises(ConfigError, match="unknown argument"):
+        SparseVLMLmms(model=model, processor=tok, strategy="fastv", budget=8, nonsense=1)
+    lm = SparseVLMLmms(model=model, processor=tok, strategy="sparsevlm", budget="21",
+                       strategy_args="recycling=false", max_new_tokens=3)
+    assert lm.reducer.recycling is False and lm.reducer.preset == "192"
+    sample = synthetic_vqa.generate(0, 1)[0]
+    lm.task_dict = {"fake": {"test": {0: {"image": sample.image}}}}
+    req = SimpleNamespace(args=(sample.question, {"until": ["\n"], "max_new_tokens": 3},
+                                lambda doc: [doc["image"]], 0, "fake", "test"))
+    out = lm.generate_until([req])
+    assert len(out) == 1 and isinstance(out[0], str)
+    acc = lm.records[0]["accounting"]
+    assert acc["visual_per_layer"][0] == 64 and acc["visual_per_layer"][-1] < 64
+    with pytest.raises(NotImplementedError, match="SparseVLMLmms"):
+        lm.loglikelihood([req])
