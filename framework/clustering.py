@@ -23,10 +23,13 @@ ASSIGN_MODES = ("euclidean", "cosine")
 
 
 def scaled_distances(x: torch.Tensor) -> torch.Tensor:
-    """(N, D) -> (N, N) Euclidean distances divided by sqrt(D), float32, exact zeros on the diagonal."""
+    """(N, D) -> (N, N) Euclidean distances divided by sqrt(D), float32 (Gram-matrix form, one matmul),
+    exact zeros on the diagonal."""
     x = x.float()
-    d = torch.cdist(x[None], x[None], compute_mode="donot_use_mm_for_euclid_dist")[0]
-    return d / (x.shape[-1] ** 0.5)
+    sq = (x * x).sum(-1)
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)).clamp_(min=0.0)
+    d2.fill_diagonal_(0.0)
+    return d2.sqrt_() / (x.shape[-1] ** 0.5)
 
 
 def dpc_knn(x: torch.Tensor, n_clusters: int, k: int | None = None, assign: str = "euclidean"
