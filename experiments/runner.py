@@ -381,6 +381,8 @@ def run_test(backbone: Backbone, samples: list, reducer, run_cfg, batch_size: in
     _quiet_lightning()
     r = to_dict(run_cfg)
     devices = int(r.get("devices", 1))
+    progress = bool(r.get("progress", True))
+    callbacks = [pl.callbacks.TQDMProgressBar(leave=False)] if progress else []
     meta = [{"qtype": s.qtype, "answer": s.answer} for s in samples]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "result.json")
@@ -388,7 +390,7 @@ def run_test(backbone: Backbone, samples: list, reducer, run_cfg, batch_size: in
         trainer = pl.Trainer(accelerator=r.get("accelerator", "cpu"), devices=devices,
                              strategy="auto" if devices == 1 else r.get("ddp", "ddp_spawn"),
                              logger=False, enable_checkpointing=False, enable_model_summary=False,
-                             enable_progress_bar=bool(r.get("progress", True)), use_distributed_sampler=False,
+                             enable_progress_bar=progress, use_distributed_sampler=False, callbacks=callbacks,
                              inference_mode=True, default_root_dir=tmp)
         trainer.test(module, dataloaders=make_loader(samples, backbone.tokenizer, batch_size), verbose=False)
         if module.result is not None:
