@@ -197,3 +197,16 @@ def test_cached_decode_equals_recompute(llava8, cfg):
             g2 = llava8.generate(**x, use_cache=False, **kw)
     assert max((a - b).abs().max().item() for a, b in zip(g.logits, g2.logits)) < 1e-5
     assert torch.equal(g.sequences, g2.sequences)
+
+
+def test_scaled_presets_and_explicit_fields(llava8):
+    x = llava_inputs(llava8, PROMPTS[:1])
+    # 8 layers, 64 visual tokens: layers [2,6,15] -> [1,2,4]; keeps 300/200/110 * 64/576 -> 33/22/12
+    _, rec = run(llava8, build({"name": "sparsevlm", "recycling": False}), x)
+    assert rec[0]["visual_per_layer"] == [64, 64, 33, 22, 22, 12, 12, 12]
+    _, rec = run(llava8, build({"name": "sparsevlm", "layers": [1, 3], "keep": [10, 5], "recycling": False}), x)
+    assert rec[0]["visual_per_layer"] == [64, 64, 10, 10, 5, 5, 5, 5]
+    # rank_v1 with explicit scale/bias: keep = int(0 * rank + 7) = 7 at the first layer, then Nv-1
+    _, rec = run(llava8, build({"name": "sparsevlm", "budget": "rank_v1", "scale": 0.0, "bias": 7.0,
+                                "recycling": False}), x)
+    assert rec[0]["visual_per_layer"][:4] == [64, 64, 7, 6]
