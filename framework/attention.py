@@ -39,33 +39,37 @@ def project_keys(attn: torch.nn.Module, normed: torch.Tensor, cos, sin) -> torch
 
 def attention_rows(
     attn: torch.nn.Module,
-    normed: torch.Tensor,
+    hidden: torch.Tensor,
     rows: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
     key_valid: torch.Tensor,
     keys: torch.Tensor | None = None,
+    norm: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """Attention probabilities of query rows over all keys of one layer.
 
     attn: the layer's self-attention module (q_proj/k_proj, head_dim, scaling).
-    normed: (B, L, D) the layer's input after its input layernorm.
+    hidden: (B, L, D) the layer's input; `norm` is its input layernorm (None: `hidden` is already normed).
+      Only the query rows are normalised when `keys` are given.
     rows: (B, R) slot indices of the query rows (ascending or not).
     cos, sin: (B, L, hd) the position embeddings this layer used.
     key_valid: (B, L) bool, False for padding / empty slots.
     keys: (B, H_kv, L, hd) post-RoPE keys if already computed (the layer's KV cache); else recomputed.
     Returns (B, H, R, L) float32 probabilities; causal: row r sees keys with slot index <= rows[r].
+    Masked keys get exactly 0; a row with no visible key (a padding row) is meaningless.
     """
-    B, L, _ = normed.shape
-    q = rearrange(attn.q_proj(gather_rows(normed, rows)), "b r (h d) -> b h r d", d=attn.head_dim)
+    L = hidden.shape[1]
+    norm = norm if norm is not None else torch.nn.Identity()
+    q = rearrange(attn.q_proj(norm(gather_rows(hidden, rows))), "b r (h d) -> b h r d", d=attn.head_dim)
     if hasattr(attn, "q_norm"):
         q = attn.q_norm(q)
     q = apply_rope(q, gather_rows(cos, rows), gather_rows(sin, rows))
     if keys is None:
-        keys = project_keys(attn, normed, cos, sin)
+        keys = project_keys(attn, norm(hidden), cos, sin)
     groups = q.shape[1] // keys.shape[1]
     keys = keys.repeat_interleave(groups, dim=1) if groups > 1 else keys
     logits = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * attn.scaling
     allowed = (torch.arange(L, device=rows.device)[None, None] <= rows[..., None]) & key_valid[:, None]
-    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
-    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    logits.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
+    return torch.softmax(logits, dim=-1)

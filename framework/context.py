@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import torch
 
-from .attention import attention_rows
+from .attention import attention_rows, project_keys
 
 
 @dataclass
@@ -129,6 +129,16 @@ class StageContext:
         padded = torch.zeros(self.batch_size, R, dtype=torch.long, device=dev)
         for b, r in enumerate(rows):
             padded[b, : r.numel()] = r
-        probs = attention_rows(src["attn"], src["normed"], padded, src["cos"], src["sin"],
-                               self.slots.valid, keys=src.get("keys"))
+        probs = attention_rows(src["attn"], src["hidden"], padded, src["cos"], src["sin"],
+                               self.slots.valid, keys=src.get("keys"), norm=src["norm"])
         return [probs[b, :, : rows[b].numel()] for b in range(self.batch_size)]
+
+    def keys(self, which: str = "previous") -> torch.Tensor:
+        """Post-RoPE keys (B, H_kv, L', hd) of the previous layer (from its KV cache when present) or of
+        this layer's projections applied to `hidden` (which="current")."""
+        if self.stage != "llm" or self._attn_source is None:
+            raise RuntimeError("keys are available only at llm-stage decision points")
+        src = self._attn_source(which)
+        if src["keys"] is not None:
+            return src["keys"]
+        return project_keys(src["attn"], src["norm"](src["hidden"]), src["cos"], src["sin"])

@@ -309,7 +309,7 @@ class ReductionEngine:
             cache = kw.get("cache")
             if which == "previous" and cache is not None and cache.layers[j].get_seq_length() == h_in.shape[1]:
                 keys = cache.layers[j].keys
-            return {"attn": attn, "normed": norm(h_in), "cos": cos, "sin": sin, "keys": keys}
+            return {"attn": attn, "hidden": h_in, "norm": norm, "cos": cos, "sin": sin, "keys": keys}
 
         return source
 

@@ -5,7 +5,6 @@ from typing import ClassVar
 
 import torch
 
-from framework.attention import project_keys
 from framework.errors import ConfigError
 from framework.merging import scaled
 from framework.reducer import Decision, ScoringReducer, resolve_count
@@ -78,8 +77,7 @@ class DART(ScoringReducer):
         return scaled(PRESETS[self.preset], n) if self.preset is not None else resolve_count(self.keep, n)
 
     def decide(self, ctx) -> list[Decision]:
-        src = ctx._attn_source("previous")
-        keys = project_keys(src["attn"], src["normed"], src["cos"], src["sin"])  # (B, H, L, d)
+        keys = ctx.keys("previous")  # (B, H_kv, L, d), post-RoPE, from the KV cache when present
         knorm = keys.float().abs().sum(dim=(1, 3))  # (B, L)
         norm = getattr(ctx.adapter.language_model, "norm", None)
         h = norm(ctx.hidden) if norm is not None else ctx.hidden
