@@ -20,10 +20,11 @@ def cmd_run(args) -> int:
 
         print(OmegaConf.to_yaml(cfg))
         return 0
-    sweep.run_sweep(cfg)
+    rows = sweep.run_sweep(cfg)
     if cfg.run.get("report", True):
         print()
-        report.make_report(cfg.out_dir, sweep=cfg.sweep.name, plots=not args.no_plots)
+        report.make_report(cfg.out_dir, sweep=cfg.sweep.name, plots=not args.no_plots,
+                           keys=[r["run_key"] for r in rows])
     return 0
 
 

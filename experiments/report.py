@@ -28,7 +28,8 @@ def load_rows(results: str | Path, sweep: str | None = None) -> list[dict]:
         rows = [r for r in rows if r.get("sweep") == sweep]
     if not rows:
         raise ConfigError(f"no result rows in {path}" + (f" for sweep {sweep!r}" if sweep else ""))
-    return order_rows(rows)
+    latest = {(r.get("sweep"), r["name"]): r for r in rows}  # a re-run with another config replaces older rows
+    return order_rows([r for r in rows if latest[(r.get("sweep"), r["name"])] is r])
 
 
 def order_rows(rows: list[dict]) -> list[dict]:
@@ -214,9 +215,12 @@ def plot_overlays(rows: list[dict], out: Path, max_samples: int = 4) -> Path | N
 
 
 def make_report(results: str | Path, out_dir: str | Path | None = None, sweep: str | None = None,
-                plots: bool = True, echo: bool = True) -> dict:
-    """Table (printed + table.md + table.csv) and plots. Returns {"columns", "rows", "text", "files"}."""
+                plots: bool = True, echo: bool = True, keys: list[str] | None = None) -> dict:
+    """Table (printed + table.md + table.csv) and plots. Returns {"columns", "rows", "text", "files"}.
+    `keys`: only these run keys (e.g. the runs of the sweep just finished, not older configs' rows)."""
     rows = load_rows(results, sweep)
+    if keys is not None:
+        rows = [r for r in rows if r["run_key"] in set(keys)]
     out = Path(out_dir) if out_dir else (Path(results) if Path(results).is_dir() else Path(results).parent)
     out.mkdir(parents=True, exist_ok=True)
     cols, trows = table_rows(rows)

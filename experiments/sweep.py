@@ -186,7 +186,7 @@ def run_sweep(cfg, on_row: Callable[[dict, int], None] | None = None, quiet: boo
             write_jsonl_atomic(out / "samples" / f"{spec.key}.jsonl", records)
         if cfg.run.get("wandb", True):
             row["wandb_dir"] = log_wandb(row, row["config"] | {"strategy_fields": spec.fields, "run_key": spec.key},
-                                         out, group=cfg.sweep.name, name=spec.name,
+                                         cfg.run.get("wandb_dir") or out, group=cfg.sweep.name, name=spec.name,
                                          project=cfg.run.get("wandb_project", "sparsevlm"), samples=records)
         results.append(row)  # the commit point
         done[spec.key] = row
