@@ -114,6 +114,17 @@ def _series(rows: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
+def chance(rows: list[dict]) -> float | None:
+    """Accuracy of the best image-free guess, averaged over the question types (toy task only)."""
+    task = (rows[0].get("config") or {}).get("task") or {}
+    if task.get("name") != "synthetic_vqa":
+        return None
+    from experiments.tasks import synthetic_vqa as sv
+
+    qt = qtypes_of(rows)
+    return sum(sv.CHANCE[q] for q in qt) / len(qt) if qt else None
+
+
 def plot_accuracy(rows: list[dict], out: Path) -> list[Path]:
     import matplotlib
 
@@ -132,6 +143,9 @@ def plot_accuracy(rows: list[dict], out: Path) -> list[Path]:
             ax.axhline(100 * b["accuracy"], color="k", ls="--", lw=1, label=f"no reduction ({100 * b['accuracy']:.1f} %)")
             if b.get(xkey) is not None:
                 ax.plot([b[xkey]], [100 * b["accuracy"]], "k*", ms=10)
+        c = chance(rows)
+        if c is not None:
+            ax.axhline(100 * c, color="gray", ls=":", lw=1, label=f"chance ({100 * c:.1f} %)")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"{rows[0].get('backbone', '')} on {rows[0].get('task', '')}")
@@ -227,6 +241,9 @@ def make_report(results: str | Path, out_dir: str | Path | None = None, sweep: s
     text = format_table(cols, trows)
     title = (f"{rows[0].get('backbone')} on {rows[0].get('task')} ({rows[0].get('n')} questions/run); "
              f"% = relative to no reduction measured in the same run")
+    c = chance(rows)
+    if c is not None:
+        title += f"; chance {100 * c:.1f} %"
     (out / "table.md").write_text(f"{title}\n\n{text}\n")
     write_csv(out / "table.csv", trows, cols)
     files = [out / "table.md", out / "table.csv"]
