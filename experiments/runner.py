@@ -297,6 +297,7 @@ class EvalModule(pl.LightningModule):
 
         self.records = []
         self._engine = ReductionEngine(self.model, self.reducer).attach()
+        self._shape = self._engine.adapter.shape()
 
     def on_test_end(self) -> None:
         if self._engine is not None:
@@ -304,14 +305,11 @@ class EvalModule(pl.LightningModule):
             self._engine = None
 
     def test_step(self, batch, batch_idx):
-        from models import adapter_for
-
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         pixel_values=batch["pixel_values"].to(self.model.dtype), use_cache=False)
+                         pixel_values=batch["pixel_values"].to(self.model.dtype), use_cache=False, logits_to_keep=1)
         pred = out.logits[:, -1].argmax(-1)
         correct = (pred == batch["answer_ids"]).tolist()
-        shape = adapter_for(self.model).shape() if not hasattr(self, "_shape") else self._shape
-        self._shape = shape
+        shape = self._shape
         bytes_per = next(self.model.parameters()).element_size()
         words = self.tokenizer.convert_ids_to_tokens(pred.tolist())
         for b, (i, rec) in enumerate(zip(batch["index"].tolist(), self._engine.last_record)):
