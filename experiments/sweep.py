@@ -198,3 +198,26 @@ def run_sweep(cfg, on_row: Callable[[dict, int], None] | None = None, quiet: boo
             on_row(row, finished)
     bar.close()
     return [done[s.key] for s in specs]
+
+
+def hydra_main() -> None:
+    """Hydra entry point: `python -m experiments.sweep -m sweep=single strategy=fastv,sparsevlm budget=21,7`
+    runs one job per combination through Hydra's launcher (basic: sequential; plugins: clusters). Jobs
+    sharing an `out_dir` share one results file, so the baseline runs once and reruns resume."""
+    import hydra
+
+    @hydra.main(config_path="conf", config_name="config", version_base="1.3")
+    def _main(cfg) -> None:
+        from omegaconf import OmegaConf
+
+        OmegaConf.resolve(cfg)
+        try:
+            run_sweep(cfg)
+        except ConfigError as err:
+            raise SystemExit(f"error: {err}") from None
+
+    _main()
+
+
+if __name__ == "__main__":
+    hydra_main()

@@ -208,3 +208,19 @@ def test_lmms_plugin_fake_task():
     assert acc["visual_per_layer"][0] == 64 and acc["visual_per_layer"][-1] < 64
     with pytest.raises(NotImplementedError, match="SparseVLMLmms"):
         lm.loglikelihood([req])
+
+
+def test_hydra_multirun_shares_results(tmp_path):
+    """`python -m experiments.sweep -m ...`: one Hydra job per combination, one results file, baseline once."""
+    import subprocess
+    import sys
+
+    from experiments.logging_utils import ResultsFile
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, "-m", "experiments.sweep", "-m", *FAST, "task.n=6", "sweep=single",
+                           "strategy=fastv,random", "budget=21,7", f"out_dir={tmp_path}", "run.report=false",
+                           "run.wandb=false"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = ResultsFile(tmp_path / "results.jsonl").rows()
+    assert sorted(r["name"] for r in rows) == ["fastv-21", "fastv-7", "none", "random-21", "random-7"]
