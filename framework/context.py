@@ -10,6 +10,25 @@ from .attention import attention_rows, project_keys
 
 
 @dataclass
+class Grid:
+    """A 2-D block of one image's / frame's visual tokens, row-major: `index` (rows, cols) holds the
+    sample's visual-token indices (sequence positions as adapters report them; the engine maps them to
+    visual-token indices). `row_end` (rows,) are tokens that close each row (LLaVA-NeXT's image_newline),
+    or None. Adapters report grids through `visual_grids`; strategies read them as `ctx.grids(b)`."""
+
+    index: torch.Tensor
+    row_end: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.index.shape[0])
+
+    @property
+    def cols(self) -> int:
+        return int(self.index.shape[1])
+
+
+@dataclass
 class Slots:
     """The current token sequence of a batch, as slots (B, L').
 
@@ -26,6 +45,8 @@ class Slots:
     visual: torch.Tensor
     members: list[torch.Tensor]
     span: list[torch.Tensor] | None = None  # per sample, (n_visual_at_input,) input span (image/frame) id
+    grids: list[list[Grid]] | None = None  # per sample, the input visual tokens' grids (until a reduction)
+    cls: list[torch.Tensor] | None = None  # per sample, visual-token indices of class tokens (CLIP 'full')
 
     @property
     def length(self) -> int:
@@ -103,6 +124,27 @@ class StageContext:
         (empty once a span lost all its tokens). Index `ctx.visual[b]` positions via `span_ids`."""
         ids = self.span_ids(b)
         return [self.visual[b][ids == s] for s in range(self.slots.n_spans(b))]
+
+    def grids(self, b: int) -> list[list[Grid]]:
+        """Per span (image / frame) of sample b, its 2-D token grids (indices into `ctx.visual[b]`):
+        LLaVA-1.5 one side x side grid per image; LLaVA-NeXT the base view's grid, then the unpadded
+        crop grid with its newline tokens as `row_end` (newline='visual'); Qwen2-VL one grid per frame
+        (grid_thw / spatial_merge_size). Visual tokens of a span outside its grids (a class token, a
+        crop-less image's single newline) are layout tokens. Known only before any reduction."""
+        g = self.slots.grids
+        if g is None or self.n_visual(b) != int(self.slots.members[b].shape[1]):
+            raise RuntimeError("visual grids are known only at the projector stage, before any reduction, on "
+                               "backbones whose adapter reports them (visual_grids)")
+        out: list[list[Grid]] = [[] for _ in range(self.slots.n_spans(b))]
+        ids = self.span_ids(b)
+        for grid in g[b]:
+            out[int(ids[grid.index.flatten()[0]])].append(grid)
+        return out
+
+    def cls_tokens(self, b: int) -> torch.Tensor:
+        """Visual-token indices (into ctx.visual[b]) of class tokens kept in the features (CLIP 'full')."""
+        c = self.slots.cls
+        return c[b] if c is not None else torch.zeros(0, dtype=torch.long, device=self.hidden.device)
 
     def n_visual(self, b: int) -> int:
         return int(self.visual[b].numel())

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .attention import gather_rows
-from .context import Slots, StageContext
+from .context import Grid, Slots, StageContext
 from .errors import ConfigError
 from .reducer import Decision, TokenReducer
 
@@ -122,6 +122,8 @@ class ReductionEngine:
         self._pending = {"visual": self.adapter.visual_mask(input_ids, kwargs)}
         spans = getattr(self.adapter, "visual_spans", None)  # (B, L) image/frame id, -1 elsewhere
         self._pending["spans"] = spans(input_ids, kwargs, self._pending["visual"]) if spans else None
+        grids = getattr(self.adapter, "visual_grids", None)  # per sample, Grids of sequence positions
+        self._pending["grids"] = grids(input_ids, kwargs) if grids else None
         return None
 
     def _lm_hook(self, module, args, kwargs):
@@ -148,6 +150,7 @@ class ReductionEngine:
         slots = Slots(index=torch.arange(L, device=embeds.device)[None].expand(B, L).clone(),
                       valid=valid, visual=visual, members=members,
                       span=None if pending.get("spans") is None else [sp[v] for sp, v in zip(pending["spans"], visual)])
+        slots.grids, slots.cls = _visual_grids(pending.get("grids"), visual)
         first = valid.float().argmax(1)
         base = self.adapter.text_positions(pos).gather(1, first[:, None]).squeeze(1)
         run = _Prefill(slots=slots, n_valid_in=valid.sum(1), base_pos=base, state={}, embeds=embeds)
@@ -374,6 +377,28 @@ class ReductionEngine:
         self._run = None
 
 
+def _visual_grids(grids, visual: torch.Tensor):
+    """Adapter grids (sequence positions) -> grids of visual-token indices; a `row_end` that is not
+    visual (LLaVA-NeXT newline='keep') is dropped; returns (grids, class-token indices) per sample."""
+    if grids is None:
+        return None, None
+    out, cls = [], []
+    for b, (sample, cls_pos) in enumerate(grids):
+        vidx = visual[b].long().cumsum(0) - 1
+        mine = []
+        for g in sample:
+            index = g.index.to(visual.device)
+            if not bool(visual[b, index].all()):
+                raise RuntimeError("adapter grid covers non-visual positions")
+            ends = g.row_end.to(visual.device) if g.row_end is not None else None
+            ends = vidx[ends] if ends is not None and bool(visual[b, ends].all()) else None
+            mine.append(Grid(index=vidx[index], row_end=ends))
+        cls_pos = cls_pos.to(visual.device)
+        out.append(mine)
+        cls.append(vidx[cls_pos[visual[b, cls_pos]]])
+    return out, cls
+
+
 def apply_decisions(slots: Slots, hidden: torch.Tensor, decisions: list[Decision]) -> tuple[Slots, torch.Tensor]:
     """Gather survivors (original order), insert merged tokens after the last kept visual token,
     drop padding, and left-pad samples to a common length with empty slots."""
@@ -394,6 +419,11 @@ def apply_decisions(slots: Slots, hidden: torch.Tensor, decisions: list[Decision
         order = torch.nonzero(survive).flatten()
         idx = slots.index[b, order]
         hid = hidden[b, order]
+        if d.values is not None:  # new values for the kept tokens, at their own slots
+            if int(d.values.shape[0]) != keep.numel():
+                raise ConfigError(f"decision for sample {b}: {int(d.values.shape[0])} values for {keep.numel()} "
+                                  "kept tokens")
+            hid = hid.index_copy(0, torch.searchsorted(order, vis[keep]), d.values.to(hid.dtype))
         is_vis = slots.visual[b, order]
         m = slots.members[b][keep]
         if not d.n_merged and len(d.sources) == keep.numel():  # kept tokens that absorbed others in place

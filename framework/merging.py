@@ -168,17 +168,18 @@ def grid_shape(target: int, rows: int, cols: int) -> tuple[int, int]:
     return best[1], best[2]
 
 
-def _bins(n: int, m: int) -> list[tuple[int, int]]:
-    """Adaptive-pooling bins: m ranges over 0..n (torch's adaptive_avg_pool formula)."""
-    return [(i * n // m, -(-(i + 1) * n // m)) for i in range(m)]
+def pool_bins(n: int, m: int) -> list[tuple[int, int]]:
+    """m pooling bins that partition 0..n (boundaries i * n // m): torch's adaptive_avg_pool bins when
+    m divides n; otherwise its overlapping bins are made disjoint, so each token is in one cell."""
+    return [(i * n // m, (i + 1) * n // m) for i in range(m)]
 
 
 def grid_pool(x: torch.Tensor, rows: int, cols: int, h: int, w: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Average pooling of a row-major (rows*cols, D) grid to h x w cells (adaptive bins).
+    """Average pooling of a row-major (rows*cols, D) grid to h x w cells (`pool_bins`: a partition).
 
     Returns (pooled (h*w, D) row-major, cells: list of the flat grid indices averaged into each)."""
     grid = torch.arange(rows * cols, device=x.device).view(rows, cols)
-    cells = [grid[r0:r1, c0:c1].flatten() for r0, r1 in _bins(rows, h) for c0, c1 in _bins(cols, w)]
+    cells = [grid[r0:r1, c0:c1].flatten() for r0, r1 in pool_bins(rows, h) for c0, c1 in pool_bins(cols, w)]
     pooled = torch.stack([x[c].mean(0) for c in cells])
     return pooled, cells
 

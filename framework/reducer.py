@@ -46,6 +46,9 @@ class Decision:
     current visual tokens merged into token i (for provenance and overlays), and `anchors[i]` is the
     current visual token whose RoPE position merged token i takes in `keep` position mode (default:
     its first source). `record` is stored as-is in the engine's per-sample record.
+    `values` (len(keep), D), optional: new hidden states for the kept tokens, in ascending keep order
+    (like `sources` when kept tokens absorb others in place): a pooled / merged token then stays at
+    its representative's slot and position.
     """
 
     keep: torch.Tensor
@@ -53,6 +56,7 @@ class Decision:
     sources: Sequence[torch.Tensor] = ()
     anchors: torch.Tensor | None = None
     record: dict[str, Any] = field(default_factory=dict)
+    values: torch.Tensor | None = None
 
     @property
     def n_merged(self) -> int:
@@ -104,9 +108,11 @@ class TokenReducer(ABC):
     def setup(self, adapter) -> None:
         """Called once when attached: check the model can host this reducer (layers, stages)."""
         if self.stage not in adapter.stages:
+            note = getattr(adapter, "stage_notes", {}).get(self.stage)
+            hint = self.refusal_hint(adapter)
             raise ConfigError(
                 f"{type(self).__name__} acts at stage {self.stage!r} but backbone {adapter.family!r} "
-                f"supports only {list(adapter.stages)}")
+                f"supports only {list(adapter.stages)}" + (f" ({note})" if note else "") + (f"; {hint}" if hint else ""))
         if self.positions == "repack" and not getattr(adapter, "supports_repack", True):
             raise ConfigError(
                 f"{type(self).__name__}: positions='repack' is not supported on backbone {adapter.family!r} "
@@ -117,6 +123,10 @@ class TokenReducer(ABC):
                 raise ConfigError(
                     f"{type(self).__name__}: decision before decoder layer {k} is outside the model; "
                     f"allowed: 1..{n - 1} for a {n}-layer decoder")
+
+    def refusal_hint(self, adapter) -> str:
+        """What to use instead when this backbone refuses the reducer's stage (appended to the error)."""
+        return ""
 
     # --- what it does --------------------------------------------------------------------------
     def begin(self, ctx: "StageContext") -> None:

@@ -87,6 +87,12 @@ class BackboneAdapter:
             out[b, pos] = new_run.cumsum(0) - 1
         return out
 
+    def visual_grids(self, input_ids: torch.Tensor, kwargs: dict):
+        """Per sample: (list of `framework.context.Grid` over sequence positions, (n,) positions of class
+        tokens). Grids let strategies pool / lay out visual tokens in 2-D (see `StageContext.grids`).
+        Return None where the adapter cannot tell (then `ctx.grids` raises)."""
+        return None
+
     # --- positions (1-D default) --------------------------------------------------------------
     def text_positions(self, pos: torch.Tensor) -> torch.Tensor:
         return pos if pos.dim() == 2 else pos[None]

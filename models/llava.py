@@ -29,6 +29,25 @@ class LlavaAdapter(BackboneAdapter):
         n = (v.image_size // v.patch_size) ** 2
         return n + (1 if self.model.config.vision_feature_select_strategy == "full" else 0)
 
+    def visual_grids(self, input_ids: torch.Tensor, kwargs: dict):
+        """One side x side grid per image (row-major patches); with select strategy 'full' the image's
+        first token is CLIP's CLS (a class token, outside the grid)."""
+        from framework.context import Grid
+
+        per = self.tokens_per_image()
+        c = 1 if self.model.config.vision_feature_select_strategy == "full" else 0
+        side = int(round((per - c) ** 0.5))
+        out = []
+        for ids in input_ids:
+            pos = torch.nonzero(ids == self.image_token_id).flatten()
+            grids, cls = [], []
+            for j in range(0, pos.numel() - per + 1, per):
+                chunk = pos[j:j + per]
+                cls.append(chunk[:c])
+                grids.append(Grid(index=chunk[c:].view(side, side)))
+            out.append((grids, torch.cat(cls) if cls else pos[:0]))
+        return out
+
     def has_visual_input(self, kwargs: dict) -> bool:
         # generate() encodes images before the first forward and passes them as mm_encoder_outputs
         return kwargs.get("pixel_values") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None

@@ -31,6 +31,8 @@ class LlavaNextAdapter(BackboneAdapter):
     family = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration",)
     stages = ("projector", "llm")
+    stage_notes = {"vision": "vision-stage reduction on AnyRes crops is not implemented: the crops' CLIP "
+                             "patches are unpadded and packed with newlines after the encoder"}
 
     def __init__(self, model: torch.nn.Module, newline: str = "visual"):
         super().__init__(model)
@@ -129,6 +131,32 @@ class LlavaNextAdapter(BackboneAdapter):
     def visual_spans(self, input_ids: torch.Tensor, kwargs: dict, visual: torch.Tensor) -> torch.Tensor:
         span, _ = self._per_position(input_ids, kwargs)
         return span.masked_fill(~visual, -1)
+
+    def visual_grids(self, input_ids: torch.Tensor, kwargs: dict):
+        """Per image: the base view's side x side grid, then (when it has high-res crops) the unpadded
+        crop grid, whose rows each end in a newline token (`row_end`). A crop-less image's single
+        trailing newline is a layout token outside the grids."""
+        from framework.context import Grid
+
+        v = self.model.config.vision_config
+        side = v.image_size // v.patch_size
+        out = []
+        for b, layouts in enumerate(self._assign(input_ids, kwargs)):
+            pos = torch.nonzero(input_ids[b] == self.image_token_id).flatten()
+            grids, start = [], 0
+            for lay in layouts:
+                chunk = pos[start:start + int(lay.numel())]
+                start += int(lay.numel())
+                grids.append(Grid(index=chunk[:side * side].view(side, side)))
+                rest, nl = chunk[side * side:], lay[side * side:].to(chunk.device)
+                rows = int(nl.sum())
+                if rest.numel() > 1 and rows:
+                    cols = rest.numel() // rows - 1
+                    block = rest.view(rows, cols + 1)
+                    require(bool(nl.view(rows, cols + 1)[:, -1].all()), "llava_next: unexpected AnyRes layout")
+                    grids.append(Grid(index=block[:, :cols], row_end=block[:, -1]))
+            out.append((grids, pos[:0]))
+        return out
 
     def newline_mask(self, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """(B, L) True at the image-newline positions (for analysis and overlays)."""

@@ -38,6 +38,11 @@ class Qwen2VLAdapter(BackboneAdapter):
     stages = ("projector", "llm")
     supports_repack = False
     repack_note = "3-D M-RoPE positions are grid coordinates; use positions='keep'"
+    stage_notes = {"vision": "its vision encoder has no CLS token and packs all images into one sequence "
+                             "with 2-D rotary positions (and windowed attention in 2.5); its patch merger "
+                             "concatenates fixed 2x2 patch neighbourhoods into one LLM token, so patches "
+                             "merged or dropped inside the encoder have no faithful LLM token; reduce at the "
+                             "projector stage (on the merged tokens) or in the LLM instead"}
 
     def __init__(self, model: torch.nn.Module, video_span: str = "frame"):
         super().__init__(model)
@@ -142,6 +147,49 @@ class Qwen2VLAdapter(BackboneAdapter):
 
     def visual_spans(self, input_ids: torch.Tensor, kwargs: dict, visual: torch.Tensor) -> torch.Tensor:
         return self._spans(input_ids, kwargs).masked_fill(~visual, -1)
+
+    def visual_grids(self, input_ids: torch.Tensor, kwargs: dict):
+        """One grid per image / video frame: (h, w) of image_grid_thw / video_grid_thw divided by
+        spatial_merge_size (tokens are row-major per frame). Under `generate`, which passes no grids,
+        the shape comes from the H/W rows of the M-RoPE position_ids it passes; None when neither is
+        available."""
+        from framework.context import Grid
+
+        pos = kwargs.get("position_ids")
+        hw = pos[-2:] if pos is not None and pos.dim() == 3 and pos.shape[0] in (3, 4) else None
+        shapes = {}
+        for tok, modality in ((self.image_token_id, "image"), (self.video_token_id, "video")):
+            grid = kwargs.get(f"{modality}_grid_thw")
+            if grid is not None:
+                shapes[tok] = [(int(t), int(h) // self.merge, int(w) // self.merge) for t, h, w in grid.tolist()]
+            else:
+                n_items = len(self._items(kwargs, modality))
+                if n_items and hw is None:
+                    return None
+                shapes[tok] = [None] * n_items
+        used = {k: 0 for k in shapes}
+        out = []
+        for b in range(input_ids.shape[0]):
+            ids = input_ids[b]
+            vis = torch.nonzero((ids == self.image_token_id) | (ids == self.video_token_id)).flatten()
+            grids, i = [], 0
+            while i < vis.numel():
+                tok = int(ids[vis[i]])
+                shape = shapes[tok][used[tok]]
+                used[tok] += 1
+                if shape is None:  # generate: the run of this item's tokens, shaped by its H/W positions
+                    n = int(self._items(kwargs, "image" if tok == self.image_token_id else "video")[used[tok] - 1][0])
+                    chunk = vis[i:i + n]
+                    hb = hw[0, b if hw.shape[1] > 1 else 0, chunk]
+                    wb = hw[1, b if hw.shape[1] > 1 else 0, chunk]
+                    rows, cols = int(hb.max() - hb.min()) + 1, int(wb.max() - wb.min()) + 1
+                    shape = (n // (rows * cols), rows, cols)
+                t, rows, cols = shape
+                chunk = vis[i:i + t * rows * cols]
+                grids += [Grid(index=f.view(rows, cols)) for f in chunk.view(t, rows * cols)]
+                i += t * rows * cols
+            out.append((grids, vis[:0]))
+        return out
 
     # --- positions: (3|4, B, L) M-RoPE ids at the language-model level ------------------------
     def text_positions(self, pos: torch.Tensor) -> torch.Tensor:

@@ -6,24 +6,69 @@ from typing import ClassVar
 import torch
 
 from framework.errors import ConfigError
-from framework.merging import grid_pool, grid_shape, scaled
-from framework.reducer import TokenReducer, resolve_count
+from framework.merging import grid_pool, grid_shape, pool_bins, scaled
+from framework.reducer import Decision, TokenReducer, resolve_count
 from framework.registry import register
-from framework.vision import ImagePlan, cls_in_features, plan_decisions
 
 PRESETS = {192: 192, 128: 128, 64: 64}
+
+
+def _fits(target: int, rows: int, cols: int) -> bool:
+    """Whether some h x w == target fits inside a rows x cols grid."""
+    return any(target % h == 0 and target // h <= cols for h in range(1, rows + 1))
+
+
+def split_budget(t: int, sizes: list[tuple[int, int]]) -> list[int]:
+    """Split t pooled tokens over grids (rows, cols): close to proportional to their sizes, each count
+    a feasible h x w inside its grid, every grid >= 1 when t allows. Raises ConfigError if impossible."""
+    n = [r * c for r, c in sizes]
+    total = sum(n)
+    k = len(sizes)
+    lo = 1 if t >= k else 0
+    ideal = [t * x / total for x in n]
+
+    def ok(c: int, g: int) -> bool:
+        return c == 0 or (c <= n[g] and _fits(c, *sizes[g]))
+
+    def dfs(g: int, left: int) -> list[int] | None:
+        if g == k - 1:
+            return [left] if lo <= left <= n[g] and ok(left, g) else None
+        cands = sorted(range(lo, min(n[g], left - lo * (k - g - 1)) + 1), key=lambda c: (abs(c - ideal[g]), c))
+        for c in cands:
+            if ok(c, g) and sum(n[g + 1:]) >= left - c:
+                rest = dfs(g + 1, left - c)
+                if rest is not None:
+                    return [c] + rest
+        return None
+
+    out = dfs(0, t)
+    if out is None:
+        raise ConfigError(f"pooling: {t} tokens cannot be split into h x w grids inside {sizes}")
+    return out
 
 
 @register("pooling")
 @dataclass
 class Pooling(TokenReducer):
-    """Spatial average pooling of each image's visual grid to the target count (before the LLM).
+    """Spatial average pooling of each image's (or video frame's) visual grids, before the LLM.
 
-    keep: tokens per image, a count (int) or a ratio (float); preset: 192 / 128 / 64 (quoted for 576
-    tokens, scaled by n/576). The target t is pooled as an h x w grid with h * w = t and the aspect
-    closest to the image grid's (192 -> 12 x 16, 128 -> 8 x 16, 64 -> 8 x 8 on 24 x 24), with adaptive
-    pooling bins. Pooling acts on the projector output (the LLM's embedding space); each pooled token
-    sits at its cell's top-left slot, so tokens stay in spatial (row-major) order.
+    Acts on the projected visual tokens (the LLM's input embeddings) at the projector decision, with
+    the 2-D grids the backbone adapter reports (`ctx.grids`): LLaVA-1.5 one side x side grid per image;
+    Qwen2-VL / 2.5-VL one (h, w) / spatial_merge_size grid per image or video frame; LLaVA-NeXT per
+    image the base view's grid and the unpadded high-res crop grid.
+
+    keep: pooled tokens per span (image / frame), a count (int) or a ratio (float) of the span's grid
+    tokens; preset: 192 / 128 / 64 (quoted for 576 tokens, scaled by n/576). Across several grids of
+    one span (LLaVA-NeXT base + crops; Qwen video_span="video" frames) the budget is split in
+    proportion to their sizes (each grid >= 1 token, each share a feasible h x w). A target t is pooled
+    as an h x w grid with h * w = t and the aspect closest to the grid's (192 -> 12 x 16, 128 -> 8 x 16,
+    64 -> 8 x 8 on 24 x 24), with pooling bins that partition the grid (adaptive pooling's when they divide it); each pooled token sits at its cell's top-left
+    slot (and takes its position), so tokens stay in spatial order.
+
+    Layout tokens are kept on top of the budget: CLIP's CLS (select strategy 'full'); LLaVA-NeXT's
+    newlines (newline='visual'): one per pooled crop row, the one closing the bin's last row (as
+    LLaVA-NeXT's own `anyres_max` downsampling keeps one newline per row), and a crop-less image's
+    single newline. Under newline='keep' newlines are text and untouched.
     """
 
     keep: int | float = 0.25
@@ -39,33 +84,44 @@ class Pooling(TokenReducer):
     def target(self, n: int) -> int:
         return scaled(PRESETS[self.preset], n) if self.preset is not None else resolve_count(self.keep, n)
 
-    def extra_hooks(self, adapter, engine):
-        self._per_image = adapter.tokens_per_image()
-        self._cls = 1 if cls_in_features(adapter) else 0
-        self._plans = None
-        return [adapter.projector.register_forward_hook(self._hook)]
-
-    def _hook(self, module, args, out):
-        n_img, P, _ = out.shape
-        c = self._cls
-        side = int(round((P - c) ** 0.5))
-        if side * side != P - c:
-            raise ConfigError(f"pooling needs a square grid of patches per image, got {P - c}")
-        h, w = grid_shape(self.target(P - c), side, side)
-        new = out.clone()
-        plans = []
-        for i in range(n_img):
-            pooled, cells = grid_pool(out[i, c:], side, side, h, w)
-            reps = torch.stack([cl.min() for cl in cells]) + c
-            new[i, reps] = pooled.to(out.dtype)
-            groups = [cl + c for cl in cells]
-            if c:
-                reps = torch.cat([reps.new_zeros(1), reps])
-                groups = [reps.new_zeros(1)] + groups
-            plans.append(ImagePlan(reps=reps, groups=groups))
-        self._plans = plans
-        return new
-
     def decide(self, ctx):
-        plans, self._plans = self._plans, None
-        return plan_decisions(ctx, plans, self._per_image, "pooling")
+        return [self._sample(ctx, b) for b in range(ctx.batch_size)]
+
+    def _sample(self, ctx, b: int) -> Decision:
+        x = ctx.visual_hidden(b)
+        in_grid = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        reps, groups, values = [], [], []
+        for grids in ctx.grids(b):
+            if not grids:
+                continue
+            sizes = [(g.rows, g.cols) for g in grids]
+            shares = split_budget(self.target(sum(r * c for r, c in sizes)), sizes)
+            for g, t in zip(grids, shares):
+                in_grid[g.index.flatten()] = True
+                if g.row_end is not None:
+                    in_grid[g.row_end] = True
+                if t == 0:
+                    continue
+                h, w = grid_shape(t, g.rows, g.cols)
+                flat = g.index.flatten()
+                pooled, cells = grid_pool(x[flat], g.rows, g.cols, h, w)
+                for cell, v in zip(cells, pooled):
+                    members = flat[cell]
+                    reps.append(members.min())
+                    groups.append(members)
+                    values.append(v)
+                if g.row_end is not None:  # one newline per pooled row: the one closing its last row
+                    for r0, r1 in pool_bins(g.rows, h):
+                        ends = g.row_end[r0:r1]
+                        reps.append(ends.max())
+                        groups.append(ends)
+                        values.append(x[ends].mean(0))
+        for i in torch.nonzero(~in_grid).flatten():  # layout tokens (CLS, a lone newline): kept as they are
+            reps.append(i)
+            groups.append(i[None])
+            values.append(x[i])
+        reps_t = torch.stack(reps)
+        order = reps_t.argsort()
+        return Decision(keep=reps_t[order], sources=[groups[i] for i in order.tolist()],
+                        values=torch.stack(values)[order],
+                        record={"sizes": [int(groups[i].numel()) for i in order.tolist()]})

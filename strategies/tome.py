@@ -8,7 +8,7 @@ import torch
 from framework.errors import ConfigError
 from framework.merging import (bipartite_soft_matching, gather_tokens, merge_source, merge_to, merge_wavg, scaled,
                                spatial_order)
-from framework.reducer import TokenReducer, resolve_count
+from framework.reducer import Decision, TokenReducer, resolve_count
 from framework.registry import register
 from framework.vision import cls_in_features, feature_depth, plan_decisions, plans_from_source, scatter_slots, vision_layers
 
@@ -42,9 +42,12 @@ class ToMe(TokenReducer):
       of later layers (an additive mask). Merges per layer: `r` (int, or a list per layer, ToMe's
       schedule; clamped to half the tokens as in ToMe) or, when r is None, the `keep`/`preset` budget
       spread evenly over the layers (extra bipartite rounds when one layer must merge more than half).
-    placement="projector": on the projected visual tokens of each image before the LLM, repeated
-      bipartite rounds (metric: the tokens themselves) from N down to the budget.
-    keep: tokens per image (count or ratio); preset: 192 / 128 / 64 (for 576 patches, scaled by n/576).
+      Needs a CLIP-style encoder whose per-image patches map 1:1 onto LLM tokens (LLaVA-1.5); other
+      backbones refuse it at setup (their adapter says why).
+    placement="projector": on the projected visual tokens of each span (image / video frame) at the
+      projector decision, on any backbone: repeated bipartite rounds (metric: the tokens themselves)
+      from N down to the budget; class tokens (CLIP 'full') are kept unmerged, outside the budget.
+    keep: tokens per image / span (count or ratio); preset: 192 / 128 / 64 (for 576, scaled by n/576).
     Merged tokens sit at their first patch's slot, so tokens stay in spatial order; the engine records
     each token's patch group. Modifications vs the paper: merging happens before a layer (on its input
     residual stream, with its keys) rather than between its attention and MLP.
@@ -74,17 +77,20 @@ class ToMe(TokenReducer):
     def stage(self) -> str:  # type: ignore[override]
         return "vision" if self.placement == "vision" else "projector"
 
+    def refusal_hint(self, adapter) -> str:
+        return "tome placement='projector' runs on every backbone"
+
     def target(self, n: int) -> int:
         return scaled(PRESETS[self.preset], n) if self.preset is not None else resolve_count(self.keep, n)
 
     # ------------------------------------------------------------------ hooks
     def extra_hooks(self, adapter, engine):
+        if self.placement == "projector":
+            return []
         self._per_image = adapter.tokens_per_image()
         self._full = cls_in_features(adapter)
         self._plans = None
         self._state = None
-        if self.placement == "projector":
-            return [adapter.projector.register_forward_hook(self._projector_merge)]
         layers = vision_layers(adapter)
         self._depth = feature_depth(adapter)
         hooks = [layer.register_forward_pre_hook(self._layer_hook(i, layer), with_kwargs=True)
@@ -151,15 +157,35 @@ class ToMe(TokenReducer):
         self._plans = plans
         return (scatter_slots(feats, reps, self._per_image), *args[1:])
 
-    def _projector_merge(self, module, args, out):
-        c = 1 if self._full else 0
-        target = self.target(out.shape[1] - c) + c
-        merged, _, source = merge_to(out, target, protected=c)
-        plans = plans_from_source(source, drop_cls=False)
-        reps = torch.stack([p.reps for p in plans])
-        self._plans = plans
-        return out.scatter(1, reps[..., None].expand(-1, -1, out.shape[-1]), merged.to(out.dtype))
+    def _projector_decision(self, ctx, b: int) -> Decision:
+        x = ctx.visual_hidden(b)
+        ids = ctx.span_ids(b)
+        cls = ctx.cls_tokens(b)
+        free = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        free[cls] = False
+        reps, groups, values = [], [], []
+        for s in range(ctx.slots.n_spans(b)):
+            toks = torch.nonzero((ids == s) & free).flatten()
+            if toks.numel() == 0:
+                continue
+            merged, _, source = merge_to(x[toks][None], self.target(int(toks.numel())))
+            for row, v in zip(source[0].bool(), merged[0]):
+                g = toks[row]
+                reps.append(g.min())
+                groups.append(g)
+                values.append(v)
+        for i in cls:
+            reps.append(i)
+            groups.append(i[None])
+            values.append(x[i])
+        reps_t = torch.stack(reps)
+        order = reps_t.argsort()
+        return Decision(keep=reps_t[order], sources=[groups[i] for i in order.tolist()],
+                        values=torch.stack(values)[order].to(x.dtype),
+                        record={"sizes": [int(groups[i].numel()) for i in order.tolist()]})
 
     def decide(self, ctx):
+        if self.placement == "projector":
+            return [self._projector_decision(ctx, b) for b in range(ctx.batch_size)]
         plans, self._plans = self._plans, None
         return plan_decisions(ctx, plans, self._per_image, "tome")

@@ -55,6 +55,10 @@ class VisionZip(TokenReducer):
         if self.dominant < 1 or self.contextual < 0:
             raise ConfigError(f"visionzip dominant={self.dominant} (>= 1), contextual={self.contextual} (>= 0)")
 
+    def refusal_hint(self, adapter) -> str:
+        return ("VisionZip's dominant tokens are chosen by CLS attention inside a CLIP-style encoder; "
+                "supported: LLaVA-1.5 (vision stage); elsewhere use divprune / pooling / tome placement='projector'")
+
     def counts(self, patches: int) -> tuple[int, int]:
         if self.preset is not None:
             d, c = PRESETS[self.preset]

@@ -49,5 +49,39 @@ DEFAULTS: dict[str, list[tuple[dict, object]]] = {
 }
 
 
+_QWEN_VISION = r"acts at stage 'vision' but backbone 'qwen2(_5)?_vl'.*no CLS token.*patch merger"
+_NEXT_VISION = r"acts at stage 'vision' but backbone 'llava_next'.*AnyRes"
+
+# (backbone, strategy, case index) -> regex of the ConfigError the strategy must refuse with at attach.
+REFUSED: dict[tuple[str, str, int], str] = {}
+for _bb in ("qwen2_vl", "qwen2_5_vl"):
+    REFUSED.update({(_bb, "tome", 0): _QWEN_VISION + r".*placement='projector'",
+                    (_bb, "tome", 2): _QWEN_VISION + r".*placement='projector'",
+                    (_bb, "visionzip", 0): _QWEN_VISION + r".*CLS attention",
+                    (_bb, "visionzip", 1): _QWEN_VISION + r".*CLS attention",
+                    (_bb, "chain", 0): _QWEN_VISION + r".*placement='projector'"})
+REFUSED.update({("llava_next", "tome", 0): _NEXT_VISION, ("llava_next", "tome", 2): _NEXT_VISION,
+                ("llava_next", "visionzip", 0): _NEXT_VISION, ("llava_next", "visionzip", 1): _NEXT_VISION,
+                ("llava_next", "chain", 0): _NEXT_VISION})
+
+# Exact counts that depend on a backbone's layout, not only on n_visual: (backbone, strategy, case) ->
+# {n_visual of a tiny example: visual tokens entering every decoder layer}.
+# LLaVA-NeXT pooling keep=4: the image's 4 pooled tokens split over the base grid and the crop grid,
+# plus one newline per pooled crop row: (70, 90) -> base 1 + crop 1 x 3 + 1 newline; (100, 50) -> 1 +
+# 3 x 1 + 3 newlines; (56, 56) -> 1 x 2 + 1 x 2 + 1 newline.
+BACKBONE_COUNTS: dict[tuple[str, str, int], dict[int, int]] = {
+    ("llava_next", "pooling", 0): {70: 5, 56: 7, 36: 5},
+}
+
+
 def cases(name: str) -> list[tuple[dict, object]]:
     return DEFAULTS.get(name, [({}, None)])
+
+
+def refused(backbone: str, name: str, case: int) -> str | None:
+    return REFUSED.get((backbone, name, case))
+
+
+def backbone_expect(backbone: str, name: str, case: int):
+    counts = BACKBONE_COUNTS.get((backbone, name, case))
+    return None if counts is None else (lambda n, L: [counts[n]] * L)

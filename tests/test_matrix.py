@@ -3,7 +3,9 @@
 For each (backbone, strategy, case): generation works at batch 1 and on a left-padded batch of 3;
 batched last-token logits equal each sample run alone (pad columns removed); cached decode equals a
 no-cache recompute under replayed decisions; and the visual-token counts per decoder layer equal the
-configured budget (tests/strategy_defaults.py). To add a backbone, append a `Backbone` to BACKBONES.
+configured budget (tests/strategy_defaults.py). A strategy a backbone cannot host faithfully must refuse
+with a ConfigError that says why (REFUSED in tests/strategy_defaults.py); nothing is skipped. To add a
+backbone, append a `Backbone` to BACKBONES.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 from framework import ConfigError, attach, build
 from framework.registry import available
 from models import adapter_for
-from tests.strategy_defaults import cases
+from tests.strategy_defaults import backbone_expect, cases, refused
 from tests.tiny import llava_inputs, make_llava, positions
 
 TOL = 1e-5
@@ -78,6 +80,10 @@ PARAMS = [pytest.param(bb, name, i, id=f"{bb.name}-{name}-{i}")
           for bb in BACKBONES for name in available() for i in range(len(cases(name)))]
 
 
+def _n_hooks(model) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
 def _n_visual(x: dict, b: int, model) -> int:
     return int((x["input_ids"][b] == model.config.image_token_id).sum())
 
@@ -95,16 +101,17 @@ def test_matrix(bb: Backbone, name: str, case: int):
     model = _model(bb)
     reducer = build({"name": name, **kwargs})
     adapter = adapter_for(model)
-    if reducer.stage not in adapter.stages:
-        pytest.skip(f"{bb.name} has no {reducer.stage!r} stage")
     if reducer.positions == "repack" and not getattr(adapter, "supports_repack", True):
         reducer = build({"name": name, **kwargs, "positions": "keep"})  # M-RoPE: repack is refused
-    if bb.name != "llava":  # a strategy may need LLaVA-1.5's fixed per-image grid; it must say so clearly
-        try:
+    refusal = refused(bb.name, name, case)
+    if refusal is not None:  # a documented refusal: a clear ConfigError at attach, the stock model left behind
+        n_hooks = _n_hooks(model)
+        with pytest.raises(ConfigError, match=refusal):
             with attach(model, reducer):
                 pass
-        except ConfigError as err:
-            pytest.skip(f"{name} is not available on {bb.name}: {err}")
+        assert _n_hooks(model) == n_hooks
+        return
+    expect = backbone_expect(bb.name, name, case) or expect
     n_layers = model.config.text_config.num_hidden_layers
     gen = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True)
 

@@ -108,16 +108,24 @@ def test_tome_projector_merge_values_are_size_weighted_means(model):
     x = llava_inputs(model, [(2, 3)])
     with torch.no_grad():
         proj = model.model.get_image_features(pixel_values=x["pixel_values"]).pooler_output[0]
+    rec, seen = _run_seen(model, adapter, {"name": "tome", "keep": 5, "placement": "projector"}, x)
+    start = x["input_ids"][0].tolist().index(100)  # reduced LM input: the merged tokens in spatial order
+    for i, g in enumerate(rec[0]["stages"][0]["groups"]):
+        torch.testing.assert_close(seen["e"][0, start + i], proj[g].mean(0), atol=1e-5, rtol=0)
+
+
+def _run_seen(model, adapter, cfg, x):
+    """Run cfg; capture the language model's (reduced) input embeddings: a hook registered after the
+    engine's runs after it."""
     seen = {}
-    hook = adapter.language_model.register_forward_pre_hook(
-        lambda m, a, kw: seen.update(e=kw["inputs_embeds"]), with_kwargs=True)
-    try:
-        _, rec, _ = _run(model, {"name": "tome", "keep": 5, "placement": "projector"}, x)
-    finally:
-        hook.remove()
-    start = x["input_ids"][0].tolist().index(100)  # the hook runs before the engine's: full-length embeds,
-    for g in rec[0]["stages"][0]["groups"]:  # the merged value sits at the group's first slot
-        torch.testing.assert_close(seen["e"][0, start + g[0]], proj[g].mean(0), atol=1e-5, rtol=0)
+    with torch.no_grad(), attach(model, build(cfg)) as eng:
+        hook = adapter.language_model.register_forward_pre_hook(
+            lambda m, a, kw: seen.update(e=kw["inputs_embeds"]), with_kwargs=True)
+        try:
+            model(**x, position_ids=positions(x["attention_mask"]))
+        finally:
+            hook.remove()
+    return eng.last_record, seen
 
 
 # ----------------------------------------------------------------------------------- VisionZip
@@ -213,18 +221,12 @@ def test_pooling_averages_projected_cells(model):
     x = llava_inputs(model, [(2, 3)])
     with torch.no_grad():
         proj = model.model.get_image_features(pixel_values=x["pixel_values"]).pooler_output[0]
-    seen = {}
-    hook = adapter.language_model.register_forward_pre_hook(
-        lambda m, a, kw: seen.update(e=kw["inputs_embeds"]), with_kwargs=True)
-    try:
-        _, rec, _ = _run(model, {"name": "pooling", "keep": 4}, x)
-    finally:
-        hook.remove()
+    rec, seen = _run_seen(model, adapter, {"name": "pooling", "keep": 4}, x)
     groups = rec[0]["stages"][0]["groups"]
     assert groups == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
     start = x["input_ids"][0].tolist().index(100)
-    for g in groups:  # the hook runs before the engine's: full-length embeds, value at the cell's first slot
-        torch.testing.assert_close(seen["e"][0, start + g[0]], proj[g].mean(0), atol=1e-6, rtol=0)
+    for i, g in enumerate(groups):  # reduced LM input: each cell's mean, at its top-left slot's place
+        torch.testing.assert_close(seen["e"][0, start + i], proj[g].mean(0), atol=1e-6, rtol=0)
 
 
 # ----------------------------------------------------------------------------------- PDrop / chain
