@@ -47,6 +47,7 @@ class Slots:
     span: list[torch.Tensor] | None = None  # per sample, (n_visual_at_input,) input span (image/frame) id
     grids: list[list[Grid]] | None = None  # per sample, the input visual tokens' grids (until a reduction)
     cls: list[torch.Tensor] | None = None  # per sample, visual-token indices of class tokens (CLIP 'full')
+    vision_map: list[torch.Tensor] | None = None  # per sample, (n_visual_at_input,) encoder feature or -1
 
     @property
     def length(self) -> int:
@@ -140,6 +141,16 @@ class StageContext:
         for grid in g[b]:
             out[int(ids[grid.index.flatten()[0]])].append(grid)
         return out
+
+    def vision_map(self, b: int) -> torch.Tensor:
+        """(n_visual,) for sample b: the vision-encoder feature each visual token comes from (unit *
+        tokens per unit + slot, encoder batch order), -1 for tokens from no feature (newlines).
+        Known at the projector stage, before any reduction, on backbones with a vision stage."""
+        m = self.slots.vision_map
+        if m is None or self.n_visual(b) != int(self.slots.members[b].shape[1]):
+            raise RuntimeError("the vision-feature map is known only at the projector stage, before any "
+                               "reduction, on backbones whose adapter reports it (vision_token_map)")
+        return m[b]
 
     def cls_tokens(self, b: int) -> torch.Tensor:
         """Visual-token indices (into ctx.visual[b]) of class tokens kept in the features (CLIP 'full')."""

@@ -70,12 +70,14 @@ class ReductionEngine:
         self._step: dict = {}
         self.records: list[list[dict]] = []  # one list of per-sample records per prefill
         self.layer_set = set(reducer.decision_layers())
+        self._pre_llm = reducer.stage in ("vision", "projector")
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> "ReductionEngine":
         if self._handles:
             return self
         a = self.adapter
+        self._handles.extend(getattr(a, "hooks", lambda: [])())
         self._handles.append(a.top.register_forward_pre_hook(self._top_hook, with_kwargs=True))
         self._handles.append(a.language_model.register_forward_pre_hook(self._lm_hook, with_kwargs=True))
         for i, layer in enumerate(a.layers):
@@ -124,6 +126,8 @@ class ReductionEngine:
         self._pending["spans"] = spans(input_ids, kwargs, self._pending["visual"]) if spans else None
         grids = getattr(self.adapter, "visual_grids", None)  # per sample, Grids of sequence positions
         self._pending["grids"] = grids(input_ids, kwargs) if grids else None
+        vmap = getattr(self.adapter, "vision_token_map", None)
+        self._pending["vision_map"] = vmap(input_ids, kwargs) if vmap and self._pre_llm else None
         return None
 
     def _lm_hook(self, module, args, kwargs):
@@ -151,6 +155,8 @@ class ReductionEngine:
                       valid=valid, visual=visual, members=members,
                       span=None if pending.get("spans") is None else [sp[v] for sp, v in zip(pending["spans"], visual)])
         slots.grids, slots.cls = _visual_grids(pending.get("grids"), visual)
+        vmap = pending.get("vision_map")
+        slots.vision_map = None if vmap is None else [vmap[b][visual[b]] for b in range(B)]
         first = valid.float().argmax(1)
         base = self.adapter.text_positions(pos).gather(1, first[:, None]).squeeze(1)
         run = _Prefill(slots=slots, n_valid_in=valid.sum(1), base_pos=base, state={}, embeds=embeds)

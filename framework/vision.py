@@ -5,10 +5,12 @@ encoder (ToMe, VisionZip) or on the projector output (pooling, pre-LLM ToMe) wor
 
 1. its hooks (returned from `extra_hooks`, removed on detach) compute, per image, a *plan*: the
    representative patch slots that survive (`reps`, sorted, i.e. spatial order) and the original
-   patches each stands for (`groups`); they write the surviving tokens' values into those slots of a
-   full-size tensor (projector input or output), so LLaVA's image-token scatter still matches;
+   patches each stands for (`groups`) per encoder unit (an image; a LLaVA-NeXT crop); they write each
+   surviving token's value into all of its group's slots of a full-size projector input
+   (`broadcast_groups`), so the backbone's own packing and image-token scatter still match;
 2. at the engine's projector-stage decision, `plan_decisions` turns the plans into one `Decision` per
-   sample: keep = the representative slots, sources = their groups (the engine records them).
+   sample through the adapter's visual-token -> encoder-feature map (`ctx.vision_map`): one kept token
+   per group, sources = the group's tokens (the engine records them).
 
 Hooks are deterministic, so a replayed decision (no-cache generation) sees the same values again.
 """
@@ -69,26 +71,51 @@ def scatter_slots(values: torch.Tensor, reps: torch.Tensor, n_slots: int) -> tor
     return out.scatter(1, reps[..., None].expand(-1, -1, d), values)
 
 
-def plan_decisions(ctx, plans: list[ImagePlan] | None, per_image: int, name: str) -> list[Decision]:
-    """Per-sample decisions from per-image plans (images in batch order, `per_image` slots each)."""
+def broadcast_groups(values: torch.Tensor, plans: list[ImagePlan], n_slots: int) -> torch.Tensor:
+    """values (n_units, K, D), value k of unit i standing for plans[i].groups[k] -> (n_units, n_slots, D)
+    with each group's value at every slot of the group (zeros at slots in no group): whichever of its
+    slots survives the backbone's packing (LLaVA-NeXT unpads crops) carries the merged value."""
+    n, _, d = values.shape
+    out = values.new_zeros(n, n_slots, d)
+    for i, p in enumerate(plans):
+        for k, g in enumerate(p.groups):
+            out[i, g.to(values.device)] = values[i, k]
+    return out
+
+
+def plan_decisions(ctx, plans: list[ImagePlan] | None, per_unit: int, name: str) -> list[Decision]:
+    """Per-sample decisions from per-unit plans (one per vision-encoder batch row, `per_unit` feature
+    slots each), through the adapter's map from visual tokens to encoder features (`ctx.vision_map`).
+
+    The visual tokens that come from one group's features form one token: the first of them is kept
+    (it carries the group's value, see `broadcast_groups`), the others are its sources. Tokens from
+    features in no group are dropped; tokens from no feature (LLaVA-NeXT newlines) are kept as is."""
     if plans is None:
         raise RuntimeError(f"{name}: no vision-side plan for this forward (were pixel_values given and the "
                            f"vision hooks attached?)")
-    out, cursor = [], 0
+    gid, offset = [], 0
+    for p in plans:
+        a = torch.full((per_unit,), -1, dtype=torch.long)
+        for k, g in enumerate(p.groups):
+            a[g.cpu()] = offset + k
+        offset += len(p.groups)
+        gid.append(a)
+    gid = torch.cat(gid) if gid else torch.zeros(0, dtype=torch.long)
+    out = []
     for b in range(ctx.batch_size):
-        n = ctx.n_visual(b)
-        if n % per_image:
-            raise RuntimeError(f"{name}: sample {b} has {n} visual tokens, not a multiple of {per_image}")
-        keep, sources = [], []
-        for j in range(n // per_image):
-            p = plans[cursor]
-            cursor += 1
-            keep.append(p.reps + j * per_image)
-            sources.extend(g + j * per_image for g in p.groups)
-        keep = torch.cat(keep)
-        order = keep.argsort()
-        out.append(Decision(keep=keep[order], sources=[sources[i] for i in order.tolist()],
-                            record={"sizes": [int(sources[i].numel()) for i in order.tolist()]}))
-    if cursor != len(plans):
-        raise RuntimeError(f"{name}: {len(plans)} image plans but the prompts hold {cursor} images")
+        m = ctx.vision_map(b).cpu()
+        if int(m.max()) >= gid.numel():
+            raise RuntimeError(f"{name}: {len(plans)} encoder plans but the prompts hold tokens of more units")
+        key = torch.where(m >= 0, gid[m.clamp(min=0)], -1)
+        own = torch.nonzero(m < 0).flatten()
+        key[own] = offset + own  # tokens from no feature: a group each
+        groups: dict[int, list[int]] = {}
+        for t, k in enumerate(key.tolist()):
+            if k >= 0:
+                groups.setdefault(k, []).append(t)
+        members = sorted(groups.values(), key=lambda g: g[0])
+        dev = ctx.hidden.device
+        out.append(Decision(keep=torch.tensor([g[0] for g in members], device=dev),
+                            sources=[torch.tensor(g, device=dev) for g in members],
+                            record={"sizes": [len(g) for g in members]}))
     return out

@@ -87,6 +87,16 @@ class BackboneAdapter:
             out[b, pos] = new_run.cumsum(0) - 1
         return out
 
+    def hooks(self) -> list:
+        """Adapter-side hooks the engine attaches (and removes on detach); handles with `.remove()`."""
+        return []
+
+    def vision_token_map(self, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
+        """For vision-stage strategies: (B, L) long, at each visual position the vision-encoder feature
+        it comes from (unit * vision_unit_tokens + slot, units = the encoder's batch rows, in order),
+        -1 where none (newlines, text). None where the backbone has no such 1:1 map."""
+        return None
+
     def visual_grids(self, input_ids: torch.Tensor, kwargs: dict):
         """Per sample: (list of `framework.context.Grid` over sequence positions, (n,) positions of class
         tokens). Grids let strategies pool / lay out visual tokens in 2-D (see `StageContext.grids`).

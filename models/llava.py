@@ -29,6 +29,16 @@ class LlavaAdapter(BackboneAdapter):
         n = (v.image_size // v.patch_size) ** 2
         return n + (1 if self.model.config.vision_feature_select_strategy == "full" else 0)
 
+    @property
+    def vision_unit_tokens(self) -> int:
+        return self.tokens_per_image()
+
+    def vision_token_map(self, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Image j of the batch (prompt order) holds encoder features j * per .. (j + 1) * per - 1."""
+        image = input_ids == self.image_token_id
+        flat = torch.cumsum(image.flatten().long(), 0).view(image.shape) - 1
+        return torch.where(image, flat, torch.full_like(flat, -1))
+
     def visual_grids(self, input_ids: torch.Tensor, kwargs: dict):
         """One side x side grid per image (row-major patches); with select strategy 'full' the image's
         first token is CLIP's CLS (a class token, outside the grid)."""

@@ -13,10 +13,20 @@ Newline tokens (`newline=`):
     (note: the last row's newline then is the first "text" slot after the image).
 
 Spans (`ctx.spans(b)`): one span per image (base view + crops + newlines), in prompt order; budgets
-per image therefore use `budget_scope="per_span"`. Vision-stage reduction is not offered (AnyRes
-unpadding needs full crop grids).
+per image therefore use `budget_scope="per_span"`.
+
+Vision stage: the CLIP tower encodes every crop (base view first) as one unit, so vision-stage
+strategies (ToMe, VisionZip) act per crop, as VisionZip's own LLaVA-NeXT code does. A merged token's
+value is written to all of its patches' feature slots before the projector; the model then unpads and
+packs as usual, and `vision_token_map` (the model's own packing run on index-valued features) tells
+which LLM tokens come from which crop patch: one token per surviving group is kept (groups whose
+patches were all unpadded away vanish, as dominant tokens do in VisionZip's code); newlines are kept.
+Under `generate`, which passes only packed features, the image sizes come from a wrapper around
+`get_image_features` (attached by the engine through `hooks`, removed on detach).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -30,26 +40,25 @@ NEWLINE_MODES = ("visual", "keep")
 class LlavaNextAdapter(BackboneAdapter):
     family = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration",)
-    stages = ("projector", "llm")
-    stage_notes = {"vision": "vision-stage reduction on AnyRes crops is not implemented: the crops' CLIP "
-                             "patches are unpadded and packed with newlines after the encoder"}
+    stages = ("vision", "projector", "llm")
 
     def __init__(self, model: torch.nn.Module, newline: str = "visual"):
         super().__init__(model)
         require(newline in NEWLINE_MODES, f"llava_next: newline={newline!r}; allowed: {list(NEWLINE_MODES)}")
         self.newline = newline
         self._layout_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._seen_sizes = None
 
     @property
     def image_token_id(self) -> int:
         return self.model.config.image_token_id
 
     # --- AnyRes layout ----------------------------------------------------------------------------
-    def image_layout(self, image_size) -> torch.Tensor:
-        """(n_tokens,) bool for one image of size (height, width): True at its newline tokens.
-
-        Runs the model's own `pack_image_features` on index-valued features, so the layout (crop
-        grid, unpadding, newlines) is exactly the model's."""
+    def image_feature_map(self, image_size) -> torch.Tensor:
+        """(n_tokens,) long for one image of size (height, width): per LLM token, the encoder feature it
+        comes from (crop * tokens_per_crop + slot, crops in the model's order, base view first), -1 at
+        newline tokens. Runs the model's own `pack_image_features` on index-valued features, so the
+        layout (crop grid, unpadding, newlines) is exactly the model's."""
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         key = tuple(int(x) for x in (image_size.tolist() if torch.is_tensor(image_size) else image_size))
@@ -57,13 +66,17 @@ class LlavaNextAdapter(BackboneAdapter):
             cfg = self.model.config
             v = cfg.vision_config
             n_crops = image_size_to_num_patches(list(key), cfg.image_grid_pinpoints, v.image_size)
-            per = (v.image_size // v.patch_size) ** 2 + (cfg.vision_feature_select_strategy == "full")
+            per = self.vision_unit_tokens
             feats = torch.arange(n_crops * per, dtype=torch.float64).view(n_crops, per, 1)
             packed, _ = self.model.model.pack_image_features(
                 [feats], [list(key)], cfg.vision_feature_select_strategy,
                 image_newline=torch.tensor([-1.0], dtype=torch.float64))
-            self._layout_cache[key] = packed[0][:, 0] < 0
+            self._layout_cache[key] = packed[0][:, 0].round().long()
         return self._layout_cache[key]
+
+    def image_layout(self, image_size) -> torch.Tensor:
+        """(n_tokens,) bool for one image of size (height, width): True at its newline tokens."""
+        return self.image_feature_map(image_size) < 0
 
     def _layouts(self, kwargs: dict) -> list[torch.Tensor]:
         """Newline layouts of all images of the batch, in order: from `image_sizes` (plain forward),
@@ -94,15 +107,81 @@ class LlavaNextAdapter(BackboneAdapter):
         require(j == len(layouts), f"llava_next: {len(layouts)} images given but the prompts hold only {j}")
         return out
 
-    # --- per-image projector hooks (LLaVA-1.5's fixed square grid) are not offered -------------
-    def tokens_per_image(self) -> int:
-        raise ConfigError(f"{self.family}: this strategy hooks the projector and needs a fixed square grid of "
-                          f"tokens per image (LLaVA-1.5); AnyRes images have variable token counts. "
-                          "Use a strategy that decides on the language model's input or layers.")
+    def _image_sizes(self, kwargs: dict):
+        """image_sizes of this forward: passed (plain forward), else the ones `generate` encoded with."""
+        sizes = kwargs.get("image_sizes")
+        if sizes is None and kwargs.get("pixel_values") is None:
+            sizes = self._seen_sizes
+        return sizes
+
+    # --- vision stage: CLIP per crop -------------------------------------------------------------
+    @property
+    def vision_layers(self) -> torch.nn.ModuleList:
+        tower = self.model.model.vision_tower
+        return (tower.encoder if hasattr(tower, "encoder") else tower.vision_model.encoder).layers
 
     @property
-    def projector(self):
-        self.tokens_per_image()
+    def projector(self) -> torch.nn.Module:
+        return self.model.model.multi_modal_projector
+
+    @property
+    def vision_unit_tokens(self) -> int:
+        """Feature tokens per encoder unit (one crop, the base view included)."""
+        v = self.model.config.vision_config
+        return (v.image_size // v.patch_size) ** 2 + (self.model.config.vision_feature_select_strategy == "full")
+
+    def tokens_per_image(self) -> int:
+        raise ConfigError(f"{self.family}: AnyRes images have variable token counts (no fixed tokens per image)")
+
+    def hooks(self) -> list:
+        """Record the image_sizes `get_image_features` is called with: `generate` encodes the images
+        before the first forward and passes only the packed features, whose crop layout then needs them."""
+        inner = self.model.model
+        orig = inner.get_image_features
+
+        @functools.wraps(orig)
+        def get_image_features(*args, **kwargs):
+            self._seen_sizes = kwargs["image_sizes"] if "image_sizes" in kwargs else args[1]
+            return orig(*args, **kwargs)
+
+        inner.get_image_features = get_image_features
+
+        class _Handle:
+            def remove(self_):
+                inner.__dict__.pop("get_image_features", None)
+
+        return [_Handle()]
+
+    def vision_token_map(self, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
+        """(B, L) long: at each image-token position the encoder feature it comes from, as unit *
+        vision_unit_tokens + slot over the batch's crops in encoder order; -1 at newlines and elsewhere.
+        None when the image sizes are unknown."""
+        sizes = self._image_sizes(kwargs)
+        if sizes is None:
+            return None
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        cfg = self.model.config
+        maps, offset = [], 0
+        per = self.vision_unit_tokens
+        for s in sizes:
+            m = self.image_feature_map(s)
+            maps.append(torch.where(m >= 0, m + offset * per, m))
+            size = s.tolist() if torch.is_tensor(s) else list(s)
+            offset += image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+        require([int(m.numel()) for m in maps] == [int(l.numel()) for l in self._layouts(kwargs)],
+                f"{self.family}: the recorded image sizes do not match this forward's images")
+        out = torch.full(input_ids.shape, -1, dtype=torch.long, device=input_ids.device)
+        j = 0
+        for b in range(input_ids.shape[0]):
+            pos = torch.nonzero(input_ids[b] == self.image_token_id).flatten()
+            n = 0
+            while n < pos.numel():
+                m = maps[j].to(out.device)
+                out[b, pos[n:n + m.numel()]] = m
+                n += m.numel()
+                j += 1
+        return out
 
     # --- inputs -------------------------------------------------------------------------------------
     def has_visual_input(self, kwargs: dict) -> bool:

@@ -10,7 +10,8 @@ from framework.merging import (bipartite_soft_matching, gather_tokens, merge_sou
                                spatial_order)
 from framework.reducer import Decision, TokenReducer, resolve_count
 from framework.registry import register
-from framework.vision import cls_in_features, feature_depth, plan_decisions, plans_from_source, scatter_slots, vision_layers
+from framework.vision import (broadcast_groups, cls_in_features, feature_depth, plan_decisions, plans_from_source,
+                              vision_layers)
 
 PRESETS = {192: 192, 128: 128, 64: 64}
 PLACEMENTS = ("vision", "projector")
@@ -42,8 +43,8 @@ class ToMe(TokenReducer):
       of later layers (an additive mask). Merges per layer: `r` (int, or a list per layer, ToMe's
       schedule; clamped to half the tokens as in ToMe) or, when r is None, the `keep`/`preset` budget
       spread evenly over the layers (extra bipartite rounds when one layer must merge more than half).
-      Needs a CLIP-style encoder whose per-image patches map 1:1 onto LLM tokens (LLaVA-1.5); other
-      backbones refuse it at setup (their adapter says why).
+      Runs on CLIP-style encoders whose patches map onto LLM tokens (LLaVA-1.5 per image, LLaVA-NeXT
+      per crop, the budget then per crop); Qwen2-VL / 2.5-VL refuse it at setup (the adapter says why).
     placement="projector": on the projected visual tokens of each span (image / video frame) at the
       projector decision, on any backbone: repeated bipartite rounds (metric: the tokens themselves)
       from N down to the budget; class tokens (CLIP 'full') are kept unmerged, outside the budget.
@@ -87,7 +88,7 @@ class ToMe(TokenReducer):
     def extra_hooks(self, adapter, engine):
         if self.placement == "projector":
             return []
-        self._per_image = adapter.tokens_per_image()
+        self._per_image = adapter.vision_unit_tokens
         self._full = cls_in_features(adapter)
         self._plans = None
         self._state = None
@@ -155,7 +156,7 @@ class ToMe(TokenReducer):
             raise RuntimeError(f"tome: the projector got {feats.shape[1]} tokens per image but {reps.shape[1]} "
                                f"merged tokens were tracked")
         self._plans = plans
-        return (scatter_slots(feats, reps, self._per_image), *args[1:])
+        return (broadcast_groups(feats, plans, self._per_image), *args[1:])
 
     def _projector_decision(self, ctx, b: int) -> Decision:
         x = ctx.visual_hidden(b)

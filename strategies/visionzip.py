@@ -39,7 +39,8 @@ class VisionZip(TokenReducer):
     n/576): 192 -> 162+30, 128 -> 108+20, 64 -> 54+10. Tokens keep spatial order (a contextual token
     sits at its target's slot). When LLaVA drops CLS from the features (select strategy 'default')
     the dominant tokens are all patches; with 'full' CLS is kept as one of them, as in the official
-    code. arXiv 2412.04467.
+    code. LLaVA-NeXT: per CLIP crop (base view included), as VisionZip's LLaVA-NeXT code does; budgets
+    are per crop. arXiv 2412.04467.
     """
 
     dominant: int = 54
@@ -57,7 +58,8 @@ class VisionZip(TokenReducer):
 
     def refusal_hint(self, adapter) -> str:
         return ("VisionZip's dominant tokens are chosen by CLS attention inside a CLIP-style encoder; "
-                "supported: LLaVA-1.5 (vision stage); elsewhere use divprune / pooling / tome placement='projector'")
+                "supported: LLaVA-1.5 and LLaVA-NeXT (per crop); elsewhere use divprune / pooling / "
+                "tome placement='projector'")
 
     def counts(self, patches: int) -> tuple[int, int]:
         if self.preset is not None:
@@ -68,7 +70,7 @@ class VisionZip(TokenReducer):
         return self.dominant, self.contextual
 
     def extra_hooks(self, adapter, engine):
-        self._per_image = adapter.tokens_per_image()
+        self._per_image = adapter.vision_unit_tokens
         self._full = cls_in_features(adapter)
         self._plans = self._signals = None
         layer = vision_layers(adapter)[feature_depth(adapter) - 1]
@@ -102,7 +104,7 @@ class VisionZip(TokenReducer):
             if n_ctx and rem.numel():
                 tok, targets, assign = contextual_merge(feats[i, rem + c], keys[i, rem + 1], n_ctx)
                 slots = rem[targets] + c
-                new[i, slots] = tok.to(feats.dtype)
+                new[i, rem + c] = tok[assign].to(feats.dtype)  # every member slot (see broadcast_groups)
                 for j, s in enumerate(slots.tolist()):
                     groups[s] = rem[assign == j] + c
             reps = sorted(groups)

@@ -50,7 +50,6 @@ DEFAULTS: dict[str, list[tuple[dict, object]]] = {
 
 
 _QWEN_VISION = r"acts at stage 'vision' but backbone 'qwen2(_5)?_vl'.*no CLS token.*patch merger"
-_NEXT_VISION = r"acts at stage 'vision' but backbone 'llava_next'.*AnyRes"
 
 # (backbone, strategy, case index) -> regex of the ConfigError the strategy must refuse with at attach.
 REFUSED: dict[tuple[str, str, int], str] = {}
@@ -60,9 +59,6 @@ for _bb in ("qwen2_vl", "qwen2_5_vl"):
                     (_bb, "visionzip", 0): _QWEN_VISION + r".*CLS attention",
                     (_bb, "visionzip", 1): _QWEN_VISION + r".*CLS attention",
                     (_bb, "chain", 0): _QWEN_VISION + r".*placement='projector'"})
-REFUSED.update({("llava_next", "tome", 0): _NEXT_VISION, ("llava_next", "tome", 2): _NEXT_VISION,
-                ("llava_next", "visionzip", 0): _NEXT_VISION, ("llava_next", "visionzip", 1): _NEXT_VISION,
-                ("llava_next", "chain", 0): _NEXT_VISION})
 
 # Exact counts that depend on a backbone's layout, not only on n_visual: (backbone, strategy, case) ->
 # {n_visual of a tiny example: visual tokens entering every decoder layer}.
@@ -73,6 +69,36 @@ BACKBONE_COUNTS: dict[tuple[str, str, int], dict[int, int]] = {
     ("llava_next", "pooling", 0): {70: 5, 56: 7, 36: 5},
 }
 
+# LLaVA-NeXT vision stage (per CLIP crop, base view first): the tiny examples' images by n_visual ->
+# (crops incl. base, newlines, whether AnyRes unpadding drops crop patches). Without unpadding each
+# crop keeps exactly its budget; with it, groups whose patches were all unpadded away vanish (as in
+# VisionZip's LLaVA-NeXT code): the base view still keeps exactly its budget, the crops at most theirs.
+_NEXT_IMAGES = {70: (5, 6, True), 56: (3, 8, False), 36: (2, 4, False)}
+
+
+def _next_vision(per_crop: int, llm=None):
+    def check(rec: dict, L: int) -> None:
+        crops, newlines, unpadded = _NEXT_IMAGES[rec["n_visual_input"]]
+        st = rec["stages"][0]
+        n = st["visual_after"]
+        assert sum(1 for g in st["groups"] if len(g) == 1) >= newlines
+        if unpadded:
+            assert per_crop + newlines < n <= crops * per_crop + newlines, (n, crops, per_crop, newlines)
+        else:
+            assert n == crops * per_crop + newlines, (n, crops, per_crop, newlines)
+        want = [n] * L if llm is None else llm(n, L)
+        assert rec["visual_per_layer"] == want, (rec["visual_per_layer"], want)
+    return check
+
+
+BACKBONE_CHECKS = {
+    ("llava_next", "tome", 0): _next_vision(6),
+    ("llava_next", "tome", 2): _next_vision(16 - 3),
+    ("llava_next", "visionzip", 0): _next_vision(4 + 2),
+    ("llava_next", "visionzip", 1): _next_vision(round(54 * 16 / 576) + max(1, round(10 * 16 / 576))),
+    ("llava_next", "chain", 0): _next_vision(8, lambda n, L: [n, n] + [3] * (L - 2)),
+}
+
 
 def cases(name: str) -> list[tuple[dict, object]]:
     return DEFAULTS.get(name, [({}, None)])
@@ -80,6 +106,11 @@ def cases(name: str) -> list[tuple[dict, object]]:
 
 def refused(backbone: str, name: str, case: int) -> str | None:
     return REFUSED.get((backbone, name, case))
+
+
+def backbone_check(backbone: str, name: str, case: int):
+    """A callable(record, n_layers) asserting the counts where they depend on the data (or None)."""
+    return BACKBONE_CHECKS.get((backbone, name, case))
 
 
 def backbone_expect(backbone: str, name: str, case: int):

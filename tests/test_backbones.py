@@ -51,7 +51,7 @@ def kept_per_span(model, x, rec, b) -> list[int]:
 def test_available_backbones_and_stages():
     av = available_backbones()
     assert {"llava", "llava_next", "qwen2_vl", "qwen2_5_vl"} <= set(av)
-    assert av["llava_next"].stages == ("projector", "llm")
+    assert av["llava_next"].stages == ("vision", "projector", "llm")  # CLIP per AnyRes crop
     assert av["qwen2_vl"].stages == av["qwen2_5_vl"].stages == ("projector", "llm")
     assert av["qwen2_vl"].supports_repack is False
     for name in ("llava_next", "qwen2_vl", "qwen2_5_vl"):

@@ -247,3 +247,46 @@ def test_chain_tome_then_fastv(model):
         assert (proj["stage"], proj["visual_after"], llm["stage"], llm["visual_after"]) == ("projector", 8, "llm", 3)
         assert all(g in proj["groups"] for g in llm["groups"])  # the LLM keeps whole merged groups
     assert build({"name": "chain", "reducers": [{"name": "fastv", "layer": 2, "keep": 3}]}).stage == "llm"
+
+
+# ----------------------------------------------------------------------------------- other backbones
+def test_next_vision_stage_per_crop():
+    """LLaVA-NeXT: ToMe r=0 through the crop map is the stock model; VisionZip keeps each crop's top-CLS
+    patches (base view: feature slot == token index); the get_image_features wrapper is removed."""
+    from tests import tiny_backbones as tb
+
+    m = tb.make_llava_next(attn="eager")
+    x = tb.collate(tb.llava_next_examples(m))
+    kw = tb.forward_kwargs(m, x)
+    with torch.no_grad():
+        ref = m(**x, **kw).logits[:, -1]
+        with attach(m, build({"name": "tome", "r": 0})) as eng:
+            out = m(**x, **kw).logits[:, -1]
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+        assert [r["visual_per_layer"][0] for r in eng.last_record] == [70, 56, 36]
+        ad = adapter_for(m)
+        pix = torch.cat([x["pixel_values"][i, :n] for i, n in enumerate((5, 3, 2))])  # crops in encoder order
+        att = m.model.vision_tower(pix, output_attentions=True).attentions[feature_depth(ad) - 1]
+        with attach(m, build({"name": "visionzip", "dominant": 4, "contextual": 2})) as eng:
+            m(**x, **kw)
+    assert "get_image_features" not in m.model.__dict__
+    base = [0, 5, 8]  # each image's base view is its first crop
+    for b, r in enumerate(eng.last_record):
+        singles = {g[0] for g in r["stages"][0]["groups"] if len(g) == 1}
+        top = set(att[base[b], :, 0, 1:].sum(0).topk(4).indices.tolist())
+        assert top <= singles
+
+
+def test_projector_stage_grids_on_qwen_video():
+    """Qwen2-VL: pooling uses each frame's (h, w) / merge grid, under a plain forward (grid_thw) and
+    under generate (M-RoPE positions)."""
+    from tests import tiny_backbones as tb
+
+    m = tb.make_qwen2_vl()
+    x = tb.collate([tb.qwen_video_sample(m, frames=3)])  # 3 frames of 2 x 2 merged tokens
+    with torch.no_grad(), attach(m, build({"name": "pooling", "keep": 2})) as eng:
+        m(**x)
+        groups = eng.last_record[0]["stages"][0]["groups"]
+        m.generate(**x, max_new_tokens=1, do_sample=False)
+    assert groups == [[0, 2], [1, 3], [4, 6], [5, 7], [8, 10], [9, 11]]  # 2 x 2 -> 1 x 2 per frame
+    assert eng.last_record[0]["stages"][0]["groups"] == groups
