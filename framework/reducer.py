@@ -191,6 +191,41 @@ class ScoringReducer(TokenReducer):
         return torch.cat(out).sort().values
 
 
+COUNT_PRESETS = (192, 128, 64)
+
+
+class CountBudget:
+    """Mixin for reducers whose budget is one visual-token count: `keep` (a count or a ratio) or `preset`
+    (192 / 128 / 64, the LLaVA-1.5 settings quoted for 576 tokens, scaled by n/576). The class declares
+    the `keep` and `preset` fields itself."""
+
+    keep: int | float
+    preset: int | None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # type: ignore[misc]
+        if self.preset is not None and self.preset not in COUNT_PRESETS:
+            raise ConfigError(f"{self.registry_name or type(self).__name__} preset={self.preset}; "
+                              f"allowed: {list(COUNT_PRESETS)} or None (then `keep` is used)")
+
+    def target(self, n: int) -> int:
+        """Visual tokens to keep out of n."""
+        if self.preset is not None:
+            return max(1, min(n, round(self.preset * n / 576)))
+        return resolve_count(self.keep, n)
+
+
+def groups_decision(reps: list, groups: list, values: list, dtype=None) -> Decision:
+    """A decision that keeps one representative per group, in sequence order, with a new value each
+    (pooled / merged in place): `reps[i]` stands for the visual tokens `groups[i]`."""
+    reps_t = torch.stack(reps)
+    order = reps_t.argsort().tolist()
+    vals = torch.stack(values)[order]
+    return Decision(keep=reps_t[order], sources=[groups[i] for i in order],
+                    values=vals if dtype is None else vals.to(dtype),
+                    record={"sizes": [int(groups[i].numel()) for i in order]})
+
+
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores, ties broken by the lower index (deterministic), sorted."""
     order = torch.sort(scores.float(), descending=True, stable=True).indices

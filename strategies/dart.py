@@ -6,11 +6,9 @@ from typing import ClassVar
 import torch
 
 from framework.errors import ConfigError
-from framework.merging import scaled
-from framework.reducer import Decision, ScoringReducer, resolve_count
+from framework.reducer import CountBudget, Decision, ScoringReducer
 from framework.registry import register
 
-PRESETS = {192: 192, 128: 128, 64: 64}
 
 
 def dart_select(hidden: torch.Tensor, key_norm: torch.Tensor, text_hidden: torch.Tensor, text_key_norm: torch.Tensor,
@@ -47,7 +45,7 @@ def dart_select(hidden: torch.Tensor, key_norm: torch.Tensor, text_hidden: torch
 
 @register("dart")
 @dataclass
-class DART(ScoringReducer):
+class DART(CountBudget, ScoringReducer):
     """DART (Wen et al., 2025): keep pivot tokens and the tokens least similar to them (duplication-aware).
 
     Before decoder layer `layer` (2): pivots are the `pivot_image` visual and `pivot_text` prompt
@@ -68,13 +66,9 @@ class DART(ScoringReducer):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ConfigError(f"dart preset={self.preset}; allowed: {sorted(PRESETS)}")
         if self.pivot_image < 1 or self.pivot_text < 0:
             raise ConfigError(f"dart pivot_image={self.pivot_image} (>= 1), pivot_text={self.pivot_text} (>= 0)")
 
-    def target(self, n: int) -> int:
-        return scaled(PRESETS[self.preset], n) if self.preset is not None else resolve_count(self.keep, n)
 
     def decide(self, ctx) -> list[Decision]:
         keys = ctx.keys("previous")  # (B, H_kv, L, d), post-RoPE, from the KV cache when present

@@ -3,17 +3,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from framework.errors import ConfigError
-from framework.merging import farthest_point_selection, scaled
-from framework.reducer import Decision, TokenReducer, resolve_count
+from framework.merging import farthest_point_selection
+from framework.reducer import CountBudget, Decision, TokenReducer
 from framework.registry import register
 
-PRESETS = {192: 192, 128: 128, 64: 64}
 
 
 @register("divprune")
 @dataclass
-class DivPrune(TokenReducer):
+class DivPrune(CountBudget, TokenReducer):
     """DivPrune (Alvar et al., CVPR 2025): max-min diversity selection of visual tokens before the LLM.
 
     Greedy farthest-point selection on cosine distance of the projected visual tokens (the official
@@ -28,13 +26,6 @@ class DivPrune(TokenReducer):
 
     stage: ClassVar[str] = "projector"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ConfigError(f"divprune preset={self.preset}; allowed: {sorted(PRESETS)}")
-
-    def target(self, n: int) -> int:
-        return scaled(PRESETS[self.preset], n) if self.preset is not None else resolve_count(self.keep, n)
 
     def decide(self, ctx):
         return [Decision(keep=farthest_point_selection(ctx.visual_hidden(b), self.target(ctx.n_visual(b))))

@@ -6,11 +6,10 @@ from typing import ClassVar
 import torch
 
 from framework.errors import ConfigError
-from framework.merging import grid_pool, grid_shape, pool_bins, scaled
-from framework.reducer import Decision, TokenReducer, resolve_count
+from framework.merging import grid_pool, grid_shape, pool_bins
+from framework.reducer import CountBudget, Decision, groups_decision, TokenReducer
 from framework.registry import register
 
-PRESETS = {192: 192, 128: 128, 64: 64}
 
 
 def _fits(target: int, rows: int, cols: int) -> bool:
@@ -49,7 +48,7 @@ def split_budget(t: int, sizes: list[tuple[int, int]]) -> list[int]:
 
 @register("pooling")
 @dataclass
-class Pooling(TokenReducer):
+class Pooling(CountBudget, TokenReducer):
     """Spatial average pooling of each image's (or video frame's) visual grids, before the LLM.
 
     Acts on the projected visual tokens (the LLM's input embeddings) at the projector decision, with
@@ -76,13 +75,6 @@ class Pooling(TokenReducer):
 
     stage: ClassVar[str] = "projector"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ConfigError(f"pooling preset={self.preset}; allowed: {sorted(PRESETS)}")
-
-    def target(self, n: int) -> int:
-        return scaled(PRESETS[self.preset], n) if self.preset is not None else resolve_count(self.keep, n)
 
     def decide(self, ctx):
         return [self._sample(ctx, b) for b in range(ctx.batch_size)]
@@ -120,8 +112,4 @@ class Pooling(TokenReducer):
             reps.append(i)
             groups.append(i[None])
             values.append(x[i])
-        reps_t = torch.stack(reps)
-        order = reps_t.argsort()
-        return Decision(keep=reps_t[order], sources=[groups[i] for i in order.tolist()],
-                        values=torch.stack(values)[order],
-                        record={"sizes": [int(groups[i].numel()) for i in order.tolist()]})
+        return groups_decision(reps, groups, values)

@@ -6,14 +6,12 @@ from typing import ClassVar
 import torch
 
 from framework.errors import ConfigError
-from framework.merging import (bipartite_soft_matching, gather_tokens, merge_source, merge_to, merge_wavg, scaled,
-                               spatial_order)
-from framework.reducer import Decision, TokenReducer, resolve_count
+from framework.merging import (bipartite_soft_matching, gather_tokens, merge_source, merge_to, merge_wavg, spatial_order)
+from framework.reducer import CountBudget, Decision, groups_decision, TokenReducer
 from framework.registry import register
 from framework.vision import (broadcast_groups, cls_in_features, feature_depth, plan_decisions, plans_from_source,
                               vision_layers)
 
-PRESETS = {192: 192, 128: 128, 64: 64}
 PLACEMENTS = ("vision", "projector")
 
 
@@ -34,7 +32,7 @@ def layer_schedule(r: int | list[int] | None, total: int, depth: int) -> list[in
 
 @register("tome")
 @dataclass
-class ToMe(TokenReducer):
+class ToMe(CountBudget, TokenReducer):
     """ToMe (Bolya et al., ICLR 2023): bipartite soft matching with size-weighted averaging.
 
     placement="vision": inside the vision encoder, before each layer that feeds the LLM's features
@@ -66,8 +64,6 @@ class ToMe(TokenReducer):
         super().__post_init__()
         if self.placement not in PLACEMENTS:
             raise ConfigError(f"tome placement={self.placement!r}; allowed: {list(PLACEMENTS)}")
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ConfigError(f"tome preset={self.preset}; allowed: {sorted(PRESETS)}")
         if self.r is not None and self.placement != "vision":
             raise ConfigError("tome: r (per-layer merges) applies to placement='vision' only; use keep/preset")
         rs = [self.r] if isinstance(self.r, int) else (self.r or [])
@@ -81,8 +77,6 @@ class ToMe(TokenReducer):
     def refusal_hint(self, adapter) -> str:
         return "tome placement='projector' runs on every backbone"
 
-    def target(self, n: int) -> int:
-        return scaled(PRESETS[self.preset], n) if self.preset is not None else resolve_count(self.keep, n)
 
     # ------------------------------------------------------------------ hooks
     def extra_hooks(self, adapter, engine):
@@ -179,11 +173,7 @@ class ToMe(TokenReducer):
             reps.append(i)
             groups.append(i[None])
             values.append(x[i])
-        reps_t = torch.stack(reps)
-        order = reps_t.argsort()
-        return Decision(keep=reps_t[order], sources=[groups[i] for i in order.tolist()],
-                        values=torch.stack(values)[order].to(x.dtype),
-                        record={"sizes": [int(groups[i].numel()) for i in order.tolist()]})
+        return groups_decision(reps, groups, values, dtype=x.dtype)
 
     def decide(self, ctx):
         if self.placement == "projector":

@@ -13,7 +13,6 @@ from framework import ConfigError, attach, build
 from models import adapter_for, available_backbones
 from models.loading import FAMILIES, load, resolve_family, resolve_family_from_name
 from tests import tiny_backbones as tb
-from tests.tiny import make_llava
 
 TOL = 1e-5
 GEN = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
