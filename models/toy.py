@@ -216,3 +216,58 @@ def encode_batch(samples, tokenizer, n_image_tokens: int = task.GRID ** 2, with_
 
 def answer_token_ids(tokenizer) -> torch.Tensor:
     return torch.tensor(tokenizer.convert_tokens_to_ids(list(task.ANSWER_WORDS)))
+
+
+def _decoder_layers(model):
+    lm = model.model.language_model
+    return lm.layers
+
+
+def image_block_mask(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean (B, 1, L, L) attention mask (True = may attend): causal, key padding, and image-token keys
+    blocked except where ``keep`` (B, L) is True.  Self-attention is always allowed so no row is empty."""
+    B, L = input_ids.shape
+    image = input_ids == model.config.image_token_id
+    blocked = image if keep is None else image & ~keep.bool()
+    allowed = torch.ones(L, L, dtype=torch.bool, device=input_ids.device).tril()[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, None, :]
+    allowed = allowed & ~blocked[:, None, None, :]
+    allowed = allowed | torch.eye(L, dtype=torch.bool, device=input_ids.device)[None, None]
+    return allowed
+
+
+class block_image_keys:
+    """Context manager emulating visual-token dropping for analysis (not a reduction strategy): decoder layers
+    in ``layers`` get an attention mask in which image-token keys are invisible (except ``keep``).  Works with
+    eager (float mask) and sdpa (bool mask) attention via forward-pre-hooks on the stock decoder layers."""
+
+    def __init__(self, model, input_ids, attention_mask=None, layers=None, keep=None):
+        self.model = model
+        n = len(_decoder_layers(model))
+        self.layers = list(range(n)) if layers is None else [i for i in layers if 0 <= i < n]
+        allowed = image_block_mask(model, input_ids, attention_mask, keep)
+        impl = getattr(model.config.text_config, "_attn_implementation", None) or "eager"
+        if impl == "eager":
+            dtype = next(model.parameters()).dtype
+            self.mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        else:
+            self.mask = allowed
+        self.handles = []
+
+    def _hook(self, module, args, kwargs):
+        kwargs["attention_mask"] = self.mask
+        return args, kwargs
+
+    def __enter__(self):
+        layers = _decoder_layers(self.model)
+        for i in self.layers:
+            self.handles.append(layers[i].register_forward_pre_hook(self._hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        return False

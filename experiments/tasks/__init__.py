@@ -1,0 +1,1 @@
+"""Procedural tasks (no downloads)."""

@@ -1,0 +1,267 @@
+"""Seeded procedural VQA task on an 8x8 grid of coloured shapes (no downloads).
+
+Every image is a ``grid x grid`` array of cells, every cell holds exactly one object
+(a coloured shape) and each cell is exactly one CLIP patch, so a Llava-style model with
+``patch_size == cell`` and the "default" feature-select strategy sees exactly
+``grid * grid`` (= 64) visual tokens, one per object.
+
+Question types (single-word answers, reported separately):
+
+``colour_at``  "what colour is at row R column C ?"            -> colour   (1 relevant cell), e.g. row c column 5
+``shape_at``   "what shape is at row R column C ?"             -> shape    (1 relevant cell)
+``count``      "how many <colour> shapes are in row R ?"       -> number word zero..four (8 relevant cells)
+``relation``   "what colour is left of the <colour> <shape> ?" -> colour   (2 relevant cells: the unique
+               target, which is forced to be unique in the scene, and its left neighbour, whose colour is
+               forced to differ from the target colour so the answer is never a word of the question)
+
+Rows are letters a..h and columns digits 1..8 in the question text (``ROW_STYLE``); counts are answered with number words, so a
+question never contains its answer word (checked in the tests).
+
+``generate(seed, n)`` is deterministic per seed.  ``region`` restricts the *questioned* cells to the
+top-left ``region x region`` block (the training curriculum of research/synthetic.md section 7); the
+scene itself is always the full, dense grid.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+GRID = 8
+CELL = 8  # pixels per cell == CLIP patch size
+IMAGE_SIZE = GRID * CELL
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
+COLOUR_RGB = np.array(
+    [
+        [225, 35, 35],
+        [40, 185, 60],
+        [45, 85, 235],
+        [235, 220, 40],
+        [155, 55, 205],
+        [245, 140, 15],
+    ],
+    dtype=np.float32,
+)
+SHAPES = ["square", "circle", "triangle", "cross"]
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight"]
+MAX_COUNT = 4  # count answers are uniform over zero..MAX_COUNT
+
+QTYPES = ["colour_at", "shape_at", "count", "relation"]
+
+# Chance = best guess without the image (the answer distribution is uniform by construction):
+CHANCE = {
+    "colour_at": 1.0 / len(COLOURS),
+    "shape_at": 1.0 / len(SHAPES),
+    "count": 1.0 / (MAX_COUNT + 1),
+    "relation": 1.0 / (len(COLOURS) - 1),  # the answer is never the target's own colour
+}
+
+QUESTION_WORDS = [
+    "what", "colour", "shape", "is", "at", "row", "column", "how", "many", "shapes", "are", "in",
+    "left", "of", "the", "?", "answer", ":",
+]
+DIGITS = [str(i) for i in range(1, GRID + 1)]
+ROW_LETTERS = list("abcdefgh")[:GRID]
+ANSWER_WORDS = COLOURS + SHAPES + NUMBER_WORDS
+# word-level vocabulary (special tokens are added by the tokenizer); new words are only ever appended
+VOCAB = QUESTION_WORDS + DIGITS + ANSWER_WORDS + ROW_LETTERS
+
+# How rows are named in questions: "letters" (row a..h, columns 1..8: row and column arguments are distinct
+# tokens, as in chess notation) or "digits" (rows and columns both 1..8).
+ROW_STYLE = "letters"
+
+
+def row_word(r: int, style: str | None = None) -> str:
+    return ROW_LETTERS[r] if (style or ROW_STYLE) == "letters" else str(r + 1)
+
+
+def row_index(word: str) -> int:
+    return ROW_LETTERS.index(word) if word in ROW_LETTERS else int(word) - 1
+
+
+@dataclass
+class Scene:
+    """A dense grid: ``colours[r, c]`` indexes COLOURS, ``shapes[r, c]`` indexes SHAPES (0-based rows/cols)."""
+
+    colours: np.ndarray
+    shapes: np.ndarray
+    cell: int = CELL
+    jitter: np.ndarray | None = field(default=None, repr=False)  # per-cell RGB jitter (grid, grid, 3)
+
+    @property
+    def grid(self) -> int:
+        return self.colours.shape[0]
+
+    def colour(self, r: int, c: int) -> str:
+        return COLOURS[int(self.colours[r, c])]
+
+    def shape(self, r: int, c: int) -> str:
+        return SHAPES[int(self.shapes[r, c])]
+
+    def render(self) -> np.ndarray:
+        return render(self)
+
+
+@dataclass
+class Sample:
+    image: np.ndarray  # uint8 (H, W, 3)
+    question: str
+    answer: str
+    qtype: str
+    scene: Scene
+    relevant: list[tuple[int, int]]  # ground-truth relevant cells (0-based row, col); token index = r*grid+c
+
+
+_BITMAP_CACHE: dict[int, np.ndarray] = {}
+
+
+def shape_bitmaps(cell: int = CELL) -> np.ndarray:
+    """Boolean masks (n_shapes, cell, cell), one per shape, with a 1-pixel margin."""
+    if cell in _BITMAP_CACHE:
+        return _BITMAP_CACHE[cell]
+    m = max(1, cell // 8)
+    n = cell - 2 * m
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) + 0.5
+    u, v = xx / n, yy / n  # in (0, 1)
+    square = np.ones((n, n), bool)
+    circle = (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25
+    triangle = np.abs(u - 0.5) <= 0.5 * v + 1e-6  # apex at the top
+    t = max(1, round(n / 3)) / n
+    cross = (np.abs(u - 0.5) <= t / 2 + 1e-6) | (np.abs(v - 0.5) <= t / 2 + 1e-6)
+    out = np.zeros((len(SHAPES), cell, cell), bool)
+    for i, s in enumerate([square, circle, triangle, cross]):
+        out[i, m : m + n, m : m + n] = s
+    _BITMAP_CACHE[cell] = out
+    return out
+
+
+def render(scene: Scene) -> np.ndarray:
+    g, cell = scene.grid, scene.cell
+    bm = shape_bitmaps(cell)[scene.shapes]  # (g, g, cell, cell)
+    rgb = COLOUR_RGB[scene.colours]  # (g, g, 3)
+    if scene.jitter is not None:
+        rgb = rgb + scene.jitter
+    img = bm[..., None] * rgb[:, :, None, None, :] + (~bm[..., None]) * 20.0  # dark background
+    img = img.transpose(0, 2, 1, 3, 4).reshape(g * cell, g * cell, 3)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _random_scene(rng: np.random.Generator, grid: int, cell: int) -> Scene:
+    colours = rng.integers(0, len(COLOURS), (grid, grid))
+    shapes = rng.integers(0, len(SHAPES), (grid, grid))
+    jitter = rng.uniform(-15, 15, (grid, grid, 3)).astype(np.float32)
+    return Scene(colours=colours, shapes=shapes, cell=cell, jitter=jitter)
+
+
+def _other(rng: np.random.Generator, n: int, exclude: int) -> int:
+    v = int(rng.integers(0, n - 1))
+    return v + (v >= exclude)
+
+
+def make_sample(rng: np.random.Generator, qtype: str, region: int = GRID, grid: int = GRID, cell: int = CELL,
+                row_style: str | None = None) -> Sample:
+    scene = _random_scene(rng, grid, cell)
+    region = max(2, min(region, grid))
+    if qtype in ("colour_at", "shape_at"):
+        r, c = (int(x) for x in rng.integers(0, region, 2))
+        if qtype == "colour_at":
+            q, a = f"what colour is at row {row_word(r, row_style)} column {c + 1} ?", scene.colour(r, c)
+        else:
+            q, a = f"what shape is at row {row_word(r, row_style)} column {c + 1} ?", scene.shape(r, c)
+        rel = [(r, c)]
+    elif qtype == "count":
+        r = int(rng.integers(0, region))
+        col = int(rng.integers(0, len(COLOURS)))
+        k = int(rng.integers(0, MAX_COUNT + 1))
+        cols = rng.permutation(grid)[:k]
+        for cc in range(grid):
+            if cc in cols:
+                scene.colours[r, cc] = col
+            elif scene.colours[r, cc] == col:
+                scene.colours[r, cc] = _other(rng, len(COLOURS), col)
+        q, a = f"how many {COLOURS[col]} shapes are in row {row_word(r, row_style)} ?", NUMBER_WORDS[k]
+        rel = [(r, cc) for cc in range(grid)]
+    elif qtype == "relation":
+        r = int(rng.integers(0, region))
+        c = int(rng.integers(1, region))
+        tc, ts = int(scene.colours[r, c]), int(scene.shapes[r, c])
+        # make the target unique: any other cell with the same (colour, shape) changes shape
+        dup = (scene.colours == tc) & (scene.shapes == ts)
+        dup[r, c] = False
+        for rr, cc in zip(*np.nonzero(dup)):
+            scene.shapes[rr, cc] = _other(rng, len(SHAPES), ts)
+        if scene.colours[r, c - 1] == tc:
+            scene.colours[r, c - 1] = _other(rng, len(COLOURS), tc)
+        q, a = f"what colour is left of the {COLOURS[tc]} {SHAPES[ts]} ?", scene.colour(r, c - 1)
+        rel = [(r, c), (r, c - 1)]
+    else:
+        raise ValueError(f"unknown question type {qtype!r}")
+    return Sample(image=render(scene), question=q, answer=a, qtype=qtype, scene=scene, relevant=rel)
+
+
+def generate(
+    seed: int,
+    n: int,
+    region: int = GRID,
+    qtypes: list[str] | tuple[str, ...] = tuple(QTYPES),
+    weights: list[float] | None = None,
+    grid: int = GRID,
+    cell: int = CELL,
+    row_style: str | None = None,
+) -> list[Sample]:
+    """``n`` samples, deterministic in ``seed``.  Question types are drawn by ``weights`` (default uniform);
+    when ``weights`` is None the types are balanced exactly (round-robin over a seeded shuffle)."""
+    rng = np.random.default_rng(seed)
+    qtypes = list(qtypes)
+    if weights is None:
+        kinds = [qtypes[i % len(qtypes)] for i in range(n)]
+        kinds = [kinds[i] for i in rng.permutation(n)]
+    else:
+        p = np.asarray(weights, float)
+        kinds = [qtypes[i] for i in rng.choice(len(qtypes), n, p=p / p.sum())]
+    return [make_sample(rng, k, region=region, grid=grid, cell=cell, row_style=row_style) for k in kinds]
+
+
+_RE_AT = re.compile(r"^what (colour|shape) is at row (\w+) column (\d+) \?$")
+_RE_COUNT = re.compile(r"^how many (\w+) shapes are in row (\w+) \?$")
+_RE_REL = re.compile(r"^what colour is left of the (\w+) (\w+) \?$")
+
+
+def answer_from_scene(scene: Scene, question: str) -> str:
+    """Re-derive the answer from the scene and the question text alone."""
+    m = _RE_AT.match(question)
+    if m:
+        r, c = row_index(m.group(2)), int(m.group(3)) - 1
+        return scene.colour(r, c) if m.group(1) == "colour" else scene.shape(r, c)
+    m = _RE_COUNT.match(question)
+    if m:
+        col, r = COLOURS.index(m.group(1)), row_index(m.group(2))
+        return NUMBER_WORDS[int((scene.colours[r] == col).sum())]
+    m = _RE_REL.match(question)
+    if m:
+        col, shp = COLOURS.index(m.group(1)), SHAPES.index(m.group(2))
+        hits = np.argwhere((scene.colours == col) & (scene.shapes == shp))
+        if len(hits) != 1:
+            raise ValueError("relation target is not unique")
+        r, c = hits[0]
+        if c == 0:
+            raise ValueError("relation target has no left neighbour")
+        return scene.colour(int(r), int(c) - 1)
+    raise ValueError(f"unparseable question {question!r}")
+
+
+def qtype_of(question: str) -> str:
+    if _RE_AT.match(question):
+        return "colour_at" if question.startswith("what colour") else "shape_at"
+    if _RE_COUNT.match(question):
+        return "count"
+    if _RE_REL.match(question):
+        return "relation"
+    raise ValueError(question)
+
+
+def heldout(n: int = 2000, seed: int = 12345) -> list[Sample]:
+    """The fixed, seeded held-out evaluation set (full 8x8 region, types balanced)."""
+    return generate(seed, n)

@@ -1,0 +1,145 @@
+"""The toy LLaVA: stock Llava built from configs, word-level tokenizer, save/load, masking helper, training."""
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from experiments.tasks import synthetic_vqa as task
+from models import toy
+
+TINY = dict(vision_hidden=32, vision_intermediate=64, vision_layers=1, vision_heads=2,
+            text_hidden=32, text_intermediate=64, text_layers=2, text_heads=2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = toy.build_toy_model(TINY)
+    return model.eval(), tok
+
+
+def test_tokenizer_roundtrip_and_image_token():
+    tok = toy.build_tokenizer()
+    ids = tok("<s> <image> <image> what colour is at row 3 column 5 ? answer :", add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids
+    assert ids[1] == ids[2] == tok.convert_tokens_to_ids("<image>")
+    for w in task.VOCAB:
+        assert tok.convert_ids_to_tokens(tok.convert_tokens_to_ids(w)) == w
+
+
+def test_stock_llava_64_visual_tokens(tiny):
+    from transformers import LlavaForConditionalGeneration
+
+    model, tok = tiny
+    assert type(model) is LlavaForConditionalGeneration
+    assert model.config.vision_feature_select_strategy == "default"
+    s = task.generate(0, 4)
+    b = toy.encode_batch(s, tok, with_labels=True)
+    assert b["pixel_values"].shape == (4, 3, task.IMAGE_SIZE, task.IMAGE_SIZE)
+    assert ((b["input_ids"] == model.config.image_token_id).sum(1) == 64).all()
+    assert b["answer_ids"].tolist() == tok.convert_tokens_to_ids([x.answer for x in s])
+    with torch.no_grad():
+        feats = model.model.get_image_features(b["pixel_values"]).pooler_output
+    assert len(feats) == 4 and feats[0].shape[0] == 64
+    # factorised position init: table[r*8+c] = R[r] + C[c]
+    vt = model.model.vision_tower
+    pos = getattr(vt, "vision_model", vt).embeddings.position_embedding.weight[1:].reshape(8, 8, -1)
+    assert torch.allclose(pos[1, 2] - pos[0, 2], pos[1, 5] - pos[0, 5], atol=1e-5)
+
+
+def test_left_padding_does_not_change_logits(tiny):
+    model, tok = tiny
+    s = task.generate(1, 2)
+    s[1].question = "what shape is left of the red square ?"  # arbitrary, just a different length
+    s[0].question = "what colour is at row 1 column 2 ?"
+    s.append(task.generate(2, 1)[0])
+    s[2].question = "what shape ?"
+    b = toy.encode_batch(s, tok)
+    assert b["attention_mask"][2, 0] == 0  # left padded
+    one = toy.encode_batch([s[2]], tok)
+    with torch.no_grad():
+        full = model(**b, logits_to_keep=1).logits[2, -1]
+        alone = model(**one, logits_to_keep=1).logits[0, -1]
+    assert torch.allclose(full, alone, atol=1e-4)
+
+
+def test_save_load_roundtrip_identical_logits(tiny, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    model, tok = tiny
+    toy.save_toy(model, tok, tmp_path / "ck")
+    m2, t2 = toy.load_toy(tmp_path / "ck")
+    m3 = LlavaForConditionalGeneration.from_pretrained(tmp_path / "ck").eval()
+    b = toy.encode_batch(task.generate(3, 6), tok)
+    b2 = toy.encode_batch(task.generate(3, 6), t2)
+    assert torch.equal(b["input_ids"], b2["input_ids"])
+    with torch.no_grad():
+        a, c, d = model(**b).logits, m2(**b2).logits, m3(**b2).logits
+    assert torch.equal(a, c) and torch.allclose(a, d, atol=1e-5)
+
+
+def test_block_image_keys(tiny):
+    model, tok = tiny
+    b = toy.encode_batch(task.generate(4, 3), tok)
+    L = len(model.model.language_model.layers)
+    with torch.no_grad():
+        ref = model(**b).logits
+        with toy.block_image_keys(model, b["input_ids"], b["attention_mask"], layers=[]):
+            same = model(**b).logits
+        keep_all = b["input_ids"] == model.config.image_token_id
+        with toy.block_image_keys(model, b["input_ids"], b["attention_mask"], layers=range(L), keep=keep_all):
+            same2 = model(**b).logits
+        with toy.block_image_keys(model, b["input_ids"], b["attention_mask"], layers=range(L)):
+            blocked = model(**b).logits
+        # no image visible at all: the answer logits cannot depend on the pixels
+        b2 = dict(b, pixel_values=torch.randn_like(b["pixel_values"]))
+        with toy.block_image_keys(model, b2["input_ids"], b2["attention_mask"], layers=range(L)):
+            blocked2 = model(**b2).logits
+    assert torch.allclose(ref, same, atol=1e-5) and torch.allclose(ref, same2, atol=1e-5)
+    assert not torch.allclose(ref[:, -1], blocked[:, -1], atol=1e-4)
+    assert torch.allclose(blocked[:, -1], blocked2[:, -1], atol=1e-5)
+
+
+def test_smoke_training_loss_falls():
+    torch.manual_seed(0)
+    model, tok = toy.build_toy_model(dict(TINY, attn_implementation="sdpa"))
+    model.train()
+    b = toy.encode_batch(task.generate(0, 32, region=2), tok, with_labels=True)
+    ans = b.pop("answer_ids")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = F.cross_entropy(model(**b, logits_to_keep=1).logits[:, -1], ans)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    assert losses[-1] < min(losses[:5])
+
+
+def test_lightning_module_few_steps(tmp_path):
+    """The real training entry point runs end to end (vision stage + QA stage), writes the CSV and a checkpoint."""
+    from experiments import train_toy
+
+    out = tmp_path / "toy"
+    train_toy.main(["--out", str(out), "--ckpt-dir", str(tmp_path / "ck"), "--steps", "4", "--vis-steps", "2",
+                    "--batch-size", "8", "--eval-every", "2", "--eval-n", "16", "--final-eval-n", "16",
+                    "--layers", "2", "--hidden", "32", "--vision-hidden", "32", "--vision-layers", "1"])
+    rows = (out / "train_log.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("step,") and len(rows) >= 3
+    assert (out / "model.safetensors").exists() and (out / "eval.json").exists()
+    assert (tmp_path / "ck" / "last.ckpt").exists()
+
+
+@pytest.mark.skipif(not (toy.TOY_DIR / "model.safetensors").exists(), reason="no shipped toy checkpoint")
+def test_shipped_checkpoint_loads_and_answers():
+    model, tok = toy.load_toy("toy-llava")
+    size = (toy.TOY_DIR / "model.safetensors").stat().st_size
+    assert size <= 20 * 2**20
+    assert model.config.text_config.num_hidden_layers >= 6
+    from experiments.train_toy import evaluate
+
+    acc = evaluate(model, tok, task.generate(999, 200))
+    assert acc["overall"] > 0.5

@@ -1,0 +1,82 @@
+"""The synthetic grid VQA generator: deterministic, correct by construction, no answer leaks."""
+import numpy as np
+import pytest
+
+from experiments.tasks import synthetic_vqa as task
+
+
+def test_deterministic_per_seed():
+    a, b, c = task.generate(3, 50), task.generate(3, 50), task.generate(4, 50)
+    assert [(s.question, s.answer, s.qtype) for s in a] == [(s.question, s.answer, s.qtype) for s in b]
+    assert all(np.array_equal(x.image, y.image) for x, y in zip(a, b))
+    assert [(s.question, s.answer) for s in a] != [(s.question, s.answer) for s in c]
+
+
+def test_images_dense_grid_and_shapes():
+    s = task.generate(0, 8)
+    for x in s:
+        assert x.image.dtype == np.uint8 and x.image.shape == (task.IMAGE_SIZE, task.IMAGE_SIZE, 3)
+        assert x.scene.colours.shape == (task.GRID, task.GRID) and x.scene.shapes.shape == (task.GRID, task.GRID)
+        assert np.array_equal(x.image, x.scene.render())
+    # every cell holds a shape: each CELL x CELL patch has coloured (non-background) pixels
+    cells = s[0].image.reshape(task.GRID, task.CELL, task.GRID, task.CELL, 3).max(axis=(1, 3, 4))
+    assert (cells > 100).all()
+    # the four shape bitmaps are distinct
+    bm = task.shape_bitmaps(task.CELL).reshape(len(task.SHAPES), -1)
+    assert len({tuple(r) for r in bm}) == len(task.SHAPES)
+
+
+def test_answers_correct_by_construction():
+    samples = task.generate(11, 500)
+    assert {s.qtype for s in samples} == set(task.QTYPES)
+    for s in samples:
+        assert task.answer_from_scene(s.scene, s.question) == s.answer
+        assert task.qtype_of(s.question) == s.qtype
+        assert s.answer in task.ANSWER_WORDS
+
+
+def test_questions_never_contain_answer():
+    for s in task.generate(12, 2000):
+        assert s.answer not in s.question.split()
+        assert all(w in task.VOCAB for w in s.question.split())
+
+
+def test_balanced_types_and_chance():
+    samples = task.heldout(2000)
+    counts = {k: sum(s.qtype == k for s in samples) for k in task.QTYPES}
+    assert all(v == 500 for v in counts.values())
+    assert set(task.CHANCE) == set(task.QTYPES)
+    # answers are (near) uniform, so CHANCE is the best image-blind accuracy
+    for k in task.QTYPES:
+        ans = [s.answer for s in samples if s.qtype == k]
+        top = max(ans.count(a) for a in set(ans)) / len(ans)
+        assert top < task.CHANCE[k] + 0.08
+
+
+def test_region_curriculum_restricts_questioned_cells():
+    for s in task.generate(5, 300, region=4):
+        if s.qtype in ("colour_at", "shape_at", "relation"):
+            assert all(r < 4 and c < 4 for r, c in s.relevant)
+        else:
+            assert s.relevant[0][0] < 4
+
+
+@pytest.mark.parametrize("qtype", task.QTYPES)
+def test_relevant_cells_determine_answer(qtype):
+    """Changing a cell that is not relevant never changes the answer."""
+    rng = np.random.default_rng(0)
+    for s in task.generate(7, 60, qtypes=[qtype]):
+        sc = s.scene
+        irrelevant = [(r, c) for r in range(task.GRID) for c in range(task.GRID) if (r, c) not in s.relevant]
+        r, c = irrelevant[rng.integers(len(irrelevant))]
+        col0, shp0 = sc.colours[r, c], sc.shapes[r, c]
+        for col in range(len(task.COLOURS)):
+            for shp in range(len(task.SHAPES)):
+                sc.colours[r, c], sc.shapes[r, c] = col, shp
+                if qtype == "relation" and (col, shp) == (
+                    task.COLOURS.index(s.question.split()[-3]), task.SHAPES.index(s.question.split()[-2])):
+                    continue  # would make the referenced object ambiguous
+                if qtype == "count":
+                    continue  # every cell of the row is relevant; other rows never matter
+                assert task.answer_from_scene(sc, s.question) == s.answer
+        sc.colours[r, c], sc.shapes[r, c] = col0, shp0
