@@ -120,7 +120,8 @@ def build_lightning_module(args):
             h = self.hparams
             model_cfg = dict(text_layers=h.layers, text_hidden=h.hidden, text_intermediate=h.get("mlp_ratio", 4) * h.hidden,
                              vision_hidden=h.vision_hidden, vision_intermediate=h.get("mlp_ratio", 4) * h.vision_hidden,
-                             vision_layers=h.vision_layers, attn_implementation="sdpa", seed=h.seed)
+                             vision_layers=h.vision_layers, attn_implementation="sdpa", seed=h.seed,
+                             init_std=h.get("init_std", 0.02))
             self.model, self.tokenizer = toy.build_toy_model(model_cfg)
             g = task.GRID
             # throw-away per-patch head for stage 1 (colour, shape, row, column)
@@ -299,6 +300,23 @@ def build_lightning_module(args):
     return ToyLlavaModule
 
 
+def export_lightning_ckpt(ckpt_path: str, out: str) -> None:
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    hp = dict(ck["hyper_parameters"])
+    h = argparse.Namespace(**hp)
+    model_cfg = dict(text_layers=h.layers, text_hidden=h.hidden, text_intermediate=hp.get("mlp_ratio", 4) * h.hidden,
+                     vision_hidden=h.vision_hidden, vision_intermediate=hp.get("mlp_ratio", 4) * h.vision_hidden,
+                     vision_layers=h.vision_layers, seed=h.seed, init_std=hp.get("init_std", 0.02))
+    model, tok = toy.build_toy_model(model_cfg)
+    sd = {k[len("model."):]: v for k, v in ck["state_dict"].items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight") or "lm_head.weight" in sd]
+    if missing or unexpected:
+        raise RuntimeError(f"export: missing {missing} unexpected {unexpected}")
+    toy.save_toy(model, tok, out)
+    print(f"exported {ckpt_path} (step {ck.get('global_step')}) to {out}", flush=True)
+
+
 class _Steps(torch.utils.data.IterableDataset):
     """Infinite stream of placeholders; the real batch is generated in training_step from (seed, step)."""
 
@@ -335,6 +353,8 @@ def main(argv=None):
     p.add_argument("--min-region-steps", type=int, default=100)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--init-std", type=float, default=0.02,
+                   help="weight init std; ~1/sqrt(hidden) lets the image signal reach the answer early")
     p.add_argument("--mlp-ratio", type=int, default=4, help="MLP width / hidden (text and vision)")
     p.add_argument("--vision-layers", type=int, default=2)
     p.add_argument("--vision-hidden", type=int, default=128)
@@ -345,9 +365,15 @@ def main(argv=None):
     p.add_argument("--final-eval-n", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-only", action="store_true", help="only write <out>/eval.json for the saved checkpoint")
+    p.add_argument("--export", default=None, metavar="CKPT",
+                   help="export the weights of a Lightning checkpoint (e.g. runs/train_toy/<name>/last.ckpt) "
+                        "as the HF toy checkpoint in --out, then evaluate it (--eval-only)")
     a = p.parse_args(argv)
 
     torch.set_num_threads(a.threads)
+    if a.export:
+        export_lightning_ckpt(a.export, a.out)
+        a.eval_only = True
     if a.eval_only:
         t0 = time.time()
         model, tok = toy.load_toy(a.out)
