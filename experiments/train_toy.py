@@ -166,7 +166,8 @@ def build_lightning_module(args):
             region = self._current_region(step)
             rng = self._rng(step)
             seed = int(rng.integers(2**31))
-            samples = task.generate(seed, h.batch_size, region=region)
+            qtypes = str(h.get("qtypes") or ",".join(task.QTYPES)).split(",")
+            samples = task.generate(seed, h.batch_size, region=region, qtypes=qtypes)
             b = toy.encode_batch(samples, self.tokenizer, with_labels=True)
             ans = b.pop("answer_ids")
             if h.early_block_prob > 0 and rng.random() < h.early_block_prob:
@@ -353,6 +354,7 @@ def main(argv=None):
     p.add_argument("--min-region-steps", type=int, default=100)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--qtypes", default=None, help="comma-separated question types to train on (default: all)")
     p.add_argument("--init-std", type=float, default=0.02,
                    help="weight init std; ~1/sqrt(hidden) lets the image signal reach the answer early")
     p.add_argument("--mlp-ratio", type=int, default=4, help="MLP width / hidden (text and vision)")
