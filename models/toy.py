@@ -7,7 +7,7 @@ selection (CLS dropped) gives exactly 64 visual tokens, one per grid cell (row-m
 
 Prompt format (``encode_batch``)::
 
-    <s> <image> x 64 what colour is at row 3 column 5 ? answer :      -> next token = the answer word
+    <s> <image> x 64 what colour is at row c column 5 ? answer :      -> next token = the answer word
 
 ``load_toy("toy-llava")`` loads the checkpoint shipped in ``models/toy_llava/``.
 """

@@ -21,7 +21,7 @@ def tiny():
 
 def test_tokenizer_roundtrip_and_image_token():
     tok = toy.build_tokenizer()
-    ids = tok("<s> <image> <image> what colour is at row 3 column 5 ? answer :", add_special_tokens=False)["input_ids"]
+    ids = tok("<s> <image> <image> what colour is at row c column 5 ? answer :", add_special_tokens=False)["input_ids"]
     assert tok.unk_token_id not in ids
     assert ids[1] == ids[2] == tok.convert_tokens_to_ids("<image>")
     for w in task.VOCAB:
@@ -134,12 +134,20 @@ def test_lightning_module_few_steps(tmp_path):
 
 
 @pytest.mark.skipif(not (toy.TOY_DIR / "model.safetensors").exists(), reason="no shipped toy checkpoint")
-def test_shipped_checkpoint_loads_and_answers():
-    model, tok = toy.load_toy("toy-llava")
-    size = (toy.TOY_DIR / "model.safetensors").stat().st_size
-    assert size <= 20 * 2**20
-    assert model.config.text_config.num_hidden_layers >= 6
-    from experiments.train_toy import evaluate
+def test_shipped_checkpoint_loads_and_matches_its_eval():
+    """The shipped checkpoint loads offline (also via plain from_pretrained), is small, and its accuracy on a
+    400-question slice of the fixed held-out set agrees with the clean accuracy recorded in eval.json."""
+    import json
 
-    acc = evaluate(model, tok, task.generate(999, 200))
-    assert acc["overall"] > 0.5
+    from transformers import LlavaForConditionalGeneration
+
+    from experiments.train_toy import EVAL_SEED_FINAL, evaluate
+
+    model, tok = toy.load_toy("toy-llava")
+    LlavaForConditionalGeneration.from_pretrained(toy.TOY_DIR)
+    assert (toy.TOY_DIR / "model.safetensors").stat().st_size <= 20 * 2**20
+    assert model.config.text_config.num_hidden_layers >= 6
+    assert (toy.TOY_DIR / "train_log.csv").exists()
+    rec = json.loads((toy.TOY_DIR / "eval.json").read_text())["clean"]["overall"]
+    acc = evaluate(model, tok, task.heldout(2000, EVAL_SEED_FINAL)[:400])["overall"]
+    assert abs(acc - rec) < 0.08
