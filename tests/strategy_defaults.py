@@ -29,6 +29,19 @@ def _pdrop(layers, lam):
     return f
 
 
+def _sparsevlm(keeps, recycling):
+    """Keep counts after pruning layers 0, 1, ...; recycling adds int(0.1 * (int(0.3 * deleted) + 1)) + 1
+    clusters of the deleted tokens (the official code's tau = 0.3, theta = 0.1)."""
+    def f(n, L):
+        out, cur = [n], n
+        for k in keeps:
+            deleted = cur - k
+            cur = k + (int(0.1 * (int(0.3 * deleted) + 1)) + 1 if recycling and deleted else 0)
+            out.append(cur)
+        return out + [cur] * (L - len(out))
+    return f
+
+
 DEFAULTS: dict[str, list[tuple[dict, object]]] = {
     "none": [({}, _flat(lambda n: n))],
     "random": [({"keep": 0.5}, _flat(lambda n: round(n * 0.5))),
@@ -44,6 +57,11 @@ DEFAULTS: dict[str, list[tuple[dict, object]]] = {
                   ({"preset": 64}, _flat(lambda n: max(1, round(54 * n / 576)) + max(1, round(10 * n / 576))))],
     "dart": [({"layer": 2, "keep": 6, "pivot_image": 2, "pivot_text": 2}, _at(2, lambda n: 6))],
     "pdrop": [({"layers": [1, 2, 3], "lam": 0.5}, _pdrop([1, 2, 3], 0.5))],
+    # pruning layers 0 and 1 (their outputs are pruned: decisions before layers 1 and 2)
+    "sparsevlm": [({"layers": [0, 1], "keep": [8, 4], "recycling": False}, _sparsevlm([8, 4], False)),
+                  ({"layers": [0, 1], "keep": [8, 4]}, _sparsevlm([8, 4], True)),
+                  ({"layers": [0, 1], "keep": [8, 4], "positions": "keep", "merge": "sum", "assign": "cosine"},
+                   _sparsevlm([8, 4], True))],
     "chain": [({"reducers": [{"name": "tome", "keep": 8}, {"name": "fastv", "layer": 2, "keep": 3}]},
                lambda n, L: [8, 8] + [3] * (L - 2))],
 }
