@@ -15,7 +15,7 @@ def cmd_list(args) -> int:
     print("strategies:")
     for name in available():
         cls = get(name)
-        stage = cls.stage if isinstance(cls.stage, str) else "projector|llm"
+        stage = cls.stage if isinstance(cls.stage, str) else "|".join(cls.stage_options)
         print(f"  {name:<11} [{stage}] {describe(name)}")
     print("backbones:")
     for family, cls in available_backbones().items():
@@ -29,7 +29,12 @@ def add_list(sub) -> None:
 
 
 def cmd_flops(args) -> int:
-    from framework.accounting import equivalent_tokens, kv_cache_bytes, parse_schedule, prefill_flops
+    from framework.accounting import (
+        equivalent_tokens,
+        kv_cache_bytes,
+        parse_schedule,
+        prefill_flops,
+    )
 
     visual = parse_schedule(args.keep or "", args.layers, args.visual)
     tokens = [v + args.text for v in visual]
@@ -72,25 +77,17 @@ def add_flops(sub) -> None:
 COMMANDS = [add_list, add_flops]
 
 
-def _optional_commands() -> None:
-    """Sub-commands living in their own modules (run, report, bench) register here when present."""
-    import importlib
+def _all_commands() -> list:
+    """list/flops live here; run, report and bench in experiments.commands (imported only when called)."""
+    from experiments.commands import COMMANDS as more
 
-    for mod in ("experiments.commands",):
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as err:
-            if err.name != mod:
-                raise
-            continue
-        COMMANDS.extend(c for c in m.COMMANDS if c not in COMMANDS)
+    return COMMANDS + [c for c in more if c not in COMMANDS]
 
 
 def main(argv: list[str] | None = None) -> int:
-    _optional_commands()
     parser = argparse.ArgumentParser(prog="sparsevlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in COMMANDS:
+    for add in _all_commands():
         add(sub)
     args = parser.parse_args(argv)
     try:

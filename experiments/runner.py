@@ -198,6 +198,8 @@ def strategy_fields(scfg, budget: int | None, n_visual: int) -> dict:
     if name == "sparsevlm":
         from strategies import sparsevlm as sv
 
+        if fields.get("budget") == "rank_paper":  # Eq. 7 sets its own count: sweep `lam` instead
+            return fields
         presets = sv.RANK_PRESETS if fields.get("budget") == "rank_v1" else sv.FIXED_PRESETS
         fields["preset"] = _nearest(presets, budget, n_visual)
         return fields
@@ -213,10 +215,21 @@ def strategy_fields(scfg, budget: int | None, n_visual: int) -> dict:
     raise ConfigError(f"strategy {name!r} has no budget field (keep or preset); allowed fields: {sorted(flds)}")
 
 
+def budget_applies(fields: dict) -> bool:
+    """False for strategies that set their own count whatever the sweep budget (sparsevlm rank_paper)."""
+    return not (fields.get("name") == "sparsevlm" and fields.get("budget") == "rank_paper")
+
+
 def _nearest(presets, budget: int, n_visual: int):
     """The preset (quoted for 576 visual tokens) nearest to budget x 576 / n_visual, in the table's key type."""
     target = budget * SPARSEVLM_REF_VISUAL / n_visual
-    return min(presets, key=lambda p: abs(int(p) - target))
+    best = min(presets, key=lambda p: abs(int(p) - target))
+    if abs(int(best) - target) > 0.15 * int(best):  # never snap a budget silently to a far preset
+        allowed = sorted({round(int(p) * n_visual / SPARSEVLM_REF_VISUAL) for p in presets})
+        raise ConfigError(f"budget {budget} of {n_visual} visual tokens matches no preset of this strategy "
+                          f"({sorted(int(p) for p in presets)} of {SPARSEVLM_REF_VISUAL}); allowed budgets: {allowed}, "
+                          "or give the strategy's own fields (e.g. sparsevlm keep/layers)")
+    return best
 
 
 def build_reducer(fields: dict):

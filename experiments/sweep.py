@@ -85,12 +85,16 @@ def expand(cfg, n_visual: int, adapter=None) -> list[RunSpec]:
         names = [a[0] for a in axes[s]]
         for budget in budgets:
             for combo in itertools.product(*[a[1] for a in axes[s]]):
-                fields = {**nodes[s], **dict(zip(names, combo))}
-                fields = runner.strategy_fields(fields, budget, n_visual)
+                raw = {**nodes[s], **dict(zip(names, combo))}
+                fields = runner.strategy_fields(dict(raw), budget, n_visual)
                 reducer = runner.build_reducer(fields)  # validate now
                 if adapter is not None:
                     reducer.setup(adapter)
-                specs.append(RunSpec(s, budget, fields, dict(zip(names, combo))))
+                # a budget the strategy does not use (e.g. sparsevlm rank_paper) gives one run, not one per budget
+                used = budget if runner.budget_applies(fields) else None
+                spec = RunSpec(s, used, fields, dict(zip(names, combo)))
+                if not any(o.strategy == s and o.budget == used and o.fields == fields for o in specs):
+                    specs.append(spec)
     backbone = runner.to_dict(cfg.backbone)
     task = runner.to_dict(cfg.task)
     for sp in specs:

@@ -58,6 +58,10 @@ class ReductionEngine:
         self.model = model
         self.reducer = reducer
         self.adapter = adapter if adapter is not None else adapter_for(model)
+        if self.adapter.attn_implementation not in ("eager", "sdpa"):
+            raise ConfigError(f"attention implementation {self.adapter.attn_implementation!r} is not supported "
+                              "by the reduction engine (it rebuilds 4-D masks per layer); allowed: 'eager', "
+                              "'sdpa' (model.set_attn_implementation('sdpa'))")
         reducer.setup(self.adapter)
         self.replay = replay
         self._decisions: dict[tuple, list[Decision]] = {}
@@ -162,11 +166,11 @@ class ReductionEngine:
         run.samples = [{"n_visual_input": int(n), "stages": [], "tokens_in": int(v)}
                        for n, v in zip(n_vis, run.n_valid_in)]
         self._run = run
+        self._replaying = self.replay and bool(self._decisions)  # this prefill re-applies recorded decisions
         self.records.append(run.samples)
         ctx = self._context("projector", 0, embeds, slots)
-        if not self.replay or not self._decisions:
-            self.reducer.begin(ctx)
         if self.reducer.stage not in ("projector", "vision"):
+            self._begin(ctx)
             self._finish_projector()
             return None
         decisions = self._decide(("projector", 0), ctx)
@@ -178,11 +182,17 @@ class ReductionEngine:
         kw["position_ids"] = self._stage_positions(new_slots, pos, run)
         # The reduced sequence is now the language model's input: later (llm) stages index into it.
         new_slots.index = torch.arange(new_slots.length, device=embeds.device)[None].expand_as(new_slots.index).clone()
-        run.slots = new_slots
+        run.slots, run.embeds = new_slots, new_embeds
         self._proj = StageGeometry(0, new_slots.valid, run.n_valid_in - new_slots.n_valid())
         self._proj.kwargs["orig_len"] = L
+        # LLM-stage members of a chain see the language model's (reduced) input from here on
+        self._begin(self._context("projector", 0, new_embeds, new_slots))
         self._finish_projector()
         return args, kw
+
+    def _begin(self, ctx: StageContext) -> None:
+        if not self._replaying:
+            self.reducer.begin(ctx)
 
     def _finish_projector(self) -> None:
         run = self._run
@@ -203,9 +213,10 @@ class ReductionEngine:
         pos = kwargs.get("position_ids")
         if pos is not None and self.reducer.positions == "repack":
             kw["position_ids"] = self.adapter.shift_positions(pos, -g.removed)
-        elif pos is None:
+        elif pos is None:  # a plain forward loop: continue after the prompt, in the chosen geometry
+            start = g.kwargs["orig_len"] if self.reducer.positions == "keep" else g.valid.shape[1]
             kw["position_ids"] = (torch.arange(q, device=g.valid.device)[None] + n_new - q
-                                  + g.valid.shape[1]).expand(g.valid.shape[0], q)
+                                  + start).expand(g.valid.shape[0], q)
         return args, kw
 
     def _layer_hook(self, i: int):
@@ -355,10 +366,11 @@ class ReductionEngine:
     def _record(self, layer: int, stage: str, before: Slots, after: Slots, decisions) -> None:
         for b, (s, d) in enumerate(zip(self._run.samples, decisions)):
             groups = [torch.nonzero(m).flatten().tolist() for m in after.members[b]]
+            n_kept = int(torch.as_tensor(d.keep).unique().numel())  # kept tokens come first, merged ones after
             s["stages"].append({
                 "stage": stage, "layer": layer,
                 "visual_before": int(before.members[b].shape[0]), "visual_after": len(groups),
-                "kept": sorted(g[0] for g, m in zip(groups, after.members[b]) if len(g) == 1),
+                "kept": sorted(g[0] for g in groups[:n_kept] if len(g) == 1),
                 "groups": groups, "n_merged": d.n_merged, **d.record,
             })
 

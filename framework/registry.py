@@ -29,11 +29,7 @@ def _load_builtins() -> None:
         return
     _loaded = True
     for mod in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as err:  # a strategy file not written yet is simply absent
-            if err.name != mod:
-                raise
+        importlib.import_module(mod)
 
 
 def register(name: str) -> Callable[[type], type]:

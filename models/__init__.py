@@ -17,13 +17,7 @@ _ADAPTERS = {
 
 
 def _adapter_classes() -> dict[str, type]:
-    out = {}
-    for family, (mod, cls, _) in _ADAPTERS.items():
-        try:
-            out[family] = getattr(importlib.import_module(mod), cls)
-        except (ModuleNotFoundError, AttributeError):
-            continue  # adapter not available in this build
-    return out
+    return {family: getattr(importlib.import_module(mod), cls) for family, (mod, cls, _) in _ADAPTERS.items()}
 
 
 def available_backbones() -> dict[str, type]:

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from framework.errors import ConfigError
 from framework.reducer import TokenReducer
@@ -24,9 +24,9 @@ class Chain(TokenReducer):
     """
 
     reducers: list[Any] = field(default_factory=list)
+    positions: str | None = None  # None: the members' common mode
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if not self.reducers:
             raise ConfigError("chain needs at least one reducer in `reducers`")
         self.members = [r if isinstance(r, TokenReducer) else build(r) for r in self.reducers]
@@ -37,14 +37,26 @@ class Chain(TokenReducer):
         modes = {m.positions for m in self.members}
         if len(modes) > 1:
             raise ConfigError(f"chain: members disagree on positions {sorted(modes)}; set the same mode on all")
-        self.positions = modes.pop()
-        seen: dict[int, str] = {}
+        mode = modes.pop()
+        if self.positions is not None and self.positions != mode:
+            raise ConfigError(f"chain positions={self.positions!r} but its members use {mode!r}; "
+                              "set positions on the members")
+        self.positions = mode
+        super().__post_init__()
+        self._owner = self._layer_owners()
+
+    def _layer_owners(self) -> dict[int, TokenReducer]:
+        """Decision layer -> member; members' layers may depend on the model, so this is redone in setup."""
+        seen: dict[int, TokenReducer] = {}
         for m in self.members:
             for k in m.decision_layers():
                 if k in seen:
-                    raise ConfigError(f"chain: {seen[k]} and {type(m).__name__} both decide before layer {k}")
-                seen[k] = type(m).__name__
-        self._owner = {k: m for m in self.members for k in m.decision_layers()}
+                    raise ConfigError(f"chain: {type(seen[k]).__name__} and {type(m).__name__} both decide "
+                                      f"before layer {k}")
+                seen[k] = m
+        return seen
+
+    stage_options: ClassVar[tuple[str, ...]] = ("vision", "projector", "llm")  # set by config; for `sparsevlm list`
 
     @property
     def stage(self) -> str:  # type: ignore[override]
@@ -60,6 +72,7 @@ class Chain(TokenReducer):
     def setup(self, adapter) -> None:
         for m in self.members:
             m.setup(adapter)
+        self._owner = self._layer_owners()
 
     def extra_hooks(self, adapter, engine):
         handles = []

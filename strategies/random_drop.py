@@ -1,4 +1,5 @@
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -23,6 +24,8 @@ class RandomDrop(ScoringReducer):
         super().__post_init__()
         if self.layer < 0:
             raise ConfigError(f"random: layer={self.layer}; allowed: 0 (projector) or a decoder layer >= 1")
+
+    stage_options: ClassVar[tuple[str, ...]] = ("projector", "llm")  # set by config; for `sparsevlm list`
 
     @property
     def stage(self) -> str:  # type: ignore[override]

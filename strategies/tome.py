@@ -6,11 +6,24 @@ from typing import ClassVar
 import torch
 
 from framework.errors import ConfigError
-from framework.merging import (bipartite_soft_matching, gather_tokens, merge_source, merge_to, merge_wavg, spatial_order)
-from framework.reducer import CountBudget, Decision, groups_decision, TokenReducer
+from framework.merging import (
+    bipartite_soft_matching,
+    gather_tokens,
+    merge_source,
+    merge_to,
+    merge_wavg,
+    spatial_order,
+)
+from framework.reducer import CountBudget, Decision, TokenReducer, groups_decision
 from framework.registry import register
-from framework.vision import (broadcast_groups, cls_in_features, feature_depth, plan_decisions, plans_from_source,
-                              vision_layers)
+from framework.vision import (
+    broadcast_groups,
+    cls_in_features,
+    feature_depth,
+    plan_decisions,
+    plans_from_source,
+    vision_layers,
+)
 
 PLACEMENTS = ("vision", "projector")
 
@@ -69,6 +82,8 @@ class ToMe(CountBudget, TokenReducer):
         rs = [self.r] if isinstance(self.r, int) else (self.r or [])
         if any(not isinstance(v, int) or v < 0 for v in rs):
             raise ConfigError(f"tome r={self.r!r}; allowed: an int >= 0 or a list of them")
+
+    stage_options: ClassVar[tuple[str, ...]] = ("vision", "projector")  # set by config; for `sparsevlm list`
 
     @property
     def stage(self) -> str:  # type: ignore[override]

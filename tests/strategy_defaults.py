@@ -63,7 +63,10 @@ DEFAULTS: dict[str, list[tuple[dict, object]]] = {
                   ({"layers": [0, 1], "keep": [8, 4], "positions": "keep", "merge": "sum", "assign": "cosine"},
                    _sparsevlm([8, 4], True))],
     "chain": [({"reducers": [{"name": "tome", "keep": 8}, {"name": "fastv", "layer": 2, "keep": 3}]},
-               lambda n, L: [8, 8] + [3] * (L - 2))],
+               lambda n, L: [8, 8] + [3] * (L - 2)),
+              ({"reducers": [{"name": "divprune", "keep": 8},
+                             {"name": "sparsevlm", "layers": [1], "keep": [4], "positions": "keep"}]},
+               lambda n, L: [8, 8] + [5] * (L - 2))],  # 8 -> 4 kept + 1 recycled cluster after layer 1
 }
 
 

@@ -176,3 +176,20 @@ def test_accounting_counts_tokens_per_layer():
         assert a.tokens_per_layer == [16 + t, 16 + t, 4 + t, 4 + t]
         assert a.equivalent_tokens == (16 + 4 + 4 + 4) / 4
         assert a.flops == sum(4 * n * 64 ** 2 + 2 * n * n * 64 + 3 * n * 64 * 128 for n in a.tokens_per_layer)
+
+
+@pytest.mark.parametrize("positions_mode", ["keep", "repack"])
+def test_manual_decode_loop_after_projector_reduction(positions_mode):
+    """A plain forward loop (no position_ids) decodes at the right positions after a projector drop."""
+    model = make_llava(layers=3)
+    x = llava_inputs(model, PROMPTS[:1])
+    r = build({"name": "random", "layer": 0, "keep": 6, "seed": 2, "positions": positions_mode})
+    with torch.no_grad(), attach(model, r, replay=True):
+        out = model(**x, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        cached = model(input_ids=nxt, cache=out.past_key_values, attention_mask=torch.ones(1, x["input_ids"].shape[1] + 1, dtype=torch.long)).logits[:, -1]
+        full = {**x, "input_ids": torch.cat([x["input_ids"], nxt], 1),
+                "attention_mask": torch.ones(1, x["input_ids"].shape[1] + 1, dtype=torch.long)}
+        recomputed = model(**full).logits[:, -1]
+    # keep: the recompute numbers the prompt 0..L-1 and the new token L; repack: both renumber 0..L'
+    assert torch.allclose(cached, recomputed, atol=1e-5)

@@ -110,3 +110,13 @@ def test_registry_build_from_omegaconf_and_available():
     assert {"none", "random", "fastv"} <= set(available())
     assert available("fast*") == ["fastv"]
     assert dataclasses.asdict(r)["positions"] == "keep"
+
+
+def test_attention_implementation_the_engine_cannot_serve(model):
+    class FlashAdapter(LlavaAdapter):
+        attn_implementation = "flash_attention_2"
+
+    with pytest.raises(ConfigError, match=r"'flash_attention_2' is not supported.*allowed: 'eager', 'sdpa'"):
+        with attach(model, build("fastv"), adapter=FlashAdapter(model)):
+            pass
+    assert [m for m in model.modules() if m._forward_pre_hooks] == []

@@ -74,6 +74,19 @@ def test_budget_mapping():
     assert strategy_fields({"name": "none"}, 7, 64) == {"name": "none"}
     with pytest.raises(ConfigError, match="allowed 1..64"):
         strategy_fields({"name": "random"}, 100, 64)
+    # a budget far from every preset is refused, not snapped to the nearest one
+    with pytest.raises(ConfigError, match=r"budget 40 of 64 .* allowed budgets: \[7, 11, 14, 21\]"):
+        strategy_fields({"name": "sparsevlm"}, 40, 64)
+
+
+def test_budget_free_modes_run_once_per_combination():
+    """sparsevlm rank_paper sets its own count (Eq. 7): one run per ablation combination, not per budget."""
+    from experiments import runner, sweep
+
+    specs = sweep.expand(runner.compose(["backbone=toy_random", "sweep=recycling"]), 64)
+    modes = [(s.budget, s.fields.get("budget")) for s in specs if s.strategy == "sparsevlm"]
+    assert len(specs) == 1 + 2 * 2 * (2 * 2 + 1)  # baseline + recycling x positions x (fixed, rank_v1 x 2 budgets; rank_paper)
+    assert modes.count((None, "rank_paper")) == 4 and modes.count((21, "fixed")) == 4
 
 
 # ---------------------------------------------------------------------------------------- runner
