@@ -157,7 +157,7 @@ def test_sweep_grid_wandb_and_resume(tmp_path):
     # what each row carries
     base = next(r for r in stored if r["strategy"] == "none")
     for r in stored:
-        assert set(r["acc_by_type"]) == {"colour_at", "shape_at", "count", "relation"}
+        assert set(r["acc_by_type"]) == set(_compose().task.qtypes)
         assert len(r["visual_per_layer"]) == 4 and r["tflops"] > 0 and r["kv_cache_mb"] > 0
         assert r["prefill_ms"] > 0 and r["base_prefill_ms"] > 0 and r["decode_ms"] > 0
         assert r["prefill_ms_ratio"] == pytest.approx(r["prefill_ms"] / r["base_prefill_ms"])
