@@ -170,8 +170,3 @@ def ratio(a, b) -> float | None:
     return a / b
 
 
-def add_ratios(row: dict, base: dict, keys: tuple[str, ...]) -> dict:
-    """row[f"{k}_ratio"] = row[k] / base[k] for every key present in both."""
-    for k in keys:
-        row[f"{k}_ratio"] = ratio(row.get(k), base.get(k))
-    return row

@@ -91,13 +91,6 @@ def spatial_order(source: torch.Tensor) -> torch.Tensor:
     return first.argsort(dim=-1)
 
 
-def representatives(source: torch.Tensor) -> torch.Tensor:
-    """(B, N) first original token of each current token."""
-    n0 = source.shape[-1]
-    ar = torch.arange(n0, device=source.device).expand_as(source)
-    return torch.where(source.bool(), ar, n0).min(dim=-1).values
-
-
 def gather_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """x (B, N, ...) reordered along dim 1 by perm (B, N)."""
     idx = perm.view(*perm.shape, *([1] * (x.dim() - 2))).expand(*perm.shape, *x.shape[2:])

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 import torch
 
 from .errors import ConfigError
+from .merging import scaled
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import StageContext
@@ -211,7 +212,7 @@ class CountBudget:
     def target(self, n: int) -> int:
         """Visual tokens to keep out of n."""
         if self.preset is not None:
-            return max(1, min(n, round(self.preset * n / 576)))
+            return scaled(self.preset, n)
         return resolve_count(self.keep, n)
 
 

@@ -64,13 +64,6 @@ def plans_from_source(source: torch.Tensor, drop_cls: bool) -> list[ImagePlan]:
     return plans
 
 
-def scatter_slots(values: torch.Tensor, reps: torch.Tensor, n_slots: int) -> torch.Tensor:
-    """values (n_img, K, D) -> (n_img, n_slots, D) with values at `reps` (n_img, K), zeros elsewhere."""
-    n, _, d = values.shape
-    out = values.new_zeros(n, n_slots, d)
-    return out.scatter(1, reps[..., None].expand(-1, -1, d), values)
-
-
 def broadcast_groups(values: torch.Tensor, plans: list[ImagePlan], n_slots: int) -> torch.Tensor:
     """values (n_units, K, D), value k of unit i standing for plans[i].groups[k] -> (n_units, n_slots, D)
     with each group's value at every slot of the group (zeros at slots in no group): whichever of its
