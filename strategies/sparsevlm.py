@@ -35,7 +35,8 @@ v1/v1.5 code does (`position_ids[:, :L_new]`); "keep" (original RoPE positions; 
 centre's position) is what SparseVLM+ and the LightCompress port do.
 
 Batches: raters, scores, ranks and keep counts are per sample. Record (per stage, per sample):
-`raters` (LM-input indices), `n_raters`, `rank` (rank modes), `skipped`, and with `record_scores`
+`raters` (LM-input indices), `n_raters`, `rater_fallback` (True when the
+last prompt token had to rate because no text follows the image), `rank` (rank modes), `skipped`, and with `record_scores`
 the scores and the rater slots used.
 """
 from __future__ import annotations
@@ -216,6 +217,8 @@ class SparseVLM(TokenReducer):
             "raters": (ctx.slots.index[b, rows] if self.raters == "all_tokens"
                        else ctx.state["sparsevlm_raters"][b]).tolist(),
             "n_raters": int(rows.numel()),
+            # no text after the image (or no rater selected): the last prompt token rates instead
+            "rater_fallback": self.raters != "all_tokens" and ctx.state["sparsevlm_raters"][b].numel() == 0,
         }
         if self.record_scores:
             record["scores"] = scores.tolist()

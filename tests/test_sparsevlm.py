@@ -211,3 +211,13 @@ def test_scaled_presets_and_explicit_fields(llava8):
     _, rec = run(llava8, build({"name": "sparsevlm", "budget": "rank_v1", "scale": 0.0, "bias": 7.0,
                                 "recycling": False}), x)
     assert rec[0]["visual_per_layer"][:4] == [64, 64, 7, 6]
+
+
+def test_rater_fallback_is_recorded():
+    """A prompt that ends with the image has no text raters: the last prompt token rates, and the record says so."""
+    model = make_llava(layers=4)
+    x = llava_inputs(model, [(3, 0), (2, 4)])
+    with torch.no_grad(), attach(model, build({"name": "sparsevlm", "layers": [1], "keep": [4]})) as engine:
+        model(**x)
+    flags = [s["stages"][0]["rater_fallback"] for s in engine.last_record]
+    assert flags == [True, False]
