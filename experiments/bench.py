@@ -80,6 +80,19 @@ def prefill_stats(model, reducer, inputs, repeats: int) -> dict:
     return {"prefill_s": times, "overhead_s": overhead, "acc": acc}
 
 
+def _interleaved(model, none, reducer, inputs, repeats: int):
+    """Prefill timings of no reduction and of `reducer`, interleaved (base, run, base, run, ...) so that
+    machine load hits both alike: (base seconds, run seconds, run overhead seconds, last base, last run stats)."""
+    base_s, run_s, over_s = [], [], []
+    for _ in range(repeats):
+        sb = prefill_stats(model, none, inputs, 1)
+        sr = prefill_stats(model, reducer, inputs, 1)
+        base_s += sb["prefill_s"]
+        run_s += sr["prefill_s"]
+        over_s += sr["overhead_s"]
+    return base_s, run_s, over_s, sb, sr
+
+
 def _budget_fields(strategy: str, budget: int | None, n_visual: int, images: int = 1) -> dict:
     fields = runner.strategy_fields({**_strategy_yaml(strategy)}, budget, n_visual)
     if images > 1 and budget is not None and strategy != "none" and isinstance(fields.get("keep"), int):
@@ -116,14 +129,8 @@ def bench(backbone: str = "bench_cpu", strategies: list[str] = ("sparsevlm",), b
         for s, bu in runs:
             reducer = runner.build_reducer(_budget_fields(s, bu, n_visual))
             # interleave: base, run, base, run ... (median of repeats each)
-            pre_b, pre_r, over = [], [], []
             reps = repeats if batch == 1 else max(1, (repeats + 1) // 2)  # big batches: fewer, longer repeats
-            for _ in range(reps):
-                pb = prefill_stats(model, none, inputs, 1)
-                pr = prefill_stats(model, reducer, inputs, 1)
-                pre_b += pb["prefill_s"]
-                pre_r += pr["prefill_s"]
-                over += pr["overhead_s"]
+            pre_b, pre_r, over, pb, pr = _interleaved(model, none, reducer, inputs, reps)
             t = metrics.measure_pair(model, [inputs], {"base": none, "run": reducer}, repeats=max(1, repeats // 2 + 1),
                                      new_tokens=decode_tokens, memory=True, warmup=0)
             acc_b, acc_r = pb["acc"], pr["acc"]
@@ -164,13 +171,7 @@ def scaling(backbone: str = "bench_cpu", strategy: str = "sparsevlm", budget: in
         images = v // per_image
         inputs = make_inputs(model, 1, images=images, text_tokens=int(b.get("text_tokens", 64)))
         reducer = runner.build_reducer(_budget_fields(strategy, budget, per_image, images))
-        pb, pr, ov = [], [], []
-        for _ in range(repeats):
-            sb = prefill_stats(model, none, inputs, 1)
-            sr = prefill_stats(model, reducer, inputs, 1)
-            pb += sb["prefill_s"]
-            pr += sr["prefill_s"]
-            ov += sr["overhead_s"]
+        pb, pr, ov, sb, sr = _interleaved(model, none, reducer, inputs, repeats)
         row = {"visual": v, "strategy": strategy, "budget": budget,
                "base_prefill_ms": 1e3 * statistics.median(pb), "prefill_ms": 1e3 * statistics.median(pr),
                "overhead_ms": 1e3 * statistics.median(ov),
