@@ -238,16 +238,15 @@ def image_block_mask(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     return allowed
 
 
-class block_image_keys:
-    """Context manager emulating visual-token dropping for analysis (not a reduction strategy): decoder layers
-    in ``layers`` get an attention mask in which image-token keys are invisible (except ``keep``).  Works with
-    eager (float mask) and sdpa (bool mask) attention via forward-pre-hooks on the stock decoder layers."""
+class override_attention_mask:
+    """Context manager: decoder layers in ``layers`` (default all) get the boolean (B, 1, L, L) mask ``allowed``
+    (True = may attend) instead of the model's own, as a float mask for eager and a bool mask for sdpa, through
+    forward-pre-hooks on the stock decoder layers.  Used for analysis and packed training, not for strategies."""
 
-    def __init__(self, model, input_ids, attention_mask=None, layers=None, keep=None):
+    def __init__(self, model, allowed: torch.Tensor, layers=None):
         self.model = model
         n = len(_decoder_layers(model))
         self.layers = list(range(n)) if layers is None else [i for i in layers if 0 <= i < n]
-        allowed = image_block_mask(model, input_ids, attention_mask, keep)
         impl = getattr(model.config.text_config, "_attn_implementation", None) or "eager"
         if impl == "eager":
             dtype = next(model.parameters()).dtype
@@ -271,3 +270,57 @@ class block_image_keys:
             h.remove()
         self.handles = []
         return False
+
+
+class block_image_keys(override_attention_mask):
+    """Emulates visual-token dropping for analysis (not a reduction strategy): decoder layers in ``layers`` see
+    no image-token keys (except where ``keep`` (B, L) is True)."""
+
+    def __init__(self, model, input_ids, attention_mask=None, layers=None, keep=None):
+        super().__init__(model, image_block_mask(model, input_ids, attention_mask, keep), layers)
+
+
+def encode_packed(groups, tokenizer, n_image_tokens: int = task.GRID ** 2) -> dict:
+    """Several questions per image in one sequence, for training: ``<s> <image>*64 | q1 answer : | q2 answer :
+    | ...`` (right-padded).  ``allowed`` (B, 1, L, L) lets each question see the image prefix and itself only,
+    and ``position_ids`` give every question the positions it would have alone, so each answer's logits equal
+    those of the question asked alone (checked in the tests).  ``answer_pos`` / ``answer_ids`` (N,) and
+    ``answer_row`` (N,) locate the N supervised answers (the last token of each question block)."""
+    groups = [g for g in groups if g]
+    prefix = tokenizer.convert_tokens_to_ids([SPECIAL["bos"]] + [SPECIAL["image"]] * n_image_tokens)
+    P = len(prefix)
+    seqs, blocks = [], []
+    for g in groups:
+        ids, bl = list(prefix), []
+        for s in g:
+            q = tokenizer.convert_tokens_to_ids(f"{s.question} {ANSWER_PROMPT}".split())
+            bl.append((len(ids), len(q)))
+            ids += q
+        seqs.append(ids)
+        blocks.append(bl)
+    B, L = len(groups), max(len(x) for x in seqs)
+    input_ids = torch.full((B, L), tokenizer.pad_token_id, dtype=torch.long)
+    position_ids = torch.arange(L).repeat(B, 1)
+    allowed = torch.eye(L, dtype=torch.bool).repeat(B, 1, 1, 1)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    allowed[:, 0, :P, :P] = causal[:P, :P]
+    rows, pos, ans = [], [], []
+    for b, (ids, bl, g) in enumerate(zip(seqs, blocks, groups)):
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        for (start, n), s in zip(bl, g):
+            end = start + n
+            allowed[b, 0, start:end, :P] = True
+            allowed[b, 0, start:end, start:end] = causal[:n, :n]
+            position_ids[b, start:end] = torch.arange(P, P + n)
+            rows.append(b)
+            pos.append(end - 1)
+            ans.append(s.answer)
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "pixel_values": image_to_tensor([g[0].image for g in groups]),
+        "allowed": allowed,
+        "answer_row": torch.tensor(rows),
+        "answer_pos": torch.tensor(pos),
+        "answer_ids": torch.tensor(tokenizer.convert_tokens_to_ids(ans)),
+    }

@@ -101,6 +101,26 @@ def test_block_image_keys(tiny):
     assert torch.allclose(blocked[:, -1], blocked2[:, -1], atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_packed_questions_equal_each_question_alone(impl):
+    """Packed training (several questions per image, block mask, per-question positions) gives every answer
+    the logits it has when asked alone, so packing changes the cost of training, not what is trained."""
+    model, tok = toy.build_toy_model(dict(TINY, attn_implementation=impl))
+    model.eval()
+    groups = task.generate_packed(5, 3, 6)
+    b = toy.encode_packed(groups, tok)
+    flat = [s for g in groups for s in g]
+    assert len(b["answer_ids"]) == len(flat)
+    assert b["answer_ids"].tolist() == tok.convert_tokens_to_ids([s.answer for s in flat])
+    with torch.no_grad(), toy.override_attention_mask(model, b["allowed"]):
+        packed = model(input_ids=b["input_ids"], pixel_values=b["pixel_values"],
+                       position_ids=b["position_ids"]).logits[b["answer_row"], b["answer_pos"]]
+    one = toy.encode_batch(flat, tok)
+    with torch.no_grad():
+        alone = model(**one, logits_to_keep=1).logits[:, -1]
+    assert torch.allclose(packed, alone, atol=1e-4)
+
+
 def test_smoke_training_loss_falls():
     torch.manual_seed(0)
     model, tok = toy.build_toy_model(dict(TINY, attn_implementation="sdpa"))

@@ -80,3 +80,16 @@ def test_relevant_cells_determine_answer(qtype):
                     continue  # every cell of the row is relevant; other rows never matter
                 assert task.answer_from_scene(sc, s.question) == s.answer
         sc.colours[r, c], sc.shapes[r, c] = col0, shp0
+
+
+def test_packed_groups_share_the_image_and_answers_are_correct():
+    groups = task.generate_packed(7, 20, 8)
+    assert sum(map(len, groups)) >= 0.9 * 20 * 8  # relation questions are rarely dropped
+    for g in groups:
+        assert 1 <= len(g) <= 8
+        for s in g:
+            assert s.image is g[0].image and s.scene is g[0].scene
+            assert task.answer_from_scene(s.scene, s.question) == s.answer
+            assert s.answer in task.ANSWER_WORDS
+    a, b = task.generate_packed(7, 3, 8), task.generate_packed(7, 3, 8)
+    assert [[s.question + s.answer for s in g] for g in a] == [[s.question + s.answer for s in g] for g in b]

@@ -160,9 +160,11 @@ def _other(rng: np.random.Generator, n: int, exclude: int) -> int:
     return v + (v >= exclude)
 
 
-def make_sample(rng: np.random.Generator, qtype: str, region: int = GRID, grid: int = GRID, cell: int = CELL,
-                row_style: str | None = None) -> Sample:
-    scene = _random_scene(rng, grid, cell)
+def make_question(rng: np.random.Generator, scene: Scene, qtype: str, region: int = GRID,
+                  row_style: str | None = None) -> tuple[str, str, list[tuple[int, int]]]:
+    """A question of type ``qtype`` about ``scene`` -> (question, answer, relevant cells).  ``count`` and
+    ``relation`` edit the scene in place so that their answers are balanced and well posed."""
+    grid = scene.grid
     region = max(2, min(region, grid))
     if qtype in ("colour_at", "shape_at"):
         r, c = (int(x) for x in rng.integers(0, region, 2))
@@ -197,8 +199,39 @@ def make_sample(rng: np.random.Generator, qtype: str, region: int = GRID, grid: 
         q, a = f"what colour is left of the {COLOURS[tc]} {SHAPES[ts]} ?", scene.colour(r, c - 1)
         rel = [(r, c), (r, c - 1)]
     else:
-        raise ValueError(f"unknown question type {qtype!r}")
+        raise ValueError(f"unknown question type {qtype!r}; allowed: {QTYPES}")
+    return q, a, rel
+
+
+def make_sample(rng: np.random.Generator, qtype: str, region: int = GRID, grid: int = GRID, cell: int = CELL,
+                row_style: str | None = None) -> Sample:
+    scene = _random_scene(rng, grid, cell)
+    q, a, rel = make_question(rng, scene, qtype, region, row_style)
     return Sample(image=render(scene), question=q, answer=a, qtype=qtype, scene=scene, relevant=rel)
+
+
+def generate_packed(seed: int, n_images: int, per_image: int, region: int = GRID,
+                    qtypes: list[str] | tuple[str, ...] = tuple(QTYPES)) -> list[list[Sample]]:
+    """Training data with several questions per image (``per_image``), for packed training.
+
+    The questions' scene edits are applied one after another; every answer is then re-derived from the
+    final scene, and a question whose answer is no longer well posed (a relation target made non-unique by a
+    later edit) is dropped, so each group has at most ``per_image`` samples, all correct."""
+    rng = np.random.default_rng(seed)
+    groups = []
+    for _ in range(n_images):
+        scene = _random_scene(rng, GRID, CELL)
+        made = [(k, make_question(rng, scene, k, region)) for k in rng.choice(list(qtypes), per_image)]
+        image = render(scene)
+        group = []
+        for k, (q, _, rel) in made:
+            try:
+                a = answer_from_scene(scene, q)
+            except ValueError:
+                continue
+            group.append(Sample(image=image, question=q, answer=a, qtype=str(k), scene=scene, relevant=rel))
+        groups.append(group)
+    return groups
 
 
 def generate(
