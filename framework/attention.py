@@ -29,9 +29,12 @@ def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(t, 1, view.expand(*idx.shape, *t.shape[2:]))
 
 
-def project_keys(attn: torch.nn.Module, normed: torch.Tensor, cos, sin) -> torch.Tensor:
-    """Post-RoPE keys (B, H_kv, L, hd) of an attention module for already-normed inputs."""
-    k = rearrange(attn.k_proj(normed), "b l (h d) -> b h l d", d=attn.head_dim)
+def project_keys(attn: torch.nn.Module, normed: torch.Tensor | None, cos, sin,
+                 projected: torch.Tensor | None = None) -> torch.Tensor:
+    """Post-RoPE keys (B, H_kv, L, hd) of an attention module for already-normed inputs (or from its
+    k_proj output `projected`, when the layer's own projection was kept)."""
+    projected = attn.k_proj(normed) if projected is None else projected
+    k = rearrange(projected, "b l (h d) -> b h l d", d=attn.head_dim)
     if hasattr(attn, "k_norm"):
         k = attn.k_norm(k)
     return apply_rope(k, cos, sin)
@@ -46,6 +49,8 @@ def attention_rows(
     key_valid: torch.Tensor,
     keys: torch.Tensor | None = None,
     norm: torch.nn.Module | None = None,
+    queries: torch.Tensor | None = None,
+    keys_proj: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention probabilities of query rows over all keys of one layer.
 
@@ -56,17 +61,19 @@ def attention_rows(
     cos, sin: (B, L, hd) the position embeddings this layer used.
     key_valid: (B, L) bool, False for padding / empty slots.
     keys: (B, H_kv, L, hd) post-RoPE keys if already computed (the layer's KV cache); else recomputed.
+    queries / keys_proj: (B, L, H*hd) the layer's own q_proj / k_proj outputs if kept (no re-projection).
     Returns (B, H, R, L) float32 probabilities; causal: row r sees keys with slot index <= rows[r].
     Masked keys get exactly 0; a row with no visible key (a padding row) is meaningless.
     """
     L = hidden.shape[1]
     norm = norm if norm is not None else torch.nn.Identity()
-    q = rearrange(attn.q_proj(norm(gather_rows(hidden, rows))), "b r (h d) -> b h r d", d=attn.head_dim)
+    q_rows = attn.q_proj(norm(gather_rows(hidden, rows))) if queries is None else gather_rows(queries, rows)
+    q = rearrange(q_rows, "b r (h d) -> b h r d", d=attn.head_dim)
     if hasattr(attn, "q_norm"):
         q = attn.q_norm(q)
     q = apply_rope(q, gather_rows(cos, rows), gather_rows(sin, rows))
     if keys is None:
-        keys = project_keys(attn, norm(hidden), cos, sin)
+        keys = project_keys(attn, norm(hidden) if keys_proj is None else None, cos, sin, keys_proj)
     groups = q.shape[1] // keys.shape[1]
     keys = keys.repeat_interleave(groups, dim=1) if groups > 1 else keys
     logits = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * attn.scaling

@@ -183,7 +183,8 @@ class StageContext:
         for b, r in enumerate(rows):
             padded[b, : r.numel()] = r
         probs = attention_rows(src["attn"], src["hidden"], padded, src["cos"], src["sin"],
-                               self.slots.valid, keys=src.get("keys"), norm=src["norm"])
+                               self.slots.valid, keys=src.get("keys"), norm=src["norm"],
+                               queries=src.get("queries"), keys_proj=src.get("keys_proj"))
         return [probs[b, :, : rows[b].numel()] for b in range(self.batch_size)]
 
     def keys(self, which: str = "previous") -> torch.Tensor:
@@ -194,4 +195,6 @@ class StageContext:
         src = self._attn_source(which)
         if src["keys"] is not None:
             return src["keys"]
+        if src.get("keys_proj") is not None:
+            return project_keys(src["attn"], None, src["cos"], src["sin"], src["keys_proj"])
         return project_keys(src["attn"], src["norm"](src["hidden"]), src["cos"], src["sin"])

@@ -45,6 +45,7 @@ class _Prefill:
     embeds: torch.Tensor
     layer0: dict | None = None  # the kwargs layer 0 received (cos/sin, position ids, mask)
     prev: tuple | None = None  # (layer index, input hidden, effective kwargs) of the last layer run
+    proj: dict = field(default_factory=dict)  # (layer, "q"|"k") -> that layer's q/k_proj output (B, L, H*hd)
     current: StageGeometry | None = None
     samples: list[dict] = field(default_factory=list)
 
@@ -85,6 +86,12 @@ class ReductionEngine:
         self._handles.append(a.language_model.register_forward_pre_hook(self._lm_hook, with_kwargs=True))
         for i, layer in enumerate(a.layers):
             self._handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+        for i in sorted(self.layer_set):  # the layer before a decision: keep its projections for attention rows
+            attn = a.attention_parts(i - 1)[1] if i >= 1 else None
+            for kind in ("q", "k"):
+                lin = getattr(attn, f"{kind}_proj", None)
+                if isinstance(lin, torch.nn.Module):
+                    self._handles.append(lin.register_forward_hook(self._keep_projection(i - 1, kind)))
         try:
             for h in getattr(self.reducer, "extra_hooks", lambda adapter, engine: [])(a, self):
                 self._handles.append(h)
@@ -219,6 +226,16 @@ class ReductionEngine:
                                   + start).expand(g.valid.shape[0], q)
         return args, kw
 
+    def _keep_projection(self, layer: int, kind: str):
+        """Forward hook: during a prefill, remember the layer's q/k projections (a reference, no copy) so the
+        decision after it gets its attention rows without re-projecting (`StageContext.attention`)."""
+
+        def hook(module, args, out):
+            if self._run is not None:
+                self._run.proj[(layer, kind)] = out
+
+        return hook
+
     def _layer_hook(self, i: int):
         def hook(module, args, kwargs):
             run = self._run
@@ -229,6 +246,7 @@ class ReductionEngine:
                 run.layer0 = kwargs
             if i in self.layer_set:
                 h = self._llm_decision(i, h, kwargs)
+                run.proj.clear()
             kw = {**kwargs, **run.current.kwargs} if run.current is not None else kwargs
             run.prev = (i, h, kw)
             if i == self.adapter.num_layers - 1:
@@ -328,7 +346,12 @@ class ReductionEngine:
             cache = kw.get("cache")
             if which == "previous" and cache is not None and cache.layers[j].get_seq_length() == h_in.shape[1]:
                 keys = cache.layers[j].keys
-            return {"attn": attn, "hidden": h_in, "norm": norm, "cos": cos, "sin": sin, "keys": keys}
+            proj = {}
+            if which == "previous":  # the projections that layer computed (hooked), when their length matches
+                proj = {k: v for k in ("q", "k") if (v := run.proj.get((j, k))) is not None
+                        and v.shape[:2] == h_in.shape[:2]}
+            return {"attn": attn, "hidden": h_in, "norm": norm, "cos": cos, "sin": sin, "keys": keys,
+                    "queries": proj.get("q"), "keys_proj": proj.get("k")}
 
         return source
 
