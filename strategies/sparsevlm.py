@@ -133,8 +133,17 @@ class SparseVLM(TokenReducer):
         if self.budget == "rank_v1" and (self.scale is None or self.bias is None) and self.preset not in RANK_PRESETS:
             raise ConfigError(f"sparsevlm rank_v1 preset={self.preset!r}; allowed: {sorted(RANK_PRESETS)} "
                               f"(or give scale and bias)")
-        if self.keep is not None and self.layers is not None and len(self.keep) != len(self.layers):
-            raise ConfigError(f"sparsevlm keep has {len(self.keep)} counts for {len(self.layers)} layers")
+        if (self.scale is None) != (self.bias is None):
+            raise ConfigError(f"sparsevlm scale={self.scale} bias={self.bias}: give both (rank_v1) or neither "
+                              f"(the preset's)")
+        n_layers = len(self.layers) if self.layers is not None else len(
+            FIXED_LAYERS if self.budget == "fixed" else RANK_LAYERS)
+        if self.keep is not None and len(self.keep) != n_layers:
+            where = "layers" if self.layers is not None else f"the preset's layers {FIXED_LAYERS}"
+            raise ConfigError(f"sparsevlm keep has {len(self.keep)} counts for {n_layers} pruning layers ({where})")
+        if self.layers is not None and (any(int(x) < 0 for x in self.layers)
+                                        or any(b <= a for a, b in zip(self.layers, self.layers[1:]))):
+            raise ConfigError(f"sparsevlm layers={list(self.layers)}: must be >= 0 and strictly increasing")
         if self.keep is not None and any(int(k) < 1 for k in self.keep):
             raise ConfigError(f"sparsevlm keep counts must be >= 1, got {self.keep}")
         if not 0.0 <= self.tau <= 1.0 or not 0.0 <= self.theta <= 1.0:
@@ -144,6 +153,9 @@ class SparseVLM(TokenReducer):
     # ------------------------------------------------------------------ schedule
     def setup(self, adapter) -> None:
         self._n_layers = int(adapter.num_layers)
+        if self.layers is not None and max(self.layers) > self._n_layers - 2:
+            raise ConfigError(f"sparsevlm layers={list(self.layers)}: a pruning layer's output feeds a later "
+                              f"layer, so each must be <= {self._n_layers - 2} in this {self._n_layers}-layer decoder")
         super().setup(adapter)
 
     def prune_layers(self) -> list[int]:

@@ -107,6 +107,20 @@ def test_config_and_schedule():
     with pytest.raises(ConfigError):
         build({"name": "sparsevlm", "budget": "rank_v1", "preset": "96"})
     assert build("sparsevlm").positions == "repack"
+    bad = [({"keep": [100, 50]}, "2 counts for 3 pruning layers"),
+           ({"layers": [2, 2, 5], "keep": [9, 8, 7]}, "strictly increasing"),
+           ({"layers": [-1, 3], "keep": [9, 8]}, "strictly increasing"),
+           ({"budget": "rank_v1", "scale": 2.0}, "give both")]
+    for fields, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            build({"name": "sparsevlm", **fields})
+
+
+def test_layers_beyond_the_decoder_are_refused_at_attach():
+    model = make_llava(layers=4, grid=4)
+    with pytest.raises(ConfigError, match="must be <= 2 in this 4-layer decoder"):
+        with attach(model, build({"name": "sparsevlm", "layers": [1, 3], "keep": [8, 4]})):
+            pass
 
 
 # ---------------------------------------------------------------- LLaVA-1.5-7B-shaped schedules
