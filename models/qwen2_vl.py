@@ -20,8 +20,15 @@ so the engine's layer-level gathers apply unchanged.
 
 Spans (`ctx.spans(b)`): one per image; a video gives one span per temporal patch ("frame", the
 default, `video_span="frame"`) or one for the whole video (`video_span="video"`).
+
+Vision stage: refused for strategies that act inside the encoder (no CLS token; the patch merger
+concatenates fixed spatial_merge_size^2 patch groups, so a patch merged or dropped inside the encoder
+has no LLM token). VisionZip runs instead on the merged tokens with encoder signals per LLM token
+(`vision_token_signals`, `vision_token_map`): see `VisionTokenSignals`.
 """
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -42,7 +49,8 @@ class Qwen2VLAdapter(BackboneAdapter):
                              "with 2-D rotary positions (and windowed attention in 2.5); its patch merger "
                              "concatenates fixed 2x2 patch neighbourhoods into one LLM token, so patches "
                              "merged or dropped inside the encoder have no faithful LLM token; reduce at the "
-                             "projector stage (on the merged tokens) or in the LLM instead"}
+                             "projector stage (on the merged tokens) or in the LLM instead (VisionZip runs here on the "
+                             "merged tokens, with encoder attention signals per token)"}
 
     def __init__(self, model: torch.nn.Module, video_span: str = "frame"):
         super().__init__(model)
@@ -191,6 +199,37 @@ class Qwen2VLAdapter(BackboneAdapter):
             out.append((grids, vis[:0]))
         return out
 
+    # --- vision-encoder signals per LLM visual token (VisionZip) --------------------------------
+    def vision_token_map(self, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """(B, L): at each image / video position, the row of the vision encoder's merged output that
+        the model scatters there: image rows first (batch order, as `masked_scatter` fills them), then
+        video rows (offset by the batch's image-token count); -1 elsewhere. Rows index the signals of
+        `vision_token_signals` (Qwen's encoder batch has no fixed units, so there is no per-unit slot)."""
+        img, vid = input_ids == self.image_token_id, input_ids == self.video_token_id
+        out = torch.full(input_ids.shape, -1, dtype=torch.long, device=input_ids.device)
+        n_img = int(img.sum())
+        out[img] = torch.arange(n_img, device=input_ids.device)
+        out[vid] = n_img + torch.arange(int(vid.sum()), device=input_ids.device)
+        return out
+
+    @property
+    def visual(self) -> torch.nn.Module:
+        return self.model.model.visual
+
+    def full_attention_block(self) -> int:
+        """The last vision block that attends over whole images / frames (Qwen2-VL: every block)."""
+        return len(self.visual.blocks) - 1
+
+    def vision_block_order(self, grid_thw: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
+        """Merged-token order inside the vision blocks (block unit u holds merged token order[u]), or
+        None when the blocks see tokens in output order (Qwen2-VL)."""
+        return None
+
+    def vision_token_signals(self) -> "VisionTokenSignals":
+        """A collector of VisionZip's signals per LLM visual token; attach its `hooks()`, read
+        `per_token(ctx maps)` at the projector decision. See `VisionTokenSignals`."""
+        return VisionTokenSignals(self)
+
     # --- positions: (3|4, B, L) M-RoPE ids at the language-model level ------------------------
     def text_positions(self, pos: torch.Tensor) -> torch.Tensor:
         if pos.dim() == 3:
@@ -218,3 +257,121 @@ class Qwen2VLAdapter(BackboneAdapter):
 class Qwen25VLAdapter(Qwen2VLAdapter):
     family = "qwen2_5_vl"
     model_classes = ("Qwen2_5_VLForConditionalGeneration",)
+
+    def full_attention_block(self) -> int:
+        """The last of `fullatt_block_indexes` (the other blocks attend within windows)."""
+        return max(self.visual.config.fullatt_block_indexes)
+
+    def vision_block_order(self, grid_thw: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The window order Qwen2.5-VL's encoder permutes merged-token units into before its blocks
+        (and undoes after the merger): the model's own `get_vision_window_index`."""
+        from transformers.vision_utils import get_vision_window_index
+
+        if kwargs.get("window_index") is not None:  # precomputed by the caller
+            return kwargs["window_index"]
+        v = self.visual
+        index, _ = get_vision_window_index(grid_thw, spatial_merge_size=v.spatial_merge_size,
+                                           window_size=v.window_size, patch_size=v.patch_size)
+        return index
+
+
+def received_attention(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
+                       max_elements: int = 1 << 24) -> torch.Tensor:
+    """Attention each key receives, heads summed, averaged over the query rows of its own segment.
+
+    q, k (S, H, d) post-RoPE, packed; cu_seqlens (n+1,) segment bounds (each segment attends only within
+    itself, as Qwen's vision attention does). Returns (S,) float32: for key j of segment [s, e),
+    (1 / (e - s)) * sum_{i in [s, e)} sum_h P_h[i, j] with P_h = softmax over [s, e) of
+    scale * q_h k_h^T (the block's own attention probabilities). Query rows go in chunks, so the
+    (H, S, S) map is never held."""
+    out = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
+    H = q.shape[1]
+    bounds = cu_seqlens.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e <= s:
+            continue
+        qs = q[s:e].float().transpose(0, 1)  # (H, S, d)
+        ks = k[s:e].float().transpose(0, 1)
+        rows = max(1, max_elements // (H * (e - s)))
+        col = torch.zeros(e - s, dtype=torch.float32, device=q.device)
+        for r in range(0, e - s, rows):
+            p = torch.softmax((qs[:, r:r + rows] @ ks.transpose(-1, -2)) * scale, dim=-1)
+            col += p.sum((0, 1))
+        out[s:e] = col / (e - s)
+    return out
+
+
+class VisionTokenSignals:
+    """VisionZip's signals for each LLM visual token of Qwen2-VL / Qwen2.5-VL, from the vision encoder.
+
+    Hooks (`hooks()`): a pre-hook on the encoder records each call's grid_thw; a pre-hook on the
+    attention of the last block that attends over whole images / frames (`full_attention_block`)
+    recomputes that block's queries and keys (`qkv`, then the model's own 2-D vision RoPE) and stores,
+    per merged token (spatial_merge_size^2 consecutive patches, in the merger's output order):
+      * score: the attention its patches receive, heads summed, averaged over the query patches of
+        their own attention segment (cu_seqlens: one image, or one video frame), summed over the
+        token's patches (`received_attention`);
+      * keys: that block's key projection (before RoPE, so similarity is about content, not relative
+        position), averaged over heads and over the token's patches.
+    One record per encoder call; a forward with images and videos calls the encoder twice (images,
+    then videos), and `generate` encodes once before its first step, so `per_token` takes the calls
+    made since it last read (or the same ones again: no-cache decoding re-reads without re-encoding).
+    """
+
+    def __init__(self, adapter: Qwen2VLAdapter):
+        self.adapter = adapter
+        self._grid: tuple | None = None  # (grid_thw, kwargs) of the encoder call in progress
+        self._calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (score (N,), keys (N, d)) per call
+        self._group: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def hooks(self) -> list:
+        visual = self.adapter.visual
+        attn = visual.blocks[self.adapter.full_attention_block()].attn
+        return [visual.register_forward_pre_hook(self._encoder, with_kwargs=True),
+                attn.register_forward_pre_hook(self._attention, with_kwargs=True)]
+
+    def _encoder(self, module, args, kwargs):
+        grid = args[1] if len(args) > 1 else kwargs.get("grid_thw")
+        self._grid = (grid, dict(kwargs))
+
+    @torch.no_grad()
+    def _attention(self, module, args, kwargs):
+        if self._grid is None:
+            raise RuntimeError(f"{self.adapter.family}: vision attention ran outside a vision-encoder call")
+        x = args[0] if args else kwargs["hidden_states"]  # the block's normed input (packed patches)
+        cu = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
+        cos, sin = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[2]
+        S = x.shape[0]
+        q, k, _ = module.qkv(x).reshape(S, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        rope = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
+        q_rot, k_rot = rope(q, k, cos, sin)
+        m2 = self.adapter.merge ** 2
+        score = received_attention(q_rot, k_rot, cu, module.scaling).view(S // m2, m2).sum(1)
+        keys = k.float().mean(1).view(S // m2, m2, -1).mean(1)
+        grid, enc_kwargs = self._grid
+        order = self.adapter.vision_block_order(grid, enc_kwargs)
+        if order is not None:  # block unit u holds merged token order[u]: back to the merger's output order
+            order = order.to(score.device)
+            score = torch.empty_like(score).index_copy_(0, order, score)
+            keys = torch.empty_like(keys).index_copy_(0, order, keys)
+        self._calls = (self._calls + [(score, keys)])[-2:]  # per_token reads the last one or two
+        self._grid = None
+
+    def per_token(self, maps: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per sample, (score (n,), keys (n, d)) of the visual tokens whose encoder rows are `maps[b]`
+        (`ctx.vision_map(b)`: rows of the batch's image outputs, then of its video outputs)."""
+        total = max((int(m.max()) + 1 for m in maps if m.numel()), default=0)
+        if any(bool((m < 0).any()) for m in maps):
+            raise RuntimeError(f"{self.adapter.family}: visual tokens without an encoder row")
+        if self._calls:  # encoder calls since the last read: the images' call, then the videos' one
+            group = next((self._calls[-n:] for n in (1, 2) if len(self._calls) >= n
+                          and sum(int(c[0].numel()) for c in self._calls[-n:]) == total), None)
+            self._calls = []
+            self._group = group
+        group = self._group
+        if group is None or sum(int(c[0].numel()) for c in group) != total:
+            raise RuntimeError(f"{self.adapter.family}: no vision-encoder signals for the {total} visual tokens of "
+                               "this forward (was the vision encoder run while the reducer was attached?)")
+        score = torch.cat([c[0] for c in group])
+        keys = torch.cat([c[1] for c in group])
+        return [(score[m.to(score.device)], keys[m.to(score.device)]) for m in maps]

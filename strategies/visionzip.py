@@ -7,7 +7,7 @@ import torch
 
 from framework.errors import ConfigError
 from framework.merging import contextual_merge, scaled
-from framework.reducer import TokenReducer
+from framework.reducer import Decision, TokenReducer, groups_decision
 from framework.registry import register
 from framework.vision import ImagePlan, cls_in_features, feature_depth, plan_decisions, vision_layers
 
@@ -41,6 +41,19 @@ class VisionZip(TokenReducer):
     the dominant tokens are all patches; with 'full' CLS is kept as one of them, as in the official
     code. LLaVA-NeXT: per CLIP crop (base view included), as VisionZip's LLaVA-NeXT code does; budgets
     are per crop. arXiv 2412.04467.
+
+    Qwen2-VL / Qwen2.5-VL (adapters with `vision_token_signals`): the encoder has no CLS token and its
+    merger concatenates spatial_merge_size^2 consecutive patches into one LLM token, so selection and
+    merging act on the merger output (the LLM's visual tokens) at the projector decision, with signals
+    from the encoder: dominance of a token = the attention its patches *receive*, heads summed, averaged
+    over all query patches of the same image / video frame (its attention segment), summed over the
+    token's patches, in the last block with full attention (Qwen2-VL: the last block; 2.5: the last of
+    `fullatt_block_indexes`). This received-attention score is what VisionZip-style ports to encoders
+    without CLS use in place of CLS attention. Keys: that block's key projection averaged over heads
+    and over the token's patches. Per image (per video frame by default; per video under the adapter's
+    `video_span="video"`): the top `dominant` tokens keep their values, the rest merge into
+    `contextual` tokens (same rule as above), each at its target's slot and 3-D position; dominant /
+    contextual counts apply per image as given, presets scale by the image's token count / 576.
     """
 
     dominant: int = 54
@@ -55,11 +68,30 @@ class VisionZip(TokenReducer):
             raise ConfigError(f"visionzip preset={self.preset}; allowed: {sorted(PRESETS)}")
         if self.dominant < 1 or self.contextual < 0:
             raise ConfigError(f"visionzip dominant={self.dominant} (>= 1), contextual={self.contextual} (>= 0)")
+        self._tokens = None  # per-LLM-token encoder signals (Qwen2-VL), set by extra_hooks
 
     def refusal_hint(self, adapter) -> str:
-        return ("VisionZip's dominant tokens are chosen by CLS attention inside a CLIP-style encoder; "
-                "supported: LLaVA-1.5 and LLaVA-NeXT (per crop); elsewhere use divprune / pooling / "
+        return ("VisionZip's dominant tokens are chosen by CLS attention inside a CLIP-style encoder, or by "
+                "received attention per merged token (Qwen2-VL / 2.5-VL); supported: LLaVA-1.5, LLaVA-NeXT "
+                "(per crop), Qwen2-VL / 2.5-VL (per image); elsewhere use divprune / pooling / "
                 "tome placement='projector'")
+
+    @staticmethod
+    def _per_token(adapter) -> bool:
+        """True on backbones without a vision stage whose adapter gives encoder signals per LLM token."""
+        return "vision" not in adapter.stages and hasattr(adapter, "vision_token_signals")
+
+    def setup(self, adapter) -> None:
+        if not self._per_token(adapter):
+            return super().setup(adapter)
+        # Signals from the encoder, decision on its merged tokens: a projector-stage decision (the
+        # engine applies vision- and projector-stage decisions alike, at the language model's input).
+        if "projector" not in adapter.stages:
+            raise ConfigError(f"VisionZip on backbone {adapter.family!r} decides on the merged visual tokens, "
+                              f"but the backbone supports only {list(adapter.stages)}")
+        if self.positions == "repack" and not getattr(adapter, "supports_repack", True):
+            raise ConfigError(f"VisionZip: positions='repack' is not supported on backbone {adapter.family!r} "
+                              f"({getattr(adapter, 'repack_note', '')}); allowed: positions='keep'")
 
     def counts(self, patches: int) -> tuple[int, int]:
         if self.preset is not None:
@@ -70,6 +102,10 @@ class VisionZip(TokenReducer):
         return self.dominant, self.contextual
 
     def extra_hooks(self, adapter, engine):
+        if self._per_token(adapter):
+            self._tokens = adapter.vision_token_signals()
+            return self._tokens.hooks()
+        self._tokens = None
         self._per_image = adapter.vision_unit_tokens
         self._full = cls_in_features(adapter)
         self._plans = self._signals = None
@@ -114,5 +150,43 @@ class VisionZip(TokenReducer):
         return (new, *args[1:])
 
     def decide(self, ctx):
+        if self._tokens is not None:
+            return self._decide_tokens(ctx)
         plans, self._plans = self._plans, None
         return plan_decisions(ctx, plans, self._per_image, "visionzip")
+
+    # ------------------------------------------------------------------ merged tokens (Qwen2-VL)
+    def _decide_tokens(self, ctx) -> list[Decision]:
+        signals = self._tokens.per_token([ctx.vision_map(b) for b in range(ctx.batch_size)])
+        return [self._sample(ctx.visual_hidden(b), score.to(ctx.hidden.device), keys.to(ctx.hidden.device),
+                             ctx.span_ids(b))
+                for b, (score, keys) in enumerate(signals)]
+
+    def _sample(self, x: torch.Tensor, score: torch.Tensor, keys: torch.Tensor, spans: torch.Tensor) -> Decision:
+        """One sample: x (n, D) its visual tokens, score (n,) dominance, keys (n, d), spans (n,) image /
+        frame id. Dominant tokens keep their values; contextual tokens sit at their targets' slots."""
+        reps, groups, values, dominant, contextual = [], [], [], [], []
+        for s in spans.unique():
+            idx = torch.nonzero(spans == s).flatten()
+            n = int(idx.numel())
+            n_dom, n_ctx = self.counts(n)
+            n_dom = min(n_dom, n)
+            n_ctx = min(n_ctx, n - n_dom)  # a preset on a tiny image / frame
+            order = torch.sort(score[idx].float(), descending=True, stable=True).indices
+            dom = idx[order[:n_dom]].sort().values
+            rem = idx[order[n_dom:]].sort().values
+            for i in dom:
+                reps.append(i)
+                groups.append(i[None])
+                values.append(x[i])
+            dominant += dom.tolist()
+            if n_ctx and rem.numel():
+                tok, targets, assign = contextual_merge(x[rem], keys[rem], n_ctx)
+                for j, t in enumerate(targets):
+                    reps.append(rem[t])
+                    groups.append(rem[assign == j])
+                    values.append(tok[j])
+                contextual += rem[targets].tolist()
+        d = groups_decision(reps, groups, values, dtype=x.dtype)
+        d.record.update(dominant=sorted(dominant), contextual=sorted(contextual))
+        return d

@@ -77,8 +77,6 @@ REFUSED: dict[tuple[str, str, int], str] = {}
 for _bb in ("qwen2_vl", "qwen2_5_vl"):
     REFUSED.update({(_bb, "tome", 0): _QWEN_VISION + r".*placement='projector'",
                     (_bb, "tome", 2): _QWEN_VISION + r".*placement='projector'",
-                    (_bb, "visionzip", 0): _QWEN_VISION + r".*CLS attention",
-                    (_bb, "visionzip", 1): _QWEN_VISION + r".*CLS attention",
                     (_bb, "chain", 0): _QWEN_VISION + r".*placement='projector'"})
 
 # Exact counts that depend on a backbone's layout, not only on n_visual: (backbone, strategy, case) ->
