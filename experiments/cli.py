@@ -10,7 +10,7 @@ from framework.errors import ConfigError
 
 def cmd_list(args) -> int:
     from framework.registry import available, describe, get
-    from models import available_backbones, describe_backbone
+    from models import adapter_options, available_backbones, describe_backbone
 
     print("strategies:")
     for name in available():
@@ -19,7 +19,9 @@ def cmd_list(args) -> int:
         print(f"  {name:<11} [{stage}] {describe(name)}")
     print("backbones:")
     for family, cls in available_backbones().items():
-        print(f"  {family:<11} stages: {', '.join(cls.stages):<24} {describe_backbone(family)}")
+        opts = ", ".join(adapter_options(cls))
+        print(f"  {family:<11} stages: {', '.join(cls.stages):<24} {describe_backbone(family)}"
+              + (f"; adapter options: {opts}" if opts else ""))
     return 0
 
 

@@ -10,7 +10,10 @@ Keyword arguments mirror the CLI (`--model_args`) and leftovers are refused with
   pretrained: hub name / local path, or `toy-llava` (the shipped toy checkpoint);
   strategy, budget: a registered strategy and its visual-token budget (see `sparsevlm list`);
   strategy_args: extra strategy fields, "k1=v1;k2=v2" (e.g. "recycling=false;raters=all_text");
+  adapter_args: backbone adapter options, same form (e.g. "newline=text" for LLaVA-NeXT, "video_span=video"
+    for Qwen2-VL; see `sparsevlm list`);
   device, dtype, attn_implementation, max_new_tokens, batch_size (1 only: one prompt per prefill).
+Real checkpoints are prompted through their processor's chat template (`_prompt`).
 `generate_until` runs greedy generation with the reducer attached; `loglikelihood` and multi-round are
 not implemented (NotImplementedError naming the class). Accounting of every request is kept in
 `self.records` (visual tokens per layer, equivalent tokens, FLOPs).
@@ -64,14 +67,14 @@ class SparseVLMLmms(_LmmsBase):
     """lmms-eval `simple` model: a supported VLM + a token-reduction strategy (see module docstring)."""
 
     def __init__(self, pretrained: str = "toy-llava", strategy: str = "none", budget: int | str | None = None,
-                 strategy_args: str | dict | None = None, device: str = "cpu", dtype: str = "float32",
+                 strategy_args: str | dict | None = None, adapter_args: str | dict | None = None, device: str = "cpu", dtype: str = "float32",
                  attn_implementation: str = "eager", max_new_tokens: int = 16, batch_size: int | str = 1,
                  model=None, processor=None, **kwargs) -> None:
         super().__init__()
         kwargs = {k: v for k, v in kwargs.items() if k not in ("device_map",)}  # harmless lmms-eval extras
         if kwargs:
             raise ConfigError(f"SparseVLMLmms: unknown argument(s) {sorted(kwargs)}; allowed: pretrained, strategy, "
-                              "budget, strategy_args, device, dtype, attn_implementation, max_new_tokens, batch_size")
+                              "budget, strategy_args, adapter_args, device, dtype, attn_implementation, max_new_tokens, batch_size")
         if int(batch_size) != 1:
             raise ConfigError(f"SparseVLMLmms: batch_size={batch_size}; only 1 is supported")
         from . import runner
@@ -85,8 +88,8 @@ class SparseVLMLmms(_LmmsBase):
         self.toy = hasattr(processor, "convert_tokens_to_ids") and not hasattr(processor, "image_processor")
         from models import adapter_for
 
-        self.adapter = adapter_for(self._model)
-        extra = self._strategy_args(strategy_args)
+        self.adapter = adapter_for(self._model, **self._key_values(adapter_args, "adapter_args"))
+        extra = self._key_values(strategy_args, "strategy_args")
         budget = _parse_value(budget)
         n_visual = int(self.adapter.tokens_per_image()) if hasattr(self.adapter, "tokens_per_image") else 10**9
         fields = runner.strategy_fields({"name": strategy, **extra}, budget, n_visual)
@@ -117,7 +120,7 @@ class SparseVLMLmms(_LmmsBase):
 
     # ------------------------------------------------------------------ loading
     @staticmethod
-    def _strategy_args(spec) -> dict:
+    def _key_values(spec, what: str = "strategy_args") -> dict:
         if spec is None or spec == "":
             return {}
         if isinstance(spec, dict):
@@ -128,7 +131,7 @@ class SparseVLMLmms(_LmmsBase):
                 continue
             k, sep, v = item.partition("=")
             if not sep:
-                raise ConfigError(f"strategy_args item {item!r}; expected key=value")
+                raise ConfigError(f"{what} item {item!r}; expected key=value")
             out[k.strip()] = _parse_value(v.strip())
         return out
 
@@ -159,11 +162,21 @@ class SparseVLMLmms(_LmmsBase):
             out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                    "pixel_values": image_to_tensor(images).to(self._model.dtype)}
         else:
+            text = self._prompt(context, len(visuals))
             proc = self._processor
-            image_tok = getattr(proc, "image_token", "<image>")
-            text = context if image_tok in context else " ".join([image_tok] * len(visuals) + [context])
             out = dict(proc(text=[text], images=visuals or None, return_tensors="pt"))
         return {k: (v.to(self._device) if torch.is_tensor(v) else v) for k, v in out.items()}
+
+    def _prompt(self, context: str, n_images: int) -> str:
+        """The model's own chat template (one user turn: the images, then the question; generation prompt
+        added), as lmms-eval's HF models do; a processor without a template gets "<image> ... question"."""
+        proc = self._processor
+        if getattr(proc, "chat_template", None):
+            content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": context}]
+            return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                            tokenize=False)
+        image_tok = getattr(proc, "image_token", "<image>")
+        return context if image_tok in context else " ".join([image_tok] * n_images + [context])
 
     # ------------------------------------------------------------------ lmms API
     @torch.no_grad()
@@ -183,7 +196,7 @@ class SparseVLMLmms(_LmmsBase):
             visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
             visuals = [v for v in (visuals or []) if v is not None]
             inputs = self._encode(context, visuals)
-            with attach(self._model, self.reducer) as engine:
+            with attach(self._model, self.reducer, adapter=self.adapter) as engine:
                 ids = self._model.generate(**inputs, max_new_tokens=max_new, do_sample=False,
                                            pad_token_id=self.tokenizer.pad_token_id)
                 acc = account(engine) if engine.last_record else []

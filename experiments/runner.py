@@ -84,6 +84,7 @@ class Backbone:
     tokenizer: Any
     name: str
     n_visual: int
+    adapter: Any = None  # the backbone adapter, built with the config's `adapter:` options
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -119,8 +120,8 @@ def load_backbone(bcfg) -> Backbone:
         raise ConfigError(f"backbone loader {loader!r}; allowed: toy, toy_random, random_llava")
     from models import adapter_for
 
-    adapter = adapter_for(model)
-    return Backbone(model=model, tokenizer=tok, name=name, n_visual=int(adapter.tokens_per_image()))
+    adapter = adapter_for(model, **(b.get("adapter") or {}))
+    return Backbone(model=model, tokenizer=tok, name=name, n_visual=int(adapter.tokens_per_image()), adapter=adapter)
 
 
 def random_llava(b: dict, images: int = 1):
@@ -293,9 +294,10 @@ class EvalModule(pl.LightningModule):
     """Evaluate a backbone with a reducer attached: next-token answer accuracy + per-sample records."""
 
     def __init__(self, model, tokenizer, reducer, samples_meta: list[dict], overlays: int = 0,
-                 result_path: str | None = None):
+                 result_path: str | None = None, adapter=None):
         super().__init__()
         self.model = model
+        self.adapter = adapter
         self.tokenizer = tokenizer
         self.reducer = reducer
         self.meta = samples_meta
@@ -309,7 +311,7 @@ class EvalModule(pl.LightningModule):
         from framework import ReductionEngine
 
         self.records = []
-        self._engine = ReductionEngine(self.model, self.reducer).attach()
+        self._engine = ReductionEngine(self.model, self.reducer, adapter=self.adapter).attach()
         self._shape = self._engine.adapter.shape()
 
     def on_test_end(self) -> None:
@@ -397,7 +399,8 @@ def run_test(backbone: Backbone, samples: list, reducer, run_cfg, batch_size: in
     meta = [{"qtype": s.qtype, "answer": s.answer} for s in samples]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "result.json")
-        module = EvalModule(backbone.model, backbone.tokenizer, reducer, meta, int(r.get("overlays", 0)), path)
+        module = EvalModule(backbone.model, backbone.tokenizer, reducer, meta, int(r.get("overlays", 0)), path,
+                            adapter=backbone.adapter)
         trainer = pl.Trainer(accelerator=r.get("accelerator", "cpu"), devices=devices,
                              strategy="auto" if devices == 1 else r.get("ddp", "ddp_spawn"),
                              logger=False, enable_checkpointing=False, enable_model_summary=False,

@@ -35,10 +35,22 @@ def adapter_class(family: str) -> type:
     return classes[family]
 
 
-def adapter_for(model) -> BackboneAdapter:
+def adapter_options(cls: type) -> list[str]:
+    """The keyword options an adapter class takes (e.g. LLaVA-NeXT `newline`, Qwen `video_span`)."""
+    import inspect
+
+    return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "model")]
+
+
+def adapter_for(model, **options) -> BackboneAdapter:
+    """The adapter for a loaded model; `options` go to the adapter (unknown ones are refused)."""
     name = type(model).__name__
     for cls in _adapter_classes().values():
         if name in cls.model_classes:
-            return cls(model)
+            unknown = sorted(set(options) - set(adapter_options(cls)))
+            if unknown:
+                raise ConfigError(f"{cls.family} adapter: unknown option(s) {unknown}; allowed: "
+                                  f"{adapter_options(cls) or 'none'}")
+            return cls(model, **options)
     supported = sorted(c for cls in _adapter_classes().values() for c in cls.model_classes)
     raise ConfigError(f"no adapter for model class {name}; supported: {', '.join(supported)}")

@@ -332,3 +332,13 @@ def test_load_local_checkpoint(tmp_path):
     assert proc is None
     x = tb.collate(tb.qwen_examples(m))
     torch.testing.assert_close(model(**x).logits, m(**x).logits, atol=1e-6, rtol=0)
+
+
+def test_adapter_options_pass_through_and_unknown_ones_are_refused():
+    nxt = adapter_for(model_for("llava_next"), newline="text")
+    assert nxt.newline == "text"
+    assert adapter_for(model_for("qwen2_vl"), video_span="video").video_span == "video"
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['newline'\]; allowed: \['video_span'\]"):
+        adapter_for(model_for("qwen2_vl"), newline="text")
+    with pytest.raises(ConfigError, match="newline='nope'; allowed"):
+        adapter_for(model_for("llava_next"), newline="nope")

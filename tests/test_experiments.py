@@ -208,6 +208,8 @@ def test_lmms_plugin_fake_task():
     model.generation_config.eos_token_id = None
     with pytest.raises(ConfigError, match="unknown argument"):
         SparseVLMLmms(model=model, processor=tok, strategy="fastv", budget=8, nonsense=1)
+    with pytest.raises(ConfigError, match="llava adapter: unknown option"):
+        SparseVLMLmms(model=model, processor=tok, strategy="fastv", budget=8, adapter_args="newline=text")
     lm = SparseVLMLmms(model=model, processor=tok, strategy="sparsevlm", budget="21",
                        strategy_args="recycling=false", max_new_tokens=3)
     assert lm.reducer.recycling is False and lm.reducer.preset == "192"
@@ -237,3 +239,23 @@ def test_hydra_multirun_shares_results(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = ResultsFile(tmp_path / "results.jsonl").rows()
     assert sorted(r["name"] for r in rows) == ["fastv-21", "fastv-7", "none", "random-21", "random-7"]
+
+
+def test_lmms_plugin_prompts_real_processors_with_their_chat_template():
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    from experiments.lmms_plugin import SparseVLMLmms
+    from models.toy import build_toy_model
+
+    model, tok = build_toy_model({"vision_hidden": 32, "vision_layers": 1, "vision_heads": 2,
+                                  "vision_intermediate": 64, "text_hidden": 32, "text_layers": 4,
+                                  "text_heads": 2, "text_intermediate": 64})
+    template = ("{% for m in messages %}{{ m['role'].upper() + ': ' }}{% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}{{ '<image>\\n' }}{% else %}{{ c['text'] + ' ' }}{% endif %}"
+                "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+    proc = LlavaProcessor(image_processor=CLIPImageProcessor(), tokenizer=tok, chat_template=template,
+                          patch_size=8, num_additional_image_tokens=1, vision_feature_select_strategy="default")
+    lm = SparseVLMLmms(model=model, processor=proc, strategy="none")
+    assert lm._prompt("what colour ?", 2) == "USER: <image>\n<image>\nwhat colour ? ASSISTANT:"
+    proc.chat_template = None
+    assert lm._prompt("what colour ?", 1) == "<image> what colour ?"
