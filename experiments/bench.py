@@ -46,13 +46,16 @@ def make_inputs(model, batch: int, images: int = 1, text_tokens: int = 64, seed:
 
 
 class _Timed:
-    """Wrap a reducer's begin/decide with wall-clock accumulators (the strategy's own overhead)."""
+    """Within `with`, the reducer's begin/decide accumulate their wall-clock time (the strategy's own
+    overhead) in `seconds`; the original methods come back on exit, so repeated use never nests."""
 
     def __init__(self, reducer):
         self.reducer = reducer
         self.seconds = 0.0
+
+    def __enter__(self) -> "_Timed":
         for name in ("begin", "decide"):
-            orig = getattr(reducer, name)
+            orig = getattr(self.reducer, name)
 
             def wrapped(ctx, _orig=orig):
                 dev = ctx.hidden.device
@@ -63,14 +66,18 @@ class _Timed:
                 self.seconds += time.perf_counter() - t0
                 return out
 
-            setattr(reducer, name, wrapped)
+            setattr(self.reducer, name, wrapped)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name in ("begin", "decide"):
+            self.reducer.__dict__.pop(name, None)  # the instance attribute shadowed the class method
 
 
 @torch.no_grad()
 def prefill_stats(model, reducer, inputs, repeats: int) -> dict:
-    timed = _Timed(reducer)
     times, overhead = [], []
-    with attach(model, reducer) as engine:
+    with _Timed(reducer) as timed, attach(model, reducer) as engine:
         model(**inputs, logits_to_keep=1)  # warm-up
         for _ in range(repeats):
             timed.seconds = 0.0

@@ -108,10 +108,18 @@ def wandb_mode() -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
+def wandb_run_id(project: str, group: str, key: str) -> str:
+    """A W&B run id fixed by the run's identity: a run logged again after an interrupted sweep (killed
+    between its W&B log and its results row) updates the same W&B run instead of adding a duplicate."""
+    import hashlib
+
+    return hashlib.sha1(f"{project}/{group}/{key}".encode()).hexdigest()[:20]
+
+
 def log_wandb(row: dict, config: dict, out_dir: str | os.PathLike, group: str, name: str,
-              project: str = "sparsevlm", samples: list[dict] | None = None) -> str | None:
+              project: str = "sparsevlm", samples: list[dict] | None = None, key: str | None = None) -> str | None:
     """One W&B run for one finished evaluation: config, summary metrics, per-layer series, a samples table.
-    Returns the run directory (offline) or None when wandb is unavailable."""
+    `key` (the run key) fixes the W&B run id. Returns the run directory (offline) or None without wandb."""
     try:
         import wandb
     except ImportError:
@@ -119,6 +127,7 @@ def log_wandb(row: dict, config: dict, out_dir: str | os.PathLike, group: str, n
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     run = wandb.init(project=project, dir=str(out_dir), group=group, name=name, job_type="eval",
+                     id=wandb_run_id(project, group, key or name), resume="allow",
                      config=config, mode=wandb_mode(), reinit="finish_previous",
                      settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
     try:

@@ -111,7 +111,7 @@ def peak_memory_mb(model, inputs: Mapping[str, torch.Tensor]) -> float | None:
             model(**inputs, use_cache=True)
         events = sorted((e.time_range.start, e.self_cpu_memory_usage)
                         for e in prof.events() if e.self_cpu_memory_usage)
-    except Exception:  # profiler unavailable: no number rather than a wrong one
+    except RuntimeError:  # profiler unavailable: no number rather than a wrong one
         return None
     cur = peak = 0
     for _, b in events:

@@ -191,7 +191,8 @@ def run_sweep(cfg, on_row: Callable[[dict, int], None] | None = None, quiet: boo
         if cfg.run.get("wandb", True):
             row["wandb_dir"] = log_wandb(row, row["config"] | {"strategy_fields": spec.fields, "run_key": spec.key},
                                          cfg.run.get("wandb_dir") or out, group=cfg.sweep.name, name=spec.name,
-                                         project=cfg.run.get("wandb_project", "sparsevlm"), samples=records)
+                                         project=cfg.run.get("wandb_project", "sparsevlm"), samples=records,
+                                         key=spec.key)
         results.append(row)  # the commit point
         done[spec.key] = row
         if spec.strategy == "none":

@@ -154,6 +154,7 @@ def test_sweep_grid_wandb_and_resume(tmp_path):
     # a third invocation does nothing
     assert len(sweep.run_sweep(_compose(*overrides), quiet=True)) == 9
     assert len(results.rows()) == 9 and len(_wandb_runs(tmp_path)) == 9
+    assert len({p.name.rsplit("-", 1)[1] for p in _wandb_runs(tmp_path)}) == 9  # one W&B run id per run
     # what each row carries
     base = next(r for r in stored if r["strategy"] == "none")
     for r in stored:
@@ -223,6 +224,26 @@ def test_lmms_plugin_fake_task():
     assert acc["visual_per_layer"][0] == 64 and acc["visual_per_layer"][-1] < 64
     with pytest.raises(NotImplementedError, match="SparseVLMLmms"):
         lm.loglikelihood([req])
+
+
+def test_killed_between_wandb_and_results_row_reuses_the_wandb_run(tmp_path, monkeypatch):
+    from experiments import sweep
+    from experiments.logging_utils import ResultsFile
+
+    overrides = ["task.n=4", f"out_dir={tmp_path}", "sweep.name=kill", "sweep.strategies=[none,fastv]",
+                 "sweep.budgets=[7]"]
+    real = ResultsFile.append
+
+    def killed(self, row):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ResultsFile, "append", killed)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(_compose(*overrides), quiet=True)
+    monkeypatch.setattr(ResultsFile, "append", real)
+    rows = sweep.run_sweep(_compose(*overrides), quiet=True)
+    ids = [p.name.rsplit("-", 1)[1] for p in _wandb_runs(tmp_path)]
+    assert len(rows) == 2 and len(ids) == 3 and len(set(ids)) == 2  # the re-logged run kept its id
 
 
 def test_hydra_multirun_shares_results(tmp_path):
