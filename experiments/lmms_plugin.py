@@ -10,7 +10,7 @@ Keyword arguments mirror the CLI (`--model_args`) and leftovers are refused with
   pretrained: hub name / local path, or `toy-llava` (the shipped toy checkpoint);
   strategy, budget: a registered strategy and its visual-token budget (see `sparsevlm list`);
   strategy_args: extra strategy fields, "k1=v1;k2=v2" (e.g. "recycling=false;raters=all_text");
-  adapter_args: backbone adapter options, same form (e.g. "newline=text" for LLaVA-NeXT, "video_span=video"
+  adapter_args: backbone adapter options, same form (e.g. "newline=keep" for LLaVA-NeXT, "video_span=video"
     for Qwen2-VL; see `sparsevlm list`);
   device, dtype, attn_implementation, max_new_tokens, batch_size (1 only: one prompt per prefill).
 Real checkpoints are prompted through their processor's chat template (`_prompt`).

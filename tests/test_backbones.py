@@ -335,8 +335,8 @@ def test_load_local_checkpoint(tmp_path):
 
 
 def test_adapter_options_pass_through_and_unknown_ones_are_refused():
-    nxt = adapter_for(model_for("llava_next"), newline="text")
-    assert nxt.newline == "text"
+    nxt = adapter_for(model_for("llava_next"), newline="keep")
+    assert nxt.newline == "keep"
     assert adapter_for(model_for("qwen2_vl"), video_span="video").video_span == "video"
     with pytest.raises(ConfigError, match=r"unknown option\(s\) \['newline'\]; allowed: \['video_span'\]"):
         adapter_for(model_for("qwen2_vl"), newline="text")
