@@ -166,7 +166,7 @@ def build_lightning_module(args):
             region = self._current_region(step)
             rng = self._rng(step)
             seed = int(rng.integers(2**31))
-            qtypes = str(h.get("qtypes") or ",".join(task.QTYPES)).split(",")
+            qtypes = self._current_qtypes()
             pack = int(h.get("pack", 1))
             if pack > 1:  # several questions per image in one masked sequence (~10x cheaper per answer)
                 groups = task.generate_packed(seed, max(1, h.batch_size // pack), pack, region=region, qtypes=qtypes)
@@ -211,7 +211,23 @@ def build_lightning_module(args):
                     st["since"] = step
                     self._acc_acc = []
                     print(f"curriculum: region {st['region']} from step {step}", flush=True)
+            elif h.get("first_qtypes") and st.get("phase", 0) == 0:
+                # the last region of the first question types: move on to all types when learned
+                n = step - st["since"]
+                win = self._acc_acc[-50:]
+                ready = n >= h.min_region_steps and len(win) >= 50 and np.mean(win) >= h.advance_acc
+                if ready or n >= h.region_max_steps:
+                    st["phase"] = 1
+                    st["since"] = step
+                    self._acc_acc = []
+                    print(f"curriculum: all question types from step {step}", flush=True)
             return st["region"]
+
+        def _current_qtypes(self) -> list[str]:
+            h = self.hparams
+            if h.get("first_qtypes") and self._cur.get("phase", 0) == 0:
+                return str(h.first_qtypes).split(",")
+            return str(h.get("qtypes") or ",".join(task.QTYPES)).split(",")
 
         def training_step(self, batch, batch_idx):
             step = self.global_step
@@ -364,6 +380,9 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--qtypes", default=None, help="comma-separated question types to train on (default: all)")
+    p.add_argument("--first-qtypes", default=None,
+                   help="adaptive curriculum: train only these types through the regions, then (once learned on "
+                        "the last region) switch to --qtypes; e.g. colour_at,shape_at (lookups teach the routing)")
     p.add_argument("--init-std", type=float, default=0.02,
                    help="weight init std; ~1/sqrt(hidden) lets the image signal reach the answer early")
     p.add_argument("--mlp-ratio", type=int, default=4, help="MLP width / hidden (text and vision)")

@@ -76,7 +76,8 @@ def test_save_load_roundtrip_identical_logits(tiny, tmp_path):
     assert torch.equal(b["input_ids"], b2["input_ids"])
     with torch.no_grad():
         a, c, d = model(**b).logits, m2(**b2).logits, m3(**b2).logits
-    assert torch.equal(a, c) and torch.allclose(a, d, atol=1e-5)
+    real = b["attention_mask"].bool()  # padding rows are undefined (sdpa gives zeros, eager does not)
+    assert torch.equal(a, c) and torch.allclose(a[real], d[real], atol=1e-5)
 
 
 def test_block_image_keys(tiny):

@@ -73,9 +73,6 @@ def test_relevant_cells_determine_answer(qtype):
         for col in range(len(task.COLOURS)):
             for shp in range(len(task.SHAPES)):
                 sc.colours[r, c], sc.shapes[r, c] = col, shp
-                if qtype == "relation" and (col, shp) == (
-                    task.COLOURS.index(s.question.split()[-3]), task.SHAPES.index(s.question.split()[-2])):
-                    continue  # would make the referenced object ambiguous
                 if qtype == "count":
                     continue  # every cell of the row is relevant; other rows never matter
                 assert task.answer_from_scene(sc, s.question) == s.answer
@@ -84,12 +81,19 @@ def test_relevant_cells_determine_answer(qtype):
 
 def test_packed_groups_share_the_image_and_answers_are_correct():
     groups = task.generate_packed(7, 20, 8)
-    assert sum(map(len, groups)) >= 0.9 * 20 * 8  # relation questions are rarely dropped
+    assert sum(map(len, groups)) == 20 * 8  # every question stays well posed
     for g in groups:
-        assert 1 <= len(g) <= 8
+        assert len(g) == 8
         for s in g:
             assert s.image is g[0].image and s.scene is g[0].scene
             assert task.answer_from_scene(s.scene, s.question) == s.answer
             assert s.answer in task.ANSWER_WORDS
     a, b = task.generate_packed(7, 3, 8), task.generate_packed(7, 3, 8)
     assert [[s.question + s.answer for s in g] for g in a] == [[s.question + s.answer for s in g] for g in b]
+
+
+def test_relation_answer_is_the_left_neighbour_never_the_named_cell():
+    for s in task.generate(11, 200, qtypes=["relation"]):
+        (r, c), = s.relevant
+        assert s.answer == s.scene.colour(r, c) != s.scene.colour(r, c + 1)
+        assert f"row {task.row_word(r)} column {c + 2} " in s.question

@@ -10,9 +10,9 @@ Question types (single-word answers, reported separately):
 ``colour_at``  "what colour is at row R column C ?"            -> colour   (1 relevant cell), e.g. row c column 5
 ``shape_at``   "what shape is at row R column C ?"             -> shape    (1 relevant cell)
 ``count``      "how many <colour> shapes are in row R ?"       -> number word zero..four (8 relevant cells)
-``relation``   "what colour is left of the <colour> <shape> ?" -> colour   (2 relevant cells: the unique
-               target, which is forced to be unique in the scene, and its left neighbour, whose colour is
-               forced to differ from the target colour so the answer is never a word of the question)
+``relation``   "what colour is left of row R column C ?"       -> colour   (1 relevant cell: the left neighbour
+               of the named cell, whose colour is forced to differ from the named cell's, so reading the named
+               cell instead of its neighbour is always wrong)
 
 Rows are letters a..h and columns digits 1..8 in the question text (``ROW_STYLE``); counts are answered with number words, so a
 question never contains its answer word (checked in the tests).
@@ -55,7 +55,7 @@ CHANCE = {
     "colour_at": 1.0 / len(COLOURS),
     "shape_at": 1.0 / len(SHAPES),
     "count": 1.0 / (MAX_COUNT + 1),
-    "relation": 1.0 / (len(COLOURS) - 1),  # the answer is never the target's own colour
+    "relation": 1.0 / len(COLOURS),
 }
 
 QUESTION_WORDS = [
@@ -188,16 +188,12 @@ def make_question(rng: np.random.Generator, scene: Scene, qtype: str, region: in
     elif qtype == "relation":
         r = int(rng.integers(0, region))
         c = int(rng.integers(1, region))
-        tc, ts = int(scene.colours[r, c]), int(scene.shapes[r, c])
-        # make the target unique: any other cell with the same (colour, shape) changes shape
-        dup = (scene.colours == tc) & (scene.shapes == ts)
-        dup[r, c] = False
-        for rr, cc in zip(*np.nonzero(dup)):
-            scene.shapes[rr, cc] = _other(rng, len(SHAPES), ts)
-        if scene.colours[r, c - 1] == tc:
-            scene.colours[r, c - 1] = _other(rng, len(COLOURS), tc)
-        q, a = f"what colour is left of the {COLOURS[tc]} {SHAPES[ts]} ?", scene.colour(r, c - 1)
-        rel = [(r, c), (r, c - 1)]
+        # the left neighbour's colour is forced to differ from the named cell's, so answering with the named
+        # cell's own colour (ignoring the relation) is always wrong
+        if scene.colours[r, c - 1] == scene.colours[r, c]:
+            scene.colours[r, c - 1] = _other(rng, len(COLOURS), int(scene.colours[r, c]))
+        q, a = f"what colour is left of row {row_word(r, row_style)} column {c + 1} ?", scene.colour(r, c - 1)
+        rel = [(r, c - 1)]
     else:
         raise ValueError(f"unknown question type {qtype!r}; allowed: {QTYPES}")
     return q, a, rel
@@ -215,8 +211,7 @@ def generate_packed(seed: int, n_images: int, per_image: int, region: int = GRID
     """Training data with several questions per image (``per_image``), for packed training.
 
     The questions' scene edits are applied one after another; every answer is then re-derived from the
-    final scene, and a question whose answer is no longer well posed (a relation target made non-unique by a
-    later edit) is dropped, so each group has at most ``per_image`` samples, all correct."""
+    final scene, and a question whose answer is no longer well posed is dropped, so each group has at most ``per_image`` samples, all correct."""
     rng = np.random.default_rng(seed)
     groups = []
     for _ in range(n_images):
@@ -259,7 +254,7 @@ def generate(
 
 _RE_AT = re.compile(r"^what (colour|shape) is at row (\w+) column (\d+) \?$")
 _RE_COUNT = re.compile(r"^how many (\w+) shapes are in row (\w+) \?$")
-_RE_REL = re.compile(r"^what colour is left of the (\w+) (\w+) \?$")
+_RE_REL = re.compile(r"^what colour is left of row (\w+) column (\d+) \?$")
 
 
 def answer_from_scene(scene: Scene, question: str) -> str:
@@ -274,14 +269,10 @@ def answer_from_scene(scene: Scene, question: str) -> str:
         return NUMBER_WORDS[int((scene.colours[r] == col).sum())]
     m = _RE_REL.match(question)
     if m:
-        col, shp = COLOURS.index(m.group(1)), SHAPES.index(m.group(2))
-        hits = np.argwhere((scene.colours == col) & (scene.shapes == shp))
-        if len(hits) != 1:
-            raise ValueError("relation target is not unique")
-        r, c = hits[0]
+        r, c = row_index(m.group(1)), int(m.group(2)) - 1
         if c == 0:
-            raise ValueError("relation target has no left neighbour")
-        return scene.colour(int(r), int(c) - 1)
+            raise ValueError("the named cell has no left neighbour")
+        return scene.colour(r, c - 1)
     raise ValueError(f"unparseable question {question!r}")
 
 
