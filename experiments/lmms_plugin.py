@@ -12,7 +12,8 @@ Keyword arguments mirror the CLI (`--model_args`) and leftovers are refused with
   strategy_args: extra strategy fields, "k1=v1;k2=v2" (e.g. "recycling=false;raters=all_text");
   adapter_args: backbone adapter options, same form (e.g. "newline=keep" for LLaVA-NeXT, "video_span=video"
     for Qwen2-VL; see `sparsevlm list`);
-  device, dtype, attn_implementation, max_new_tokens, batch_size (1 only: one prompt per prefill).
+  device, dtype, attn_implementation, max_new_tokens, batch_size (prompts per left-padded prefill; samples
+    keep their own token counts, see the engine).
 Real checkpoints are prompted through their processor's chat template (`_prompt`).
 `generate_until` runs greedy generation with the reducer attached; `loglikelihood` and multi-round are
 not implemented (NotImplementedError naming the class). Accounting of every request is kept in
@@ -67,16 +68,19 @@ class SparseVLMLmms(_LmmsBase):
     """lmms-eval `simple` model: a supported VLM + a token-reduction strategy (see module docstring)."""
 
     def __init__(self, pretrained: str = "toy-llava", strategy: str = "none", budget: int | str | None = None,
-                 strategy_args: str | dict | None = None, adapter_args: str | dict | None = None, device: str = "cpu", dtype: str = "float32",
+                 strategy_args: str | dict | None = None, adapter_args: str | dict | None = None,
+                 device: str = "cpu", dtype: str = "float32",
                  attn_implementation: str = "eager", max_new_tokens: int = 16, batch_size: int | str = 1,
                  model=None, processor=None, **kwargs) -> None:
         super().__init__()
         kwargs = {k: v for k, v in kwargs.items() if k not in ("device_map",)}  # harmless lmms-eval extras
         if kwargs:
             raise ConfigError(f"SparseVLMLmms: unknown argument(s) {sorted(kwargs)}; allowed: pretrained, strategy, "
-                              "budget, strategy_args, adapter_args, device, dtype, attn_implementation, max_new_tokens, batch_size")
-        if int(batch_size) != 1:
-            raise ConfigError(f"SparseVLMLmms: batch_size={batch_size}; only 1 is supported")
+                              "budget, strategy_args, adapter_args, device, dtype, attn_implementation, "
+                              "max_new_tokens, batch_size")
+        if int(batch_size) < 1:
+            raise ConfigError(f"SparseVLMLmms: batch_size={batch_size}; allowed: an int >= 1")
+        self.batch_size = int(batch_size)
         from . import runner
 
         self._device = torch.device(device)
@@ -86,6 +90,7 @@ class SparseVLMLmms(_LmmsBase):
         self._model = model.to(self._device).eval()
         self._processor = processor
         self.toy = hasattr(processor, "convert_tokens_to_ids") and not hasattr(processor, "image_processor")
+        self.tokenizer.padding_side = "left"  # batched prompts end together, generation continues after them
         from models import adapter_for
 
         self.adapter = adapter_for(self._model, **self._key_values(adapter_args, "adapter_args"))
@@ -149,22 +154,24 @@ class SparseVLMLmms(_LmmsBase):
         return model, processor
 
     # ------------------------------------------------------------------ inputs
-    def _encode(self, context: str, visuals: list) -> dict:
+    def _encode(self, contexts: list[str], visuals: list[list]) -> dict:
+        """One left-padded batch of prompts, each with its own images (all prompts have images, or none)."""
+        flat = [v for vs in visuals for v in vs]
         if self.toy:
             import numpy as np
 
             from models.toy import image_to_tensor, prompt_text
 
-            tok = self._processor
             n = self.adapter.tokens_per_image()
-            enc = tok([prompt_text(context, n)], return_tensors="pt", add_special_tokens=False)
-            images = [np.asarray(v.convert("RGB") if hasattr(v, "convert") else v, dtype=np.uint8) for v in visuals]
-            out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                   "pixel_values": image_to_tensor(images).to(self._model.dtype)}
+            enc = self._processor([prompt_text(c, n) for c in contexts], return_tensors="pt", padding=True,
+                                  add_special_tokens=False)
+            out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+            if flat:
+                images = [np.asarray(v.convert("RGB") if hasattr(v, "convert") else v, dtype=np.uint8) for v in flat]
+                out["pixel_values"] = image_to_tensor(images).to(self._model.dtype)
         else:
-            text = self._prompt(context, len(visuals))
-            proc = self._processor
-            out = dict(proc(text=[text], images=visuals or None, return_tensors="pt"))
+            texts = [self._prompt(c, len(vs)) for c, vs in zip(contexts, visuals)]
+            out = dict(self._processor(text=texts, images=flat or None, padding=True, return_tensors="pt"))
         return {k: (v.to(self._device) if torch.is_tensor(v) else v) for k, v in out.items()}
 
     def _prompt(self, context: str, n_images: int) -> str:
@@ -179,6 +186,19 @@ class SparseVLMLmms(_LmmsBase):
         return context if image_tok in context else " ".join([image_tok] * n_images + [context])
 
     # ------------------------------------------------------------------ lmms API
+    def _chunks(self, requests) -> list[list[int]]:
+        """Request indices in order, cut into batches of at most `batch_size` that never mix prompts with and
+        without images (a prefill either has visual tokens in every sample or none)."""
+        chunks: list[list[int]] = []
+        last = None
+        for i, req in enumerate(requests):
+            has = req.args[2] is not None
+            if not chunks or len(chunks[-1]) == self.batch_size or has != last:
+                chunks.append([])
+            chunks[-1].append(i)
+            last = has
+        return chunks
+
     @torch.no_grad()
     def generate_until(self, requests) -> list[str]:
         from tqdm.auto import tqdm
@@ -186,27 +206,34 @@ class SparseVLMLmms(_LmmsBase):
         from framework import attach
         from framework.accounting import account
 
-        out = []
-        for req in tqdm(requests, desc="sparsevlm generate", disable=self.rank != 0 or len(requests) < 8):
-            context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
-            gen_kwargs = dict(gen_kwargs or {})
-            until = gen_kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(gen_kwargs.pop("max_new_tokens", self.max_new_tokens))
-            visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
-            visuals = [v for v in (visuals or []) if v is not None]
-            inputs = self._encode(context, visuals)
+        out: list[str] = [""] * len(requests)
+        for chunk in tqdm(self._chunks(requests), desc="sparsevlm generate",
+                          disable=self.rank != 0 or len(requests) < 8):
+            contexts, visuals, untils, max_new = [], [], [], 1
+            for i in chunk:
+                context, gen_kwargs, doc_to_visual, doc_id, task, split = requests[i].args
+                gen_kwargs = dict(gen_kwargs or {})
+                until = gen_kwargs.pop("until", None) or []
+                untils.append([until] if isinstance(until, str) else list(until))
+                max_new = max(max_new, int(gen_kwargs.pop("max_new_tokens", self.max_new_tokens)))
+                vs = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
+                contexts.append(context)
+                visuals.append([v for v in (vs or []) if v is not None])
+            inputs = self._encode(contexts, visuals)
             with attach(self._model, self.reducer, adapter=self.adapter) as engine:
                 ids = self._model.generate(**inputs, max_new_tokens=max_new, do_sample=False,
                                            pad_token_id=self.tokenizer.pad_token_id)
                 acc = account(engine) if engine.last_record else []
-            text = self.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-            for stop in until:
-                if stop and stop in text:
-                    text = text.split(stop)[0]
-            self.records.append({"doc_id": doc_id, "task": task,
-                                 **({"accounting": acc[0].to_dict()} if acc else {})})
-            out.append(text.strip())
+            prompt_len = inputs["input_ids"].shape[1]
+            for b, i in enumerate(chunk):
+                text = self.tokenizer.decode(ids[b, prompt_len:], skip_special_tokens=True)
+                for stop in untils[b]:
+                    if stop and stop in text:
+                        text = text.split(stop)[0]
+                _, _, _, doc_id, task, _ = requests[i].args
+                self.records.append({"doc_id": doc_id, "task": task,
+                                     **({"accounting": acc[b].to_dict()} if acc else {})})
+                out[i] = text.strip()
         return out
 
     def loglikelihood(self, requests):

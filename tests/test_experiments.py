@@ -222,6 +222,19 @@ def test_lmms_plugin_fake_task():
     assert len(out) == 1 and isinstance(out[0], str)
     acc = lm.records[0]["accounting"]
     assert acc["visual_per_layer"][0] == 64 and acc["visual_per_layer"][-1] < 64
+    # batch_size=2 over 3 prompts (a padded batch, then one alone) answers exactly as one at a time
+    samples = synthetic_vqa.generate(1, 3)
+    samples[1].question = "what colour is left of row c column 5 ?"  # a longer prompt: left padding
+    docs = {i: {"image": s.image} for i, s in enumerate(samples)}
+    reqs = [SimpleNamespace(args=(s.question, {"until": ["\n"], "max_new_tokens": 3}, lambda doc: [doc["image"]],
+                                  i, "fake", "test")) for i, s in enumerate(samples)]
+    answers = {}
+    for bs in (1, 2):
+        lm2 = SparseVLMLmms(model=model, processor=tok, strategy="sparsevlm", budget="21", batch_size=bs,
+                            max_new_tokens=3)
+        lm2.task_dict = {"fake": {"test": docs}}
+        answers[bs] = (lm2.generate_until(reqs), [r["accounting"]["visual_per_layer"] for r in lm2.records])
+    assert answers[1] == answers[2] and len(answers[2][0]) == 3
     with pytest.raises(NotImplementedError, match="SparseVLMLmms"):
         lm.loglikelihood([req])
 
