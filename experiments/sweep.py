@@ -167,9 +167,7 @@ def run_sweep(cfg, on_row: Callable[[dict, int], None] | None = None, quiet: boo
     out = Path(cfg.out_dir)
     samples = runner.load_task(cfg.task)
     bb = runner.load_backbone(cfg.backbone)
-    from models import adapter_for
-
-    specs = expand(cfg, bb.n_visual, adapter_for(bb.model))
+    specs = expand(cfg, bb.n_visual, bb.adapter)
     results = ResultsFile(out / "results.jsonl")
     if results.repair() and not quiet:
         print(f"note: removed a truncated last line from {results.path}")

@@ -173,3 +173,21 @@ def test_shipped_checkpoint_loads_and_matches_its_eval():
     rec = json.loads((toy.TOY_DIR / "eval.json").read_text())["clean"]["overall"]
     acc = evaluate(model, tok, task.heldout(2000, EVAL_SEED_FINAL)[:400])["overall"]
     assert abs(acc - rec) < 0.08
+
+
+def test_relevance_by_layer_matches_a_direct_topk(tiny):
+    from experiments.relevance import TOP_K, relevance_by_layer
+
+    model, tok = tiny
+    s = task.generate(9, 1)
+    rel = relevance_by_layer(model, tok, s)
+    b = toy.encode_batch(s, tok)
+    with torch.no_grad():
+        maps = model(**b, output_attentions=True).attentions
+    pos = (b["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    (r, c), = s[0].relevant
+    for layer, a in enumerate(maps):
+        score = a[0].mean(0)[-1, pos]
+        want = [float(r * task.GRID + c in torch.topk(score, k).indices.tolist()) for k in TOP_K]
+        assert rel["last_token"][layer].tolist() == want
+    assert rel["raters"].shape == (len(maps), len(TOP_K))
