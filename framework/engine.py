@@ -81,7 +81,7 @@ class ReductionEngine:
         if self._handles:
             return self
         a = self.adapter
-        self._handles.extend(getattr(a, "hooks", lambda: [])())
+        self._handles.extend(a.hooks())
         self._handles.append(a.top.register_forward_pre_hook(self._top_hook, with_kwargs=True))
         self._handles.append(a.language_model.register_forward_pre_hook(self._lm_hook, with_kwargs=True))
         for i, layer in enumerate(a.layers):
@@ -132,12 +132,10 @@ class ReductionEngine:
             return None
         self.adapter.check_inputs(input_ids, kwargs)
         self._pending = {"visual": self.adapter.visual_mask(input_ids, kwargs)}
-        spans = getattr(self.adapter, "visual_spans", None)  # (B, L) image/frame id, -1 elsewhere
-        self._pending["spans"] = spans(input_ids, kwargs, self._pending["visual"]) if spans else None
-        grids = getattr(self.adapter, "visual_grids", None)  # per sample, Grids of sequence positions
-        self._pending["grids"] = grids(input_ids, kwargs) if grids else None
-        vmap = getattr(self.adapter, "vision_token_map", None)
-        self._pending["vision_map"] = vmap(input_ids, kwargs) if vmap and self._pre_llm else None
+        a = self.adapter
+        self._pending["spans"] = a.visual_spans(input_ids, kwargs, self._pending["visual"])  # image/frame ids
+        self._pending["grids"] = a.visual_grids(input_ids, kwargs)  # per sample, Grids of sequence positions
+        self._pending["vision_map"] = a.vision_token_map(input_ids, kwargs) if self._pre_llm else None
         return None
 
     def _lm_hook(self, module, args, kwargs):

@@ -109,21 +109,24 @@ class TokenReducer(ABC):
     def setup(self, adapter) -> None:
         """Called once when attached: check the model can host this reducer (layers, stages)."""
         if self.stage not in adapter.stages:
-            note = getattr(adapter, "stage_notes", {}).get(self.stage)
+            note = adapter.stage_notes.get(self.stage)
             hint = self.refusal_hint(adapter)
             raise ConfigError(
                 f"{type(self).__name__} acts at stage {self.stage!r} but backbone {adapter.family!r} "
                 f"supports only {list(adapter.stages)}" + (f" ({note})" if note else "") + (f"; {hint}" if hint else ""))
-        if self.positions == "repack" and not getattr(adapter, "supports_repack", True):
-            raise ConfigError(
-                f"{type(self).__name__}: positions='repack' is not supported on backbone {adapter.family!r} "
-                f"({getattr(adapter, 'repack_note', '')}); allowed: positions='keep'")
+        self.check_positions(adapter)
         n = adapter.num_layers
         for k in self.decision_layers():
             if not 1 <= k < n:
                 raise ConfigError(
                     f"{type(self).__name__}: decision before decoder layer {k} is outside the model; "
                     f"allowed: 1..{n - 1} for a {n}-layer decoder")
+
+    def check_positions(self, adapter) -> None:
+        if self.positions == "repack" and not adapter.supports_repack:
+            raise ConfigError(
+                f"{type(self).__name__}: positions='repack' is not supported on backbone {adapter.family!r} "
+                f"({adapter.repack_note}); allowed: positions='keep'")
 
     def refusal_hint(self, adapter) -> str:
         """What to use instead when this backbone refuses the reducer's stage (appended to the error)."""

@@ -16,6 +16,9 @@ class BackboneAdapter:
     family: str = ""
     model_classes: tuple[str, ...] = ()
     stages: tuple[str, ...] = ("projector", "llm")
+    stage_notes: dict[str, str] = {}  # why a stage is not offered (appended to the refusal)
+    supports_repack: bool = True  # whether positions="repack" has a faithful meaning here
+    repack_note: str = ""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model

@@ -89,9 +89,7 @@ class VisionZip(TokenReducer):
         if "projector" not in adapter.stages:
             raise ConfigError(f"VisionZip on backbone {adapter.family!r} decides on the merged visual tokens, "
                               f"but the backbone supports only {list(adapter.stages)}")
-        if self.positions == "repack" and not getattr(adapter, "supports_repack", True):
-            raise ConfigError(f"VisionZip: positions='repack' is not supported on backbone {adapter.family!r} "
-                              f"({getattr(adapter, 'repack_note', '')}); allowed: positions='keep'")
+        self.check_positions(adapter)
 
     def counts(self, patches: int) -> tuple[int, int]:
         if self.preset is not None:
