@@ -48,8 +48,8 @@ def relevance_by_layer(model, tokenizer, samples, batch_size: int = 50) -> dict[
 
 
 def format_relevance(rel: dict[str, np.ndarray], n_image: int = task.GRID ** 2) -> str:
-    head = " | ".join(f"top {k}" for k in TOP_K)
-    lines = [f"| layer | last token: {head} | raters: {head} |", "|---|---|---|"]
+    head = "top " + " / ".join(str(k) for k in TOP_K)
+    lines = [f"| layer | last token, {head} | raters, {head} |", "|---|---|---|"]
     for layer in range(len(rel["last_token"])):
         cells = [" / ".join(f"{v:.2f}" for v in rel[key][layer]) for key in ("last_token", "raters")]
         lines.append(f"| {layer} | {cells[0]} | {cells[1]} |")
