@@ -1,6 +1,6 @@
 """Train the toy LLaVA (a stock transformers Llava) on the synthetic grid VQA task with PyTorch Lightning.
 
-    python -m experiments.train_toy --out models/toy_llava            # full run (CPU, 1 thread, ~85 minutes)
+    python -m experiments.train_toy --out models/toy_llava            # full run (CPU, 1 thread, ~90 minutes)
     python -m experiments.train_toy --out models/toy_llava --resume   # continue from the last Lightning ckpt
 
 Recipe (research/synthetic.md section 7, plus what this project measured; the defaults are the recipe of the
@@ -363,7 +363,7 @@ def main(argv=None):
     p.add_argument("--ckpt-dir", default=None, help="Lightning checkpoints (default runs/train_toy/<out name>)")
     p.add_argument("--resume", nargs="?", const="last", default=None, help="resume from 'last' or a ckpt path")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=6500, help="total optimizer steps (incl. vision stage)")
+    p.add_argument("--steps", type=int, default=7500, help="total optimizer steps (incl. vision stage)")
     p.add_argument("--max-minutes", type=float, default=150.0)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
