@@ -154,7 +154,7 @@ def test_sweep_grid_wandb_and_resume(tmp_path):
     # a third invocation does nothing
     assert len(sweep.run_sweep(_compose(*overrides), quiet=True)) == 9
     assert len(results.rows()) == 9 and len(_wandb_runs(tmp_path)) == 9
-    assert len({p.name.rsplit("-", 1)[1] for p in _wandb_runs(tmp_path)}) == 9  # one W&B run id per run
+    assert len({p.name.split("-")[3] for p in _wandb_runs(tmp_path)}) == 9  # one W&B run id per run
     # what each row carries
     base = next(r for r in stored if r["strategy"] == "none")
     for r in stored:
@@ -255,8 +255,8 @@ def test_killed_between_wandb_and_results_row_reuses_the_wandb_run(tmp_path, mon
         sweep.run_sweep(_compose(*overrides), quiet=True)
     monkeypatch.setattr(ResultsFile, "append", real)
     rows = sweep.run_sweep(_compose(*overrides), quiet=True)
-    ids = [p.name.rsplit("-", 1)[1] for p in _wandb_runs(tmp_path)]
-    assert len(rows) == 2 and len(ids) == 3 and len(set(ids)) == 2  # the re-logged run kept its id
+    ids = [p.name.split("-")[3] for p in _wandb_runs(tmp_path)]
+    assert len(rows) == 2 and len(ids) == 3 and len(set(ids)) == 2, [p.name for p in _wandb_runs(tmp_path)]
 
 
 def test_hydra_multirun_shares_results(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 
 from framework.errors import ConfigError
 
-QT = ["colour_at", "shape_at", "count", "relation"]
+QT = ["colour_at", "shape_at", "left_of", "above"]
 
 
 def _row(name, strategy, budget, acc, by_type, eq, tflops, prefill, ratio=None, overlays=None, ablation=None):
@@ -20,7 +20,7 @@ def _row(name, strategy, budget, acc, by_type, eq, tflops, prefill, ratio=None, 
 
 @pytest.fixture
 def results(tmp_path):
-    ov = [{"index": 0, "qtype": "count", "correct": True, "groups": [[0], [5], [9, 10, 11]]},
+    ov = [{"index": 0, "qtype": "left_of", "correct": True, "groups": [[0], [5], [9, 10, 11]]},
           {"index": 1, "qtype": "relation", "correct": False, "groups": [[3], [4]]}]
     rows = [
         _row("fastv-21", "fastv", 21, 0.5, [0.6, 0.5, 0.4, 0.5], 31.8, 1.4e-5, 7.0, 0.625, ov),
@@ -57,7 +57,7 @@ def test_report_table_and_files(results, capsys):
         r = by_name[b[0]]
         cell = dict(zip(header, b))
         assert float(cell["avg %"]) == pytest.approx(100 * r["accuracy"], abs=0.05)
-        assert float(cell["count %"]) == pytest.approx(100 * r["acc_by_type"]["count"], abs=0.05)
+        assert float(cell["left_of %"]) == pytest.approx(100 * r["acc_by_type"]["left_of"], abs=0.05)
         assert float(cell["% of none"]) == pytest.approx(100 * r["accuracy_ratio"], abs=0.05)
         assert float(cell["eq. tokens"]) == pytest.approx(r["equivalent_tokens"], abs=0.05)
         assert float(cell["prefill ms"]) == pytest.approx(r["prefill_ms"], abs=0.05)
