@@ -100,40 +100,6 @@ def _interleaved(model, none, reducer, inputs, repeats: int):
     return base_s, run_s, over_s, sb, sr
 
 
-@torch.no_grad()
-def stock_layer_ms(model, n_tokens: int, repeats: int = 3) -> float:
-    """Median ms of one stock decoder layer (the first; all have the same shape) on n_tokens causal tokens at
-    batch 1, called directly: what a layer costs at that length with no engine and no strategy around it."""
-    lm = model.model.language_model
-    dev, dtype = lm.embed_tokens.weight.device, lm.embed_tokens.weight.dtype
-    h = torch.randn(1, n_tokens, lm.config.hidden_size, device=dev, dtype=dtype)
-    pos = torch.arange(n_tokens, device=dev)[None]
-    emb = lm.rotary_emb(h, pos)
-    layer = lm.layers[0]
-    times = []
-    for _ in range(repeats + 1):
-        metrics._sync(dev)
-        t0 = time.perf_counter()
-        layer(h, attention_mask=None, position_ids=pos, position_embeddings=emb)
-        metrics._sync(dev)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times[1:])
-
-
-def length_matched_ms(model, base_ms: float, base_tokens: list[int], tokens: list[int]) -> float:
-    """The prefill a perfect implementation would take: the measured unreduced prefill with each decoder layer's
-    stock time at the full length swapped for its stock time at the reduced length (batch 1). What is left
-    between this and the measured reduced prefill is the engine's and the strategy's own cost."""
-    cache: dict[int, float] = {}
-
-    def t(n):
-        if n not in cache:
-            cache[n] = stock_layer_ms(model, n)
-        return cache[n]
-
-    return base_ms - sum(t(n) for n in base_tokens) + sum(t(n) for n in tokens)
-
-
 def _budget_fields(strategy: str, budget: int | None, n_visual: int, images: int = 1) -> dict:
     fields = runner.strategy_fields({**_strategy_yaml(strategy)}, budget, n_visual)
     if images > 1 and budget is not None and strategy != "none" and isinstance(fields.get("keep"), int):
@@ -183,9 +149,6 @@ def bench(backbone: str = "bench_cpu", strategies: list[str] = ("sparsevlm",), b
                    "tflops": sum(a.flops for a in acc_r) * 1e-12, "base_tflops": sum(a.flops for a in acc_b) * 1e-12,
                    "kv_mb": sum(a.kv_bytes for a in acc_r) / 2**20, "base_kv_mb": sum(a.kv_bytes for a in acc_b) / 2**20,
                    "equivalent_tokens": statistics.fmean(a.equivalent_tokens for a in acc_r)}
-            if batch == 1:
-                row["matched_prefill_ms"] = length_matched_ms(model, row["base_prefill_ms"],
-                                                              acc_b[0].tokens_per_layer, acc_r[0].tokens_per_layer)
             row["prefill_tput"] = batch / (row["prefill_ms"] / 1e3)
             row["base_prefill_tput"] = batch / (row["base_prefill_ms"] / 1e3)
             row["decode_tput"] = batch / (row["decode_ms"] / 1e3) if row["decode_ms"] else None
@@ -265,12 +228,6 @@ def format_bench(rows: list[dict]) -> str:
             gap = r["prefill_ms_ratio"] / r["tflops_ratio"] - 1
             notes.append(f"{r['strategy']} {r['budget']} batch 1: prefill latency ratio {r['prefill_ms_ratio']:.3f} vs "
                          f"FLOPs ratio {r['tflops_ratio']:.3f} ({100 * gap:+.1f} %)")
-            if r.get("matched_prefill_ms"):
-                m = r["matched_prefill_ms"] / r["base_prefill_ms"]
-                notes.append(f"  length-matched stock layers: ratio {m:.3f} ({100 * (m / r['tflops_ratio'] - 1):+.1f} % vs "
-                             f"FLOPs: the hardware's cost at fewer tokens); engine + strategy: "
-                             f"{r['prefill_ms'] - r['matched_prefill_ms']:+.1f} ms ({r['overhead_ms']:.1f} ms in the "
-                             f"strategy's own begin/decide)")
     return "\n".join(lines + [""] + notes)
 
 
