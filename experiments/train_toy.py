@@ -207,25 +207,28 @@ def build_lightning_module(args):
                 st["region"] = min([r for r in regions if r >= st["region"]] or [regions[-1]])
             i = regions.index(st["region"])
             if i + 1 < len(regions):
-                n = step - st["since"]
-                win = self._acc_acc[-50:]
-                ready = n >= h.min_region_steps and len(win) >= 50 and np.mean(win) >= h.advance_acc
-                if ready or n >= h.region_max_steps:
+                if self._stage_done(step):
                     st["region"] = regions[i + 1]
                     st["since"] = step
                     self._acc_acc = []
                     print(f"curriculum: region {st['region']} from step {step}", flush=True)
             elif h.get("first_qtypes") and st.get("phase", 0) == 0:
                 # the last region of the first question types: move on to all types when learned
-                n = step - st["since"]
-                win = self._acc_acc[-50:]
-                ready = n >= h.min_region_steps and len(win) >= 50 and np.mean(win) >= h.advance_acc
-                if ready or n >= h.region_max_steps:
+                if self._stage_done(step):
                     st["phase"] = 1
                     st["since"] = step
                     self._acc_acc = []
                     print(f"curriculum: all question types from step {step}", flush=True)
             return st["region"]
+
+        def _stage_done(self, step) -> bool:
+            """The current curriculum stage is learned (running training accuracy over the last 50 steps >=
+            --advance-acc, after at least --min-region-steps) or has run --region-max-steps."""
+            h = self.hparams
+            n = step - self._cur["since"]
+            win = self._acc_acc[-50:]
+            ready = n >= h.min_region_steps and len(win) >= 50 and np.mean(win) >= h.advance_acc
+            return ready or n >= h.region_max_steps
 
         def _current_qtypes(self) -> list[str]:
             h = self.hparams

@@ -286,7 +286,6 @@ def encode_packed(groups, tokenizer, n_image_tokens: int = task.GRID ** 2) -> di
     and ``position_ids`` give every question the positions it would have alone, so each answer's logits equal
     those of the question asked alone (checked in the tests).  ``answer_pos`` / ``answer_ids`` (N,) and
     ``answer_row`` (N,) locate the N supervised answers (the last token of each question block)."""
-    groups = [g for g in groups if g]
     prefix = tokenizer.convert_tokens_to_ids([SPECIAL["bos"]] + [SPECIAL["image"]] * n_image_tokens)
     P = len(prefix)
     seqs, blocks = [], []

@@ -199,22 +199,16 @@ def generate_packed(seed: int, n_images: int, per_image: int, region: int = GRID
                     qtypes: list[str] | tuple[str, ...] = tuple(QTYPES)) -> list[list[Sample]]:
     """Training data with several questions per image (``per_image``), for packed training.
 
-    The questions' scene edits are applied one after another; every answer is then re-derived from the
-    final scene, and a question whose answer is no longer well posed is dropped, so each group has at most ``per_image`` samples, all correct."""
+    The questions' scene edits are applied one after another, so every answer is re-derived from the final
+    scene (a later edit may change a cell an earlier question is about)."""
     rng = np.random.default_rng(seed)
     groups = []
     for _ in range(n_images):
         scene = _random_scene(rng, GRID, CELL)
         made = [(k, make_question(rng, scene, k, region)) for k in rng.choice(list(qtypes), per_image)]
         image = render(scene)
-        group = []
-        for k, (q, _, rel) in made:
-            try:
-                a = answer_from_scene(scene, q)
-            except ValueError:
-                continue
-            group.append(Sample(image=image, question=q, answer=a, qtype=str(k), scene=scene, relevant=rel))
-        groups.append(group)
+        groups.append([Sample(image=image, question=q, answer=answer_from_scene(scene, q), qtype=str(k),
+                              scene=scene, relevant=rel) for k, (q, _, rel) in made])
     return groups
 
 
