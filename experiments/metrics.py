@@ -93,6 +93,39 @@ def time_prefill(model, inputs: Mapping[str, torch.Tensor]) -> float:
     return time.perf_counter() - t0
 
 
+class DecoderTimer:
+    """Within `with`, the wall time of every forward of the decoder stack (`module`, the language model:
+    from its first pre-hook to its return, so the engine's hooks and the strategy's own work inside it
+    count) accumulates in `seconds`. This is the scope of the paper's FLOPs formula (decoder layers only:
+    no vision tower, projector or lm_head), so its ratio is the one to hold against the FLOPs ratio."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.seconds = 0.0
+        self._handles: list = []
+        self._t0 = 0.0
+
+    def _start(self, module, args) -> None:
+        _sync(self._device)
+        self._t0 = time.perf_counter()
+
+    def _stop(self, module, args, output) -> None:
+        _sync(self._device)
+        self.seconds += time.perf_counter() - self._t0
+
+    def __enter__(self) -> "DecoderTimer":
+        self._device = next(self.module.parameters()).device
+        # prepend: start before the engine's own language-model hook, so its work is inside the window
+        self._handles = [self.module.register_forward_pre_hook(self._start, prepend=True),
+                         self.module.register_forward_hook(self._stop)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
 @torch.no_grad()
 def peak_memory_mb(model, inputs: Mapping[str, torch.Tensor]) -> float | None:
     """Peak bytes allocated during one prefill, above what was live before it (MB)."""

@@ -114,6 +114,19 @@ def region_at(step: int, vis_steps: int, c4: int, c6: int) -> int:
     return 4 if s < c4 else 6 if s < c4 + c6 else 8
 
 
+def _weights(spec: str | None, qtypes: list[str]) -> list[float] | None:
+    """``"left_of=2,above=2"`` -> one weight per type of ``qtypes`` (unnamed types weigh 1)."""
+    if not spec:
+        return None
+    named = {}
+    for item in str(spec).split(","):
+        k, _, v = item.partition("=")
+        if k not in qtypes or not v:
+            raise SystemExit(f"--qtype-weights item {item!r}: expected TYPE=WEIGHT with TYPE one of {qtypes}")
+        named[k] = float(v)
+    return [named.get(k, 1.0) for k in qtypes]
+
+
 def build_lightning_module(args):
     import pytorch_lightning as pl
 
@@ -170,17 +183,18 @@ def build_lightning_module(args):
             region = self._current_region(step)
             rng = self._rng(step)
             seed = int(rng.integers(2**31))
-            qtypes = self._current_qtypes()
+            qtypes, weights = self._current_qtypes()
             pack = int(h.get("pack", 1))
             if pack > 1:  # several questions per image in one masked sequence (~10x cheaper per answer)
-                groups = task.generate_packed(seed, max(1, h.batch_size // pack), pack, region=region, qtypes=qtypes)
+                groups = task.generate_packed(seed, max(1, h.batch_size // pack), pack, region=region, qtypes=qtypes,
+                                              weights=weights)
                 b = toy.encode_packed(groups, self.tokenizer)
                 with toy.override_attention_mask(self.model, b["allowed"]):
                     hs = self.model(input_ids=b["input_ids"], pixel_values=b["pixel_values"],
                                     position_ids=b["position_ids"]).logits
                 logits, ans = hs[b["answer_row"], b["answer_pos"]], b["answer_ids"]
             else:
-                samples = task.generate(seed, h.batch_size, region=region, qtypes=qtypes)
+                samples = task.generate(seed, h.batch_size, region=region, qtypes=qtypes, weights=weights)
                 b = toy.encode_batch(samples, self.tokenizer, with_labels=True)
                 ans = b.pop("answer_ids")
                 if h.early_block_prob > 0 and rng.random() < h.early_block_prob:
@@ -230,11 +244,13 @@ def build_lightning_module(args):
             ready = n >= h.min_region_steps and len(win) >= 50 and np.mean(win) >= h.advance_acc
             return ready or n >= h.region_max_steps
 
-        def _current_qtypes(self) -> list[str]:
+        def _current_qtypes(self) -> tuple[list[str], list[float] | None]:
+            """The question types of the current phase, and their sampling weights (None: uniform)."""
             h = self.hparams
             if h.get("first_qtypes") and self._cur.get("phase", 0) == 0:
-                return str(h.first_qtypes).split(",")
-            return str(h.get("qtypes") or ",".join(task.QTYPES)).split(",")
+                return str(h.first_qtypes).split(","), None
+            qtypes = str(h.get("qtypes") or ",".join(task.QTYPES)).split(",")
+            return qtypes, _weights(h.get("qtype_weights"), qtypes)
 
         def training_step(self, batch, batch_idx):
             step = self.global_step
@@ -387,6 +403,9 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--qtypes", default=None, help="comma-separated question types to train on (default: all)")
+    p.add_argument("--qtype-weights", default=None,
+                   help="sampling weights of the --qtypes types after the first phase, e.g. left_of=2,above=2 "
+                        "(unnamed types weigh 1; default uniform)")
     p.add_argument("--first-qtypes", default="colour_at,shape_at",
                    help="adaptive curriculum: train only these types through the regions, then (once learned on "
                         "the last region) switch to --qtypes; e.g. colour_at,shape_at (lookups teach the routing)")
@@ -409,6 +428,7 @@ def main(argv=None):
                    help="export the weights of a Lightning checkpoint (e.g. runs/train_toy/<name>/last.ckpt) "
                         "as the HF toy checkpoint in --out, then evaluate it (--eval-only)")
     a = p.parse_args(argv)
+    _weights(a.qtype_weights, (a.qtypes or ",".join(task.QTYPES)).split(","))  # bad weights fail now, not at phase 2
 
     torch.set_num_threads(a.threads)
     if a.export:

@@ -16,7 +16,7 @@ def test_bench_table_ratios_and_throughput(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| sparsevlm | 16 | 1 |" in text and "| fastv | 16 | 2 |" in text
     assert "batch 2 vs batch 1 prefill throughput" in text
-    assert "prefill latency ratio" in text and "FLOPs ratio" in text
+    assert "latency ratio of the decoder stack" in text and "of the whole prefill" in text and "FLOPs ratio" in text
     rows = json.loads((tmp_path / "bench.json").read_text())
     assert len(rows) == 4
     for r in rows:
@@ -24,6 +24,7 @@ def test_bench_table_ratios_and_throughput(tmp_path, capsys):
         assert r["tflops_ratio"] == pytest.approx(r["tflops"] / r["base_tflops"])
         assert 0 < r["tflops_ratio"] < 1 and r["kv_mb"] < r["base_kv_mb"]
         assert r["prefill_tput"] == pytest.approx(r["batch"] / (r["prefill_ms"] / 1e3))
+        assert 0 < r["decoder_ms"] < r["prefill_ms"] and 0 < r["base_decoder_ms"] < r["base_prefill_ms"]
     b1 = next(r for r in rows if r["strategy"] == "fastv" and r["batch"] == 1)
     b2 = next(r for r in rows if r["strategy"] == "fastv" and r["batch"] == 2)
     assert b2["base_kv_mb"] == pytest.approx(2 * b1["base_kv_mb"])
@@ -50,3 +51,28 @@ def test_bench_rejects_non_random_backbone():
 
     with pytest.raises(ConfigError, match="random_llava"):
         bench("toy_random", progress=False)
+
+
+def test_decoder_timer_covers_the_strategys_work_and_only_the_decoder():
+    """The decoder-stack window starts before the engine's language-model hook (a strategy's `begin` runs
+    there) and excludes the vision tower (made slow here by a hook)."""
+    import time
+
+    import torch
+
+    from experiments import bench, metrics, runner
+    from framework import attach
+
+    cfg = runner.to_dict(runner.compose(["backbone=bench_cpu", *SMALL]).backbone)
+    model = runner.random_llava(cfg)
+    inputs = bench.make_inputs(model, 1, text_tokens=16)
+    reducer = runner.build_reducer({"name": "none"})
+    reducer.begin = lambda ctx: time.sleep(0.05)
+    slow_vision = model.model.vision_tower.register_forward_hook(lambda *a: time.sleep(0.2))
+    try:
+        with torch.no_grad(), attach(model, reducer) as engine, \
+                metrics.DecoderTimer(engine.adapter.language_model) as dec:
+            whole = metrics.time_prefill(model, {**inputs, "logits_to_keep": 1})
+    finally:
+        slow_vision.remove()
+    assert 0.05 <= dec.seconds < whole - 0.2

@@ -96,3 +96,12 @@ def test_relations_answer_the_neighbour_never_the_named_cell():
         else:
             assert s.answer == s.scene.shape(r, c) != s.scene.shape(r + 1, c)
             assert f"row {task.row_word(r + 1)} column {c + 1} " in s.question
+
+
+def test_packed_question_type_weights():
+    groups = task.generate_packed(3, 40, 16, weights=[0, 1, 0, 3])
+    kinds = [s.qtype for g in groups for s in g]
+    assert set(kinds) == {"shape_at", "above"}
+    assert 0.68 < kinds.count("above") / len(kinds) < 0.82  # 3:1 of 640 draws
+    with pytest.raises(ValueError, match="one non-negative number per question type"):
+        task.generate_packed(3, 1, 4, weights=[1, 1])

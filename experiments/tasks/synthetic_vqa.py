@@ -196,16 +196,24 @@ def make_sample(rng: np.random.Generator, qtype: str, region: int = GRID, grid: 
 
 
 def generate_packed(seed: int, n_images: int, per_image: int, region: int = GRID,
-                    qtypes: list[str] | tuple[str, ...] = tuple(QTYPES)) -> list[list[Sample]]:
-    """Training data with several questions per image (``per_image``), for packed training.
+                    qtypes: list[str] | tuple[str, ...] = tuple(QTYPES),
+                    weights: list[float] | None = None) -> list[list[Sample]]:
+    """Training data with several questions per image (``per_image``), for packed training. Question types
+    are drawn independently, uniformly or by ``weights`` (one per type in ``qtypes``).
 
     The questions' scene edits are applied one after another, so every answer is re-derived from the final
     scene (a later edit may change a cell an earlier question is about)."""
     rng = np.random.default_rng(seed)
+    p = None
+    if weights is not None:
+        if len(weights) != len(qtypes) or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"weights {list(weights)} must be one non-negative number per question type "
+                             f"{list(qtypes)}, not all zero")
+        p = np.asarray(weights, float) / sum(weights)
     groups = []
     for _ in range(n_images):
         scene = _random_scene(rng, GRID, CELL)
-        made = [(k, make_question(rng, scene, k, region)) for k in rng.choice(list(qtypes), per_image)]
+        made = [(k, make_question(rng, scene, k, region)) for k in rng.choice(list(qtypes), per_image, p=p)]
         image = render(scene)
         groups.append([Sample(image=image, question=q, answer=answer_from_scene(scene, q), qtype=str(k),
                               scene=scene, relevant=rel) for k, (q, _, rel) in made])
