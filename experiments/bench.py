@@ -5,7 +5,10 @@ tiny CLIP with a 24x24 patch grid -> 576 visual tokens) and `llava7b_shape` (LLa
 GPU). Prompts: BOS + the image tokens + text tokens (64 in all besides the image), random ids.
 
 For each strategy x budget x batch size, interleaved with no reduction on the same inputs (medians of
-`repeats`): prefill latency (one forward, `logits_to_keep=1`), per-token decode latency (greedy
+`repeats`): prefill latency (one forward, `logits_to_keep=1`), and within it the decoder stack's latency
+(the language model's forward with the engine's and the strategy's work inside it: the scope of the paper's
+FLOPs formula, so this is the ratio to hold against the FLOPs ratio; the vision tower, projector and lm_head
+are the same fixed cost with and without reduction), per-token decode latency (greedy
 `generate`), prefill and decode throughput, KV-cache MB and prefill FLOPs (paper formula, from the
 engine's per-layer token counts), peak memory; every one also as a ratio to no reduction.
 `--scaling`: visual tokens 576, 1152, 2304, 4608 (1, 2, 4, 8 images per prompt): prefill latency with

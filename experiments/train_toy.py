@@ -381,6 +381,9 @@ def main(argv=None):
     p.add_argument("--out", default="models/toy_llava")
     p.add_argument("--ckpt-dir", default=None, help="Lightning checkpoints (default runs/train_toy/<out name>)")
     p.add_argument("--resume", nargs="?", const="last", default=None, help="resume from 'last' or a ckpt path")
+    p.add_argument("--init-from", default=None, metavar="TOY",
+                   help="start from the weights of a saved toy checkpoint (name or path; fresh optimizer), e.g. to "
+                        "continue training: --init-from models/toy_llava --vis-steps 0 --regions 8 --first-qtypes ''")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=7500, help="total optimizer steps (incl. vision stage)")
     p.add_argument("--max-minutes", type=float, default=150.0)
@@ -461,6 +464,10 @@ def main(argv=None):
     hp["minutes_offset"] = 0.0
     Module = build_lightning_module(a)
     module = Module(hp)
+    if a.init_from and not a.resume:  # continue training a saved toy checkpoint (fresh optimizer and schedule)
+        init, _ = toy.load_toy(a.init_from)
+        module.model.load_state_dict(init.state_dict())
+        print(f"initialised from {a.init_from}", flush=True)
     ckpt_path = None
     if a.resume:
         ckpt_path = str(ckpt_dir / "last.ckpt") if a.resume == "last" else a.resume

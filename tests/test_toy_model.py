@@ -155,6 +155,26 @@ def test_lightning_module_few_steps(tmp_path):
     assert (tmp_path / "ck" / "last.ckpt").exists()
 
 
+def test_training_continues_from_a_saved_checkpoint(tmp_path):
+    """--init-from starts from the saved weights (with lr 0 they come back unchanged), straight on the full
+    region and all question types (--vis-steps 0 --regions 8 --first-qtypes '')."""
+    from experiments import train_toy
+
+    start, tok = toy.build_toy_model(dict(text_layers=2, text_hidden=32, text_intermediate=128, vision_hidden=32,
+                                          vision_intermediate=128, vision_layers=1, seed=3, init_std=0.1))
+    toy.save_toy(start, tok, tmp_path / "start")
+    out = tmp_path / "cont"
+    train_toy.main(["--out", str(out), "--ckpt-dir", str(tmp_path / "ck"), "--init-from", str(tmp_path / "start"),
+                    "--steps", "2", "--vis-steps", "0", "--regions", "8", "--first-qtypes", "", "--lr", "0",
+                    "--batch-size", "8", "--eval-every", "2", "--eval-n", "16", "--final-eval-n", "16",
+                    "--layers", "2", "--hidden", "32", "--vision-hidden", "32", "--vision-layers", "1"])
+    rows = (out / "train_log.csv").read_text().strip().splitlines()
+    assert rows[1].split(",")[2:4] == ["qa", "8"]  # no vision stage, full region from the first step
+    after, _ = toy.load_toy(out)
+    for (name, a), b in zip(start.state_dict().items(), after.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.skipif(not (toy.TOY_DIR / "model.safetensors").exists(), reason="no shipped toy checkpoint")
 def test_shipped_checkpoint_loads_and_matches_its_eval():
     """The shipped checkpoint loads offline (also via plain from_pretrained), is small, and its accuracy on a
