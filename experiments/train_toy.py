@@ -2,9 +2,10 @@
 
     python -m experiments.train_toy --out models/toy_llava            # full run (CPU, 1 thread, ~90 minutes)
     python -m experiments.train_toy --out models/toy_llava --resume   # continue from the last Lightning ckpt
+    python -m experiments.train_toy --out runs/more --init-from models/toy_llava ...  # train saved weights further
 
-Recipe (research/synthetic.md section 7, plus what this project measured; the defaults are the recipe of the
-shipped checkpoint): CLIP position table initialised factorised (row + column sums); weight init std 0.1
+Recipe (research/synthetic.md section 7, plus what this project measured; the defaults are run 1 of the
+shipped checkpoint, which was then continued with ``--init-from``: see models/toy_llava/README.md): CLIP position table initialised factorised (row + column sums); weight init std 0.1
 (0.02 keeps the image signal from reaching the answer); stage 1 = vision tower + projector on dense
 per-patch targets (colour, shape, row, column) through a throw-away linear head (150 steps); stage 2 = the
 whole model on questions, 16 questions per image packed into one masked sequence (`--pack`, ~10x cheaper
