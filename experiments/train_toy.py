@@ -5,7 +5,8 @@
     python -m experiments.train_toy --out runs/more --init-from models/toy_llava ...  # train saved weights further
 
 Recipe (research/synthetic.md section 7, plus what this project measured; the defaults are run 1 of the
-shipped checkpoint, which was then continued with ``--init-from``: see models/toy_llava/README.md): CLIP position table initialised factorised (row + column sums); weight init std 0.1
+shipped checkpoint, which was then continued with ``--init-from``: see models/toy_llava/README.md): CLIP
+position table initialised factorised (row + column sums); weight init std 0.1
 (0.02 keeps the image signal from reaching the answer); stage 1 = vision tower + projector on dense
 per-patch targets (colour, shape, row, column) through a throw-away linear head (150 steps); stage 2 = the
 whole model on questions, 16 questions per image packed into one masked sequence (`--pack`, ~10x cheaper
@@ -122,10 +123,17 @@ def _weights(spec: str | None, qtypes: list[str]) -> list[float] | None:
     named = {}
     for item in str(spec).split(","):
         k, _, v = item.partition("=")
-        if k not in qtypes or not v:
-            raise SystemExit(f"--qtype-weights item {item!r}: expected TYPE=WEIGHT with TYPE one of {qtypes}")
-        named[k] = float(v)
-    return [named.get(k, 1.0) for k in qtypes]
+        try:
+            named[k] = float(v)
+        except ValueError:
+            named[k] = -1.0
+        if k not in qtypes or named[k] < 0:
+            raise SystemExit(f"--qtype-weights item {item!r}: expected TYPE=WEIGHT, a weight >= 0 and TYPE one "
+                             f"of {qtypes}")
+    weights = [named.get(k, 1.0) for k in qtypes]
+    if not any(weights):
+        raise SystemExit(f"--qtype-weights {spec!r}: every weight is 0")
+    return weights
 
 
 def build_lightning_module(args):

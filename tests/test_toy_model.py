@@ -211,3 +211,14 @@ def test_relevance_by_layer_matches_a_direct_topk(tiny):
         want = [float(r * task.GRID + c in torch.topk(score, k).indices.tolist()) for k in TOP_K]
         assert rel["last_token"][layer].tolist() == want
     assert rel["raters"].shape == (len(maps), len(TOP_K))
+
+
+def test_qtype_weights_parse_and_fail_clearly():
+    from experiments.train_toy import _weights
+
+    types = list(task.QTYPES)
+    assert _weights(None, types) is None
+    assert _weights("left_of=2,above=3", types) == [1.0, 1.0, 2.0, 3.0]
+    for bad in ("lft=2", "left_of=x", "above=-1", "colour_at=0,shape_at=0,left_of=0,above=0"):
+        with pytest.raises(SystemExit, match="qtype-weights"):
+            _weights(bad, types)
