@@ -111,6 +111,10 @@ def _interleaved(model, none, reducer, inputs, repeats: int) -> dict:
     return out
 
 
+def _median_ms(seconds: list[float]) -> float:
+    return 1e3 * statistics.median(seconds)
+
+
 def _budget_fields(strategy: str, budget: int | None, n_visual: int, images: int = 1) -> dict:
     fields = runner.strategy_fields({**_strategy_yaml(strategy)}, budget, n_visual)
     if images > 1 and budget is not None and strategy != "none" and isinstance(fields.get("keep"), int):
@@ -152,11 +156,10 @@ def bench(backbone: str = "bench_cpu", strategies: list[str] = ("sparsevlm",), b
             t = metrics.measure_pair(model, [inputs], {"base": none, "run": reducer}, repeats=max(1, repeats // 2 + 1),
                                      new_tokens=decode_tokens, memory=True, warmup=0)
             acc_b, acc_r = tm["base"]["acc"], tm["run"]["acc"]
-            med_ms = lambda key: 1e3 * statistics.median(tm[key])  # noqa: E731
             row = {"strategy": s, "budget": bu, "batch": batch, "visual": n_visual,
-                   "prefill_ms": med_ms("run_s"), "base_prefill_ms": med_ms("base_s"),
-                   "decoder_ms": med_ms("run_decoder_s"), "base_decoder_ms": med_ms("base_decoder_s"),
-                   "overhead_ms": med_ms("overhead_s"),
+                   "prefill_ms": _median_ms(tm["run_s"]), "base_prefill_ms": _median_ms(tm["base_s"]),
+                   "decoder_ms": _median_ms(tm["run_decoder_s"]), "base_decoder_ms": _median_ms(tm["base_decoder_s"]),
+                   "overhead_ms": _median_ms(tm["overhead_s"]),
                    "decode_ms": t["run"]["decode_ms"], "base_decode_ms": t["base"]["decode_ms"],
                    "peak_mb": t["run"]["peak_mb"], "base_peak_mb": t["base"]["peak_mb"],
                    "tflops": sum(a.flops for a in acc_r) * 1e-12, "base_tflops": sum(a.flops for a in acc_b) * 1e-12,
@@ -194,8 +197,8 @@ def scaling(backbone: str = "bench_cpu", strategy: str = "sparsevlm", budget: in
         tm = _interleaved(model, none, reducer, inputs, repeats)
         sb, sr = tm["base"], tm["run"]
         row = {"visual": v, "strategy": strategy, "budget": budget,
-               "base_prefill_ms": 1e3 * statistics.median(tm["base_s"]), "prefill_ms": 1e3 * statistics.median(tm["run_s"]),
-               "overhead_ms": 1e3 * statistics.median(tm["overhead_s"]),
+               "base_prefill_ms": _median_ms(tm["base_s"]), "prefill_ms": _median_ms(tm["run_s"]),
+               "overhead_ms": _median_ms(tm["overhead_s"]),
                "base_tflops": sb["acc"][0].flops * 1e-12, "tflops": sr["acc"][0].flops * 1e-12,
                "equivalent_tokens": sr["acc"][0].equivalent_tokens}
         row["prefill_ms_ratio"] = row["prefill_ms"] / row["base_prefill_ms"]

@@ -131,8 +131,10 @@ def _weights(spec: str | None, qtypes: list[str]) -> list[float] | None:
             raise SystemExit(f"--qtype-weights item {item!r}: expected TYPE=WEIGHT, a weight >= 0 and TYPE one "
                              f"of {qtypes}")
     weights = [named.get(k, 1.0) for k in qtypes]
-    if not any(weights):
-        raise SystemExit(f"--qtype-weights {spec!r}: every weight is 0")
+    try:
+        task.type_probabilities(qtypes, weights)
+    except ValueError as e:
+        raise SystemExit(f"--qtype-weights {spec!r}: {e}") from None
     return weights
 
 

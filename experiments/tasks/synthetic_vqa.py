@@ -195,6 +195,16 @@ def make_sample(rng: np.random.Generator, qtype: str, region: int = GRID, grid: 
     return Sample(image=render(scene), question=q, answer=a, qtype=qtype, scene=scene, relevant=rel)
 
 
+def type_probabilities(qtypes, weights: list[float] | None) -> np.ndarray | None:
+    """Sampling probabilities of ``qtypes`` from ``weights`` (None stays None: uniform)."""
+    if weights is None:
+        return None
+    if len(weights) != len(qtypes) or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"weights {list(weights)} must be one non-negative number per question type "
+                         f"{list(qtypes)}, not all zero")
+    return np.asarray(weights, float) / sum(weights)
+
+
 def generate_packed(seed: int, n_images: int, per_image: int, region: int = GRID,
                     qtypes: list[str] | tuple[str, ...] = tuple(QTYPES),
                     weights: list[float] | None = None) -> list[list[Sample]]:
@@ -204,12 +214,7 @@ def generate_packed(seed: int, n_images: int, per_image: int, region: int = GRID
     The questions' scene edits are applied one after another, so every answer is re-derived from the final
     scene (a later edit may change a cell an earlier question is about)."""
     rng = np.random.default_rng(seed)
-    p = None
-    if weights is not None:
-        if len(weights) != len(qtypes) or min(weights) < 0 or sum(weights) <= 0:
-            raise ValueError(f"weights {list(weights)} must be one non-negative number per question type "
-                             f"{list(qtypes)}, not all zero")
-        p = np.asarray(weights, float) / sum(weights)
+    p = type_probabilities(qtypes, weights)
     groups = []
     for _ in range(n_images):
         scene = _random_scene(rng, GRID, CELL)
@@ -238,8 +243,7 @@ def generate(
         kinds = [qtypes[i % len(qtypes)] for i in range(n)]
         kinds = [kinds[i] for i in rng.permutation(n)]
     else:
-        p = np.asarray(weights, float)
-        kinds = [qtypes[i] for i in rng.choice(len(qtypes), n, p=p / p.sum())]
+        kinds = [qtypes[i] for i in rng.choice(len(qtypes), n, p=type_probabilities(qtypes, weights))]
     return [make_sample(rng, k, region=region, grid=grid, cell=cell, row_style=row_style) for k in kinds]
 
 
