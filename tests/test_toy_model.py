@@ -1,5 +1,6 @@
 """The toy LLaVA: stock Llava built from configs, word-level tokenizer, save/load, masking helper, training."""
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -222,3 +223,28 @@ def test_qtype_weights_parse_and_fail_clearly():
     for bad in ("lft=2", "left_of=x", "above=-1", "colour_at=0,shape_at=0,left_of=0,above=0"):
         with pytest.raises(SystemExit, match="qtype-weights"):
             _weights(bad, types)
+
+
+def test_recipe_runs_run1_then_the_shipped_continuation(tmp_path, monkeypatch):
+    """One command = run 1 (train_toy defaults) + the continuation the shipped README documents;
+    a finished run 1 is not redone."""
+    from experiments import toy_recipe, train_toy
+
+    calls = []
+
+    def fake_main(argv):
+        calls.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text("{}")
+
+    monkeypatch.setattr(train_toy, "main", fake_main)
+    monkeypatch.chdir(tmp_path)
+    toy_recipe.main(["--seed", "1", "--out", "final"])
+    assert calls[0] == ["--out", "final_run1", "--seed", "1"]
+    assert calls[1] == ["--out", "final", "--init-from", "final_run1", "--seed", "11", "--vis-steps", "0",
+                        "--regions", "8", "--first-qtypes", "", "--lr", "6e-4", "--warmup", "100", "--steps",
+                        "1800", "--decay-frac", "0.4", "--qtype-weights", "left_of=2,above=2"]
+    calls.clear()
+    toy_recipe.main(["--seed", "1", "--out", "final"])  # run 1 finished: only the continuation again
+    assert [c[1] for c in calls] == ["final"]

@@ -1,0 +1,54 @@
+"""The shipped toy model's whole recipe from scratch, as one command: run 1, then the continuation.
+
+    python -m experiments.toy_recipe --seed 1 --out runs/toy_seed1   # ~2 h on one CPU core, minutes on a GPU
+
+Run 1 is ``train_toy`` with its defaults (lookups first, the questioned region grown 2x2 -> 8x8, then all four
+types; 7,500 steps) into ``<out>_run1``. The continuation trains those weights further on the full grid and
+all four types, the relation types sampled twice as often, with a fresh AdamW (lr 6e-4, decay over the last
+40 %; 1,800 steps) into ``<out>``, on data seed ``seed + 10``. The shipped ``models/toy_llava`` is seed 1.
+
+A finished run 1 (its ``eval.json`` exists) is not redone, so a second call after an interruption goes on
+with the continuation; an unfinished stage resumes from its Lightning checkpoint in ``runs/train_toy/<name>``.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+CONTINUATION = ["--vis-steps", "0", "--regions", "8", "--first-qtypes", "", "--lr", "6e-4", "--warmup", "100",
+                "--steps", "1800", "--decay-frac", "0.4", "--qtype-weights", "left_of=2,above=2"]
+CONTINUATION_SEED_OFFSET = 10  # the continuation draws other batches than run 1 did
+
+
+def stage_argvs(seed: int, out: str, run1_dir: str | None = None) -> tuple[list[str], list[str]]:
+    """``train_toy`` argument lists of run 1 and of the continuation."""
+    run1 = run1_dir or f"{out}_run1"
+    first = ["--out", run1, "--seed", str(seed)]
+    second = ["--out", out, "--init-from", run1, "--seed", str(seed + CONTINUATION_SEED_OFFSET), *CONTINUATION]
+    return first, second
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, required=True, help="seed of run 1 (the continuation uses seed + 10)")
+    p.add_argument("--out", required=True, help="where the final checkpoint and its eval.json go")
+    p.add_argument("--run1-dir", default=None, help="where run 1's checkpoint goes (default <out>_run1)")
+    a = p.parse_args(argv)
+    from experiments import train_toy
+
+    first, second = stage_argvs(a.seed, a.out, a.run1_dir)
+    run1 = Path(first[1])
+    if (run1 / "eval.json").exists():
+        print(f"run 1 already finished in {run1}; going on with the continuation", flush=True)
+    else:
+        train_toy.main(first + _resume_if_started(run1))
+    train_toy.main(second + _resume_if_started(Path(a.out)))
+
+
+def _resume_if_started(out: Path) -> list[str]:
+    """``--resume`` when train_toy's Lightning checkpoint for ``out`` exists (its default --ckpt-dir)."""
+    return ["--resume"] if (Path("runs/train_toy") / out.name / "last.ckpt").exists() else []
+
+
+if __name__ == "__main__":
+    main()
