@@ -9,7 +9,9 @@ Prompt format (``encode_batch``)::
 
     <s> <image> x 64 what colour is at row c column 5 ? answer :      -> next token = the answer word
 
-``load_toy("toy-llava")`` loads the checkpoint shipped in ``models/toy_llava/``.
+``load_toy("toy-llava")`` loads the checkpoint shipped in ``models/toy_llava/``; ``"toy-llava-seed2"`` the
+second one in ``models/toy_llava_seed2/`` (run 1 of the recipe with seed 2: 100 %, and attention finds the
+question's cell, so attention-based methods separate from random on it; see models/toy_llava/README.md).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from experiments.tasks import synthetic_vqa as task
 
 TOY_DIR = Path(__file__).resolve().parent / "toy_llava"
 TOY_NAME = "toy-llava"
+SHIPPED = {TOY_NAME: TOY_DIR, "toy-llava-seed2": TOY_DIR.with_name("toy_llava_seed2")}  # name -> folder
 
 SPECIAL = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>", "image": "<image>"}
 ANSWER_PROMPT = "answer :"
@@ -164,13 +167,12 @@ def save_toy(model, tokenizer, path: str | os.PathLike) -> Path:
 
 
 def resolve_toy_path(path_or_name: str | os.PathLike = TOY_NAME) -> Path:
-    if str(path_or_name) in (TOY_NAME, "toy_llava"):
-        return TOY_DIR
-    return Path(path_or_name)
+    name = str(path_or_name)
+    return SHIPPED.get(name) or SHIPPED.get(name.replace("_", "-")) or Path(path_or_name)
 
 
 def load_toy(path_or_name: str | os.PathLike = TOY_NAME, attn_implementation: str = "eager", dtype=torch.float32):
-    """Load (model, tokenizer) from a folder, or the shipped checkpoint for ``"toy-llava"``. Offline only."""
+    """Load (model, tokenizer) from a folder, or a shipped checkpoint by name (``SHIPPED``). Offline only."""
     from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
     path = resolve_toy_path(path_or_name)

@@ -176,22 +176,25 @@ def test_training_continues_from_a_saved_checkpoint(tmp_path):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.skipif(not (toy.TOY_DIR / "model.safetensors").exists(), reason="no shipped toy checkpoint")
-def test_shipped_checkpoint_loads_and_matches_its_eval():
-    """The shipped checkpoint loads offline (also via plain from_pretrained), is small, and its accuracy on a
-    400-question slice of the fixed held-out set agrees with the clean accuracy recorded in eval.json."""
+@pytest.mark.parametrize("name", sorted(toy.SHIPPED))
+def test_shipped_checkpoint_loads_and_matches_its_eval(name):
+    """Each shipped checkpoint loads offline by name (also via plain from_pretrained), is small, and its
+    accuracy on a 400-question slice of the fixed held-out set agrees with the clean accuracy in eval.json."""
     import json
 
     from transformers import LlavaForConditionalGeneration
 
     from experiments.train_toy import EVAL_SEED_FINAL, evaluate
 
-    model, tok = toy.load_toy("toy-llava")
-    LlavaForConditionalGeneration.from_pretrained(toy.TOY_DIR)
-    assert (toy.TOY_DIR / "model.safetensors").stat().st_size <= 20 * 2**20
+    folder = toy.SHIPPED[name]
+    if not (folder / "model.safetensors").exists():
+        pytest.skip(f"no shipped checkpoint in {folder}")
+    model, tok = toy.load_toy(name)
+    LlavaForConditionalGeneration.from_pretrained(folder)
+    assert (folder / "model.safetensors").stat().st_size <= 20 * 2**20
     assert model.config.text_config.num_hidden_layers >= 6
-    assert (toy.TOY_DIR / "train_log.csv").exists()
-    rec = json.loads((toy.TOY_DIR / "eval.json").read_text())["clean"]["overall"]
+    assert (folder / "train_log.csv").exists()
+    rec = json.loads((folder / "eval.json").read_text())["clean"]["overall"]
     acc = evaluate(model, tok, task.heldout(2000, EVAL_SEED_FINAL)[:400])["overall"]
     assert abs(acc - rec) < 0.08
 
