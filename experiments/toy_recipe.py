@@ -43,13 +43,8 @@ def main(argv=None):
     if (run1 / "eval.json").exists():
         print(f"run 1 already finished in {run1}; going on with the continuation", flush=True)
     else:
-        train_toy.main(first + _resume_if_started(run1))
-    train_toy.main(second + _resume_if_started(Path(a.out)))
-
-
-def _resume_if_started(out: Path) -> list[str]:
-    """``--resume`` when train_toy's Lightning checkpoint for ``out`` exists (its default --ckpt-dir)."""
-    return ["--resume"] if (Path("runs/train_toy") / out.name / "last.ckpt").exists() else []
+        train_toy.main(first + ["--resume"])  # train_toy starts fresh when there is no checkpoint to resume
+    train_toy.main(second + ["--resume"])
 
 
 if __name__ == "__main__":

@@ -468,29 +468,28 @@ def main(argv=None):
     pl.seed_everything(a.seed, workers=True)
     out = Path(a.out)
     ckpt_dir = Path(a.ckpt_dir or Path("runs/train_toy") / out.name)
-    if a.resume is None and (out / "train_log.csv").exists():
-        (out / "train_log.csv").unlink()  # fresh run: fresh learning curve
-    hp = dict(vars(a))
-    hp["max_steps_hint"] = a.steps
-    hp["minutes_offset"] = 0.0
-    Module = build_lightning_module(a)
-    module = Module(hp)
-    if a.init_from and not a.resume:  # continue training a saved toy checkpoint (fresh optimizer and schedule)
-        init, _ = toy.load_toy(a.init_from)
-        module.model.load_state_dict(init.state_dict())
-        print(f"initialised from {a.init_from}", flush=True)
     ckpt_path = None
     if a.resume:
         ckpt_path = str(ckpt_dir / "last.ckpt") if a.resume == "last" else a.resume
         if not Path(ckpt_path).exists():
             print(f"no checkpoint at {ckpt_path}; starting fresh")
             ckpt_path = None
-        else:
-            log = out / "train_log.csv"
-            if log.exists():
-                rows = list(csv.DictReader(open(log)))
-                if rows:
-                    module.hparams.minutes_offset = float(rows[-1]["minutes"])
+    log = out / "train_log.csv"
+    if ckpt_path is None and log.exists():
+        log.unlink()  # fresh run: fresh learning curve
+    hp = dict(vars(a))
+    hp["max_steps_hint"] = a.steps
+    hp["minutes_offset"] = 0.0
+    Module = build_lightning_module(a)
+    module = Module(hp)
+    if ckpt_path is None and a.init_from:  # continue training a saved toy checkpoint (fresh optimizer and schedule)
+        init, _ = toy.load_toy(a.init_from)
+        module.model.load_state_dict(init.state_dict())
+        print(f"initialised from {a.init_from}", flush=True)
+    if ckpt_path is not None and log.exists():
+        rows = list(csv.DictReader(open(log)))
+        if rows:
+            module.hparams.minutes_offset = float(rows[-1]["minutes"])
     trainer = pl.Trainer(
         max_steps=a.steps,
         max_time={"minutes": a.max_minutes},

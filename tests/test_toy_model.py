@@ -156,9 +156,11 @@ def test_lightning_module_few_steps(tmp_path):
     assert (tmp_path / "ck" / "last.ckpt").exists()
 
 
-def test_training_continues_from_a_saved_checkpoint(tmp_path):
+@pytest.mark.parametrize("resume", [[], ["--resume"]])
+def test_training_continues_from_a_saved_checkpoint(tmp_path, resume):
     """--init-from starts from the saved weights (with lr 0 they come back unchanged), straight on the full
-    region and all question types (--vis-steps 0 --regions 8 --first-qtypes '')."""
+    region and all question types (--vis-steps 0 --regions 8 --first-qtypes ''); also under --resume when
+    there is no checkpoint to resume yet (how experiments.toy_recipe calls it)."""
     from experiments import train_toy
 
     start, tok = toy.build_toy_model(dict(text_layers=2, text_hidden=32, text_intermediate=128, vision_hidden=32,
@@ -168,7 +170,7 @@ def test_training_continues_from_a_saved_checkpoint(tmp_path):
     train_toy.main(["--out", str(out), "--ckpt-dir", str(tmp_path / "ck"), "--init-from", str(tmp_path / "start"),
                     "--steps", "2", "--vis-steps", "0", "--regions", "8", "--first-qtypes", "", "--lr", "0",
                     "--batch-size", "8", "--eval-every", "2", "--eval-n", "16", "--final-eval-n", "16",
-                    "--layers", "2", "--hidden", "32", "--vision-hidden", "32", "--vision-layers", "1"])
+                    "--layers", "2", "--hidden", "32", "--vision-hidden", "32", "--vision-layers", "1", *resume])
     rows = (out / "train_log.csv").read_text().strip().splitlines()
     assert rows[1].split(",")[2:4] == ["qa", "8"]  # no vision stage, full region from the first step
     after, _ = toy.load_toy(out)
@@ -244,10 +246,10 @@ def test_recipe_runs_run1_then_the_shipped_continuation(tmp_path, monkeypatch):
     monkeypatch.setattr(train_toy, "main", fake_main)
     monkeypatch.chdir(tmp_path)
     toy_recipe.main(["--seed", "1", "--out", "final"])
-    assert calls[0] == ["--out", "final_run1", "--seed", "1"]
+    assert calls[0] == ["--out", "final_run1", "--seed", "1", "--resume"]
     assert calls[1] == ["--out", "final", "--init-from", "final_run1", "--seed", "11", "--vis-steps", "0",
                         "--regions", "8", "--first-qtypes", "", "--lr", "6e-4", "--warmup", "100", "--steps",
-                        "1800", "--decay-frac", "0.4", "--qtype-weights", "left_of=2,above=2"]
+                        "1800", "--decay-frac", "0.4", "--qtype-weights", "left_of=2,above=2", "--resume"]
     calls.clear()
     toy_recipe.main(["--seed", "1", "--out", "final"])  # run 1 finished: only the continuation again
     assert [c[1] for c in calls] == ["final"]
