@@ -57,6 +57,7 @@ def evaluate(model, tokenizer, samples, batch_size: int = 250, block_layers=None
     ``keep_frac``: keep a random fraction of the image tokens (the rest are hidden from ``block_layers``,
     or from every layer when ``block_layers`` is None)."""
     model.eval()
+    device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(keep_seed)
     n_img = task.GRID ** 2
     correct, kinds = [], []
@@ -66,6 +67,7 @@ def evaluate(model, tokenizer, samples, batch_size: int = 250, block_layers=None
         b = toy.encode_batch(chunk, tokenizer, with_labels=True)
         ans = b.pop("answer_ids")
         if block_layers is None and keep_frac is None:
+            b = {k: v.to(device) for k, v in b.items()}
             logits = model(**b, logits_to_keep=1).logits[:, -1]
         else:
             keep = None
@@ -77,9 +79,11 @@ def evaluate(model, tokenizer, samples, batch_size: int = 250, block_layers=None
                     pos = image[j].nonzero().squeeze(1)
                     keep[j, pos[torch.randperm(len(pos), generator=gen)[:n_keep]]] = True
             layers = range(n_layers) if block_layers is None else block_layers
+            b = {k: v.to(device) for k, v in b.items()}
+            keep = None if keep is None else keep.to(device)
             with toy.block_image_keys(model, b["input_ids"], b["attention_mask"], layers=layers, keep=keep):
                 logits = model(**b, logits_to_keep=1).logits[:, -1]
-        correct.append((logits.argmax(-1) == ans).numpy())
+        correct.append((logits.argmax(-1).cpu() == ans).numpy())
         kinds += [s.qtype for s in chunk]
     correct = np.concatenate(correct)
     kinds = np.array(kinds)
@@ -170,7 +174,7 @@ def build_lightning_module(args):
         def _vision_loss(self, step):
             rng = self._rng(step)
             scenes = [task._random_scene(rng, task.GRID, task.CELL) for _ in range(self.hparams.batch_size)]
-            px = toy.image_to_tensor([s.render() for s in scenes])
+            px = toy.image_to_tensor([s.render() for s in scenes]).to(self.device)
             m = self.model.model
             hs = m.vision_tower(px, output_hidden_states=True).hidden_states[self.model.config.vision_feature_layer]
             feats = m.multi_modal_projector(hs[:, 1:])  # (B, 64, d)
@@ -179,10 +183,10 @@ def build_lightning_module(args):
             logits = self.aux_head(feats * torch.rsqrt(feats.pow(2).mean(-1, keepdim=True) + 1e-6))
             self._feat_norm = float(feats.detach().norm(dim=-1).mean())
             g = task.GRID
-            col = torch.from_numpy(np.stack([s.colours for s in scenes]).reshape(len(scenes), -1))
-            shp = torch.from_numpy(np.stack([s.shapes for s in scenes]).reshape(len(scenes), -1))
-            rows = torch.arange(g).repeat_interleave(g).expand_as(col)
-            cols = torch.arange(g).repeat(g).expand_as(col)
+            col = torch.from_numpy(np.stack([s.colours for s in scenes]).reshape(len(scenes), -1)).to(self.device)
+            shp = torch.from_numpy(np.stack([s.shapes for s in scenes]).reshape(len(scenes), -1)).to(self.device)
+            rows = torch.arange(g, device=self.device).repeat_interleave(g).expand_as(col)
+            cols = torch.arange(g, device=self.device).repeat(g).expand_as(col)
             nc, ns = len(task.COLOURS), len(task.SHAPES)
             parts = torch.split(logits, [nc, ns, g, g], dim=-1)
             loss = sum(F.cross_entropy(p.reshape(-1, p.shape[-1]), t.reshape(-1))
@@ -199,14 +203,14 @@ def build_lightning_module(args):
             if pack > 1:  # several questions per image in one masked sequence (~10x cheaper per answer)
                 groups = task.generate_packed(seed, max(1, h.batch_size // pack), pack, region=region, qtypes=qtypes,
                                               weights=weights)
-                b = toy.encode_packed(groups, self.tokenizer)
+                b = {k: v.to(self.device) for k, v in toy.encode_packed(groups, self.tokenizer).items()}
                 with toy.override_attention_mask(self.model, b["allowed"]):
                     hs = self.model(input_ids=b["input_ids"], pixel_values=b["pixel_values"],
                                     position_ids=b["position_ids"]).logits
                 logits, ans = hs[b["answer_row"], b["answer_pos"]], b["answer_ids"]
             else:
                 samples = task.generate(seed, h.batch_size, region=region, qtypes=qtypes, weights=weights)
-                b = toy.encode_batch(samples, self.tokenizer, with_labels=True)
+                b = {k: v.to(self.device) for k, v in toy.encode_batch(samples, self.tokenizer, with_labels=True).items()}
                 ans = b.pop("answer_ids")
                 if h.early_block_prob > 0 and rng.random() < h.early_block_prob:
                     with toy.block_image_keys(self.model, b["input_ids"], b["attention_mask"],
@@ -243,7 +247,9 @@ def build_lightning_module(args):
                     st["phase"] = 1
                     st["since"] = step
                     self._acc_acc = []
-                    print(f"curriculum: all question types from step {step}", flush=True)
+                    if h.get("regrow_regions"):  # the relation types get the curriculum that taught the lookups
+                        st["region"] = regions[0]
+                    print(f"curriculum: all question types from step {step} (region {st['region']})", flush=True)
             return st["region"]
 
         def _stage_done(self, step) -> bool:
@@ -423,6 +429,9 @@ def main(argv=None):
     p.add_argument("--first-qtypes", default="colour_at,shape_at",
                    help="adaptive curriculum: train only these types through the regions, then (once learned on "
                         "the last region) switch to --qtypes; e.g. colour_at,shape_at (lookups teach the routing)")
+    p.add_argument("--regrow-regions", action="store_true",
+                   help="adaptive curriculum: when the --first-qtypes are learned, grow the questioned region again "
+                        "from the first size (--regions) for all types, instead of asking them on the full grid")
     p.add_argument("--init-std", type=float, default=0.1,
                    help="weight init std; ~1/sqrt(hidden) lets the image signal reach the answer early")
     p.add_argument("--mlp-ratio", type=int, default=4, help="MLP width / hidden (text and vision)")
@@ -437,6 +446,9 @@ def main(argv=None):
     p.add_argument("--eval-n", type=int, default=400)
     p.add_argument("--final-eval-n", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--accelerator", default="auto",
+                   help="Lightning accelerator: auto (a GPU when there is one), cpu, gpu; CPU runs are "
+                        "deterministic per seed, a GPU run differs in the last bits and so follows its own path")
     p.add_argument("--eval-only", action="store_true", help="only write <out>/eval.json for the saved checkpoint")
     p.add_argument("--export", default=None, metavar="CKPT",
                    help="export the weights of a Lightning checkpoint (e.g. runs/train_toy/<name>/last.ckpt) "
@@ -493,7 +505,7 @@ def main(argv=None):
     trainer = pl.Trainer(
         max_steps=a.steps,
         max_time={"minutes": a.max_minutes},
-        accelerator="cpu",
+        accelerator=a.accelerator,
         devices=1,
         gradient_clip_val=1.0,
         logger=False,
@@ -510,8 +522,9 @@ def main(argv=None):
     print(f"training wall time {wall / 60:.1f} min, steps {trainer.global_step}", flush=True)
     if module._best < 0:  # never reached the QA stage with an evaluation
         toy.save_toy(module.model, module.tokenizer, out)
-    # final report on the saved (best) checkpoint
+    # final report on the saved (best) checkpoint, on the device it was trained on
     model, tok = toy.load_toy(out)
+    model.to(trainer.strategy.root_device)
     rep = full_report(model, tok, n=a.final_eval_n)
     rep["train_wall_minutes_this_process"] = wall / 60
     rep["global_step"] = trainer.global_step

@@ -252,7 +252,8 @@ class override_attention_mask:
         impl = getattr(model.config.text_config, "_attn_implementation", None) or "eager"
         if impl == "eager":
             dtype = next(model.parameters()).dtype
-            self.mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+            self.mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min)
         else:
             self.mask = allowed
         self.handles = []

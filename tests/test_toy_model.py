@@ -1,4 +1,5 @@
 """The toy LLaVA: stock Llava built from configs, word-level tokenizer, save/load, masking helper, training."""
+import csv
 import os
 from pathlib import Path
 
@@ -253,3 +254,18 @@ def test_recipe_runs_run1_then_the_shipped_continuation(tmp_path, monkeypatch):
     calls.clear()
     toy_recipe.main(["--seed", "1", "--out", "final"])  # run 1 finished: only the continuation again
     assert [c[1] for c in calls] == ["final"]
+
+
+def test_regrow_regions_restarts_the_curriculum_for_all_types(tmp_path):
+    """--regrow-regions: once the lookups are learned on the full grid, all four types are asked on the
+    2x2 region again and the region grows 2 -> 4 -> 6 -> 8 once more (advance-acc 0: advance as soon as allowed)."""
+    from experiments import train_toy
+
+    out = tmp_path / "toy"
+    train_toy.main(["--out", str(out), "--ckpt-dir", str(tmp_path / "ck"), "--steps", "451", "--vis-steps", "1",
+                    "--batch-size", "8", "--pack", "8", "--eval-every", "25", "--eval-n", "8", "--final-eval-n", "8",
+                    "--layers", "1", "--hidden", "16", "--vision-hidden", "16", "--vision-layers", "1",
+                    "--advance-acc", "0", "--min-region-steps", "1", "--regrow-regions"])
+    regions = [int(r["region"]) for r in csv.DictReader(open(out / "train_log.csv")) if r["stage"] == "qa"]
+    grown = [r for i, r in enumerate(regions) if i == 0 or r != regions[i - 1]]
+    assert grown == [2, 4, 6, 8, 2, 4, 6, 8]

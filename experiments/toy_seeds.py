@@ -1,0 +1,107 @@
+"""Train the toy model with several seeds at once and tabulate their held-out accuracy (does the recipe reproduce?).
+
+    python -m experiments.toy_seeds --seeds 0,1,2 --out runs/seeds                       # train_toy's defaults
+    python -m experiments.toy_seeds --seeds 0,1,2 --out runs/seeds -- --steps 3000 ...   # extra train_toy arguments
+
+Each seed is one ``python -m experiments.train_toy --seed S --out <out>/seed<S>`` process (stdout in
+``<out>/seed<S>.log``; Lightning checkpoints in ``<out>/ckpt/seed<S>``, so a second call resumes them), run
+``--parallel`` at a time: one CPU thread each, or all sharing one GPU. When they are done the table of their
+``eval.json`` (overall and per question type, on the fixed 2,000-question held-out set) is printed and written
+to ``<out>/summary.json`` with the spread (max - min) of the overall accuracy.  A seed whose run failed is
+reported as failed (exit status 1) without losing the others.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from experiments.tasks import synthetic_vqa as task
+
+
+def parse_seeds(spec: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds {spec!r}: expected distinct integers separated by commas, e.g. 0,1,2")
+    return seeds
+
+
+def seed_command(seed: int, out: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "experiments.train_toy", "--seed", str(seed), "--out", str(out / f"seed{seed}"),
+            "--ckpt-dir", str(out / "ckpt" / f"seed{seed}"), "--resume", *extra]
+
+
+def summarise(out: Path, seeds: list[int], failed: dict[int, int]) -> dict:
+    rows = {}
+    for s in seeds:
+        path = out / f"seed{s}" / "eval.json"
+        if s in failed or not path.exists():
+            rows[s] = None
+            continue
+        clean = json.loads(path.read_text())["clean"]
+        rows[s] = {k: clean[k] for k in ["overall", *task.QTYPES] if k in clean}
+    done = [r["overall"] for r in rows.values() if r]
+    summary = {"seeds": {str(s): r for s, r in rows.items()}, "failed": sorted(failed)}
+    if done:
+        summary.update(mean=sum(done) / len(done), min=min(done), max=max(done), spread=max(done) - min(done))
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    cols = ["overall", *task.QTYPES]
+    lines = ["| seed | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for s, r in summary["seeds"].items():
+        cells = [f"{100 * r[c]:.1f}" if r and c in r else "failed" for c in cols]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    if "spread" in summary:
+        lines.append(f"\nmean {100 * summary['mean']:.1f}, min {100 * summary['min']:.1f}, "
+                     f"max {100 * summary['max']:.1f}, spread {100 * summary['spread']:.1f} points")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", required=True, help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--out", required=True, help="one folder per seed goes here")
+    p.add_argument("--parallel", type=int, default=0, help="runs at a time (default: all seeds at once)")
+    a = p.parse_args(argv)
+    seeds = parse_seeds(a.seeds)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    width = a.parallel if a.parallel > 0 else len(seeds)
+    pending, running, failed = list(seeds), {}, {}
+    t0 = time.time()
+    while pending or running:
+        while pending and len(running) < width:
+            s = pending.pop(0)
+            log = open(out / f"seed{s}.log", "w")
+            running[s] = (subprocess.Popen(seed_command(s, out, extra), stdout=log, stderr=subprocess.STDOUT), log)
+        for s, (proc, log) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                del running[s]
+                if proc.returncode:
+                    failed[s] = proc.returncode
+                print(f"seed {s}: exit {proc.returncode} after {(time.time() - t0) / 60:.1f} min", flush=True)
+        time.sleep(1)
+    summary = summarise(out, seeds, failed)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(format_table(summary), flush=True)
+    if failed:
+        print(f"failed seeds (exit status): {failed}; their logs: {out}/seed<S>.log", flush=True)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
