@@ -1,6 +1,6 @@
 """The shipped toy model's whole recipe from scratch, as one command: run 1, then the continuation.
 
-    python -m experiments.toy_recipe --seed 1 --out runs/toy_seed1   # ~2 h on one CPU core, minutes on a GPU
+    python -m experiments.toy_recipe --seed 1 --out runs/toy_seed1   # ~2 h on one CPU core, ~8 min on one H200
 
 Run 1 is ``train_toy`` with its defaults (lookups first, the questioned region grown 2x2 -> 8x8, then all four
 types; 7,500 steps) into ``<out>_run1``. The continuation trains those weights further on the full grid and
