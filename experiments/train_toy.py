@@ -52,6 +52,11 @@ EVAL_SEED_FINAL = 12345  # the fixed 2,000-question held-out set (task.heldout)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
+def to_device(batch: dict, device) -> dict:
+    """Batches are built on the CPU (numpy scenes, tokenizer); the model may sit on a GPU."""
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, samples, batch_size: int = 250, block_layers=None, keep_frac: float | None = None,
              keep_seed: int = 0) -> dict:
@@ -70,21 +75,20 @@ def evaluate(model, tokenizer, samples, batch_size: int = 250, block_layers=None
         chunk = samples[i : i + batch_size]
         b = toy.encode_batch(chunk, tokenizer, with_labels=True)
         ans = b.pop("answer_ids")
+        keep = None
+        if keep_frac is not None:  # drawn on the CPU, so the kept tokens do not depend on the device
+            n_keep = max(0, round(keep_frac * n_img))
+            image = b["input_ids"] == model.config.image_token_id
+            keep = torch.zeros_like(image)
+            for j in range(len(chunk)):
+                pos = image[j].nonzero().squeeze(1)
+                keep[j, pos[torch.randperm(len(pos), generator=gen)[:n_keep]]] = True
+            keep = keep.to(device)
+        b = to_device(b, device)
         if block_layers is None and keep_frac is None:
-            b = {k: v.to(device) for k, v in b.items()}
             logits = model(**b, logits_to_keep=1).logits[:, -1]
         else:
-            keep = None
-            if keep_frac is not None:
-                n_keep = max(0, round(keep_frac * n_img))
-                image = b["input_ids"] == model.config.image_token_id
-                keep = torch.zeros_like(image)
-                for j in range(len(chunk)):
-                    pos = image[j].nonzero().squeeze(1)
-                    keep[j, pos[torch.randperm(len(pos), generator=gen)[:n_keep]]] = True
             layers = range(n_layers) if block_layers is None else block_layers
-            b = {k: v.to(device) for k, v in b.items()}
-            keep = None if keep is None else keep.to(device)
             with toy.block_image_keys(model, b["input_ids"], b["attention_mask"], layers=layers, keep=keep):
                 logits = model(**b, logits_to_keep=1).logits[:, -1]
         correct.append((logits.argmax(-1).cpu() == ans).numpy())
@@ -207,14 +211,14 @@ def build_lightning_module(args):
             if pack > 1:  # several questions per image in one masked sequence (~10x cheaper per answer)
                 groups = task.generate_packed(seed, max(1, h.batch_size // pack), pack, region=region, qtypes=qtypes,
                                               weights=weights)
-                b = {k: v.to(self.device) for k, v in toy.encode_packed(groups, self.tokenizer).items()}
+                b = to_device(toy.encode_packed(groups, self.tokenizer), self.device)
                 with toy.override_attention_mask(self.model, b["allowed"]):
                     hs = self.model(input_ids=b["input_ids"], pixel_values=b["pixel_values"],
                                     position_ids=b["position_ids"]).logits
                 logits, ans = hs[b["answer_row"], b["answer_pos"]], b["answer_ids"]
             else:
                 samples = task.generate(seed, h.batch_size, region=region, qtypes=qtypes, weights=weights)
-                b = {k: v.to(self.device) for k, v in toy.encode_batch(samples, self.tokenizer, with_labels=True).items()}
+                b = to_device(toy.encode_batch(samples, self.tokenizer, with_labels=True), self.device)
                 ans = b.pop("answer_ids")
                 if h.early_block_prob > 0 and rng.random() < h.early_block_prob:
                     with toy.block_image_keys(self.model, b["input_ids"], b["attention_mask"],
