@@ -85,7 +85,7 @@ def main(argv=None):
     while pending or running:
         while pending and len(running) < width:
             s = pending.pop(0)
-            log = open(out / f"seed{s}.log", "w")
+            log = open(out / f"seed{s}.log", "a")  # a resumed call keeps the earlier output
             running[s] = (subprocess.Popen(seed_command(s, out, extra), stdout=log, stderr=subprocess.STDOUT), log)
         for s, (proc, log) in list(running.items()):
             if proc.poll() is not None:
