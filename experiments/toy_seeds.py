@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from experiments import report
 from experiments.tasks import synthetic_vqa as task
 
 
@@ -54,15 +55,14 @@ def summarise(out: Path, seeds: list[int], failed: dict[int, int]) -> dict:
 
 
 def format_table(summary: dict) -> str:
-    cols = ["overall", *task.QTYPES]
-    lines = ["| seed | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for s, r in summary["seeds"].items():
-        cells = [f"{100 * r[c]:.1f}" if r and c in r else "failed" for c in cols]
-        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    cols = ["seed", "overall", *task.QTYPES]
+    rows = [{"seed": s, **({c: 100 * r[c] for c in cols[1:] if c in r} if r else dict.fromkeys(cols[1:], "failed"))}
+            for s, r in summary["seeds"].items()]
+    text = report.format_table(cols, rows)
     if "spread" in summary:
-        lines.append(f"\nmean {100 * summary['mean']:.1f}, min {100 * summary['min']:.1f}, "
-                     f"max {100 * summary['max']:.1f}, spread {100 * summary['spread']:.1f} points")
-    return "\n".join(lines)
+        text += (f"\n\nmean {100 * summary['mean']:.1f}, min {100 * summary['min']:.1f}, "
+                 f"max {100 * summary['max']:.1f}, spread {100 * summary['spread']:.1f} points")
+    return text
 
 
 def main(argv=None):
