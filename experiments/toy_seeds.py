@@ -2,10 +2,13 @@
 
     python -m experiments.toy_seeds --seeds 0,1,2 --out runs/seeds                       # train_toy's defaults
     python -m experiments.toy_seeds --seeds 0,1,2 --out runs/seeds -- --steps 3000 ...   # extra train_toy arguments
+    python -m experiments.toy_seeds --seeds 0,1,2 --out runs/recipe --recipe             # the shipped recipe
 
 Each seed is one ``python -m experiments.train_toy --seed S --out <out>/seed<S>`` process (stdout in
 ``<out>/seed<S>.log``; Lightning checkpoints in ``<out>/ckpt/seed<S>``, so a second call resumes them), run
-``--parallel`` at a time: one CPU thread each, or all sharing one GPU. When they are done the table of their
+``--parallel`` at a time: one CPU thread each, or all sharing one GPU. With ``--recipe`` each seed runs the
+shipped model's whole recipe instead (``python -m experiments.toy_recipe``: run 1 into ``<out>/seed<S>_run1``, then
+the continuation into ``<out>/seed<S>``). When they are done the table of their
 ``eval.json`` (overall and per question type, on the fixed 2,000-question held-out set) is printed and written
 to ``<out>/summary.json`` with the spread (max - min) of the overall accuracy.  A seed whose run failed is
 reported as failed (exit status 1) without losing the others.
@@ -33,9 +36,11 @@ def parse_seeds(spec: str) -> list[int]:
     return seeds
 
 
-def seed_command(seed: int, out: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "experiments.train_toy", "--seed", str(seed), "--out", str(out / f"seed{seed}"),
-            "--ckpt-dir", str(out / "ckpt" / f"seed{seed}"), "--resume", *extra]
+def seed_command(seed: int, out: Path, extra: list[str], recipe: bool = False) -> list[str]:
+    where = ["--seed", str(seed), "--out", str(out / f"seed{seed}"), "--ckpt-dir", str(out / "ckpt" / f"seed{seed}")]
+    if recipe:  # toy_recipe resumes on its own
+        return [sys.executable, "-m", "experiments.toy_recipe", *where]
+    return [sys.executable, "-m", "experiments.train_toy", *where, "--resume", *extra]
 
 
 def summarise(out: Path, seeds: list[int], failed: dict[int, int]) -> dict:
@@ -75,8 +80,13 @@ def main(argv=None):
     p.add_argument("--seeds", required=True, help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--out", required=True, help="one folder per seed goes here")
     p.add_argument("--parallel", type=int, default=0, help="runs at a time (default: all seeds at once)")
+    p.add_argument("--recipe", action="store_true",
+                   help="run the shipped model's recipe (experiments.toy_recipe: run 1 + continuation) per seed")
     a = p.parse_args(argv)
     seeds = parse_seeds(a.seeds)
+    if a.recipe and extra:
+        raise SystemExit(f"--recipe runs the fixed recipe of experiments.toy_recipe; extra train_toy arguments "
+                         f"{extra} are not allowed with it")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     width = a.parallel if a.parallel > 0 else len(seeds)
@@ -86,7 +96,7 @@ def main(argv=None):
         while pending and len(running) < width:
             s = pending.pop(0)
             log = open(out / f"seed{s}.log", "a")  # a resumed call keeps the earlier output
-            running[s] = (subprocess.Popen(seed_command(s, out, extra), stdout=log, stderr=subprocess.STDOUT), log)
+            running[s] = (subprocess.Popen(seed_command(s, out, extra, a.recipe), stdout=log, stderr=subprocess.STDOUT), log)
         for s, (proc, log) in list(running.items()):
             if proc.poll() is not None:
                 log.close()

@@ -49,6 +49,7 @@ from models import toy
 
 EVAL_SEED_LOG = 777  # small held-out set for the learning curve
 EVAL_SEED_FINAL = 12345  # the fixed 2,000-question held-out set (task.heldout)
+CELL_ERROR_DECAY = 0.98  # per step: --focus-cells weighs the errors of about the last 50 steps
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -150,6 +151,19 @@ def _weights(spec: str | None, qtypes: list[str]) -> list[float] | None:
     return weights
 
 
+def focus_cell_weights(miss: np.ndarray, count: np.ndarray, qtypes, region: int, share: float) -> dict:
+    """--focus-cells: per question type, (grid, grid) weights of naming each cell = (1 - share) * uniform over the
+    askable cells + share * the cell's part of the type's training error ((misses + 1) / (count + 2), so an
+    unasked cell counts as 0.5); ``miss`` and ``count`` are (len(task.QTYPES), grid, grid)."""
+    out = {}
+    for k in qtypes:
+        i = task.QTYPES.index(k)
+        ok = task.askable_cells(k, region)
+        err = np.where(ok, (miss[i] + 1) / (count[i] + 2), 0.0)
+        out[k] = (1 - share) * ok / ok.sum() + share * err / err.sum()
+    return out
+
+
 def build_lightning_module(args):
     import pytorch_lightning as pl
 
@@ -173,6 +187,9 @@ def build_lightning_module(args):
             self._cur = {"region": first, "since": self.hparams.vis_steps}
             self._t0 = time.time()
             self._best = -1.0
+            # decayed per (question type, named cell) training misses and counts, for --focus-cells
+            self._cell_miss = np.zeros((len(task.QTYPES), task.GRID, task.GRID))
+            self._cell_n = np.zeros_like(self._cell_miss)
             self.eval_samples = task.generate(EVAL_SEED_LOG, h.eval_n)
 
         # ---- data: generated from (seed, step) so resuming is exact
@@ -210,12 +227,13 @@ def build_lightning_module(args):
             pack = int(h.get("pack", 1))
             if pack > 1:  # several questions per image in one masked sequence (~10x cheaper per answer)
                 groups = task.generate_packed(seed, max(1, h.batch_size // pack), pack, region=region, qtypes=qtypes,
-                                              weights=weights)
+                                              weights=weights, cell_weights=self._focus_weights(qtypes, region))
                 b = to_device(toy.encode_packed(groups, self.tokenizer), self.device)
                 with toy.override_attention_mask(self.model, b["allowed"]):
                     hs = self.model(input_ids=b["input_ids"], pixel_values=b["pixel_values"],
                                     position_ids=b["position_ids"]).logits
                 logits, ans = hs[b["answer_row"], b["answer_pos"]], b["answer_ids"]
+                self._count_cell_errors([s for g in groups for s in g], (logits.argmax(-1) != ans).cpu().numpy())
             else:
                 samples = task.generate(seed, h.batch_size, region=region, qtypes=qtypes, weights=weights)
                 b = to_device(toy.encode_batch(samples, self.tokenizer, with_labels=True), self.device)
@@ -228,6 +246,18 @@ def build_lightning_module(args):
                     logits = self.model(**b, logits_to_keep=1).logits[:, -1]
             self._acc_acc.append(float((logits.argmax(-1) == ans).float().mean()))
             return F.cross_entropy(logits, ans), region
+
+        def _focus_weights(self, qtypes, region) -> dict | None:
+            f = self.hparams.get("focus_cells", 0.0)
+            return focus_cell_weights(self._cell_miss, self._cell_n, qtypes, region, f) if f else None
+
+        def _count_cell_errors(self, samples, missed) -> None:
+            self._cell_miss *= CELL_ERROR_DECAY
+            self._cell_n *= CELL_ERROR_DECAY
+            for s, m in zip(samples, missed):
+                i, (r, c) = task.QTYPES.index(s.qtype), task.named_cell(s)
+                self._cell_miss[i, r, c] += m
+                self._cell_n[i, r, c] += 1
 
         def _current_region(self, step):
             h = self.hparams
@@ -355,9 +385,12 @@ def build_lightning_module(args):
             checkpoint["toy_best"] = self._best
             checkpoint["toy_curriculum"] = dict(self._cur)
             checkpoint["toy_train_acc_window"] = list(self._acc_acc[-50:])
+            checkpoint["toy_cell_errors"] = np.stack([self._cell_miss, self._cell_n]).tolist()
 
         def on_load_checkpoint(self, checkpoint):
             self._best = checkpoint.get("toy_best", -1.0)
+            if "toy_cell_errors" in checkpoint:
+                self._cell_miss, self._cell_n = np.array(checkpoint["toy_cell_errors"], dtype=float)
             if self.hparams.get("restart_curriculum"):
                 step = checkpoint.get("global_step", 0)
                 first = int(str(self.hparams.regions).split(",")[0])
@@ -440,6 +473,9 @@ def main(argv=None):
     p.add_argument("--regrow-regions", action="store_true",
                    help="adaptive curriculum: when the --first-qtypes are learned, grow the questioned region again "
                         "from the first size (--regions) for all types, instead of asking them on the full grid")
+    p.add_argument("--focus-cells", type=float, default=0.0, metavar="F",
+                   help="share (0-1) of each type's questions whose named cell is drawn in proportion to that cell's "
+                        "recent training error instead of uniformly (0 = uniform; needs --pack > 1)")
     p.add_argument("--init-std", type=float, default=0.1,
                    help="weight init std; ~1/sqrt(hidden) lets the image signal reach the answer early")
     p.add_argument("--mlp-ratio", type=int, default=4, help="MLP width / hidden (text and vision)")
@@ -463,6 +499,9 @@ def main(argv=None):
                         "as the HF toy checkpoint in --out, then evaluate it (--eval-only)")
     a = p.parse_args(argv)
     _weights(a.qtype_weights, (a.qtypes or ",".join(task.QTYPES)).split(","))  # bad weights fail now, not at phase 2
+    if not 0.0 <= a.focus_cells <= 1.0 or (a.focus_cells and a.pack < 2):
+        raise SystemExit(f"--focus-cells {a.focus_cells}: expected a share between 0 and 1, used with --pack > 1 "
+                         f"(got --pack {a.pack})")
 
     torch.set_num_threads(a.threads)
     if a.export:

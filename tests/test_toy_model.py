@@ -249,11 +249,15 @@ def test_recipe_runs_run1_then_the_shipped_continuation(tmp_path, monkeypatch):
     toy_recipe.main(["--seed", "1", "--out", "final"])
     assert calls[0] == ["--out", "final_run1", "--seed", "1", "--resume"]
     assert calls[1] == ["--out", "final", "--init-from", "final_run1", "--seed", "11", "--vis-steps", "0",
-                        "--regions", "8", "--first-qtypes", "", "--lr", "6e-4", "--warmup", "100", "--steps",
-                        "1800", "--decay-frac", "0.4", "--qtype-weights", "left_of=2,above=2", "--resume"]
+                        "--regions", "8", "--first-qtypes", "", "--lr", "1e-3", "--warmup", "100", "--steps",
+                        "5500", "--decay-frac", "0.3", "--qtype-weights", "left_of=2,above=2", "--focus-cells", "0.5",
+                        "--resume"]
     calls.clear()
     toy_recipe.main(["--seed", "1", "--out", "final"])  # run 1 finished: only the continuation again
     assert [c[1] for c in calls] == ["final"]
+    calls.clear()
+    toy_recipe.main(["--seed", "2", "--out", "other", "--ckpt-dir", "ck/two"])
+    assert [c[c.index("--ckpt-dir") + 1] for c in calls] == [str(Path("ck/two/run1")), str(Path("ck/two/continuation"))]
 
 
 def test_regrow_regions_restarts_the_curriculum_for_all_types(tmp_path):
@@ -269,3 +273,37 @@ def test_regrow_regions_restarts_the_curriculum_for_all_types(tmp_path):
     regions = [int(r["region"]) for r in csv.DictReader(open(out / "train_log.csv")) if r["stage"] == "qa"]
     grown = [r for i, r in enumerate(regions) if i == 0 or r != regions[i - 1]]
     assert grown == [2, 4, 6, 8, 2, 4, 6, 8]
+
+
+def test_focus_cells_weighs_cells_by_their_training_error():
+    """--focus-cells F: (1 - F) uniform over the askable cells + F in proportion to each cell's error."""
+    from experiments.train_toy import focus_cell_weights
+
+    g, i = task.GRID, task.QTYPES.index("left_of")
+    miss, count = np.zeros((len(task.QTYPES), g, g)), np.full((len(task.QTYPES), g, g), 98.0)
+    miss[i, 5, 3] = 98.0  # every left_of question about row f column 4 was missed
+    w = focus_cell_weights(miss, count, ["left_of", "above"], 8, 0.5)
+    p = task.cell_probabilities(w["left_of"], "left_of")
+    err = np.full(56, 1 / 100)
+    err[5 * 7 + 2] = 99 / 100  # the 56 askable cells (column 1 cannot be asked), in row-major order
+    assert p[5 * g + 3] == pytest.approx(0.5 / 56 + 0.5 * err.max() / err.sum())
+    assert p.reshape(g, g)[:, 0].sum() == 0 and p.sum() == pytest.approx(1)
+    assert np.allclose(task.cell_probabilities(w["above"], "above")[g:], 1 / 56)  # above: no errors -> uniform
+
+
+def test_focus_cells_counts_every_training_answer(tmp_path):
+    """The per-cell error counts behind --focus-cells see every answer of every QA step (decayed by 0.98 a step)
+    and are kept in the Lightning checkpoint, so a resumed run draws the same cells."""
+    from experiments import train_toy
+
+    train_toy.main(["--out", str(tmp_path / "toy"), "--ckpt-dir", str(tmp_path / "ck"), "--steps", "6",
+                    "--vis-steps", "1", "--batch-size", "8", "--pack", "4", "--eval-every", "100", "--eval-n", "8",
+                    "--final-eval-n", "8", "--layers", "1", "--hidden", "16", "--vision-hidden", "16",
+                    "--vision-layers", "1", "--focus-cells", "0.7"])
+    ck = torch.load(tmp_path / "ck" / "last.ckpt", map_location="cpu", weights_only=False)
+    miss, count = np.array(ck["toy_cell_errors"])
+    d = train_toy.CELL_ERROR_DECAY
+    assert count.sum() == pytest.approx(8 * sum(d ** k for k in range(5)))  # 5 QA steps of 8 answers
+    assert 0 <= miss.sum() <= count.sum() and (miss <= count + 1e-9).all()
+    with pytest.raises(SystemExit, match="--focus-cells"):
+        train_toy.main(["--out", str(tmp_path / "x"), "--focus-cells", "0.5", "--pack", "1"])

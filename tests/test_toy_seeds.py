@@ -7,7 +7,7 @@ import pytest
 from experiments import toy_seeds
 
 
-def _fake_run(seed, out, extra):
+def _fake_run(seed, out, extra, recipe=False):
     """Stands in for train_toy: writes an eval.json whose accuracy is 0.9 + seed / 100; seed 3 fails."""
     script = (
         "import json, pathlib, sys\n"
@@ -48,6 +48,15 @@ def test_seed_command_passes_train_toy_arguments_through(tmp_path):
     assert cmd[1:3] == ["-m", "experiments.train_toy"]
     assert cmd[cmd.index("--seed") + 1] == "4" and cmd[cmd.index("--out") + 1] == str(tmp_path / "seed4")
     assert cmd[-3:] == ["--regrow-regions", "--steps", "10"] and "--resume" in cmd
+
+
+def test_recipe_runs_toy_recipe_per_seed(tmp_path):
+    cmd = toy_seeds.seed_command(4, tmp_path, [], recipe=True)
+    assert cmd[1:3] == ["-m", "experiments.toy_recipe"]
+    assert cmd[cmd.index("--out") + 1] == str(tmp_path / "seed4")
+    assert cmd[cmd.index("--ckpt-dir") + 1] == str(tmp_path / "ckpt" / "seed4")
+    with pytest.raises(SystemExit, match="not allowed"):
+        toy_seeds.main(["--seeds", "1", "--out", str(tmp_path), "--recipe", "--", "--steps", "5"])
 
 
 @pytest.mark.parametrize("bad", ["", "1,x", "1,1"])

@@ -105,3 +105,33 @@ def test_packed_question_type_weights():
     assert 0.68 < kinds.count("above") / len(kinds) < 0.82  # 3:1 of 640 draws
     with pytest.raises(ValueError, match="one non-negative number per question type"):
         task.generate_packed(3, 1, 4, weights=[1, 1])
+
+
+@pytest.mark.parametrize("qtype", task.QTYPES)
+def test_cell_weights_pick_the_named_cell_and_answers_stay_correct(qtype):
+    """generate_packed(cell_weights=...): the named cell is drawn by the weights, only among the cells the type
+    may name in the region; named_cell recovers it from the sample."""
+    g = task.GRID
+    w = np.zeros((g, g))
+    w[2, 2], w[1, 3], w[0, 0], w[6, 6] = 3.0, 1.0, 5.0, 5.0  # (0, 0) is askable only for lookups; (6, 6) not in 4x4
+    groups = task.generate_packed(4, 30, 16, region=4, qtypes=[qtype], cell_weights={qtype: w})
+    named = [task.named_cell(s) for grp in groups for s in grp]
+    allowed = {(2, 2), (1, 3)} | ({(0, 0)} if qtype in ("colour_at", "shape_at") else set())
+    assert set(named) == allowed
+    for grp in groups:
+        for s in grp:
+            assert task.answer_from_scene(s.scene, s.question) == s.answer
+            r, c = task.named_cell(s)
+            assert f"row {task.row_word(r)} column {c + 1} " in s.question
+    if qtype in ("left_of", "above"):
+        assert 0.65 < named.count((2, 2)) / len(named) < 0.85  # 3:1 of 480 draws
+    with pytest.raises(ValueError, match="shape"):
+        task.cell_probabilities(np.ones((4, 4)), qtype)
+
+
+def test_askable_cells_are_those_with_the_neighbour_inside_the_region():
+    assert task.askable_cells("colour_at", 4).sum() == 16
+    ok = task.askable_cells("left_of", 4)
+    assert ok.sum() == 12 and not ok[:, 0].any() and ok[:4, 1:4].all()
+    ok = task.askable_cells("above", 8)
+    assert ok.sum() == 56 and not ok[0].any()

@@ -50,6 +50,8 @@ COLOUR_RGB = np.array(
 )
 SHAPES = ["square", "circle", "triangle", "cross"]
 QTYPES = ["colour_at", "shape_at", "left_of", "above"]
+# the answer's cell = the named cell + this (row, column) offset
+ANSWER_OFFSET = {"colour_at": (0, 0), "shape_at": (0, 0), "left_of": (0, -1), "above": (-1, 0)}
 
 # Chance = best guess without the image (the answer distribution is uniform by construction):
 CHANCE = {
@@ -158,34 +160,54 @@ def _other(rng: np.random.Generator, n: int, exclude: int) -> int:
     return v + (v >= exclude)
 
 
+def askable_cells(qtype: str, region: int = GRID, grid: int = GRID) -> np.ndarray:
+    """(grid, grid) bool: the cells a ``qtype`` question may name within the questioned ``region``."""
+    if qtype not in ANSWER_OFFSET:
+        raise ValueError(f"unknown question type {qtype!r}; allowed: {QTYPES}")
+    region = max(2, min(region, grid))
+    dr, dc = ANSWER_OFFSET[qtype]
+    ok = np.zeros((grid, grid), bool)
+    ok[-dr:region, -dc:region] = True
+    return ok
+
+
 def make_question(rng: np.random.Generator, scene: Scene, qtype: str, region: int = GRID,
-                  row_style: str | None = None) -> tuple[str, str, list[tuple[int, int]]]:
+                  row_style: str | None = None, cell_p: np.ndarray | None = None
+                  ) -> tuple[str, str, list[tuple[int, int]]]:
     """A question of type ``qtype`` about ``scene`` -> (question, answer, relevant cells).  ``left_of`` and
-    ``above`` edit the scene in place so that the neighbour differs from the named cell."""
+    ``above`` edit the scene in place so that the neighbour differs from the named cell.
+
+    The named cell is uniform over the askable cells of ``region``, or drawn by ``cell_p`` (probabilities
+    over the grid's cells in row-major order, zero where the cell is not askable)."""
     grid = scene.grid
     region = max(2, min(region, grid))
-    if qtype in ("colour_at", "shape_at"):
+    if qtype not in ANSWER_OFFSET:
+        raise ValueError(f"unknown question type {qtype!r}; allowed: {QTYPES}")
+    dr, dc = ANSWER_OFFSET[qtype]
+    if cell_p is not None:
+        r, c = divmod(int(rng.choice(grid * grid, p=cell_p)), grid)
+    elif qtype in ("colour_at", "shape_at"):
         r, c = (int(x) for x in rng.integers(0, region, 2))
-        if qtype == "colour_at":
-            q, a = f"what colour is at row {row_word(r, row_style)} column {c + 1} ?", scene.colour(r, c)
-        else:
-            q, a = f"what shape is at row {row_word(r, row_style)} column {c + 1} ?", scene.shape(r, c)
-        rel = [(r, c)]
     elif qtype == "left_of":
         r, c = int(rng.integers(0, region)), int(rng.integers(1, region))
-        if scene.colours[r, c - 1] == scene.colours[r, c]:
-            scene.colours[r, c - 1] = _other(rng, len(COLOURS), int(scene.colours[r, c]))
-        q, a = f"what colour is left of row {row_word(r, row_style)} column {c + 1} ?", scene.colour(r, c - 1)
-        rel = [(r, c - 1)]
-    elif qtype == "above":
-        r, c = int(rng.integers(1, region)), int(rng.integers(0, region))
-        if scene.shapes[r - 1, c] == scene.shapes[r, c]:
-            scene.shapes[r - 1, c] = _other(rng, len(SHAPES), int(scene.shapes[r, c]))
-        q, a = f"what shape is above row {row_word(r, row_style)} column {c + 1} ?", scene.shape(r - 1, c)
-        rel = [(r - 1, c)]
     else:
-        raise ValueError(f"unknown question type {qtype!r}; allowed: {QTYPES}")
-    return q, a, rel
+        r, c = int(rng.integers(1, region)), int(rng.integers(0, region))
+    ar, ac = r + dr, c + dc
+    if qtype == "left_of" and scene.colours[ar, ac] == scene.colours[r, c]:
+        scene.colours[ar, ac] = _other(rng, len(COLOURS), int(scene.colours[r, c]))
+    if qtype == "above" and scene.shapes[ar, ac] == scene.shapes[r, c]:
+        scene.shapes[ar, ac] = _other(rng, len(SHAPES), int(scene.shapes[r, c]))
+    where = f"row {row_word(r, row_style)} column {c + 1}"
+    q = {"colour_at": f"what colour is at {where} ?", "shape_at": f"what shape is at {where} ?",
+         "left_of": f"what colour is left of {where} ?", "above": f"what shape is above {where} ?"}[qtype]
+    a = scene.colour(ar, ac) if qtype in ("colour_at", "left_of") else scene.shape(ar, ac)
+    return q, a, [(ar, ac)]
+
+
+def named_cell(sample: "Sample") -> tuple[int, int]:
+    """The cell a question names (its answer's cell minus ``ANSWER_OFFSET``)."""
+    (r, c), (dr, dc) = sample.relevant[0], ANSWER_OFFSET[sample.qtype]
+    return r - dr, c - dc
 
 
 def make_sample(rng: np.random.Generator, qtype: str, region: int = GRID, grid: int = GRID, cell: int = CELL,
@@ -205,20 +227,37 @@ def type_probabilities(qtypes, weights: list[float] | None) -> np.ndarray | None
     return np.asarray(weights, float) / sum(weights)
 
 
+def cell_probabilities(cell_weights: np.ndarray, qtype: str, region: int = GRID) -> np.ndarray:
+    """Row-major probabilities of naming each cell from non-negative ``cell_weights`` (grid, grid), restricted to
+    the cells ``qtype`` may name in ``region`` (uniform over those when their weights are all zero)."""
+    w = np.asarray(cell_weights, float)
+    if w.shape != (GRID, GRID) or not np.all(np.isfinite(w)) or w.min() < 0:
+        raise ValueError(f"cell weights must be finite, non-negative and of shape {(GRID, GRID)}, got shape {w.shape}")
+    ok = askable_cells(qtype, region)
+    w = np.where(ok, w, 0.0)
+    if w.sum() <= 0:
+        w = ok.astype(float)
+    return (w / w.sum()).reshape(-1)
+
+
 def generate_packed(seed: int, n_images: int, per_image: int, region: int = GRID,
                     qtypes: list[str] | tuple[str, ...] = tuple(QTYPES),
-                    weights: list[float] | None = None) -> list[list[Sample]]:
+                    weights: list[float] | None = None,
+                    cell_weights: dict[str, np.ndarray] | None = None) -> list[list[Sample]]:
     """Training data with several questions per image (``per_image``), for packed training. Question types
-    are drawn independently, uniformly or by ``weights`` (one per type in ``qtypes``).
+    are drawn independently, uniformly or by ``weights`` (one per type in ``qtypes``); the named cell of a type
+    in ``cell_weights`` is drawn by those (grid, grid) weights (``cell_probabilities``), of the others uniformly.
 
     The questions' scene edits are applied one after another, so every answer is re-derived from the final
     scene (a later edit may change a cell an earlier question is about)."""
     rng = np.random.default_rng(seed)
     p = type_probabilities(qtypes, weights)
+    cell_p = {k: cell_probabilities(w, k, region) for k, w in (cell_weights or {}).items()}
     groups = []
     for _ in range(n_images):
         scene = _random_scene(rng, GRID, CELL)
-        made = [(k, make_question(rng, scene, k, region)) for k in rng.choice(list(qtypes), per_image, p=p)]
+        made = [(k, make_question(rng, scene, k, region, cell_p=cell_p.get(k)))
+                for k in rng.choice(list(qtypes), per_image, p=p)]
         image = render(scene)
         groups.append([Sample(image=image, question=q, answer=answer_from_scene(scene, q), qtype=str(k),
                               scene=scene, relevant=rel) for k, (q, _, rel) in made])
@@ -254,7 +293,8 @@ _RE_ABOVE = re.compile(r"^what shape is above row (\w+) column (\d+) \?$")
 
 def answer_from_scene(scene: Scene, question: str) -> str:
     """Re-derive the answer from the scene and the question text alone."""
-    for pattern, dr, dc in ((_RE_AT, 0, 0), (_RE_LEFT, 0, -1), (_RE_ABOVE, -1, 0)):
+    for pattern, (dr, dc) in ((_RE_AT, ANSWER_OFFSET["colour_at"]), (_RE_LEFT, ANSWER_OFFSET["left_of"]),
+                              (_RE_ABOVE, ANSWER_OFFSET["above"])):
         m = pattern.match(question)
         if m:
             *attr, row, col = m.groups()
