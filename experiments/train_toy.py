@@ -20,6 +20,10 @@ training accuracy reaches 0.8) on the two lookup types first (`--first-qtypes`),
 Training data are generated fresh every step from (seed, step), so a resumed run sees exactly the batches
 an uninterrupted one would.
 
+Optional ``--focus-cells F`` (the recipe's continuation uses 0.5): a share F of each type's questions name their cell
+in proportion to that cell's recent training error rather than uniformly. The relation types are learned cell
+by cell, and a cell whose routing went to the wrong neighbour stays wrong under uniform sampling.
+
 Optional ``--early-block-prob p``: with probability p a training batch hides the image tokens from decoder
 layers < ``--early-block-layers`` so the model must be able to read the image in later layers.
 
