@@ -52,6 +52,9 @@ SHAPES = ["square", "circle", "triangle", "cross"]
 QTYPES = ["colour_at", "shape_at", "left_of", "above"]
 # the answer's cell = the named cell + this (row, column) offset
 ANSWER_OFFSET = {"colour_at": (0, 0), "shape_at": (0, 0), "left_of": (0, -1), "above": (-1, 0)}
+# what each type asks about, and how the question words the named cell's relation to the answer's cell
+ASKED = {"colour_at": ("colour", "at"), "shape_at": ("shape", "at"), "left_of": ("colour", "left of"),
+         "above": ("shape", "above")}
 
 # Chance = best guess without the image (the answer distribution is uniform by construction):
 CHANCE = {
@@ -193,14 +196,12 @@ def make_question(rng: np.random.Generator, scene: Scene, qtype: str, region: in
     else:
         r, c = int(rng.integers(1, region)), int(rng.integers(0, region))
     ar, ac = r + dr, c + dc
-    if qtype == "left_of" and scene.colours[ar, ac] == scene.colours[r, c]:
-        scene.colours[ar, ac] = _other(rng, len(COLOURS), int(scene.colours[r, c]))
-    if qtype == "above" and scene.shapes[ar, ac] == scene.shapes[r, c]:
-        scene.shapes[ar, ac] = _other(rng, len(SHAPES), int(scene.shapes[r, c]))
-    where = f"row {row_word(r, row_style)} column {c + 1}"
-    q = {"colour_at": f"what colour is at {where} ?", "shape_at": f"what shape is at {where} ?",
-         "left_of": f"what colour is left of {where} ?", "above": f"what shape is above {where} ?"}[qtype]
-    a = scene.colour(ar, ac) if qtype in ("colour_at", "left_of") else scene.shape(ar, ac)
+    what, relation = ASKED[qtype]
+    values, n_values = (scene.colours, len(COLOURS)) if what == "colour" else (scene.shapes, len(SHAPES))
+    if (ar, ac) != (r, c) and values[ar, ac] == values[r, c]:  # reading the named cell must be wrong
+        values[ar, ac] = _other(rng, n_values, int(values[r, c]))
+    q = f"what {what} is {relation} row {row_word(r, row_style)} column {c + 1} ?"
+    a = scene.colour(ar, ac) if what == "colour" else scene.shape(ar, ac)
     return q, a, [(ar, ac)]
 
 
