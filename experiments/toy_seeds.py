@@ -8,7 +8,7 @@ Each seed is one ``python -m experiments.train_toy --seed S --out <out>/seed<S>`
 ``<out>/seed<S>.log``; Lightning checkpoints in ``<out>/ckpt/seed<S>``, so a second call resumes them), run
 ``--parallel`` at a time: one CPU thread each, or all sharing one GPU. With ``--recipe`` each seed runs the
 shipped model's whole recipe instead (``python -m experiments.toy_recipe``: run 1 into ``<out>/seed<S>_run1``, then
-the continuation into ``<out>/seed<S>``). When they are done the table of their
+continuation tries into ``<out>/seed<S>_try<k>``, the chosen one copied to ``<out>/seed<S>``). When they are done the table of their
 ``eval.json`` (overall and per question type, on the fixed 2,000-question held-out set) is printed and written
 to ``<out>/summary.json`` with the spread (max - min) of the overall accuracy.  A seed whose run failed is
 reported as failed (exit status 1) without losing the others.
@@ -81,7 +81,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="one folder per seed goes here")
     p.add_argument("--parallel", type=int, default=0, help="runs at a time (default: all seeds at once)")
     p.add_argument("--recipe", action="store_true",
-                   help="run the shipped model's recipe (experiments.toy_recipe: run 1 + continuation) per seed")
+                   help="run the shipped model's recipe (experiments.toy_recipe: run 1 + continuation tries) per seed")
     a = p.parse_args(argv)
     seeds = parse_seeds(a.seeds)
     if a.recipe and extra:

@@ -1,5 +1,6 @@
 """The toy LLaVA: stock Llava built from configs, word-level tokenizer, save/load, masking helper, training."""
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -231,9 +232,9 @@ def test_qtype_weights_parse_and_fail_clearly():
             _weights(bad, types)
 
 
-def test_recipe_runs_run1_then_the_shipped_continuation(tmp_path, monkeypatch):
-    """One command = run 1 (train_toy defaults) + the continuation the shipped README documents;
-    a finished run 1 is not redone."""
+def _fake_recipe_stages(monkeypatch, validation: dict):
+    """train_toy.main writes <out>/eval.json and records its arguments; a try's validation accuracy comes from
+    ``validation`` (by directory name)."""
     from experiments import toy_recipe, train_toy
 
     calls = []
@@ -242,22 +243,67 @@ def test_recipe_runs_run1_then_the_shipped_continuation(tmp_path, monkeypatch):
         calls.append(argv)
         out = Path(argv[argv.index("--out") + 1])
         out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text("{}")
+        (out / "eval.json").write_text(json.dumps({"clean": {"overall": validation.get(out.name, 0.0)}}))
 
     monkeypatch.setattr(train_toy, "main", fake_main)
+    monkeypatch.setattr(toy_recipe, "validation_accuracy", lambda path: validation[Path(path).name])
+    return calls
+
+
+def test_recipe_runs_run1_then_the_shipped_continuation(tmp_path, monkeypatch):
+    """One command = run 1 (train_toy defaults) + the continuation the shipped README documents; a try that
+    reaches the validation target ends the tries, and finished stages are not redone."""
+    from experiments import toy_recipe
+
+    calls = _fake_recipe_stages(monkeypatch, {"final_try1": 0.99, "other_try1": 0.9})
     monkeypatch.chdir(tmp_path)
     toy_recipe.main(["--seed", "1", "--out", "final"])
     assert calls[0] == ["--out", "final_run1", "--seed", "1", "--resume"]
-    assert calls[1] == ["--out", "final", "--init-from", "final_run1", "--seed", "11", "--vis-steps", "0",
+    assert calls[1] == ["--out", "final_try1", "--init-from", "final_run1", "--seed", "11", "--vis-steps", "0",
                         "--regions", "8", "--first-qtypes", "", "--lr", "1e-3", "--warmup", "100", "--steps",
                         "5500", "--decay-frac", "0.3", "--qtype-weights", "left_of=2,above=2", "--focus-cells", "0.5",
                         "--resume"]
+    assert len(calls) == 2
+    recipe = json.loads((tmp_path / "final" / "recipe.json").read_text())
+    assert recipe["chosen"] == 1 and [t["data_seed"] for t in recipe["tries"]] == [11]
     calls.clear()
-    toy_recipe.main(["--seed", "1", "--out", "final"])  # run 1 finished: only the continuation again
-    assert [c[1] for c in calls] == ["final"]
+    toy_recipe.main(["--seed", "1", "--out", "final"])  # everything finished: nothing is trained again
+    assert calls == []
+    toy_recipe.main(["--seed", "2", "--out", "other", "--ckpt-dir", "ck/two", "--tries", "1"])
+    assert [c[c.index("--ckpt-dir") + 1] for c in calls] == [str(Path("ck/two/run1")), str(Path("ck/two/try1"))]
+
+
+def test_recipe_retries_a_stuck_continuation_and_keeps_the_best(tmp_path, monkeypatch):
+    """Below the target, the continuation is tried again from run 1's weights with the next data seed; with no
+    try at the target, the best on validation is what <out> holds."""
+    from experiments import toy_recipe
+
+    calls = _fake_recipe_stages(monkeypatch, {"m_try1": 0.90, "m_try2": 0.95, "m_try3": 0.93, "n_try1": 0.9,
+                                              "n_try2": 0.985})
+    monkeypatch.chdir(tmp_path)
+    toy_recipe.main(["--seed", "0", "--out", "m"])
+    assert [c[c.index("--seed") + 1] for c in calls] == ["0", "10", "11", "12"]
+    assert all(c[c.index("--init-from") + 1] == "m_run1" for c in calls[1:])
+    recipe = json.loads((tmp_path / "m" / "recipe.json").read_text())
+    assert recipe["chosen"] == 2 and [t["validation"] for t in recipe["tries"]] == [0.90, 0.95, 0.93]
+    assert json.loads((tmp_path / "m" / "eval.json").read_text())["clean"]["overall"] == 0.95
     calls.clear()
-    toy_recipe.main(["--seed", "2", "--out", "other", "--ckpt-dir", "ck/two"])
-    assert [c[c.index("--ckpt-dir") + 1] for c in calls] == [str(Path("ck/two/run1")), str(Path("ck/two/continuation"))]
+    toy_recipe.main(["--seed", "0", "--out", "n"])  # the second try reaches 0.98: no third
+    assert [c[1] for c in calls] == ["n_run1", "n_try1", "n_try2"]
+    assert json.loads((tmp_path / "n" / "recipe.json").read_text())["chosen"] == 2
+    with pytest.raises(SystemExit, match="--tries 0"):
+        toy_recipe.main(["--seed", "0", "--out", "n", "--tries", "0"])
+
+
+def test_recipe_validation_set_is_not_the_test_set():
+    """Tries are picked on their own questions: not the held-out test set, not the learning curve's."""
+    from experiments import toy_recipe, train_toy
+    from experiments.tasks import synthetic_vqa as task
+
+    val = {s.question + str(s.scene.colours) for s in task.generate(toy_recipe.VALIDATION_SEED, 300)}
+    for seed in (train_toy.EVAL_SEED_FINAL, train_toy.EVAL_SEED_LOG):
+        assert not val & {s.question + str(s.scene.colours) for s in task.generate(seed, 300)}
+    assert toy_recipe.validation_accuracy("toy-llava") > 0.97  # the shipped model, on the validation set
 
 
 def test_regrow_regions_restarts_the_curriculum_for_all_types(tmp_path):
