@@ -12,8 +12,8 @@ Whether a continuation finishes the relation types depends on its path: some (ty
 in some runs and not in others from the same run-1 weights (models/toy_llava/README.md has every run). So a
 continuation whose accuracy on a validation set (``VALIDATION_N`` questions of seed ``VALIDATION_SEED``, not the
 held-out test set) is below ``--target`` is tried again from run 1's weights with the next data seed
-(``seed + 11``, ...), at most ``--tries`` times. The first try that reaches the target, else the best on
-validation, is copied to ``<out>``; ``<out>/recipe.json`` lists every try.
+(``seed + 11``, ...), at most ``--tries`` times (default 1: seed 0's three tries on the CPU all ended at 94-95 %). The first try
+that reaches the target, else the best on validation, is copied to ``<out>``; ``<out>/recipe.json`` lists every try.
 
 Finished stages (their ``eval.json`` exists) are not redone, so a second call after an interruption goes on
 where the first stopped; an unfinished stage resumes from its Lightning checkpoint (``--ckpt-dir``, default
@@ -72,7 +72,8 @@ def main(argv=None):
     p.add_argument("--ckpt-dir", default=None,
                    help="Lightning checkpoints of the stages go to <ckpt-dir>/run1 and <ckpt-dir>/try<k> "
                         "(default: train_toy's, runs/train_toy/<name of each stage's out>)")
-    p.add_argument("--tries", type=int, default=3, help="most continuation tries (default 3)")
+    p.add_argument("--tries", type=int, default=1,
+                   help="most continuation tries (default 1; on the CPU, seed 0's three tries all ended at 94-95 %%)")
     p.add_argument("--target", type=float, default=0.98,
                    help="validation accuracy that ends the tries (default 0.98)")
     a = p.parse_args(argv)

@@ -281,14 +281,14 @@ def test_recipe_retries_a_stuck_continuation_and_keeps_the_best(tmp_path, monkey
     calls = _fake_recipe_stages(monkeypatch, {"m_try1": 0.90, "m_try2": 0.95, "m_try3": 0.93, "n_try1": 0.9,
                                               "n_try2": 0.985})
     monkeypatch.chdir(tmp_path)
-    toy_recipe.main(["--seed", "0", "--out", "m"])
+    toy_recipe.main(["--seed", "0", "--out", "m", "--tries", "3"])
     assert [c[c.index("--seed") + 1] for c in calls] == ["0", "10", "11", "12"]
     assert all(c[c.index("--init-from") + 1] == "m_run1" for c in calls[1:])
     recipe = json.loads((tmp_path / "m" / "recipe.json").read_text())
     assert recipe["chosen"] == 2 and [t["validation"] for t in recipe["tries"]] == [0.90, 0.95, 0.93]
     assert json.loads((tmp_path / "m" / "eval.json").read_text())["clean"]["overall"] == 0.95
     calls.clear()
-    toy_recipe.main(["--seed", "0", "--out", "n"])  # the second try reaches 0.98: no third
+    toy_recipe.main(["--seed", "0", "--out", "n", "--tries", "3"])  # the second try reaches 0.98: no third
     assert [c[1] for c in calls] == ["n_run1", "n_try1", "n_try2"]
     assert json.loads((tmp_path / "n" / "recipe.json").read_text())["chosen"] == 2
     with pytest.raises(SystemExit, match="--tries 0"):
