@@ -10,10 +10,11 @@ it currently gets wrong (``--focus-cells 0.5``), with a fresh AdamW (lr 1e-3, de
 
 Whether a continuation finishes the relation types depends on its path: some (type, cell) routes stay wrong
 in some runs and not in others from the same run-1 weights (models/toy_llava/README.md has every run). So a
-continuation whose accuracy on a validation set (``VALIDATION_N`` questions of seed ``VALIDATION_SEED``, not the
-held-out test set) is below ``--target`` is tried again from run 1's weights with the next data seed
-(``seed + 11``, ...), at most ``--tries`` times (default 1: seed 0's three tries on the CPU all ended at 94-95 %). The first try
-that reaches the target, else the best on validation, is copied to ``<out>``; ``<out>/recipe.json`` lists every try.
+continuation whose accuracy on a validation set (``VALIDATION_N`` questions of seed
+``train_toy.EVAL_SEED_VALIDATION``, not the held-out test set) is below ``--target`` is tried again from run 1's
+weights with the next data seed (``seed + 11``, ...), at most ``--tries`` times (default 1: seed 0's three tries
+on the CPU all ended at 94-95 %). The first try that reaches the target, else the best on validation, is copied
+to ``<out>``; ``<out>/recipe.json`` lists every try.
 
 Finished stages (their ``eval.json`` exists) are not redone, so a second call after an interruption goes on
 where the first stopped; an unfinished stage resumes from its Lightning checkpoint (``--ckpt-dir``, default
@@ -28,8 +29,13 @@ from pathlib import Path
 
 CONTINUATION = ["--vis-steps", "0", "--regions", "8", "--first-qtypes", "", "--lr", "1e-3", "--warmup", "100",
                 "--steps", "5500", "--decay-frac", "0.3", "--qtype-weights", "left_of=2,above=2", "--focus-cells", "0.5"]
-CONTINUATION_SEED_OFFSET = 10  # the continuation draws other batches than run 1 did; try k adds k - 1
-VALIDATION_SEED, VALIDATION_N = 2468, 1000  # picks among tries; distinct from the log (777) and test (12345) sets
+CONTINUATION_SEED_OFFSET = 10  # the continuation draws other batches than run 1 did
+VALIDATION_N = 1000  # questions that pick among the tries
+
+
+def data_seed(seed: int, k: int) -> int:
+    """Data seed of continuation try ``k`` (1-based) after run 1 of ``seed``."""
+    return seed + CONTINUATION_SEED_OFFSET + k - 1
 
 
 def run1_argv(seed: int, run1: str, ckpt_dir: str | None = None) -> list[str]:
@@ -39,8 +45,7 @@ def run1_argv(seed: int, run1: str, ckpt_dir: str | None = None) -> list[str]:
 
 def try_argv(seed: int, k: int, out: str, run1: str, ckpt_dir: str | None = None) -> list[str]:
     """``train_toy`` arguments of continuation try ``k`` (1-based) into ``<out>_try<k>``."""
-    argv = ["--out", f"{out}_try{k}", "--init-from", run1, "--seed", str(seed + CONTINUATION_SEED_OFFSET + k - 1),
-            *CONTINUATION]
+    argv = ["--out", f"{out}_try{k}", "--init-from", run1, "--seed", str(data_seed(seed, k)), *CONTINUATION]
     return argv + (["--ckpt-dir", str(Path(ckpt_dir) / f"try{k}")] if ckpt_dir else [])
 
 
@@ -50,7 +55,7 @@ def validation_accuracy(path: str | Path) -> float:
     from models import toy
 
     model, tokenizer = toy.load_toy(path, attn_implementation="sdpa")
-    return train_toy.evaluate(model, tokenizer, task.generate(VALIDATION_SEED, VALIDATION_N))["overall"]
+    return train_toy.evaluate(model, tokenizer, task.generate(train_toy.EVAL_SEED_VALIDATION, VALIDATION_N))["overall"]
 
 
 def _train(argv: list[str]) -> Path:
@@ -83,11 +88,11 @@ def main(argv=None):
     run1 = str(_train(run1_argv(a.seed, a.run1_dir or f"{a.out}_run1", a.ckpt_dir)))
     tries = []
     for k in range(1, a.tries + 1):
-        argv = try_argv(a.seed, k, a.out, run1, a.ckpt_dir)
-        done = _train(argv)
-        tries.append({"try": k, "dir": str(done), "data_seed": int(argv[argv.index("--seed") + 1]),
+        done = _train(try_argv(a.seed, k, a.out, run1, a.ckpt_dir))
+        tries.append({"try": k, "dir": str(done), "data_seed": data_seed(a.seed, k),
                       "validation": validation_accuracy(done)})
-        print(f"continuation try {k}: validation accuracy {tries[-1]['validation']:.3f} (target {a.target})", flush=True)
+        print(f"continuation try {k}: validation accuracy {tries[-1]['validation']:.3f} (target {a.target})",
+              flush=True)
         if tries[-1]["validation"] >= a.target:
             break
     chosen = max(tries, key=lambda t: t["validation"])  # only the last try can have reached the target

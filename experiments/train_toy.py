@@ -53,6 +53,7 @@ from models import toy
 
 EVAL_SEED_LOG = 777  # small held-out set for the learning curve
 EVAL_SEED_FINAL = 12345  # the fixed 2,000-question held-out set (task.heldout)
+EVAL_SEED_VALIDATION = 2468  # toy_recipe picks among its continuation tries on these, never on the test set
 CELL_ERROR_DECAY = 0.98  # per step: --focus-cells weighs the errors of about the last 50 steps
 
 

@@ -300,7 +300,7 @@ def test_recipe_validation_set_is_not_the_test_set():
     from experiments import toy_recipe, train_toy
     from experiments.tasks import synthetic_vqa as task
 
-    val = {s.question + str(s.scene.colours) for s in task.generate(toy_recipe.VALIDATION_SEED, 300)}
+    val = {s.question + str(s.scene.colours) for s in task.generate(train_toy.EVAL_SEED_VALIDATION, 300)}
     for seed in (train_toy.EVAL_SEED_FINAL, train_toy.EVAL_SEED_LOG):
         assert not val & {s.question + str(s.scene.colours) for s in task.generate(seed, 300)}
     assert toy_recipe.validation_accuracy("toy-llava") > 0.97  # the shipped model, on the validation set
