@@ -10,8 +10,8 @@ Each seed is one ``python -m experiments.train_toy --seed S --out <out>/seed<S>`
 shipped model's whole recipe instead (``python -m experiments.toy_recipe``: run 1 into ``<out>/seed<S>_run1``,
 then continuation tries into ``<out>/seed<S>_try<k>``, the chosen one copied to ``<out>/seed<S>``). When they are
 done the table of their ``eval.json`` (overall and per question type, on the fixed 2,000-question held-out set)
-is printed and written to ``<out>/summary.json`` with the spread (max - min) of the overall accuracy. A seed whose run failed is
-reported as failed (exit status 1) without losing the others.
+is printed and written to ``<out>/summary.json`` with the spread (max - min) of the overall accuracy. A seed
+whose run failed is reported as failed (exit status 1) without losing the others.
 """
 from __future__ import annotations
 
