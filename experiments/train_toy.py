@@ -253,8 +253,14 @@ def build_lightning_module(args):
             return F.cross_entropy(logits, ans), region
 
         def _focus_weights(self, qtypes, region) -> dict | None:
+            """Only once every type is asked: the --first-qtypes phase keeps its uniform region curriculum."""
             f = self.hparams.get("focus_cells", 0.0)
-            return focus_cell_weights(self._cell_miss, self._cell_n, qtypes, region, f) if f else None
+            if not f or self._in_first_phase():
+                return None
+            return focus_cell_weights(self._cell_miss, self._cell_n, qtypes, region, f)
+
+        def _in_first_phase(self) -> bool:
+            return bool(self.hparams.get("first_qtypes")) and self._cur.get("phase", 0) == 0
 
         def _count_cell_errors(self, samples, missed) -> None:
             self._cell_miss *= CELL_ERROR_DECAY
@@ -307,7 +313,7 @@ def build_lightning_module(args):
         def _current_qtypes(self) -> tuple[list[str], list[float] | None]:
             """The question types of the current phase, and their sampling weights (None: uniform)."""
             h = self.hparams
-            if h.get("first_qtypes") and self._cur.get("phase", 0) == 0:
+            if self._in_first_phase():
                 return str(h.first_qtypes).split(","), None
             qtypes = str(h.get("qtypes") or ",".join(task.QTYPES)).split(",")
             return qtypes, _weights(h.get("qtype_weights"), qtypes)
@@ -480,7 +486,7 @@ def main(argv=None):
                         "from the first size (--regions) for all types, instead of asking them on the full grid")
     p.add_argument("--focus-cells", type=float, default=0.0, metavar="F",
                    help="share (0-1) of each type's questions whose named cell is drawn in proportion to that cell's "
-                        "recent training error instead of uniformly (0 = uniform; needs --pack > 1)")
+                        "recent training error instead of uniformly, once all types are asked (0 = uniform; needs --pack > 1)")
     p.add_argument("--init-std", type=float, default=0.1,
                    help="weight init std; ~1/sqrt(hidden) lets the image signal reach the answer early")
     p.add_argument("--mlp-ratio", type=int, default=4, help="MLP width / hidden (text and vision)")

@@ -353,3 +353,21 @@ def test_focus_cells_counts_every_training_answer(tmp_path):
     assert 0 <= miss.sum() <= count.sum() and (miss <= count + 1e-9).all()
     with pytest.raises(SystemExit, match="--focus-cells"):
         train_toy.main(["--out", str(tmp_path / "x"), "--focus-cells", "0.5", "--pack", "1"])
+
+
+def test_focus_cells_waits_for_the_phase_that_asks_every_type():
+    """With --first-qtypes (run 1's lookups-first curriculum) the focus starts only once all types are asked, so
+    the first phase draws the same uniform batches with or without --focus-cells."""
+    from experiments import train_toy
+
+    hp = dict(layers=1, hidden=16, vision_hidden=16, vision_layers=1, seed=0, eval_n=4, focus_cells=0.5,
+              first_qtypes="colour_at,shape_at", regions="2,4,6,8", curriculum="adaptive", vis_steps=1)
+    module = train_toy.build_lightning_module(None)(hp)
+    module._cell_miss[task.QTYPES.index("colour_at"), 1, 1] = 5.0
+    assert module._current_qtypes()[0] == ["colour_at", "shape_at"]
+    assert module._focus_weights(["colour_at", "shape_at"], 2) is None
+    module._cur["phase"] = 1
+    qtypes = module._current_qtypes()[0]
+    assert qtypes == task.QTYPES
+    w = module._focus_weights(qtypes, 8)["colour_at"]
+    assert w[1, 1] > w[0, 0] and w.sum() == pytest.approx(1)
