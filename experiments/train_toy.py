@@ -290,7 +290,7 @@ def build_lightning_module(args):
                     st["since"] = step
                     self._acc_acc = []
                     print(f"curriculum: region {st['region']} from step {step}", flush=True)
-            elif h.get("first_qtypes") and st.get("phase", 0) == 0:
+            elif self._in_first_phase():
                 # the last region of the first question types: move on to all types when learned
                 if self._stage_done(step):
                     st["phase"] = 1
@@ -486,7 +486,8 @@ def main(argv=None):
                         "from the first size (--regions) for all types, instead of asking them on the full grid")
     p.add_argument("--focus-cells", type=float, default=0.0, metavar="F",
                    help="share (0-1) of each type's questions whose named cell is drawn in proportion to that cell's "
-                        "recent training error instead of uniformly, once all types are asked (0 = uniform; needs --pack > 1)")
+                        "recent training error instead of uniformly, once all types are asked (0 = uniform; "
+                        "needs --pack > 1)")
     p.add_argument("--init-std", type=float, default=0.1,
                    help="weight init std; ~1/sqrt(hidden) lets the image signal reach the answer early")
     p.add_argument("--mlp-ratio", type=int, default=4, help="MLP width / hidden (text and vision)")
