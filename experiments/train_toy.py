@@ -456,6 +456,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=7500, help="total optimizer steps (incl. vision stage)")
     p.add_argument("--max-minutes", type=float, default=150.0)
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop at step N of the --steps schedule, unchanged (resumable; no final evaluation): "
+                        "to check that a run retraces a learning curve, or to split a run over sessions")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -515,6 +518,9 @@ def main(argv=None):
         raise SystemExit(f"--focus-cells {a.focus_cells}: expected a share between 0 and 1, used with --pack > 1 "
                          f"(got --pack {a.pack})")
 
+    if a.stop_after is not None and not 0 < a.stop_after <= a.steps:
+        raise SystemExit(f"--stop-after {a.stop_after}: expected a step between 1 and --steps ({a.steps})")
+
     torch.set_num_threads(a.threads)
     if a.export:
         export_lightning_ckpt(a.export, a.out)
@@ -562,7 +568,7 @@ def main(argv=None):
         if rows:
             module.hparams.minutes_offset = float(rows[-1]["minutes"])
     trainer = pl.Trainer(
-        max_steps=a.steps,
+        max_steps=a.stop_after or a.steps,  # the schedule still spans --steps (max_steps_hint)
         max_time={"minutes": a.max_minutes},
         accelerator=a.accelerator,
         devices=1,
@@ -581,6 +587,9 @@ def main(argv=None):
     print(f"training wall time {wall / 60:.1f} min, steps {trainer.global_step}", flush=True)
     if module._best < 0:  # never reached the QA stage with an evaluation
         toy.save_toy(module.model, module.tokenizer, out)
+    if trainer.global_step < a.steps and a.stop_after:
+        print(f"stopped after step {trainer.global_step} of {a.steps}; --resume goes on", flush=True)
+        return
     # final report on the saved (best) checkpoint, on the device it was trained on
     model, tok = toy.load_toy(out)
     model.to(trainer.strategy.root_device)

@@ -180,6 +180,30 @@ def test_training_continues_from_a_saved_checkpoint(tmp_path, resume):
         assert torch.equal(a, b), name
 
 
+def test_training_command_retraces_the_shipped_learning_curve(tmp_path):
+    """Run 1 of the shipped recipe (``train_toy --seed 1`` with its defaults), from scratch, logs the same first
+    rows as the shipped model's train_log.csv: the vision stage (step 150) and the first question steps (200).
+    Fails when a change to the generator, the model or the training loop moves the recipe off the shipped path.
+    On this CPU the rows repeat exactly; the tolerances leave room for another CPU's last bits."""
+    from experiments import train_toy
+
+    out = tmp_path / "run1"
+    train_toy.main(["--out", str(out), "--ckpt-dir", str(tmp_path / "ck"), "--seed", "1", "--stop-after", "200",
+                    "--accelerator", "cpu"])
+    shipped = list(csv.DictReader(open(toy.SHIPPED["toy-llava"] / "train_log.csv")))
+    again = list(csv.DictReader(open(out / "train_log.csv")))
+    assert [r["step"] for r in again] == ["150", "200"]
+    for new, old in zip(again, shipped):
+        assert (new["step"], new["stage"], new["region"]) == (old["step"], old["stage"], old["region"])
+        assert float(new["lr"]) == pytest.approx(float(old["lr"]), rel=1e-6)
+        assert float(new["train_loss"]) == pytest.approx(float(old["train_loss"]), abs=2e-3), new["step"]
+        for col in [c for c in old if c.startswith("acc") or c == "train_acc"]:
+            if old[col] == "nan":  # no question asked in the vision stage
+                assert new[col] == "nan", col
+            else:
+                assert float(new[col]) == pytest.approx(float(old[col]), abs=0.02), (new["step"], col)
+
+
 @pytest.mark.parametrize("name", sorted(toy.SHIPPED))
 def test_shipped_checkpoint_loads_and_matches_its_eval(name):
     """Each shipped checkpoint loads offline by name (also via plain from_pretrained), is small, and its
