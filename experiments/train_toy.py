@@ -395,11 +395,15 @@ def build_lightning_module(args):
         def on_save_checkpoint(self, checkpoint):
             checkpoint["toy_best"] = self._best
             checkpoint["toy_curriculum"] = dict(self._cur)
-            checkpoint["toy_train_acc_window"] = list(self._acc_acc[-50:])
+            # the curriculum reads the last 50 steps, the log the steps since the last row: a resumed run logs
+            # exactly what an uninterrupted one would
+            checkpoint["toy_train_acc_window"] = list(self._acc_acc[-max(50, self.hparams.eval_every):])
+            checkpoint["toy_train_loss_window"] = list(self._loss_acc)
             checkpoint["toy_cell_errors"] = np.stack([self._cell_miss, self._cell_n]).tolist()
 
         def on_load_checkpoint(self, checkpoint):
             self._best = checkpoint.get("toy_best", -1.0)
+            self._loss_acc = list(checkpoint.get("toy_train_loss_window", []))
             if "toy_cell_errors" in checkpoint:
                 self._cell_miss, self._cell_n = np.array(checkpoint["toy_cell_errors"], dtype=float)
             if self.hparams.get("restart_curriculum"):

@@ -180,6 +180,32 @@ def test_training_continues_from_a_saved_checkpoint(tmp_path, resume):
         assert torch.equal(a, b), name
 
 
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    """--stop-after N then --resume gives the uninterrupted run's weights and every logged number, including the
+    running training loss and accuracy of the row that straddles the stop."""
+    from experiments import train_toy
+
+    small = ["--batch-size", "8", "--pack", "4", "--eval-every", "3", "--eval-n", "16", "--final-eval-n", "16",
+             "--vis-steps", "2", "--layers", "2", "--hidden", "32", "--vision-hidden", "32", "--vision-layers", "1",
+             "--steps", "8", "--seed", "5", "--lr", "3e-3", "--warmup", "1", "--accelerator", "cpu"]
+    train_toy.main(["--out", str(tmp_path / "whole"), "--ckpt-dir", str(tmp_path / "ck_whole"), *small])
+    split = ["--out", str(tmp_path / "split"), "--ckpt-dir", str(tmp_path / "ck_split"), *small]
+    train_toy.main([*split, "--stop-after", "4"])
+    assert not (tmp_path / "split" / "eval.json").exists()  # stopped, not finished
+    train_toy.main([*split, "--resume"])
+
+    def log(name):
+        return [{k: v for k, v in r.items() if k != "minutes"}
+                for r in csv.DictReader(open(tmp_path / name / "train_log.csv"))]
+
+    assert [r["step"] for r in log("whole")] == ["2", "3", "6", "8"]
+    assert log("split") == log("whole")
+    whole, _ = toy.load_toy(tmp_path / "whole")
+    split_model, _ = toy.load_toy(tmp_path / "split")
+    for (name, a), b in zip(whole.state_dict().items(), split_model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_training_command_retraces_the_shipped_learning_curve(tmp_path):
     """Run 1 of the shipped recipe (``train_toy --seed 1`` with its defaults), from scratch, logs the same first
     rows as the shipped model's train_log.csv: the vision stage (step 150) and the first question steps (200).
