@@ -188,6 +188,8 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     small = ["--batch-size", "8", "--pack", "4", "--eval-every", "3", "--eval-n", "16", "--final-eval-n", "16",
              "--vis-steps", "2", "--layers", "2", "--hidden", "32", "--vision-hidden", "32", "--vision-layers", "1",
              "--steps", "8", "--seed", "5", "--lr", "3e-3", "--warmup", "1", "--accelerator", "cpu"]
+    with pytest.raises(SystemExit, match=r"--stop-after 9: expected a step between 1 and --steps \(8\)"):
+        train_toy.main(["--out", str(tmp_path / "bad"), *small, "--stop-after", "9"])
     train_toy.main(["--out", str(tmp_path / "whole"), "--ckpt-dir", str(tmp_path / "ck_whole"), *small])
     split = ["--out", str(tmp_path / "split"), "--ckpt-dir", str(tmp_path / "ck_split"), *small]
     train_toy.main([*split, "--stop-after", "4"])
