@@ -6,13 +6,16 @@ Density-peak clustering (Rodriguez & Laio 2014) with kNN densities, as in TCForm
   d_ij   = ||x_i - x_j|| / sqrt(D)                         (Euclidean, scaled by the feature size)
   rho_i  = exp(-mean_{j in kNN_k(i)} d_ij^2)               (the point itself, distance 0, is among its k)
   delta_i = min_{j denser than i} d_ij,  or max_ij d_ij for the densest point
-  centres = the C points with the largest rho * delta
+  centres = the C points with the largest rho * delta, in descending order of rho * delta (the official
+            code's `topk` order: cluster c, and so merged token c, belongs to the c-th best centre)
   labels  = nearest centre (Euclidean, as the code) or most cosine-similar centre (as the paper says);
             each centre belongs to its own cluster.
 
-Deterministic: the official code adds U(0,1)*1e-6 to rho to break ties; here "denser" means a larger
-rho, or an equal rho at a lower index, and every other tie (centre scores, assignment) goes to the lower
-index. Everything is computed in float32.
+Distances are direct differences (never the |x|^2 + |y|^2 - 2xy Gram form, which cancels catastrophically
+when the points share a large common component, as hidden states do), so they do not depend on a common
+offset. Deterministic: the official code adds U(0,1)*1e-6 to rho to break ties; here "denser" means a
+larger rho, or an equal rho at a lower index, and every other tie (centre scores, assignment) goes to the
+lower index. Everything is computed in float32.
 """
 from __future__ import annotations
 
@@ -23,13 +26,11 @@ ASSIGN_MODES = ("euclidean", "cosine")
 
 
 def scaled_distances(x: torch.Tensor) -> torch.Tensor:
-    """(N, D) -> (N, N) Euclidean distances divided by sqrt(D), float32 (Gram-matrix form, one matmul),
-    exact zeros on the diagonal."""
+    """(N, D) -> (N, N) Euclidean distances divided by sqrt(D), float32, from direct differences
+    x_i - x_j (invariant to a common offset; exact zeros on the diagonal)."""
     x = x.float()
-    sq = (x * x).sum(-1)
-    d2 = (sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)).clamp_(min=0.0)
-    d2.fill_diagonal_(0.0)
-    return d2.sqrt_() / (x.shape[-1] ** 0.5)
+    d = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
+    return d / (x.shape[-1] ** 0.5)
 
 
 def dpc_knn(x: torch.Tensor, n_clusters: int, k: int | None = None, assign: str = "euclidean"
@@ -38,7 +39,7 @@ def dpc_knn(x: torch.Tensor, n_clusters: int, k: int | None = None, assign: str 
 
     k: neighbours for the density (default `n_clusters`, as the official code), clipped to N.
     assign: "euclidean" (nearest centre; official code) or "cosine" (most similar centre; the paper).
-    Returns (labels (N,) in 0..C-1, centres (C,) row indices in ascending order; label c <-> centres[c]).
+    Returns (labels (N,) in 0..C-1, centres (C,) row indices by descending rho * delta; label c <-> centres[c]).
     """
     if assign not in ASSIGN_MODES:
         raise ValueError(f"assign={assign!r}; allowed: {list(ASSIGN_MODES)}")
@@ -57,7 +58,7 @@ def dpc_knn(x: torch.Tensor, n_clusters: int, k: int | None = None, assign: str 
     delta = torch.where(denser, dist, torch.full_like(dist, float("inf"))).min(-1).values
     delta = torch.where(denser.any(-1), delta, dmax)
     score = rho * delta
-    centres = torch.sort(score, descending=True, stable=True).indices[:C].sort().values
+    centres = torch.sort(score, descending=True, stable=True).indices[:C]
     if assign == "euclidean":
         labels = torch.argmin(dist[:, centres], dim=-1)  # first minimum = lower-index centre
     else:
@@ -82,7 +83,8 @@ def merge_clusters(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, merge
 def cluster_and_merge(x: torch.Tensor, n_clusters: int, k: int | None = None, merge: str = "mean",
                       assign: str = "euclidean") -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """DPC-kNN + merge. Returns (merged (C, D) float32, sources: per cluster the row indices of x,
-    centres (C,) the row index of each cluster's centre)."""
+    centres (C,) the row index of each cluster's centre), clusters in the official order (descending
+    rho * delta of their centres)."""
     labels, centres = dpc_knn(x, n_clusters, k=k, assign=assign)
     C = int(centres.numel())
     merged = merge_clusters(x, labels, C, merge)
