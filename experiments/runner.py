@@ -176,8 +176,9 @@ def strategy_fields(scfg, budget: int | None, n_visual: int) -> dict:
 
     * `none`: no budget;
     * a class method `for_budget(fields, budget, n_visual) -> fields` when the strategy has one;
-    * `sparsevlm`: the preset nearest to budget x 576 / n_visual (the presets are for 576 tokens and the
-      strategy scales them to the model);
+    * `sparsevlm` / `sparsevlm_plus`: the preset nearest to budget x 576 / n_visual in the table of the
+      config's budget mode and variant (`preset_table`; the presets are for 576 tokens and the strategy
+      scales them to the model);
     * otherwise a `keep` field receives the count.
     Budgets outside 1..n_visual are a ConfigError.
     """
@@ -196,13 +197,10 @@ def strategy_fields(scfg, budget: int | None, n_visual: int) -> dict:
     flds = {f.name: f for f in dataclasses.fields(cls)}
     if hasattr(cls, "for_budget"):
         return dict(cls.for_budget(fields, budget, n_visual))
-    if name == "sparsevlm":
-        from strategies import sparsevlm as sv
-
+    if hasattr(cls, "preset_table"):  # sparsevlm / sparsevlm_plus: the nearest preset of the mode's table
         if fields.get("budget") == "rank_paper":  # Eq. 7 sets its own count: sweep `lam` instead
             return fields
-        presets = sv.RANK_PRESETS if fields.get("budget") == "rank_v1" else sv.FIXED_PRESETS
-        fields["preset"] = _nearest(presets, budget, n_visual)
+        fields["preset"] = _nearest(cls.preset_table(fields), budget, n_visual)
         return fields
     if "keep" in flds and not isinstance(getattr(cls, "keep", None), (list, type(None))):
         fields["keep"] = budget
@@ -218,7 +216,7 @@ def strategy_fields(scfg, budget: int | None, n_visual: int) -> dict:
 
 def budget_applies(fields: dict) -> bool:
     """False for strategies that set their own count whatever the sweep budget (sparsevlm rank_paper)."""
-    return not (fields.get("name") == "sparsevlm" and fields.get("budget") == "rank_paper")
+    return not (fields.get("name") in ("sparsevlm", "sparsevlm_plus") and fields.get("budget") == "rank_paper")
 
 
 def _nearest(presets, budget: int, n_visual: int):

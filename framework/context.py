@@ -187,6 +187,14 @@ class StageContext:
                                queries=src.get("queries"), keys_proj=src.get("keys_proj"))
         return [probs[b, :, : rows[b].numel()] for b in range(self.batch_size)]
 
+    def rope(self, which: str = "previous") -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (B, L', hd): the rotary tables of the current slots' positions as the layer
+        (`which` as in `attention`) applied them (M-RoPE already recomposed to one table)."""
+        if self.stage != "llm" or self._attn_source is None:
+            raise RuntimeError("rotary tables are available only at llm-stage decision points")
+        src = self._attn_source(which)
+        return src["cos"], src["sin"]
+
     def keys(self, which: str = "previous") -> torch.Tensor:
         """Post-RoPE keys (B, H_kv, L', hd) of the previous layer (from its KV cache when present) or of
         this layer's projections applied to `hidden` (which="current")."""

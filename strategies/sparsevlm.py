@@ -22,22 +22,42 @@ Per prompt:
      `assign` = euclidean (code) | cosine (paper)), placed right after the kept visual tokens, anchored
      at the cluster centre. Merged tokens are ordinary visual tokens at later layers.
 
+Variants (`variant`):
+  v1.5 -- the official v1.5 / main-branch default code (above): all heads, recycling on, repacked positions.
+  plus -- SparseVLM+ (official main branch, `USE_VERSION=2_0`):
+     * attention "gravity" correction: the rater x visual probabilities are divided elementwise by the
+       RoPE-only term G = Q1 K1^T / sqrt(hd) (all-ones query and key vectors rotated by the layer's
+       rotary tables at the current positions; for plain RoPE G = 2 sum_i cos(delta theta_i) / sqrt(hd),
+       sqrt(hd) at distance 0), which undoes RoPE's long-range decay. The official code divides by G
+       unguarded; G can approach 0 or turn negative at long distances (past ~800 tokens for LLaMA's
+       RoPE), so here it is clamped from below at `gravity_floor` x sqrt(hd) (default 0.01; at LLaVA-1.5
+       distances G stays above ~0.1 sqrt(hd), so the official results are unchanged);
+     * priority heads: the head mean is taken over the `priority_heads` heads with the largest corrected
+       rater x visual mass (the official code: 14 of 32 heads; default round(14 H / 32) for H heads). The
+       official code picks the heads on sample 0 of the batch for every sample; here each sample picks its
+       own (recorded as `heads`), so a sample's heads do not depend on its batch;
+     * original positions kept (`positions` keep) and no recycling, unless given explicitly;
+     * its own fixed keep tables (below).
+  `sparsevlm_plus` is this strategy with variant=plus.
+
 Presets (`preset` = "192" | "128" | "96" | "64") are those of the official code for LLaVA-1.5-7B
 (32 layers, 576 visual tokens): fixed keeps [300,200,110] / [303,110,36] / [238,48,26] / [66,30,17];
+SparseVLM+ fixed keeps [300,200,118] / [238,108,60] / [246,54,28] / [66,34,20];
 rank_v1 (scale, bias) = (13.5,0) / (9,6) / (0.8,0) (no 96). For other models they are scaled: pruning
 layers by num_layers/32 (rounded half up, kept strictly increasing and <= num_layers-2), fixed keep counts
 by n_visual/576 (rounded, per sample, from the sample's visual-token count at the LM input). Explicit
 `layers` / `keep` / `scale` / `bias` fields override the preset and are used as given (no scaling).
 
-Positions: `positions` defaults to "repack" here (survivors and merged tokens renumbered 0..L'-1 after
+Positions: `positions` defaults to "repack" for v1.5 (survivors and merged tokens renumbered 0..L'-1 after
 each pruning, decode positions shifted by the removed count per stage), which is what the official
 v1/v1.5 code does (`position_ids[:, :L_new]`); "keep" (original RoPE positions; merged tokens at their
-centre's position) is what SparseVLM+ and the LightCompress port do.
+centre's position) is the default for SparseVLM+ and what the LightCompress port does. Merged tokens
+follow the official cluster order (descending density x distance of their centres).
 
 Batches: raters, scores, ranks and keep counts are per sample. Record (per stage, per sample):
 `raters` (LM-input indices), `n_raters`, `rater_fallback` (True when the
-last prompt token had to rate because no text follows the image), `rank` (rank modes), `skipped`, and with `record_scores`
-the scores and the rater slots used.
+last prompt token had to rate because no text follows the image), `rank` (rank modes), `skipped`, `heads`
+(SparseVLM+: the priority heads), and with `record_scores` the scores and the rater slots used.
 """
 from __future__ import annotations
 
@@ -46,6 +66,7 @@ from typing import Any
 
 import torch
 
+from framework.attention import rotate_half
 from framework.clustering import ASSIGN_MODES, MERGE_MODES, cluster_and_merge
 from framework.errors import ConfigError
 from framework.reducer import Decision, TokenReducer, topk_indices
@@ -58,6 +79,9 @@ FIXED_LAYERS = [2, 6, 15]
 RANK_LAYERS = [2, 6, 15, 19]
 FIXED_PRESETS = {"192": [300, 200, 110], "128": [303, 110, 36], "96": [238, 48, 26], "64": [66, 30, 17]}
 RANK_PRESETS = {"192": (13.5, 0.0), "128": (9.0, 6.0), "64": (0.8, 0.0)}
+VARIANTS = ("v1.5", "plus")
+PLUS_PRESETS = {"192": [300, 200, 118], "128": [238, 108, 60], "96": [246, 54, 28], "64": [66, 34, 20]}
+REF_HEADS, PLUS_HEADS = 32, 14  # SparseVLM+ averages 14 of LLaVA-1.5-7B's 32 heads
 
 
 def select_raters(visual_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
@@ -79,6 +103,23 @@ def rank_keep(P: torch.Tensor, scale: float, bias: float) -> tuple[int | None, i
     return max(1, min(int(scale * rank + bias), nv - 1)), rank
 
 
+def rope_gravity(cos_q: torch.Tensor, sin_q: torch.Tensor, cos_k: torch.Tensor, sin_k: torch.Tensor
+                 ) -> torch.Tensor:
+    """SparseVLM+'s RoPE-only term Q1 K1^T / sqrt(hd), fp32: all-ones vectors rotated with the rotary
+    tables of R query positions (cos_q, sin_q: (R, hd)) and L key positions ((L, hd)) -> (R, L)."""
+    hd = cos_q.shape[-1]
+    ones = torch.ones(hd, dtype=torch.float32, device=cos_q.device)
+    q = ones * cos_q.float() + rotate_half(ones) * sin_q.float()
+    k = ones * cos_k.float() + rotate_half(ones) * sin_k.float()
+    return (q @ k.T) / hd ** 0.5
+
+
+def priority_heads(attn: torch.Tensor, n: int) -> torch.Tensor:
+    """The n heads (ascending indices) with the largest total rater x visual mass; attn (H, R, Nv);
+    ties -> lower index."""
+    return topk_indices(attn.sum((1, 2)), min(int(n), int(attn.shape[0])))
+
+
 def scale_layers(layers: list[int], n_layers: int) -> list[int]:
     """Reference pruning layers (of 32) -> this depth: round half up, strictly increasing, <= n_layers-2."""
     out: list[int] = []
@@ -97,15 +138,20 @@ def scale_layers(layers: list[int], n_layers: int) -> list[int]:
 class SparseVLM(TokenReducer):
     """SparseVLM: text raters score visual tokens at a few layers; pruned tokens are partly recycled.
 
+    variant: v1.5 | plus (SparseVLM+: gravity-corrected priority-head scores, its keep tables, original
+    positions and no recycling unless given; priority_heads, gravity_floor: see the module docstring).
     budget: fixed | rank_v1 | rank_paper. preset: "192" | "128" | "96" | "64" (LLaVA-1.5-7B values,
     scaled to other depths / visual counts; see the module docstring). layers: pruning layers
     (0-indexed; the layer's output is pruned) overriding the preset; keep: fixed keep counts per layer;
     scale/bias: rank_v1 parameters; lam: rank_paper's lambda. raters: selected | all_text | last_token |
     all_tokens. recycling, tau (0.3), theta (0.1), merge (mean | sum), assign (euclidean | cosine).
-    positions: "repack" by default (as the official code).
+    positions / recycling: None = the variant's (v1.5: repack, on; plus: keep, off).
     """
 
-    positions: str = "repack"
+    positions: str | None = None  # type: ignore[assignment]  # resolved from the variant
+    variant: str = "v1.5"
+    priority_heads: int | None = None
+    gravity_floor: float = 0.01
     budget: str = "fixed"
     preset: str = "192"
     layers: list[int] | None = None
@@ -114,7 +160,7 @@ class SparseVLM(TokenReducer):
     bias: float | None = None
     lam: float = 1.0
     raters: str = "selected"
-    recycling: bool = True
+    recycling: bool | None = None
     tau: float = 0.3
     theta: float = 0.1
     merge: str = "mean"
@@ -122,14 +168,26 @@ class SparseVLM(TokenReducer):
     record_scores: bool = False
 
     def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"sparsevlm variant={self.variant!r}; allowed: {list(VARIANTS)}")
+        plus = self.variant == "plus"
+        if self.positions is None:
+            self.positions = "keep" if plus else "repack"
+        if self.recycling is None:
+            self.recycling = not plus
         super().__post_init__()
+        if self.priority_heads is not None and (not plus or int(self.priority_heads) < 1):
+            raise ConfigError(f"sparsevlm priority_heads={self.priority_heads}: a head count >= 1, and only with "
+                              f"variant='plus' (v1.5 averages all heads)")
+        if not 0.0 < self.gravity_floor <= 1.0:
+            raise ConfigError(f"sparsevlm gravity_floor={self.gravity_floor}; allowed: (0, 1] (a share of sqrt(hd))")
         for name, value, allowed in (("budget", self.budget, BUDGETS), ("raters", self.raters, RATER_MODES),
                                      ("merge", self.merge, MERGE_MODES), ("assign", self.assign, ASSIGN_MODES)):
             if value not in allowed:
                 raise ConfigError(f"sparsevlm {name}={value!r}; allowed: {list(allowed)}")
         self.preset = str(self.preset)
-        if self.budget == "fixed" and self.keep is None and self.preset not in FIXED_PRESETS:
-            raise ConfigError(f"sparsevlm fixed preset={self.preset!r}; allowed: {sorted(FIXED_PRESETS)}")
+        if self.budget == "fixed" and self.keep is None and self.preset not in self._fixed_table():
+            raise ConfigError(f"sparsevlm fixed preset={self.preset!r}; allowed: {sorted(self._fixed_table())}")
         if self.budget == "rank_v1" and (self.scale is None or self.bias is None) and self.preset not in RANK_PRESETS:
             raise ConfigError(f"sparsevlm rank_v1 preset={self.preset!r}; allowed: {sorted(RANK_PRESETS)} "
                               f"(or give scale and bias)")
@@ -151,6 +209,17 @@ class SparseVLM(TokenReducer):
         self._n_layers = REF_LAYERS
 
     # ------------------------------------------------------------------ schedule
+    def _fixed_table(self) -> dict[str, list[int]]:
+        return PLUS_PRESETS if self.variant == "plus" else FIXED_PRESETS
+
+    @classmethod
+    def preset_table(cls, fields: dict) -> dict:
+        """The presets (keys quoted for 576 visual tokens) that the config's budget mode and variant use:
+        RANK_PRESETS for rank_v1, else the variant's fixed table."""
+        if (fields.get("budget") or "fixed") == "rank_v1":
+            return RANK_PRESETS
+        return PLUS_PRESETS if (fields.get("variant") or cls.variant) == "plus" else FIXED_PRESETS
+
     def setup(self, adapter) -> None:
         self._n_layers = int(adapter.num_layers)
         if self.layers is not None and max(self.layers) > self._n_layers - 2:
@@ -170,7 +239,7 @@ class SparseVLM(TokenReducer):
     def _fixed_keep(self, stage: int, n_visual_input: int) -> int:
         if self.keep is not None:
             return int(self.keep[stage])
-        k = FIXED_PRESETS[self.preset][stage]
+        k = self._fixed_table()[self.preset][stage]
         return k if n_visual_input == REF_VISUAL else max(1, round(k * n_visual_input / REF_VISUAL))
 
     def _scale_bias(self) -> tuple[float, float]:
@@ -218,12 +287,28 @@ class SparseVLM(TokenReducer):
         stage = self.decision_layers().index(ctx.layer)
         rows = [self.rater_slots(ctx, b) for b in range(ctx.batch_size)]
         probs = ctx.attention(rows, which="previous")
-        return [self._decide_one(ctx, b, stage, rows[b], p) for b, p in enumerate(probs)]
+        rope = ctx.rope("previous") if self.variant == "plus" else None
+        return [self._decide_one(ctx, b, stage, rows[b], p, rope) for b, p in enumerate(probs)]
 
-    def _decide_one(self, ctx, b: int, stage: int, rows: torch.Tensor, probs: torch.Tensor) -> Decision:
+    def rater_visual_block(self, ctx, b: int, rows: torch.Tensor, probs: torch.Tensor, rope
+                           ) -> tuple[torch.Tensor, list[int] | None]:
+        """P (R, Nv): the head-mean rater x visual probabilities; SparseVLM+: gravity-corrected and
+        averaged over this sample's priority heads (returned as the second value)."""
+        vis = ctx.visual[b]
+        A = probs[:, :, vis].float()  # (H, R, Nv)
+        if rope is None:
+            return A.mean(0), None
+        cos, sin = rope[0][b], rope[1][b]
+        G = rope_gravity(cos[rows], sin[rows], cos[vis], sin[vis])
+        A = A / G.clamp(min=self.gravity_floor * cos.shape[-1] ** 0.5)
+        n = self.priority_heads or max(1, int(PLUS_HEADS * A.shape[0] / REF_HEADS + 0.5))
+        heads = priority_heads(A, n)
+        return A[heads].mean(0), heads.tolist()
+
+    def _decide_one(self, ctx, b: int, stage: int, rows: torch.Tensor, probs: torch.Tensor, rope) -> Decision:
         vis = ctx.visual[b]
         nv = int(vis.numel())
-        P = probs.mean(0)[:, vis].float()  # (R, Nv) head-mean rater x visual block
+        P, heads = self.rater_visual_block(ctx, b, rows, probs, rope)  # (R, Nv)
         scores = P.mean(0)
         record: dict[str, Any] = {
             "raters": (ctx.slots.index[b, rows] if self.raters == "all_tokens"
@@ -232,6 +317,8 @@ class SparseVLM(TokenReducer):
             # no text after the image (or no rater selected): the last prompt token rates instead
             "rater_fallback": self.raters != "all_tokens" and ctx.state["sparsevlm_raters"][b].numel() == 0,
         }
+        if heads is not None:
+            record["heads"] = heads
         if self.record_scores:
             record["scores"] = scores.tolist()
             record["rater_slots"] = rows.tolist()
@@ -266,3 +353,22 @@ class SparseVLM(TokenReducer):
         merged, sources, centres = cluster_and_merge(feats, n_clusters, merge=self.merge, assign=self.assign)
         return Decision(keep=keep, merged=merged.to(ctx.hidden.dtype), sources=[recycled[s] for s in sources],
                         anchors=recycled[centres], record=record)
+
+
+@register("sparsevlm_plus")
+@dataclass
+class SparseVLMPlus(SparseVLM):
+    """SparseVLM+ (official main branch, USE_VERSION=2_0): gravity-corrected priority-head scores, no recycling.
+
+    The same strategy as `sparsevlm` with variant="plus" (see strategies/sparsevlm.py): RoPE-gravity
+    corrected rater attention averaged over per-sample priority heads, original positions, keep tables
+    192: [300,200,118], 128: [238,108,60], 96: [246,54,28], 64: [66,34,20] at layers 2/6/15 of 32.
+    """
+
+    variant: str = "plus"
+
+    def __post_init__(self) -> None:
+        if self.variant != "plus":
+            raise ConfigError(f"sparsevlm_plus variant={self.variant!r}: it is variant='plus'; "
+                              f"use strategy 'sparsevlm' for variant={self.variant!r}")
+        super().__post_init__()
