@@ -18,7 +18,7 @@ _REDUCERS: dict[str, type] = {}
 _BUILTIN_MODULES = (
     "strategies.identity", "strategies.random_drop", "strategies.fastv", "strategies.sparsevlm",
     "strategies.tome", "strategies.pdrop", "strategies.visionzip", "strategies.dart",
-    "strategies.divprune", "strategies.pooling", "strategies.chain",
+    "strategies.divprune", "strategies.pooling", "strategies.chain", "strategies.cdpruner",
 )
 _loaded = False
 

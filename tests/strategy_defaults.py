@@ -61,7 +61,12 @@ DEFAULTS: dict[str, list[tuple[dict, object]]] = {
     "sparsevlm": [({"layers": [0, 1], "keep": [8, 4], "recycling": False}, _sparsevlm([8, 4], False)),
                   ({"layers": [0, 1], "keep": [8, 4]}, _sparsevlm([8, 4], True)),
                   ({"layers": [0, 1], "keep": [8, 4], "positions": "keep", "merge": "sum", "assign": "cosine"},
-                   _sparsevlm([8, 4], True))],
+                   _sparsevlm([8, 4], True)),
+                  ({"layers": [0, 1], "keep": [8, 4], "variant": "plus", "recycling": True}, _sparsevlm([8, 4], True))],
+    # SparseVLM+: original positions, no recycling, gravity-corrected priority-head scores
+    "sparsevlm_plus": [({"layers": [0, 1], "keep": [8, 4]}, _sparsevlm([8, 4], False))],
+    "cdpruner": [({"keep": 5}, _flat(lambda n: 5)),
+                 ({"preset": 128, "relevance": "none"}, _flat(lambda n: max(1, round(128 * n / 576))))],
     "chain": [({"reducers": [{"name": "tome", "keep": 8}, {"name": "fastv", "layer": 2, "keep": 3}]},
                lambda n, L: [8, 8] + [3] * (L - 2)),
               ({"reducers": [{"name": "divprune", "keep": 8},
