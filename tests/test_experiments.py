@@ -85,8 +85,9 @@ def test_budget_free_modes_run_once_per_combination():
 
     specs = sweep.expand(runner.compose(["backbone=toy_random", "sweep=recycling"]), 64)
     modes = [(s.budget, s.fields.get("budget")) for s in specs if s.strategy == "sparsevlm"]
-    assert len(specs) == 1 + 2 * 2 * (2 * 2 + 1)  # baseline + recycling x positions x (fixed, rank_v1 x 2 budgets; rank_paper)
-    assert modes.count((None, "rank_paper")) == 4 and modes.count((21, "fixed")) == 4
+    # baseline + variant x recycling x positions x (fixed, rank_v1 x 2 budgets; rank_paper)
+    assert len(specs) == 1 + 2 * 2 * 2 * (2 * 2 + 1)
+    assert modes.count((None, "rank_paper")) == 8 and modes.count((21, "fixed")) == 8
 
 
 # ---------------------------------------------------------------------------------------- runner
