@@ -29,6 +29,7 @@ from framework.accounting import account
 from framework.errors import ConfigError
 
 from . import metrics, runner
+from .sweep import BASELINE
 
 
 def make_inputs(model, batch: int, images: int = 1, text_tokens: int = 64, seed: int = 0) -> dict:
@@ -116,17 +117,13 @@ def _median_ms(seconds: list[float]) -> float:
 
 
 def _budget_fields(strategy: str, budget: int | None, n_visual: int, images: int = 1) -> dict:
-    fields = runner.strategy_fields({**_strategy_yaml(strategy)}, budget, n_visual)
-    if images > 1 and budget is not None and strategy != "none" and isinstance(fields.get("keep"), int):
-        fields["keep"] = min(1.0, budget / n_visual)  # same ratio of the visual tokens
+    """The strategy's fields for `budget` of the `n_visual` tokens of each of `images` images."""
+    from framework.budget import apply_budget
+
+    fields, used = apply_budget(runner.strategy_node(strategy), budget, n_visual)
+    if images > 1 and used is not None and isinstance(fields.get("keep"), int):
+        fields["keep"] = min(1.0, budget / n_visual)  # the same share of every image's tokens
     return fields
-
-
-def _strategy_yaml(name: str) -> dict:
-    from omegaconf import OmegaConf
-
-    path = runner.CONF_DIR / "strategy" / f"{name}.yaml"
-    return runner.to_dict(OmegaConf.load(path)) if path.exists() else {"name": name}
 
 
 def bench(backbone: str = "bench_cpu", strategies: list[str] = ("sparsevlm",), budgets: list[int] = (64,),
@@ -140,12 +137,12 @@ def bench(backbone: str = "bench_cpu", strategies: list[str] = ("sparsevlm",), b
         raise ConfigError(f"bench needs a random_llava backbone (bench_cpu, llava7b_shape), got {backbone!r}")
     model = runner.random_llava(b).to(device)
     n_visual = int(b["vision"]["grid"]) ** 2
-    runs = [(s, bu) for s in strategies if s != "none" for bu in budgets]
+    runs = [(s, bu) for s in strategies if s != BASELINE for bu in budgets]
     for s, bu in runs:  # validate everything first
         runner.build_reducer(_budget_fields(s, bu, n_visual))
     rows = []
     bar = tqdm(total=len(runs) * len(batches), desc="bench", disable=not progress)
-    none = runner.build_reducer({"name": "none"})
+    none = runner.build_reducer({"name": BASELINE})
     for batch in batches:
         inputs = make_inputs(model, batch, text_tokens=int(b.get("text_tokens", 64)))
         for s, bu in runs:
@@ -186,7 +183,7 @@ def scaling(backbone: str = "bench_cpu", strategy: str = "sparsevlm", budget: in
     b = runner.to_dict(cfg.backbone)
     model = runner.random_llava(b).to(device)
     per_image = int(b["vision"]["grid"]) ** 2
-    none = runner.build_reducer({"name": "none"})
+    none = runner.build_reducer({"name": BASELINE})
     rows = []
     for v in tqdm(visual, desc="scaling", disable=not progress):
         if v % per_image:

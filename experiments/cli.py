@@ -9,13 +9,15 @@ from framework.errors import ConfigError
 
 
 def cmd_list(args) -> int:
+    from experiments.commands import import_user_strategies
+    from framework.backbones import adapter_options, available_backbones, describe_backbone
     from framework.registry import available, describe, get
-    from models import adapter_options, available_backbones, describe_backbone
 
+    import_user_strategies(args)
     print("strategies:")
     for name in available():
         cls = get(name)
-        stage = cls.stage if isinstance(cls.stage, str) else "|".join(cls.stage_options)
+        stage = "|".join(cls.stages)
         print(f"  {name:<11} [{stage}] {describe(name)}")
     print("backbones:")
     for family, cls in available_backbones().items():
@@ -26,7 +28,10 @@ def cmd_list(args) -> int:
 
 
 def add_list(sub) -> None:
+    from experiments.commands import add_import_option
+
     p = sub.add_parser("list", help="strategies and backbones")
+    add_import_option(p)
     p.set_defaults(func=cmd_list)
 
 

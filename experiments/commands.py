@@ -10,10 +10,24 @@ def _env() -> None:
         os.environ.setdefault("WANDB_MODE", "offline")
 
 
+def import_user_strategies(args) -> None:
+    from framework.registry import import_strategies
+
+    for spec in args.imports:
+        import_strategies(spec)
+
+
+def add_import_option(p) -> None:
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_PATH",
+                   help="import a module or .py file that registers strategies (repeatable); the working "
+                        "directory is searched first")
+
+
 def cmd_run(args) -> int:
     _env()
     from . import report, runner, sweep
 
+    import_user_strategies(args)
     cfg = runner.compose(args.overrides)
     if args.print_config:
         from omegaconf import OmegaConf
@@ -36,6 +50,7 @@ def add_run(sub) -> None:
         p.add_argument("overrides", nargs="*", help="Hydra/OmegaConf overrides: sweep=recycling strategy=fastv "
                        "budget=21 task.n=200 run.devices=2 out_dir=...")
         p.add_argument("--print-config", action="store_true", help="print the composed config and exit")
+        add_import_option(p)
         p.add_argument("--no-plots", action="store_true")
         p.set_defaults(func=cmd_run)
 

@@ -90,6 +90,7 @@ class SparseVLMLmms(_LmmsBase):
         self._model = model.to(self._device).eval()
         self._processor = processor
         self.toy = hasattr(processor, "convert_tokens_to_ids") and not hasattr(processor, "image_processor")
+        from framework.budget import apply_budget
         self.tokenizer.padding_side = "left"  # batched prompts end together, generation continues after them
         from models import adapter_for
 
@@ -97,7 +98,7 @@ class SparseVLMLmms(_LmmsBase):
         extra = self._key_values(strategy_args, "strategy_args")
         budget = _parse_value(budget)
         n_visual = int(self.adapter.tokens_per_image()) if hasattr(self.adapter, "tokens_per_image") else 10**9
-        fields = runner.strategy_fields({"name": strategy, **extra}, budget, n_visual)
+        fields, _ = apply_budget({**runner.strategy_node(strategy), **extra}, budget, n_visual)
         self.reducer = runner.build_reducer(fields)
         self.strategy_fields = fields
         self.records: list[dict] = []

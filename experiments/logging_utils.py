@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+WANDB_PROJECT = "sparsevlm"  # the default W&B project (run.wandb_project overrides it)
+
 
 def run_key(config: dict) -> str:
     """A stable short hash of a JSON-able run config."""
@@ -117,7 +119,7 @@ def wandb_run_id(project: str, group: str, key: str) -> str:
 
 
 def log_wandb(row: dict, config: dict, out_dir: str | os.PathLike, group: str, name: str,
-              project: str = "sparsevlm", samples: list[dict] | None = None, key: str | None = None) -> str | None:
+              project: str = WANDB_PROJECT, samples: list[dict] | None = None, key: str | None = None) -> str | None:
     """One W&B run for one finished evaluation: config, summary metrics, per-layer series, a samples table.
     `key` (the run key) fixes the W&B run id. Returns the run directory (offline) or None without wandb."""
     try:

@@ -3,7 +3,8 @@
 * `compose(overrides)`: the Hydra config tree (`experiments/conf`), every mistake a `ConfigError`;
 * `load_backbone(cfg.backbone)`: the model (+ tokenizer) named by the backbone group;
 * `load_task(cfg.task)`: the evaluation questions;
-* `strategy_fields(cfg_node, budget, n_visual)`: a strategy's fields with the sweep budget applied;
+* `strategy_node(name)`: a strategy's config (the selected node, its YAML, or its dataclass defaults);
+  budgets are mapped by the strategy itself (`framework.budget.apply_budget` -> `for_budget`);
 * `EvalModule`: a LightningModule whose `test_step` runs one batch with the reducer attached and
   keeps per-sample records (answer, correctness, visual tokens per layer, accounting); works under DDP
   (each rank evaluates a disjoint shard; the records are gathered on rank 0);
@@ -41,6 +42,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "con
     from omegaconf.errors import OmegaConfBaseException
 
     GlobalHydra.instance().clear()
+    _register_strategy_defaults()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = hcompose(config_name=config_name, overrides=list(overrides))
@@ -49,11 +51,19 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "con
         raise ConfigError(_explain(err, overrides)) from None
     finally:
         GlobalHydra.instance().clear()
+    if config_name == "config":
+        check_overrides(cfg, overrides)
+        check_strategy_fields(cfg)
     return cfg
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    names = {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
+    if group == "strategy":
+        from framework import registry
+
+        names |= set(registry.available())
+    return sorted(names)
 
 
 def _explain(err: Exception, overrides) -> str:
@@ -168,73 +178,67 @@ def load_task(tcfg) -> list:
 
 
 # ---------------------------------------------------------------------------------------- strategy
-SPARSEVLM_REF_VISUAL = 576
+def strategy_node(name: str, selected=None) -> dict:
+    """A strategy's config: the composed `strategy` node when it is the selected one (so `strategy.x=...`
+    overrides apply), else its YAML under conf/strategy/, else its dataclass defaults."""
+    from omegaconf import OmegaConf
 
-
-def strategy_fields(scfg, budget: int | None, n_visual: int) -> dict:
-    """A strategy's fields with a visual-token budget applied.
-
-    * `none`: no budget;
-    * a class method `for_budget(fields, budget, n_visual) -> fields` when the strategy has one;
-    * `sparsevlm` / `sparsevlm_plus`: the preset nearest to budget x 576 / n_visual in the table of the
-      config's budget mode and variant (`preset_table`; the presets are for 576 tokens and the strategy
-      scales them to the model);
-    * otherwise a `keep` field receives the count.
-    Budgets outside 1..n_visual are a ConfigError.
-    """
     from framework import registry
+    from framework.fields import field_defaults
 
-    fields = dict(to_dict(scfg)) if not isinstance(scfg, str) else {"name": scfg}
-    name = fields.get("name")
-    cls = registry.get(name)
-    if budget is None or name == "none":
-        return fields
-    if isinstance(budget, bool) or not isinstance(budget, int):
-        raise ConfigError(f"budget must be a count of visual tokens (int), got {budget!r}")
-    if not 1 <= budget <= n_visual:
-        raise ConfigError(f"budget {budget} is not allowed: the backbone has {n_visual} visual tokens; "
-                          f"allowed 1..{n_visual}")
-    flds = {f.name: f for f in dataclasses.fields(cls)}
-    if hasattr(cls, "for_budget"):
-        return dict(cls.for_budget(fields, budget, n_visual))
-    if hasattr(cls, "preset_table"):  # sparsevlm / sparsevlm_plus: the nearest preset of the mode's table
-        if fields.get("budget") == "rank_paper":  # Eq. 7 sets its own count: sweep `lam` instead
-            return fields
-        fields["preset"] = _nearest(cls.preset_table(fields), budget, n_visual)
-        return fields
-    if "keep" in flds and not isinstance(getattr(cls, "keep", None), (list, type(None))):
-        fields["keep"] = budget
-        return fields
-    import sys
-
-    presets = getattr(sys.modules[cls.__module__], "PRESETS", None)
-    if "preset" in flds and isinstance(presets, dict):
-        fields["preset"] = _nearest(presets, budget, n_visual)
-        return fields
-    raise ConfigError(f"strategy {name!r} has no budget field (keep or preset); allowed fields: {sorted(flds)}")
-
-
-def budget_applies(fields: dict) -> bool:
-    """False for strategies that set their own count whatever the sweep budget (sparsevlm rank_paper)."""
-    return not (fields.get("name") in ("sparsevlm", "sparsevlm_plus") and fields.get("budget") == "rank_paper")
-
-
-def _nearest(presets, budget: int, n_visual: int):
-    """The preset (quoted for 576 visual tokens) nearest to budget x 576 / n_visual, in the table's key type."""
-    target = budget * SPARSEVLM_REF_VISUAL / n_visual
-    best = min(presets, key=lambda p: abs(int(p) - target))
-    if abs(int(best) - target) > 0.15 * int(best):  # never snap a budget silently to a far preset
-        allowed = sorted({round(int(p) * n_visual / SPARSEVLM_REF_VISUAL) for p in presets})
-        raise ConfigError(f"budget {budget} of {n_visual} visual tokens matches no preset of this strategy "
-                          f"({sorted(int(p) for p in presets)} of {SPARSEVLM_REF_VISUAL}); allowed budgets: {allowed}, "
-                          "or give the strategy's own fields (e.g. sparsevlm keep/layers)")
-    return best
+    if selected is not None and selected.get("name") == name:
+        return to_dict(selected)
+    path = CONF_DIR / "strategy" / f"{name}.yaml"
+    if path.exists():
+        return to_dict(OmegaConf.load(path))
+    return {"name": name, **field_defaults(registry.get(name))}
 
 
 def build_reducer(fields: dict):
     from framework import registry
 
     return registry.build(dict(fields))
+
+
+def _register_strategy_defaults() -> None:
+    """Every registered strategy without a YAML becomes a `strategy` option holding its dataclass defaults,
+    so `strategy=<name>` works for a strategy defined in one file (`sparsevlm run --import ...`)."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from framework import registry
+
+    for name in registry.available():
+        if not (CONF_DIR / "strategy" / f"{name}.yaml").exists():
+            try:
+                node = OmegaConf.create(strategy_node(name))
+            except Exception:  # a default OmegaConf cannot hold: the strategy needs a YAML to be selected
+                continue
+            ConfigStore.instance().store(group="strategy", name=name, node=node)
+
+
+def check_overrides(cfg, overrides) -> None:
+    """A group choice the selected sweep would ignore is an error, not a silent no-op."""
+    given = {o.lstrip("+~").partition("=")[0] for o in overrides}
+    sw = cfg.sweep
+    if "strategy" in given and sw.get("strategies"):
+        raise ConfigError(
+            f"strategy={cfg.strategy.name} was given, but sweep {sw.name!r} runs its own list "
+            f"{list(sw.strategies)}; run one strategy with `sweep=single strategy={cfg.strategy.name} budget=N`, "
+            f"or set the list: `sweep.strategies=[none,{cfg.strategy.name}]`")
+    if "budget" in given and sw.get("budgets"):
+        raise ConfigError(
+            f"budget={cfg.budget} was given, but sweep {sw.name!r} runs its own budgets {list(sw.budgets)}; "
+            f"use `sweep=single ... budget={cfg.budget}` or `sweep.budgets=[{cfg.budget}]`")
+
+
+def check_strategy_fields(cfg) -> None:
+    """The selected strategy's fields against its dataclass (unknown keys, value types), before any load."""
+    from framework import registry
+    from framework.fields import check_fields
+
+    cls, fields = registry.strategy_fields(cfg.strategy)
+    check_fields(cls, fields, f"strategy {cls.registry_name!r}")
 
 
 # ---------------------------------------------------------------------------------------- Lightning

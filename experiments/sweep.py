@@ -23,7 +23,7 @@ from typing import Callable
 from framework.errors import ConfigError
 
 from . import runner
-from .logging_utils import ResultsFile, log_wandb, run_key, write_jsonl_atomic
+from .logging_utils import WANDB_PROJECT, ResultsFile, log_wandb, run_key, write_jsonl_atomic
 
 
 @dataclass
@@ -36,33 +36,26 @@ class RunSpec:
     name: str = ""
 
 
-def _strategy_node(cfg, name: str) -> dict:
-    from omegaconf import OmegaConf
+BASELINE = "none"  # the identity reducer: every row's ratios refer to it, so it runs first
 
-    if cfg.strategy.get("name") == name:
-        return runner.to_dict(cfg.strategy)
-    path = runner.CONF_DIR / "strategy" / f"{name}.yaml"
-    if path.exists():
-        return runner.to_dict(OmegaConf.load(path))
+
+def expand(cfg, n_visual: int | None, adapter=None) -> list[RunSpec]:
+    """The grid of runs a config describes (baseline first), every one validated. With n_visual None
+    (before the backbone loads) budgets are left out: strategies, fields and ablations are checked."""
     from framework import registry
-
-    registry.get(name)  # ConfigError listing the available strategies
-    return {"name": name}
-
-
-def expand(cfg, n_visual: int, adapter=None) -> list[RunSpec]:
-    """The grid of runs a config describes (baseline first), every one validated."""
-    from framework import registry
+    from framework.budget import apply_budget
 
     sw = cfg.sweep
     strategies = list(sw.strategies) if sw.get("strategies") else [cfg.strategy.name]
     budgets = list(sw.budgets) if sw.get("budgets") else [cfg.get("budget")]
+    if n_visual is None:
+        budgets = [None]
     ablations = _flatten_axes(runner.to_dict(sw.get("ablations") or {}))
     for s in strategies:
         registry.get(s)
-    if "none" in strategies:
-        strategies.remove("none")
-    nodes = {s: _strategy_node(cfg, s) for s in strategies}
+    if BASELINE in strategies:
+        strategies.remove(BASELINE)
+    nodes = {s: runner.strategy_node(s, cfg.strategy) for s in strategies}
     fields_of = {s: {f.name for f in dataclasses.fields(registry.get(s))} for s in strategies}
     axes: dict[str, list[tuple[str, list]]] = {s: [] for s in strategies}
     for key, values in ablations.items():
@@ -80,18 +73,17 @@ def expand(cfg, n_visual: int, adapter=None) -> list[RunSpec]:
             raise ConfigError(f"ablation {key!r}: no strategy in {strategies} has a field {fname!r}")
         for t in targets:
             axes[t].append((fname, values))
-    specs = [RunSpec("none", None, {"name": "none"})]
+    specs = [RunSpec(BASELINE, None, {"name": BASELINE})]
     for s in strategies:
         names = [a[0] for a in axes[s]]
         for budget in budgets:
             for combo in itertools.product(*[a[1] for a in axes[s]]):
                 raw = {**nodes[s], **dict(zip(names, combo))}
-                fields = runner.strategy_fields(dict(raw), budget, n_visual)
+                # a budget the strategy does not use (it sets its own count) gives one run, not one per budget
+                fields, used = apply_budget(raw, budget, n_visual or 0)
                 reducer = runner.build_reducer(fields)  # validate now
                 if adapter is not None:
                     reducer.setup(adapter)
-                # a budget the strategy does not use (e.g. sparsevlm rank_paper) gives one run, not one per budget
-                used = budget if runner.budget_applies(fields) else None
                 spec = RunSpec(s, used, fields, dict(zip(names, combo)))
                 if not any(o.strategy == s and o.budget == used and o.fields == fields for o in specs):
                     specs.append(spec)
@@ -105,7 +97,7 @@ def expand(cfg, n_visual: int, adapter=None) -> list[RunSpec]:
 
 
 def _flatten_axes(d: dict, prefix: str = "") -> dict:
-    """{"sparsevlm": {"recycling": [..]}} (from +sweep.ablations.sparsevlm.recycling=[..]) -> {"sparsevlm.recycling": [..]}"""
+    """{"<strategy>": {"<field>": [..]}} (from +sweep.ablations.<strategy>.<field>=[..]) -> {"<strategy>.<field>": [..]}"""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
@@ -131,7 +123,7 @@ def _evaluate(cfg, bb: runner.Backbone, samples, spec: RunSpec, base_row: dict |
     eval_s = time.time() - t0
     lat = run.get("latency", {})
     inputs = runner.latency_inputs(bb, samples, int(lat.get("samples", 4)))
-    reducers = {"run": reducer} if spec.strategy == "none" else {"base": registry.build("none"), "run": reducer}
+    reducers = {"run": reducer} if spec.strategy == BASELINE else {"base": registry.build(BASELINE), "run": reducer}
     timing = metrics.measure_pair(bb.model, inputs, reducers, repeats=int(lat.get("repeats", 3)),
                                   new_tokens=int(lat.get("decode_tokens", 8)), memory=bool(lat.get("memory", True)))
     base_t = timing.get("base", timing["run"])
@@ -165,6 +157,7 @@ def run_sweep(cfg, on_row: Callable[[dict, int], None] | None = None, quiet: boo
 
     torch.set_num_threads(int(cfg.run.get("threads", 1)))
     out = Path(cfg.out_dir)
+    expand(cfg, None)  # strategies, fields, types and ablations: checked before any weights load
     samples = runner.load_task(cfg.task)
     bb = runner.load_backbone(cfg.backbone)
     specs = expand(cfg, bb.n_visual, bb.adapter)
@@ -189,11 +182,11 @@ def run_sweep(cfg, on_row: Callable[[dict, int], None] | None = None, quiet: boo
         if cfg.run.get("wandb", True):
             row["wandb_dir"] = log_wandb(row, row["config"] | {"strategy_fields": spec.fields, "run_key": spec.key},
                                          cfg.run.get("wandb_dir") or out, group=cfg.sweep.name, name=spec.name,
-                                         project=cfg.run.get("wandb_project", "sparsevlm"), samples=records,
+                                         project=cfg.run.get("wandb_project", WANDB_PROJECT), samples=records,
                                          key=spec.key)
         results.append(row)  # the commit point
         done[spec.key] = row
-        if spec.strategy == "none":
+        if spec.strategy == BASELINE:
             base_row = row
         finished += 1
         bar.update(1)
@@ -209,12 +202,17 @@ def hydra_main() -> None:
     sharing an `out_dir` share one results file, so the baseline runs once and reruns resume."""
     import hydra
 
+    runner._register_strategy_defaults()
+
     @hydra.main(config_path="conf", config_name="config", version_base="1.3")
     def _main(cfg) -> None:
+        from hydra.core.hydra_config import HydraConfig
         from omegaconf import OmegaConf
 
         OmegaConf.resolve(cfg)
         try:
+            runner.check_overrides(cfg, HydraConfig.get().overrides.task)
+            runner.check_strategy_fields(cfg)
             run_sweep(cfg)
         except ConfigError as err:
             raise SystemExit(f"error: {err}") from None

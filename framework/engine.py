@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .attention import gather_rows
+from .backbones import adapter_for
 from .context import Grid, Slots, StageContext
 from .errors import ConfigError
 from .reducer import Decision, TokenReducer
@@ -54,8 +55,6 @@ class ReductionEngine:
     """Attach a `TokenReducer` to a loaded model. Use `attach(model, reducer)` as a context manager."""
 
     def __init__(self, model: torch.nn.Module, reducer: TokenReducer, adapter=None, replay: bool = False):
-        from models import adapter_for
-
         self.model = model
         self.reducer = reducer
         self.adapter = adapter if adapter is not None else adapter_for(model)
@@ -72,6 +71,9 @@ class ReductionEngine:
         self._proj: StageGeometry | None = None  # projector-stage geometry, for decode
         self._stages: list[StageGeometry] = []  # llm-stage geometries, for decode
         self._step: dict = {}
+        # what the reducer's own hooks learn during one forward (e.g. in the vision encoder); handed to
+        # that forward's prefill as `ctx.state`, then emptied
+        self._forward_state: dict = {}
         self.records: list[list[dict]] = []  # one list of per-sample records per prefill
         self.layer_set = set(reducer.decision_layers())
         self._pre_llm = reducer.stage in ("vision", "projector")
@@ -93,8 +95,7 @@ class ReductionEngine:
                 if isinstance(lin, torch.nn.Module):
                     self._handles.append(lin.register_forward_hook(self._keep_projection(i - 1, kind)))
         try:
-            for h in getattr(self.reducer, "extra_hooks", lambda adapter, engine: [])(a, self):
-                self._handles.append(h)
+            self._handles.extend(self.reducer.hooks(a, self._forward_state))
         except Exception:  # e.g. a strategy refusing this backbone: leave the stock model behind
             self.detach()
             raise
@@ -106,6 +107,7 @@ class ReductionEngine:
         self._handles.clear()
         self._pending = self._run = self._proj = None
         self._stages, self._step = [], {}
+        self._forward_state.clear()
 
     def __enter__(self) -> "ReductionEngine":
         return self.attach()
@@ -167,7 +169,9 @@ class ReductionEngine:
         slots.vision_map = None if vmap is None else [vmap[b][visual[b]] for b in range(B)]
         first = valid.float().argmax(1)
         base = self.adapter.text_positions(pos).gather(1, first[:, None]).squeeze(1)
-        run = _Prefill(slots=slots, n_valid_in=valid.sum(1), base_pos=base, state={}, embeds=embeds)
+        run = _Prefill(slots=slots, n_valid_in=valid.sum(1), base_pos=base, state=dict(self._forward_state),
+                       embeds=embeds)
+        self._forward_state.clear()
         run.samples = [{"n_visual_input": int(n), "stages": [], "tokens_in": int(v)}
                        for n, v in zip(n_vis, run.n_valid_in)]
         self._run = run

@@ -16,10 +16,12 @@ from typing import Callable
 
 import torch
 
+from .budget import REFERENCE_VISUAL_TOKENS
+
 Merge = Callable[..., torch.Tensor]
 
 
-def scaled(count: int | float, n: int, ref: int = 576) -> int:
+def scaled(count: int | float, n: int, ref: int = REFERENCE_VISUAL_TOKENS) -> int:
     """A budget quoted for `ref` tokens (LLaVA-1.5's 576), for `n` tokens: round(count * n / ref), >= 1."""
     return max(1, min(n, round(count * n / ref)))
 

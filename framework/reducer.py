@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 import torch
 
 from .errors import ConfigError
+from .fields import field_types
 from .merging import scaled
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -92,8 +93,40 @@ class TokenReducer(ABC):
 
     positions: str = "keep"
 
-    stage: ClassVar[str] = "llm"
+    # Where the class can act. One stage: every instance acts there (a subclass may write
+    # `stage = "projector"` for short); several: `choose_stage()` picks one from the instance's fields.
+    stages: ClassVar[tuple[str, ...]] = ("llm",)
     registry_name: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("stage")
+        if isinstance(own, str):
+            cls.stages = (own,)
+            delattr(cls, "stage")  # the base class's `stage` property reads `stages`
+        bad = [s for s in cls.stages if s not in STAGES]
+        if bad:
+            raise TypeError(f"{cls.__name__}: stages {bad} unknown; allowed: {list(STAGES)}")
+
+    @property
+    def stage(self) -> str:
+        """Where this instance acts: `vision`, `projector` or `llm`."""
+        return self.stages[0] if len(self.stages) == 1 else self.choose_stage()
+
+    def choose_stage(self) -> str:
+        """For classes with several `stages`: the one this instance acts at, from its fields."""
+        raise NotImplementedError(f"{type(self).__name__} lists stages {self.stages}: implement choose_stage()")
+
+    @classmethod
+    def for_budget(cls, fields: dict[str, Any], budget: int, n_visual: int) -> dict[str, Any] | None:
+        """This strategy's fields for a sweep budget of `budget` visual tokens out of `n_visual`.
+
+        Default: a `keep` field receives the count. Return None when the config sets its own count
+        whatever the budget (then a sweep runs it once, not once per budget)."""
+        if "keep" in field_types(cls):
+            return {**fields, "keep": budget}
+        raise ConfigError(f"strategy {cls.registry_name or cls.__name__!r} takes no budget: it has no `keep` field "
+                          f"and does not define for_budget(); its fields: {sorted(field_types(cls))}")
 
     def __post_init__(self) -> None:
         if self.positions not in POSITION_MODES:
@@ -131,6 +164,13 @@ class TokenReducer(ABC):
     def refusal_hint(self, adapter) -> str:
         """What to use instead when this backbone refuses the reducer's stage (appended to the error)."""
         return ""
+
+    def hooks(self, adapter, state: dict[str, Any]) -> list:
+        """Extra forward hooks this reducer needs (e.g. inside the vision encoder), as handles with
+        `.remove()`; the engine removes them on detach. Default: none. `state` is the engine's
+        per-forward scratch space: what a hook learns goes there (it reaches `decide` as `ctx.state`),
+        never onto the reducer, so one reducer can be attached again, or to another model."""
+        return []
 
     # --- what it does --------------------------------------------------------------------------
     def begin(self, ctx: "StageContext") -> None:

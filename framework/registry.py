@@ -1,59 +1,99 @@
-"""Name -> class registries for reducers (strategies) and backbone adapters.
+"""Name -> class registry of reducers (strategies), and how strategies are found.
 
 `@register("fastv")` on a reducer class; `build({"name": "fastv", "keep": 192})` from a dict or an
-OmegaConf node; `available()` for the CLI and for error messages. Unknown names and unknown keys fail
-with one message that lists what is allowed, so a typo in a sweep config fails before any run starts.
+OmegaConf node; `available()` for the CLI and for error messages. Unknown names, unknown keys and
+values of the wrong type fail with one message that lists what is allowed, so a typo in a sweep config
+fails before any run starts.
+
+Strategies are found, on the first lookup, through the entry-point group `sparsevlm.strategies`: this
+project declares its `strategies` package there (which imports every module in its folder), and an
+installed package adds its own the same way. `import_strategies("my_strategy")` (`sparsevlm run
+--import ...`) imports a module by name (the working directory is searched first) or a `.py` file.
 """
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import importlib
+import importlib.util
+import os
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import ConfigError
+from .fields import check_fields
+
+ENTRY_POINT_GROUP = "sparsevlm.strategies"
 
 _REDUCERS: dict[str, type] = {}
-# Strategy modules imported on first lookup, so `available()` lists every built-in strategy.
-_BUILTIN_MODULES = (
-    "strategies.identity", "strategies.random_drop", "strategies.fastv", "strategies.sparsevlm",
-    "strategies.tome", "strategies.pdrop", "strategies.visionzip", "strategies.dart",
-    "strategies.divprune", "strategies.pooling", "strategies.chain", "strategies.cdpruner",
-)
 _loaded = False
 
 
-def _load_builtins() -> None:
+def _load_plugins() -> None:
     global _loaded
     if _loaded:
         return
     _loaded = True
-    for mod in _BUILTIN_MODULES:
-        importlib.import_module(mod)
+    found = entry_points(group=ENTRY_POINT_GROUP)
+    if not found:
+        raise ConfigError(f"no entry points in group {ENTRY_POINT_GROUP!r}, so no built-in strategies: install the "
+                          "package (`pip install -e .`); a stale *.egg-info in the working directory hides them")
+    for ep in found:
+        ep.load()
+
+
+def import_strategies(spec: str) -> None:
+    """Import a module that registers strategies: a dotted module name (searched in the working
+    directory first, then on sys.path) or a path to a `.py` file."""
+    try:
+        if spec.endswith(".py") or os.sep in spec:
+            path = Path(spec).resolve()
+            if not path.is_file():
+                raise FileNotFoundError(f"no such file: {path}")
+            mod_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.modules[path.stem] = module
+            mod_spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            importlib.import_module(spec)
+    except ConfigError:
+        raise
+    except Exception as err:  # an import error names the module; the user's traceback is not our API
+        raise ConfigError(f"--import {spec}: {type(err).__name__}: {err}") from err
 
 
 def register(name: str) -> Callable[[type], type]:
     """Class decorator: make a `TokenReducer` subclass buildable by `name`."""
 
     def deco(cls: type) -> type:
-        if name in _REDUCERS and _REDUCERS[name] is not cls:
-            raise ConfigError(f"reducer name {name!r} is already registered by {_REDUCERS[name].__qualname__}")
-        _REDUCERS[name] = cls
+        old = _REDUCERS.get(name)
+        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ConfigError(f"reducer name {name!r} is already registered by {old.__module__}.{old.__qualname__}")
+        _REDUCERS[name] = cls  # the same class re-imported (a file imported twice) replaces itself
         cls.registry_name = name
         return cls
 
     return deco
 
 
+def unregister(name: str) -> None:
+    """Forget a registered strategy (tests and interactive sessions that define throwaway ones)."""
+    _REDUCERS.pop(name, None)
+
+
 def available(pattern: str = "*") -> list[str]:
-    _load_builtins()
+    _load_plugins()
     return sorted(n for n in _REDUCERS if fnmatch.fnmatch(n, pattern))
 
 
 def get(name: str) -> type:
-    _load_builtins()
+    _load_plugins()
     if name not in _REDUCERS:
-        raise ConfigError(f"unknown strategy {name!r}; available: {', '.join(available())}")
+        raise ConfigError(f"unknown strategy {name!r}; available: {', '.join(available())} "
+                          "(a strategy of your own: sparsevlm run --import MODULE_OR_FILE ...)")
     return _REDUCERS[name]
 
 
@@ -79,19 +119,21 @@ def _to_dict(cfg: Any) -> dict:
 
 
 def build_from_class(cls: type, kwargs: Mapping[str, Any], label: str):
-    """Instantiate a dataclass, refusing unknown keys with the list of allowed ones; drops None values."""
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(kwargs) - fields)
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {unknown} for {label}; allowed: {sorted(fields)}")
+    """Instantiate a dataclass: unknown keys and values of the wrong type are refused; None values dropped."""
+    check_fields(cls, kwargs, label)
     return cls(**{k: v for k, v in kwargs.items() if v is not None})
 
 
-def build(cfg: Any):
-    """Build a reducer from `"name"`, `{"name": ..., **fields}` or an OmegaConf node."""
+def strategy_fields(cfg: Any) -> tuple[type, dict]:
+    """`"name"`, `{"name": ..., **fields}` or an OmegaConf node -> (class, fields without 'name')."""
     d = _to_dict(cfg)
     if "name" not in d:
         raise ConfigError(f"strategy config needs a 'name' key; available: {', '.join(available())}")
     name = d.pop("name")
-    cls = get(name)
-    return build_from_class(cls, d, f"strategy {name!r}")
+    return get(name), d
+
+
+def build(cfg: Any):
+    """Build a reducer from `"name"`, `{"name": ..., **fields}` or an OmegaConf node."""
+    cls, fields = strategy_fields(cfg)
+    return build_from_class(cls, fields, f"strategy {cls.registry_name!r}")

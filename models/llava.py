@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import torch
 
+from framework.backbones import register_adapter
+
 from .base import BackboneAdapter, require
 
 
+@register_adapter("llava", "LLaVA-1.5 (LlavaForConditionalGeneration)")
 class LlavaAdapter(BackboneAdapter):
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration",)

@@ -30,6 +30,7 @@ import functools
 
 import torch
 
+from framework.backbones import register_adapter
 from framework.errors import ConfigError
 
 from .base import BackboneAdapter, require
@@ -37,6 +38,7 @@ from .base import BackboneAdapter, require
 NEWLINE_MODES = ("visual", "keep")
 
 
+@register_adapter("llava_next", "LLaVA-NeXT AnyRes (LlavaNextForConditionalGeneration)")
 class LlavaNextAdapter(BackboneAdapter):
     family = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration",)

@@ -32,6 +32,7 @@ import sys
 
 import torch
 
+from framework.backbones import register_adapter
 from framework.errors import ConfigError
 
 from .base import BackboneAdapter, require
@@ -39,6 +40,7 @@ from .base import BackboneAdapter, require
 VIDEO_SPANS = ("frame", "video")
 
 
+@register_adapter("qwen2_vl", "Qwen2-VL (M-RoPE)")
 class Qwen2VLAdapter(BackboneAdapter):
     family = "qwen2_vl"
     model_classes = ("Qwen2VLForConditionalGeneration",)
@@ -254,6 +256,7 @@ class Qwen2VLAdapter(BackboneAdapter):
         return self.language_model.rotary_emb(x, position_ids)
 
 
+@register_adapter("qwen2_5_vl", "Qwen2.5-VL (M-RoPE)")
 class Qwen25VLAdapter(Qwen2VLAdapter):
     family = "qwen2_5_vl"
     model_classes = ("Qwen2_5_VLForConditionalGeneration",)

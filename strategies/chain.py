@@ -20,7 +20,7 @@ class Chain(TokenReducer):
     At most one member acts before the LLM (vision / projector stage); LLM members must use disjoint
     decision layers and all members the same `positions` mode. The projector-stage decision goes to
     the pre-LLM member, each LLM decision to the member that owns that layer; `begin`, `setup` and
-    `extra_hooks` go to every member.
+    `hooks` go to every member.
     """
 
     reducers: list[Any] = field(default_factory=list)
@@ -56,10 +56,9 @@ class Chain(TokenReducer):
                 seen[k] = m
         return seen
 
-    stage_options: ClassVar[tuple[str, ...]] = ("vision", "projector", "llm")  # set by config; for `sparsevlm list`
+    stages: ClassVar[tuple[str, ...]] = ("projector", "llm")
 
-    @property
-    def stage(self) -> str:  # type: ignore[override]
+    def choose_stage(self) -> str:
         return "projector" if any(m.stage in PRE_LLM for m in self.members) else "llm"
 
     def config_dict(self) -> dict[str, Any]:
@@ -74,12 +73,8 @@ class Chain(TokenReducer):
             m.setup(adapter)
         self._owner = self._layer_owners()
 
-    def extra_hooks(self, adapter, engine):
-        handles = []
-        for m in self.members:
-            if hasattr(m, "extra_hooks"):
-                handles.extend(m.extra_hooks(adapter, engine))
-        return handles
+    def hooks(self, adapter, state):
+        return [h for m in self.members for h in m.hooks(adapter, state)]
 
     def begin(self, ctx) -> None:
         for m in self.members:

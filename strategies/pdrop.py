@@ -5,6 +5,7 @@ from typing import ClassVar
 
 import torch
 
+from framework.budget import nearest_preset
 from framework.errors import ConfigError
 from framework.reducer import Decision, TokenReducer, topk_indices
 from framework.registry import register
@@ -33,6 +34,11 @@ class PyramidDrop(TokenReducer):
     preset: int | None = None
 
     stage: ClassVar[str] = "llm"
+
+    @classmethod
+    def for_budget(cls, fields, budget, n_visual):
+        """The preset nearest the budget (scaled to 576 visual tokens)."""
+        return {**fields, "preset": nearest_preset(PRESETS, budget, n_visual, "pdrop")}
 
     def __post_init__(self) -> None:
         super().__post_init__()

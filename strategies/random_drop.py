@@ -25,10 +25,9 @@ class RandomDrop(ScoringReducer):
         if self.layer < 0:
             raise ConfigError(f"random: layer={self.layer}; allowed: 0 (projector) or a decoder layer >= 1")
 
-    stage_options: ClassVar[tuple[str, ...]] = ("projector", "llm")  # set by config; for `sparsevlm list`
+    stages: ClassVar[tuple[str, ...]] = ("projector", "llm")
 
-    @property
-    def stage(self) -> str:  # type: ignore[override]
+    def choose_stage(self) -> str:
         return "projector" if self.layer == 0 else "llm"
 
     def score(self, ctx, b: int) -> torch.Tensor:

@@ -67,6 +67,7 @@ from typing import Any
 import torch
 
 from framework.attention import rotate_half
+from framework.budget import REFERENCE_VISUAL_TOKENS, nearest_preset
 from framework.clustering import ASSIGN_MODES, MERGE_MODES, cluster_and_merge
 from framework.errors import ConfigError
 from framework.reducer import Decision, TokenReducer, topk_indices
@@ -74,7 +75,7 @@ from framework.registry import register
 
 BUDGETS = ("fixed", "rank_v1", "rank_paper")
 RATER_MODES = ("selected", "all_text", "last_token", "all_tokens")
-REF_LAYERS, REF_VISUAL = 32, 576
+REF_LAYERS, REF_VISUAL = 32, REFERENCE_VISUAL_TOKENS
 FIXED_LAYERS = [2, 6, 15]
 RANK_LAYERS = [2, 6, 15, 19]
 FIXED_PRESETS = {"192": [300, 200, 110], "128": [303, 110, 36], "96": [238, 48, 26], "64": [66, 30, 17]}
@@ -166,6 +167,14 @@ class SparseVLM(TokenReducer):
     merge: str = "mean"
     assign: str = "euclidean"
     record_scores: bool = False
+
+    @classmethod
+    def for_budget(cls, fields, budget, n_visual):
+        """The preset nearest budget x 576 / n_visual in this mode's table (the strategy scales presets to
+        the model); rank_paper (Eq. 7) sets its own count, so no budget applies (sweep `lam` instead)."""
+        if fields.get("budget", cls.budget) == "rank_paper":
+            return None
+        return {**fields, "preset": nearest_preset(cls.preset_table(fields), budget, n_visual, cls.registry_name)}
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:

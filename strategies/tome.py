@@ -83,44 +83,42 @@ class ToMe(CountBudget, TokenReducer):
         if any(not isinstance(v, int) or v < 0 for v in rs):
             raise ConfigError(f"tome r={self.r!r}; allowed: an int >= 0 or a list of them")
 
-    stage_options: ClassVar[tuple[str, ...]] = ("vision", "projector")  # set by config; for `sparsevlm list`
+    stages: ClassVar[tuple[str, ...]] = PLACEMENTS
 
-    @property
-    def stage(self) -> str:  # type: ignore[override]
-        return "vision" if self.placement == "vision" else "projector"
+    def choose_stage(self) -> str:
+        return self.placement
 
     def refusal_hint(self, adapter) -> str:
         return "tome placement='projector' runs on every backbone"
 
 
     # ------------------------------------------------------------------ hooks
-    def extra_hooks(self, adapter, engine):
+    def hooks(self, adapter, state):
+        """Vision placement: merge before each encoder layer that feeds the features (per-forward sizes
+        and sources in state["tome_merge"]), then broadcast the merged values at the projector and leave
+        the per-image plans in state["tome_plans"] for `decide`."""
         if self.placement == "projector":
             return []
-        self._per_image = adapter.vision_unit_tokens
-        self._full = cls_in_features(adapter)
-        self._plans = None
-        self._state = None
-        layers = vision_layers(adapter)
-        self._depth = feature_depth(adapter)
-        hooks = [layer.register_forward_pre_hook(self._layer_hook(i, layer), with_kwargs=True)
-                 for i, layer in enumerate(layers)]
-        hooks.append(adapter.projector.register_forward_pre_hook(self._scatter))
+        depth = feature_depth(adapter)
+        hooks = [layer.register_forward_pre_hook(self._layer_hook(i, layer, depth, state), with_kwargs=True)
+                 for i, layer in enumerate(vision_layers(adapter))]
+        hooks.append(adapter.projector.register_forward_pre_hook(
+            self._scatter_hook(state, adapter.vision_unit_tokens, cls_in_features(adapter))))
         return hooks
 
-    def _layer_hook(self, i: int, layer):
+    def _layer_hook(self, i: int, layer, depth: int, state: dict):
         def hook(module, args, kwargs):
             h = args[0] if args else kwargs["hidden_states"]
             if i == 0:
                 n, N, _ = h.shape
                 patches = N - 1
-                sched = layer_schedule(self.r, patches - self.target(patches), max(1, self._depth))
-                self._state = {"size": h.new_ones(n, N), "source": torch.eye(N, device=h.device)[None].expand(n, N, N),
-                               "schedule": sched}
-            st = self._state
+                sched = layer_schedule(self.r, patches - self.target(patches), max(1, depth))
+                state["tome_merge"] = {"size": h.new_ones(n, N), "schedule": sched,
+                                       "source": torch.eye(N, device=h.device)[None].expand(n, N, N)}
+            st = state.get("tome_merge")
             if st is None:
                 return None
-            if i < self._depth and st["schedule"][i] > 0:
+            if i < depth and st["schedule"][i] > 0:
                 h = self._merge(layer, h, st, st["schedule"][i])
             mask = None
             if self.prop_attn and bool((st["size"] != 1).any()):
@@ -154,18 +152,22 @@ class ToMe(CountBudget, TokenReducer):
         st["size"], st["source"] = size.gather(1, perm), gather_tokens(source, perm)
         return gather_tokens(h, perm)
 
-    def _scatter(self, module, args):
-        st, self._state = self._state, None
-        if st is None:
-            return None
-        feats = args[0]
-        plans = plans_from_source(st["source"], drop_cls=not self._full)
-        reps = torch.stack([p.reps for p in plans])
-        if feats.shape[1] != reps.shape[1]:
-            raise RuntimeError(f"tome: the projector got {feats.shape[1]} tokens per image but {reps.shape[1]} "
-                               f"merged tokens were tracked")
-        self._plans = plans
-        return (broadcast_groups(feats, plans, self._per_image), *args[1:])
+    @staticmethod
+    def _scatter_hook(state: dict, per_image: int, cls_kept: bool):
+        def hook(module, args):
+            st = state.pop("tome_merge", None)
+            if st is None:
+                return None
+            feats = args[0]
+            plans = plans_from_source(st["source"], drop_cls=not cls_kept)
+            reps = torch.stack([p.reps for p in plans])
+            if feats.shape[1] != reps.shape[1]:
+                raise RuntimeError(f"tome: the projector got {feats.shape[1]} tokens per image but {reps.shape[1]} "
+                                   f"merged tokens were tracked")
+            state["tome_plans"] = plans
+            return (broadcast_groups(feats, plans, per_image), *args[1:])
+
+        return hook
 
     def _projector_decision(self, ctx, b: int) -> Decision:
         x = ctx.visual_hidden(b)
@@ -193,5 +195,4 @@ class ToMe(CountBudget, TokenReducer):
     def decide(self, ctx):
         if self.placement == "projector":
             return [self._projector_decision(ctx, b) for b in range(ctx.batch_size)]
-        plans, self._plans = self._plans, None
-        return plan_decisions(ctx, plans, self._per_image, "tome")
+        return plan_decisions(ctx, ctx.state.pop("tome_plans", None), ctx.adapter.vision_unit_tokens, "tome")

@@ -5,6 +5,7 @@ from typing import ClassVar
 
 import torch
 
+from framework.budget import nearest_preset
 from framework.errors import ConfigError
 from framework.merging import contextual_merge, scaled
 from framework.reducer import Decision, TokenReducer, groups_decision
@@ -62,13 +63,17 @@ class VisionZip(TokenReducer):
 
     stage: ClassVar[str] = "vision"
 
+    @classmethod
+    def for_budget(cls, fields, budget, n_visual):
+        """The preset nearest the budget (scaled to 576 visual tokens)."""
+        return {**fields, "preset": nearest_preset(PRESETS, budget, n_visual, "visionzip")}
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.preset is not None and self.preset not in PRESETS:
             raise ConfigError(f"visionzip preset={self.preset}; allowed: {sorted(PRESETS)}")
         if self.dominant < 1 or self.contextual < 0:
             raise ConfigError(f"visionzip dominant={self.dominant} (>= 1), contextual={self.contextual} (>= 0)")
-        self._tokens = None  # per-LLM-token encoder signals (Qwen2-VL), set by extra_hooks
 
     def refusal_hint(self, adapter) -> str:
         return ("VisionZip's dominant tokens are chosen by CLS attention inside a CLIP-style encoder, or by "
@@ -99,31 +104,37 @@ class VisionZip(TokenReducer):
             raise ConfigError(f"visionzip keeps {self.dominant}+{self.contextual} tokens of {patches} patches")
         return self.dominant, self.contextual
 
-    def extra_hooks(self, adapter, engine):
+    def hooks(self, adapter, state):
+        """CLIP backbones: CLS attention and keys from the feature layer (state["visionzip_signals"]), then
+        selection at the projector (per-unit plans in state["visionzip_plans"]). Qwen2-VL: the adapter's
+        encoder signals, handed to each forward as state["visionzip_tokens"]."""
         if self._per_token(adapter):
-            self._tokens = adapter.vision_token_signals()
-            return self._tokens.hooks()
-        self._tokens = None
-        self._per_image = adapter.vision_unit_tokens
-        self._full = cls_in_features(adapter)
-        self._plans = self._signals = None
+            tokens = adapter.vision_token_signals()
+
+            def hand_over(module, args, kwargs):
+                state["visionzip_tokens"] = tokens
+
+            return [*tokens.hooks(), adapter.top.register_forward_pre_hook(hand_over, with_kwargs=True)]
         layer = vision_layers(adapter)[feature_depth(adapter) - 1]
 
         def grab(module, args, kwargs):
             h = args[0] if args else kwargs["hidden_states"]
             with torch.no_grad():
-                self._signals = cls_attention_and_keys(module, h)
+                state["visionzip_signals"] = cls_attention_and_keys(module, h)
+
+        def select(module, args):
+            sig = state.pop("visionzip_signals", None)
+            if sig is None:
+                return None
+            new, state["visionzip_plans"] = self._select(args[0], *sig, cls_kept=cls_in_features(adapter))
+            return (new, *args[1:])
 
         return [layer.register_forward_pre_hook(grab, with_kwargs=True),
-                adapter.projector.register_forward_pre_hook(self._select)]
+                adapter.projector.register_forward_pre_hook(select)]
 
-    def _select(self, module, args):
-        sig, self._signals = self._signals, None
-        if sig is None:
-            return None
-        cls_attn, keys = sig
-        feats = args[0]
-        c = 1 if self._full else 0
+    def _select(self, feats: torch.Tensor, cls_attn: torch.Tensor, keys: torch.Tensor, cls_kept: bool):
+        """Projector input (n, N, D) -> (new input with contextual values broadcast, per-unit plans)."""
+        c = 1 if cls_kept else 0
         patches = feats.shape[1] - c
         n_dom, n_ctx = self.counts(patches)
         new, plans = feats.clone(), []
@@ -144,18 +155,20 @@ class VisionZip(TokenReducer):
             reps = sorted(groups)
             plans.append(ImagePlan(reps=torch.tensor(reps, device=feats.device),
                                    groups=[groups[s].to(feats.device) for s in reps]))
-        self._plans = plans
-        return (new, *args[1:])
+        return new, plans
 
     def decide(self, ctx):
-        if self._tokens is not None:
+        if self._per_token(ctx.adapter):
             return self._decide_tokens(ctx)
-        plans, self._plans = self._plans, None
-        return plan_decisions(ctx, plans, self._per_image, "visionzip")
+        return plan_decisions(ctx, ctx.state.pop("visionzip_plans", None), ctx.adapter.vision_unit_tokens,
+                              "visionzip")
 
     # ------------------------------------------------------------------ merged tokens (Qwen2-VL)
     def _decide_tokens(self, ctx) -> list[Decision]:
-        signals = self._tokens.per_token([ctx.vision_map(b) for b in range(ctx.batch_size)])
+        tokens = ctx.state.get("visionzip_tokens")
+        if tokens is None:
+            raise RuntimeError("visionzip: no vision-encoder signals for this forward (hooks not attached?)")
+        signals = tokens.per_token([ctx.vision_map(b) for b in range(ctx.batch_size)])
         return [self._sample(ctx.visual_hidden(b), score.to(ctx.hidden.device), keys.to(ctx.hidden.device),
                              ctx.span_ids(b))
                 for b, (score, keys) in enumerate(signals)]

@@ -11,6 +11,10 @@ from framework.errors import ConfigError
 FAST = ["backbone=toy_random", "run=fast", "task.batch_size=20"]
 
 
+TINY_TOY = {"vision_hidden": 32, "vision_layers": 1, "vision_heads": 2, "text_hidden": 32, "text_layers": 4,
+            "text_heads": 2, "mlp_ratio": 2}
+
+
 def _compose(*overrides):
     from experiments import runner
 
@@ -22,10 +26,10 @@ def test_compose_defaults_and_overrides():
     from experiments import runner
 
     cfg = runner.compose([])
-    assert cfg.backbone.loader == "toy" and cfg.task.name == "synthetic_vqa"
+    assert cfg.backbone.loader == "toy" and cfg.task.name == "toy_vqa"
     assert list(cfg.sweep.strategies) == ["none", "random", "fastv", "tome", "sparsevlm"]
-    assert list(cfg.sweep.budgets) == [21, 7]
-    cfg = runner.compose(["strategy=fastv", "strategy.layer=3", "task.n=7"])
+    assert list(cfg.sweep.budgets) == [48, 16]
+    cfg = runner.compose(["sweep=single", "strategy=fastv", "strategy.layer=3", "task.n=7"])
     assert cfg.strategy.layer == 3 and cfg.task.n == 7
 
 
@@ -52,9 +56,8 @@ def test_bad_config_is_config_error(overrides, match):
 def test_bad_run_config_fails_before_any_run(tmp_path, overrides, match):
     from experiments import sweep
 
-    cfg = _compose("task.n=4", f"out_dir={tmp_path}", *overrides)
-    with pytest.raises(ConfigError, match=match):
-        sweep.run_sweep(cfg, quiet=True)
+    with pytest.raises(ConfigError, match=match):  # at compose time or when the sweep is expanded
+        sweep.run_sweep(_compose("task.n=4", f"out_dir={tmp_path}", *overrides), quiet=True)
     assert not (tmp_path / "results.jsonl").exists()
 
 
@@ -66,17 +69,24 @@ def test_cli_reports_config_error(capsys):
 
 
 def test_budget_mapping():
-    from experiments.runner import strategy_fields
+    """Each strategy maps a budget to its own fields (`for_budget`): keep by default, presets for
+    sparsevlm (by mode), none and sparsevlm rank_paper take no budget."""
+    from framework.budget import apply_budget
 
-    assert strategy_fields({"name": "fastv", "layer": 2}, 21, 64)["keep"] == 21
-    assert strategy_fields({"name": "sparsevlm"}, 21, 64)["preset"] == "192"
-    assert strategy_fields({"name": "sparsevlm"}, 7, 64)["preset"] == "64"
-    assert strategy_fields({"name": "none"}, 7, 64) == {"name": "none"}
+    assert apply_budget({"name": "fastv", "layer": 2}, 21, 64) == ({"name": "fastv", "layer": 2, "keep": 21}, 21)
+    assert apply_budget({"name": "sparsevlm"}, 21, 64)[0]["preset"] == "192"
+    assert apply_budget({"name": "sparsevlm"}, 7, 64)[0]["preset"] == "64"
+    assert apply_budget({"name": "sparsevlm", "budget": "rank_v1"}, 14, 64)[0]["preset"] == "128"
+    assert apply_budget({"name": "sparsevlm", "budget": "rank_paper"}, 7, 64) == (
+        {"name": "sparsevlm", "budget": "rank_paper"}, None)
+    assert apply_budget({"name": "none"}, 7, 64) == ({"name": "none"}, None)
     with pytest.raises(ConfigError, match="allowed 1..64"):
-        strategy_fields({"name": "random"}, 100, 64)
+        apply_budget({"name": "random"}, 100, 64)
     # a budget far from every preset is refused, not snapped to the nearest one
     with pytest.raises(ConfigError, match=r"budget 40 of 64 .* allowed budgets: \[7, 11, 14, 21\]"):
-        strategy_fields({"name": "sparsevlm"}, 40, 64)
+        apply_budget({"name": "sparsevlm"}, 40, 64)
+    with pytest.raises(ConfigError, match="takes no budget"):
+        apply_budget({"name": "chain", "reducers": [{"name": "fastv"}]}, 7, 64)
 
 
 def test_budget_free_modes_run_once_per_combination():
@@ -201,37 +211,35 @@ def test_lmms_plugin_fake_task():
     from types import SimpleNamespace
 
     from experiments.lmms_plugin import SparseVLMLmms
-    from experiments.tasks import synthetic_vqa
-    from models.toy import build_toy_model
+    from experiments.toy import task as toy_task
+    from experiments.toy.model import build_processor, build_toy_model
 
-    model, tok = build_toy_model({"vision_hidden": 32, "vision_layers": 1, "vision_heads": 2,
-                                  "vision_intermediate": 64, "text_hidden": 32, "text_layers": 4,
-                                  "text_heads": 2, "text_intermediate": 64})
+    model, tok = build_toy_model(TINY_TOY)
     model.generation_config.eos_token_id = None
+    proc = build_processor(tok)
     with pytest.raises(ConfigError, match="unknown argument"):
-        SparseVLMLmms(model=model, processor=tok, strategy="fastv", budget=8, nonsense=1)
+        SparseVLMLmms(model=model, processor=proc, strategy="fastv", budget=8, nonsense=1)
     with pytest.raises(ConfigError, match="llava adapter: unknown option"):
-        SparseVLMLmms(model=model, processor=tok, strategy="fastv", budget=8, adapter_args="newline=text")
-    lm = SparseVLMLmms(model=model, processor=tok, strategy="sparsevlm", budget="21",
+        SparseVLMLmms(model=model, processor=proc, strategy="fastv", budget=8, adapter_args="newline=text")
+    lm = SparseVLMLmms(model=model, processor=proc, strategy="sparsevlm", budget="48",
                        strategy_args="recycling=false", max_new_tokens=3)
     assert lm.reducer.recycling is False and lm.reducer.preset == "192"
-    sample = synthetic_vqa.generate(0, 1)[0]
+    sample = toy_task.generate(0, 1)[0]
     lm.task_dict = {"fake": {"test": {0: {"image": sample.image}}}}
     req = SimpleNamespace(args=(sample.question, {"until": ["\n"], "max_new_tokens": 3},
                                 lambda doc: [doc["image"]], 0, "fake", "test"))
     out = lm.generate_until([req])
     assert len(out) == 1 and isinstance(out[0], str)
     acc = lm.records[0]["accounting"]
-    assert acc["visual_per_layer"][0] == 64 and acc["visual_per_layer"][-1] < 64
+    assert acc["visual_per_layer"][0] == 144 and acc["visual_per_layer"][-1] < 144
     # batch_size=2 over 3 prompts (a padded batch, then one alone) answers exactly as one at a time
-    samples = synthetic_vqa.generate(1, 3)
-    samples[1].question = "what colour is left of row c column 5 ?"  # a longer prompt: left padding
+    samples = toy_task.generate(1, 3, ["colour_of", "relation", "exists"])  # prompts of different lengths
     docs = {i: {"image": s.image} for i, s in enumerate(samples)}
     reqs = [SimpleNamespace(args=(s.question, {"until": ["\n"], "max_new_tokens": 3}, lambda doc: [doc["image"]],
                                   i, "fake", "test")) for i, s in enumerate(samples)]
     answers = {}
     for bs in (1, 2):
-        lm2 = SparseVLMLmms(model=model, processor=tok, strategy="sparsevlm", budget="21", batch_size=bs,
+        lm2 = SparseVLMLmms(model=model, processor=proc, strategy="sparsevlm", budget="48", batch_size=bs,
                             max_new_tokens=3)
         lm2.task_dict = {"fake": {"test": docs}}
         answers[bs] = (lm2.generate_until(reqs), [r["accounting"]["visual_per_layer"] for r in lm2.records])
@@ -280,11 +288,9 @@ def test_lmms_plugin_prompts_real_processors_with_their_chat_template():
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     from experiments.lmms_plugin import SparseVLMLmms
-    from models.toy import build_toy_model
+    from experiments.toy.model import build_toy_model
 
-    model, tok = build_toy_model({"vision_hidden": 32, "vision_layers": 1, "vision_heads": 2,
-                                  "vision_intermediate": 64, "text_hidden": 32, "text_layers": 4,
-                                  "text_heads": 2, "text_intermediate": 64})
+    model, tok = build_toy_model(TINY_TOY)
     template = ("{% for m in messages %}{{ m['role'].upper() + ': ' }}{% for c in m['content'] %}"
                 "{% if c['type'] == 'image' %}{{ '<image>\\n' }}{% else %}{{ c['text'] + ' ' }}{% endif %}"
                 "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")

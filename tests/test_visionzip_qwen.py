@@ -53,6 +53,12 @@ def test_qwen_dominance_score_and_dominant_tokens(monkeypatch, name):
                tb.qwen_video_sample(model, frames=3, seed=1)]  # 3 frames of 4 tokens
     x = tb.collate(samples)
 
+    from models.qwen2_vl import Qwen2VLAdapter
+
+    signals = []  # the adapter's encoder-signal recorder the strategy reads (per attach)
+    make_signals = Qwen2VLAdapter.vision_token_signals
+    monkeypatch.setattr(Qwen2VLAdapter, "vision_token_signals", lambda self: signals.append(make_signals(self))
+                        or signals[-1])
     reducer = build({"name": "visionzip", "dominant": DOMINANT, "contextual": CONTEXTUAL})
     with attach(model, reducer) as eng:
         model(**x)
@@ -72,7 +78,7 @@ def test_qwen_dominance_score_and_dominant_tokens(monkeypatch, name):
             per_token = torch.empty_like(per_token).index_copy_(0, order, per_token)
         expected.append(per_token)
     assert not probs  # every recorded segment accounted for
-    got = torch.cat([s for s, _ in reducer._tokens._group])
+    got = torch.cat([s for s, _ in signals[-1]._group])
     torch.testing.assert_close(got, torch.cat(expected), atol=1e-5, rtol=1e-5)
 
     # dominant tokens = the top-DOMINANT expected scores of each image / frame
