@@ -1,1 +1,0 @@
-"""Procedural tasks (no downloads)."""
