@@ -320,22 +320,3 @@ def main(args) -> int:
         (out / "scaling.json").write_text(json.dumps(srows, indent=1))
         print(f"wrote {plot_scaling(srows, out / 'scaling.png')}")
     return 0
-
-
-def add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="efficiency benchmark on random-weight models of real shapes")
-    p.add_argument("--backbone", default=None, help="bench_cpu (CPU default) | llava7b_shape (GPU default)")
-    p.add_argument("--strategies", default="sparsevlm", help="comma list, e.g. sparsevlm,fastv,tome")
-    p.add_argument("--budgets", default="64", help="visual tokens kept (of 576), comma list")
-    p.add_argument("--batches", default="1,8")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats at batch 1 (half as many for larger batches)")
-    p.add_argument("--decode-tokens", type=int, default=8)
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--scaling", action="store_true", help="also the visual-token scaling sweep")
-    p.add_argument("--scaling-only", action="store_true")
-    p.add_argument("--visual", default="576,1152,2304,4608")
-    p.add_argument("--out", default="outputs/bench")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("overrides", nargs="*", help="config overrides, e.g. backbone.text.layers=4")
-    p.set_defaults(func=main)

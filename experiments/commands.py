@@ -1,4 +1,5 @@
 """`sparsevlm run`, `sparsevlm sweep`, `sparsevlm report`, `sparsevlm bench` (picked up by experiments.cli)."""
+
 from __future__ import annotations
 
 import os
@@ -18,9 +19,15 @@ def import_user_strategies(args) -> None:
 
 
 def add_import_option(p) -> None:
-    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_PATH",
-                   help="import a module or .py file that registers strategies (repeatable); the working "
-                        "directory is searched first")
+    p.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE_OR_PATH",
+        help="import a module or .py file that registers strategies (repeatable); the working "
+        "directory is searched first",
+    )
 
 
 def cmd_run(args) -> int:
@@ -37,18 +44,25 @@ def cmd_run(args) -> int:
     rows = sweep.run_sweep(cfg)
     if cfg.run.get("report", True):
         print()
-        report.make_report(cfg.out_dir, sweep=cfg.sweep.name, plots=not args.no_plots,
-                           keys=[r["run_key"] for r in rows])
+        report.make_report(
+            cfg.out_dir, sweep=cfg.sweep.name, plots=not args.no_plots, keys=[r["run_key"] for r in rows]
+        )
     return 0
 
 
 def add_run(sub) -> None:
-    doc = ("evaluate strategies x budgets on a task (default: the toy model, none/random/fastv/tome/sparsevlm "
-           "at 21 and 7 of 64 visual tokens), print the table, write plots")
+    doc = (
+        "evaluate strategies x budgets on a task (default: the toy model, none/random/fastv/tome/sparsevlm "
+        "at 21 and 7 of 64 visual tokens), print the table, write plots"
+    )
     for name in ("run", "sweep"):
         p = sub.add_parser(name, help=doc if name == "run" else "alias of run (sweep=<name> picks the grid)")
-        p.add_argument("overrides", nargs="*", help="Hydra/OmegaConf overrides: sweep=recycling strategy=fastv "
-                       "budget=21 task.n=200 run.devices=2 out_dir=...")
+        p.add_argument(
+            "overrides",
+            nargs="*",
+            help="Hydra/OmegaConf overrides: sweep=recycling strategy=fastv "
+            "budget=21 task.n=200 run.devices=2 out_dir=...",
+        )
         p.add_argument("--print-config", action="store_true", help="print the composed config and exit")
         add_import_option(p)
         p.add_argument("--no-plots", action="store_true")
@@ -71,10 +85,30 @@ def add_report(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
-def add_bench(sub) -> None:
-    from .bench import add_bench as add
+def cmd_bench(args) -> int:
+    from . import bench
 
-    add(sub)
+    return bench.main(args)
+
+
+def add_bench(sub) -> None:
+    """`sparsevlm bench` (the benchmark module, torch included, is imported only when it runs)."""
+    p = sub.add_parser("bench", help="efficiency benchmark on random-weight models of real shapes")
+    p.add_argument("--backbone", default=None, help="bench_cpu (CPU default) | llava7b_shape (GPU default)")
+    p.add_argument("--strategies", default="sparsevlm", help="comma list, e.g. sparsevlm,fastv,tome")
+    p.add_argument("--budgets", default="64", help="visual tokens kept (of 576), comma list")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats at batch 1 (half as many for larger batches)")
+    p.add_argument("--decode-tokens", type=int, default=8)
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--scaling", action="store_true", help="also the visual-token scaling sweep")
+    p.add_argument("--scaling-only", action="store_true")
+    p.add_argument("--visual", default="576,1152,2304,4608")
+    p.add_argument("--out", default="outputs/bench")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. backbone.text.layers=4")
+    p.set_defaults(func=cmd_bench)
 
 
 COMMANDS = [add_run, add_report, add_bench]

@@ -8,10 +8,18 @@
   m FFN width): multiply-accumulates of the decoder layers at prefill, no vision tower, no lm_head;
 * KV-cache bytes: 2 (K and V) x kv_heads x head_dim x bytes per element, summed over layers of the
   tokens each layer holds.
+
+Per-sample records of a prefill (the engine keeps one list per prefill): `new_records` at its start,
+`record_stage` at each decision (tokens before / after, kept indices, merged groups, the decision's
+own record), `count_per_layer` at its end (visual and all tokens entering each decoder layer).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 def layer_flops(n: int, d: int, m: int) -> int:
@@ -91,3 +99,42 @@ def account(engine, bytes_per_elem: int | None = None) -> list[Accounting]:
         bytes_per_elem = next(engine.model.parameters()).element_size()
     return [Accounting.from_counts(s["visual_per_layer"], s["tokens_per_layer"], shape, bytes_per_elem)
             for s in engine.last_record]
+
+
+# ---------------------------------------------------------------------------------------- per-layer records
+def new_records(n_visual: torch.Tensor, n_tokens: torch.Tensor) -> list[dict]:
+    """One record per sample at the start of a prefill: its visual and all tokens at the input."""
+    return [{"n_visual_input": int(n), "stages": [], "tokens_in": int(v)} for n, v in zip(n_visual, n_tokens)]
+
+
+def record_stage(records: list[dict], layer: int, stage: str, before, after, decisions) -> None:
+    """Append one decision point to each sample's record; `before` / `after` are the Slots around it."""
+    import torch
+
+    for b, (rec, d) in enumerate(zip(records, decisions)):
+        groups = [torch.nonzero(m).flatten().tolist() for m in after.members[b]]
+        n_kept = int(torch.as_tensor(d.keep).unique().numel())  # kept tokens come first, merged ones after
+        rec["stages"].append({
+            "stage": stage, "layer": layer,
+            "visual_before": int(before.members[b].shape[0]), "visual_after": len(groups),
+            "kept": sorted(g[0] for g in groups[:n_kept] if len(g) == 1),
+            "groups": groups, "n_merged": d.n_merged, **d.record,
+        })
+
+
+def count_per_layer(records: list[dict], n_layers: int) -> None:
+    """Fill `visual_per_layer` / `tokens_per_layer` (tokens entering each decoder layer) of each record."""
+    for rec in records:
+        vis_in, tok_in = [], []
+        stages = rec["stages"]
+        n_vis = stages[0]["visual_after"] if stages and stages[0]["stage"] == "projector" else rec["n_visual_input"]
+        n_tok = rec["tokens_lm_input"]
+        llm = {st["layer"]: st for st in stages if st["stage"] == "llm"}
+        for i in range(n_layers):
+            if i in llm:
+                n_tok -= llm[i]["visual_before"] - llm[i]["visual_after"]
+                n_vis = llm[i]["visual_after"]
+            vis_in.append(n_vis)
+            tok_in.append(n_tok)
+        rec["visual_per_layer"] = vis_in
+        rec["tokens_per_layer"] = tok_in

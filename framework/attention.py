@@ -80,3 +80,36 @@ def attention_rows(
     allowed = (torch.arange(L, device=rows.device)[None, None] <= rows[..., None]) & key_valid[:, None]
     logits.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
     return torch.softmax(logits, dim=-1)
+
+
+def attention_source(adapter, run, layer: int, hidden: torch.Tensor):
+    """For a decision before decoder layer `layer`: a callable `which -> dict` with what recomputing
+    attention rows needs (`StageContext.attention` / `keys`). which="previous": the layer just run, from
+    `run.prev` (its input hidden states and effective kwargs), with its cached keys and its hooked q/k
+    projections (`run.proj`) when their lengths match; which="current": this layer's own projections
+    applied to `hidden`."""
+    from .errors import ConfigError
+
+    def source(which: str) -> dict:
+        if which == "previous":
+            j, h_in, kw = run.prev
+            if j != layer - 1:
+                raise RuntimeError("previous-layer attention is only available right after that layer")
+        elif which == "current":
+            j, h_in, kw = layer, hidden, run.prev[2]
+        else:
+            raise ConfigError(f"attention which={which!r}; allowed: 'previous', 'current'")
+        norm, attn = adapter.attention_parts(j)
+        cos, sin = kw["position_embeddings"]
+        keys = None
+        cache = kw.get("cache")
+        if which == "previous" and cache is not None and cache.layers[j].get_seq_length() == h_in.shape[1]:
+            keys = cache.layers[j].keys
+        proj = {}
+        if which == "previous":  # the projections that layer computed (hooked), when their length matches
+            proj = {k: v for k in ("q", "k") if (v := run.proj.get((j, k))) is not None
+                    and v.shape[:2] == h_in.shape[:2]}
+        return {"attn": attn, "hidden": h_in, "norm": norm, "cos": cos, "sin": sin, "keys": keys,
+                "queries": proj.get("q"), "keys_proj": proj.get("k")}
+
+    return source

@@ -4,6 +4,7 @@ Adapter classes register themselves with `@register_adapter("llava", "LLaVA-1.5 
 finds the modules that hold them through the entry-point group `sparsevlm.adapters` (this project
 declares its `models` package there), so the framework never imports a backbone module by name.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -26,8 +27,10 @@ def _load_plugins() -> None:
     _loaded = True
     found = entry_points(group=ENTRY_POINT_GROUP)
     if not found:
-        raise ConfigError(f"no entry points in group {ENTRY_POINT_GROUP!r}, so no built-in adapters: install the "
-                          "package (`pip install -e .`); a stale *.egg-info in the working directory hides them")
+        raise ConfigError(
+            f"no entry points in group {ENTRY_POINT_GROUP!r}, so no built-in adapters: install the "
+            "package (`pip install -e .`); a stale *.egg-info in the working directory hides them"
+        )
     for ep in found:
         ep.load()
 
@@ -74,8 +77,9 @@ def adapter_for(model, **options):
         if name in cls.model_classes:
             unknown = sorted(set(options) - set(adapter_options(cls)))
             if unknown:
-                raise ConfigError(f"{cls.family} adapter: unknown option(s) {unknown}; allowed: "
-                                  f"{adapter_options(cls) or 'none'}")
+                raise ConfigError(
+                    f"{cls.family} adapter: unknown option(s) {unknown}; allowed: {adapter_options(cls) or 'none'}"
+                )
             return cls(model, **options)
     supported = sorted(c for cls in classes.values() for c in cls.model_classes)
     raise ConfigError(f"no adapter for model class {name}; supported: {', '.join(supported)}")

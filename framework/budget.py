@@ -4,6 +4,7 @@ A sweep gives a budget as a count of visual tokens; each strategy maps it to its
 classmethod `TokenReducer.for_budget` (default: `keep` receives the count). Presets quoted in the papers
 are for LLaVA-1.5's 576 visual tokens (`REFERENCE_VISUAL_TOKENS`) and are scaled to other models.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -21,9 +22,11 @@ def nearest_preset(presets: Mapping[Any, Any], budget: int, n_visual: int, what:
     best = min(presets, key=lambda p: abs(int(p) - target))
     if abs(int(best) - target) > 0.15 * int(best):  # never snap a budget silently to a far preset
         allowed = sorted({round(int(p) * n_visual / ref) for p in presets})
-        raise ConfigError(f"budget {budget} of {n_visual} visual tokens matches no preset of {what} "
-                          f"({sorted(int(p) for p in presets)} of {ref}); allowed budgets: {allowed}, "
-                          "or set the strategy's own fields")
+        raise ConfigError(
+            f"budget {budget} of {n_visual} visual tokens matches no preset of {what} "
+            f"({sorted(int(p) for p in presets)} of {ref}); allowed budgets: {allowed}, "
+            "or set the strategy's own fields"
+        )
     return best
 
 
@@ -40,8 +43,9 @@ def apply_budget(cfg: Any, budget: int | None, n_visual: int) -> tuple[dict, int
     if isinstance(budget, bool) or not isinstance(budget, int):
         raise ConfigError(f"budget must be a count of visual tokens (int), got {budget!r}")
     if not 1 <= budget <= n_visual:
-        raise ConfigError(f"budget {budget} is not allowed: the backbone has {n_visual} visual tokens; "
-                          f"allowed 1..{n_visual}")
+        raise ConfigError(
+            f"budget {budget} is not allowed: the backbone has {n_visual} visual tokens; allowed 1..{n_visual}"
+        )
     mapped = cls.for_budget(dict(fields), budget, n_visual)
     if mapped is None:
         return {"name": name, **fields}, None

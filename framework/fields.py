@@ -4,6 +4,7 @@
 refuses a value whose type does not fit the field's annotation (a bool field refuses "maybe", a list
 field refuses a scalar) with one error naming the field, the value and the expected type.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -81,5 +82,6 @@ def check_fields(cls: type, values: Mapping[str, Any], label: str) -> None:
         raise ConfigError(f"unknown config key(s) {unknown} for {label}; allowed: {sorted(types_)}")
     for name, value in values.items():
         if value is not None and not fits(value, types_[name]):
-            raise ConfigError(f"{label}: field {name!r} got {value!r} ({type(value).__name__}); "
-                              f"expected {type_name(types_[name])}")
+            raise ConfigError(
+                f"{label}: field {name!r} got {value!r} ({type(value).__name__}); expected {type_name(types_[name])}"
+            )

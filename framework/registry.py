@@ -10,6 +10,7 @@ project declares its `strategies` package there (which imports every module in i
 installed package adds its own the same way. `import_strategies("my_strategy")` (`sparsevlm run
 --import ...`) imports a module by name (the working directory is searched first) or a `.py` file.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -37,8 +38,10 @@ def _load_plugins() -> None:
     _loaded = True
     found = entry_points(group=ENTRY_POINT_GROUP)
     if not found:
-        raise ConfigError(f"no entry points in group {ENTRY_POINT_GROUP!r}, so no built-in strategies: install the "
-                          "package (`pip install -e .`); a stale *.egg-info in the working directory hides them")
+        raise ConfigError(
+            f"no entry points in group {ENTRY_POINT_GROUP!r}, so no built-in strategies: install the "
+            "package (`pip install -e .`); a stale *.egg-info in the working directory hides them"
+        )
     for ep in found:
         ep.load()
 
@@ -92,8 +95,10 @@ def available(pattern: str = "*") -> list[str]:
 def get(name: str) -> type:
     _load_plugins()
     if name not in _REDUCERS:
-        raise ConfigError(f"unknown strategy {name!r}; available: {', '.join(available())} "
-                          "(a strategy of your own: sparsevlm run --import MODULE_OR_FILE ...)")
+        raise ConfigError(
+            f"unknown strategy {name!r}; available: {', '.join(available())} "
+            "(a strategy of your own: sparsevlm run --import MODULE_OR_FILE ...)"
+        )
     return _REDUCERS[name]
 
 
