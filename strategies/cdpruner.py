@@ -5,12 +5,12 @@ Per sample, on the projected visual tokens x_i (the language model's input embed
   1. S_ij = cos(x_i, x_j): similarity of the visual features (the official code: after the projector).
   2. r_i: relevance of token i to the instruction, min-max normalised per sample to (0, 1]:
      r = (a - min a + 1e-6) / (max a - min a), a_i = mean over instruction tokens m of cos(x_i, t_m).
-     The paper's LLaVA code embeds the instruction with CLIP's text tower and compares it with CLIP's
-     projected patch embeddings (and negates that similarity, a CLIP-specific sign); models without a
-     paired text tower (the paper's Qwen2.5-VL / InternVL3 runs) have no such space, and their instruction
-     is embedded by the language model itself. No adapter here loads a CLIP text tower, so on every
-     backbone t_m are the language model's input embeddings of the prompt text after the image and x_i
-     the projected visual tokens, the same space (`negate` flips the sign as the LLaVA code does;
+     The official code (LLaVA only) embeds the instruction with CLIP's text tower and compares it with
+     CLIP's projected patch embeddings (and negates that similarity, a CLIP-specific sign). Models without
+     a paired text tower (Qwen2.5-VL, InternVL3 in the paper) have no such space; their code is unreleased
+     (CDPruner issues #3, #18, #20), so the choice here is ours: no adapter loads a CLIP text tower, and on
+     every backbone t_m are the language model's input embeddings of the prompt text after the image and
+     x_i the projected visual tokens, the same space (`negate` flips the sign as the LLaVA code does;
      `relevance: none` sets r = 1, plain DPP diversity). No text after the image: r = 1 (recorded).
      Optional `theta` in [0, 1): r <- exp(theta / (2 (1 - theta)) r), the reweighting the official code
      leaves commented out (None = off, as published).
