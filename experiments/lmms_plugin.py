@@ -89,9 +89,8 @@ class SparseVLMLmms(_LmmsBase):
             model, processor = self._load(pretrained, dtype, attn_implementation)
         self._model = model.to(self._device).eval()
         self._processor = processor
-        self.toy = hasattr(processor, "convert_tokens_to_ids") and not hasattr(processor, "image_processor")
-        from framework.budget import apply_budget
         self.tokenizer.padding_side = "left"  # batched prompts end together, generation continues after them
+        from framework.budget import apply_budget
         from models import adapter_for
 
         self.adapter = adapter_for(self._model, **self._key_values(adapter_args, "adapter_args"))
@@ -145,10 +144,13 @@ class SparseVLMLmms(_LmmsBase):
     def _load(pretrained: str, dtype: str, attn: str):
         from . import runner
 
-        if str(pretrained).startswith("toy"):
-            from models.toy import load_toy
+        if str(pretrained).startswith("toy"):  # the shipped toy: a stock checkpoint with its own processor
+            from transformers import AutoProcessor
 
-            return load_toy(pretrained, attn_implementation=attn, dtype=runner._dtype(dtype))
+            from experiments.toy.model import load_toy, resolve_toy_path
+
+            model, _ = load_toy(pretrained, attn_implementation=attn, dtype=runner._dtype(dtype))
+            return model, AutoProcessor.from_pretrained(resolve_toy_path(pretrained), local_files_only=True)
         from models.loading import load
 
         model, _adapter, processor = load(pretrained, dtype=runner._dtype(dtype), attn_implementation=attn)
@@ -158,21 +160,10 @@ class SparseVLMLmms(_LmmsBase):
     def _encode(self, contexts: list[str], visuals: list[list]) -> dict:
         """One left-padded batch of prompts, each with its own images (all prompts have images, or none)."""
         flat = [v for vs in visuals for v in vs]
-        if self.toy:
-            import numpy as np
-
-            from models.toy import image_to_tensor, prompt_text
-
-            n = self.adapter.tokens_per_image()
-            enc = self._processor([prompt_text(c, n) for c in contexts], return_tensors="pt", padding=True,
-                                  add_special_tokens=False)
-            out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-            if flat:
-                images = [np.asarray(v.convert("RGB") if hasattr(v, "convert") else v, dtype=np.uint8) for v in flat]
-                out["pixel_values"] = image_to_tensor(images).to(self._model.dtype)
-        else:
-            texts = [self._prompt(c, len(vs)) for c, vs in zip(contexts, visuals)]
-            out = dict(self._processor(text=texts, images=flat or None, padding=True, return_tensors="pt"))
+        texts = [self._prompt(c, len(vs)) for c, vs in zip(contexts, visuals)]
+        out = dict(self._processor(text=texts, images=flat or None, padding=True, return_tensors="pt"))
+        if "pixel_values" in out:
+            out["pixel_values"] = out["pixel_values"].to(self._model.dtype)
         return {k: (v.to(self._device) if torch.is_tensor(v) else v) for k, v in out.items()}
 
     def _prompt(self, context: str, n_images: int) -> str:

@@ -116,13 +116,12 @@ def _series(rows: list[dict]) -> dict[str, list[dict]]:
 
 def chance(rows: list[dict]) -> float | None:
     """Accuracy of the best image-free guess, averaged over the question types (toy task only)."""
-    task = (rows[0].get("config") or {}).get("task") or {}
-    if task.get("name") != "synthetic_vqa":
+    samples = _task_samples(rows[0])
+    if not samples:
         return None
-    from experiments.tasks import synthetic_vqa as sv
+    from experiments.toy import task as toy_task
 
-    qt = qtypes_of(rows)
-    return sum(sv.CHANCE[q] for q in qt) / len(qt) if qt else None
+    return toy_task.chance(samples)
 
 
 def plot_accuracy(rows: list[dict], out: Path) -> list[Path]:
@@ -158,13 +157,18 @@ def plot_accuracy(rows: list[dict], out: Path) -> list[Path]:
     return files
 
 
-def _task_images(row: dict, indices: list[int]) -> dict[int, object]:
+def _task_samples(row: dict) -> list:
+    """The evaluated questions of a toy-task run, regenerated from its config (seeded); [] for other tasks."""
     task = (row.get("config") or {}).get("task") or {}
-    if task.get("name") != "synthetic_vqa":
-        return {}
-    from experiments.tasks import synthetic_vqa as sv
+    if task.get("name") != "toy_vqa":
+        return []
+    from experiments.toy import task as toy_task
 
-    samples = sv.generate(int(task.get("seed", 0)), int(task["n"]), qtypes=list(task.get("qtypes") or sv.QTYPES))
+    return toy_task.generate(int(task.get("seed", 0)), int(task["n"]), list(task.get("qtypes") or toy_task.QTYPES))
+
+
+def _task_images(row: dict, indices: list[int]) -> dict[int, object]:
+    samples = _task_samples(row)
     return {i: samples[i] for i in indices if i < len(samples)}
 
 

@@ -108,18 +108,18 @@ def load_backbone(bcfg) -> Backbone:
     b = to_dict(bcfg)
     loader = b.get("loader")
     if loader == "toy":
-        from models.toy import load_toy
+        from experiments.toy.model import load_toy
 
         try:
-            model, tok = load_toy(b.get("path", "toy-llava"), attn_implementation=b.get("attn_implementation", "eager"),
+            model, tok = load_toy(b.get("path", "toy-llava"), attn_implementation=b.get("attn_implementation", "sdpa"),
                                   dtype=_dtype(b.get("dtype", "float32")))
         except FileNotFoundError as err:
-            raise ConfigError(f"{err}; train it with `python -m experiments.train_toy` or use backbone=toy_random") from None
+            raise ConfigError(f"{err}; train it with `python -m experiments.toy.train` or use backbone=toy_random") from None
         name = str(b.get("path", "toy-llava"))
     elif loader == "toy_random":
-        from models.toy import build_toy_model
+        from experiments.toy.model import build_toy_model
 
-        model, tok = build_toy_model({**b.get("model", {}), "attn_implementation": b.get("attn_implementation", "eager"),
+        model, tok = build_toy_model({**b.get("model", {}), "attn_implementation": b.get("attn_implementation", "sdpa"),
                                       "seed": b.get("seed", 0)})
         model = model.to(_dtype(b.get("dtype", "float32"))).eval()
         name = "toy-random"
@@ -160,9 +160,9 @@ def random_llava(b: dict, images: int = 1):
 # ---------------------------------------------------------------------------------------- task
 def load_task(tcfg) -> list:
     t = to_dict(tcfg)
-    if t.get("name") != "synthetic_vqa":
+    if t.get("name") != "toy_vqa":
         raise ConfigError(f"task {t.get('name')!r}; available: {', '.join(options('task'))}")
-    from experiments.tasks import synthetic_vqa as task
+    from experiments.toy import task
 
     n = int(t.get("n") or 0)
     qtypes = list(t.get("qtypes") or [])
@@ -174,7 +174,7 @@ def load_task(tcfg) -> list:
         raise ConfigError(f"unknown question type(s) {bad}; allowed: {task.QTYPES}")
     if int(t.get("batch_size", 1)) < 1:
         raise ConfigError(f"task.batch_size must be >= 1, got {t.get('batch_size')}")
-    return task.generate(int(t.get("seed", 0)), n, qtypes=qtypes)
+    return task.generate(int(t.get("seed", 0)), n, qtypes)
 
 
 # ---------------------------------------------------------------------------------------- strategy
@@ -278,7 +278,7 @@ class _Collate:
         self.tokenizer, self.samples = tokenizer, samples
 
     def __call__(self, idx: list[int]) -> dict:
-        from models.toy import encode_batch
+        from experiments.toy.model import encode_batch
 
         batch = [self.samples[i] for i in idx]
         out = encode_batch(batch, self.tokenizer, with_labels=True)
@@ -415,7 +415,7 @@ def run_test(backbone: Backbone, samples: list, reducer, run_cfg, batch_size: in
 
 
 def latency_inputs(backbone: Backbone, samples: list, k: int) -> list[dict]:
-    from models.toy import encode_batch
+    from experiments.toy.model import encode_batch
 
     dev = next(backbone.model.parameters()).device
     out = []

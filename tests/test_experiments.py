@@ -45,7 +45,7 @@ def test_bad_config_is_config_error(overrides, match):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (["sweep=single", "strategy=fastv", "budget=65"], "budget 65 is not allowed: the backbone has 64 visual tokens"),
+    (["sweep=single", "strategy=fastv", "budget=145"], "budget 145 is not allowed: the backbone has 144 visual tokens"),
     (["task.n=0"], "has no questions"),
     (["task.qtypes=[]"], "has no questions"),
     (["task.qtypes=[colour_at,weather]"], "unknown question type"),
@@ -116,7 +116,7 @@ def test_runner_ddp_matches_single_process():
     assert two["accuracy"] == one["accuracy"] and two["acc_by_type"] == one["acc_by_type"]
     assert [r["pred"] for r in two["records"]] == [r["pred"] for r in one["records"]]
     assert two["visual_per_layer"] == one["visual_per_layer"]
-    assert one["visual_per_layer"][:2] == [64, 64] and one["visual_per_layer"][2] == 7
+    assert one["visual_per_layer"][:2] == [144, 144] and one["visual_per_layer"][2] == 7
 
 
 def _wandb_runs(out: Path) -> list[Path]:
@@ -130,7 +130,7 @@ def test_sweep_grid_wandb_and_resume(tmp_path):
     from experiments.logging_utils import ResultsFile
 
     overrides = ["task.n=8", f"out_dir={tmp_path}", "sweep.name=grid", "sweep.strategies=[none,sparsevlm,fastv]",
-                 "sweep.budgets=[21,7]", "+sweep.ablations.sparsevlm.recycling=[true,false]",
+                 "sweep.budgets=[48,16]", "+sweep.ablations.sparsevlm.recycling=[true,false]",
                  "+sweep.ablations.fastv.positions=[keep,repack]", "run.per_sample=true"]
     cfg = _compose(*overrides)
 
@@ -160,7 +160,7 @@ def test_sweep_grid_wandb_and_resume(tmp_path):
     assert {(r["strategy"], r["budget"], json.dumps(r["ablation"])) for r in reduced} == {
         (s, b, json.dumps({k: v})) for s, k, vs in (("sparsevlm", "recycling", (True, False)),
                                                     ("fastv", "positions", ("keep", "repack")))
-        for b in (21, 7) for v in vs}
+        for b in (48, 16) for v in vs}
     assert len(_wandb_runs(tmp_path)) == 9
     # a third invocation does nothing
     assert len(sweep.run_sweep(_compose(*overrides), quiet=True)) == 9
@@ -176,21 +176,21 @@ def test_sweep_grid_wandb_and_resume(tmp_path):
         assert r["kv_cache_mb_ratio"] == pytest.approx(r["kv_cache_mb"] / base["kv_cache_mb"])
         assert r["flops_ratio"] <= 1.0 and r["config"]["backbone"]["loader"] == "toy_random"
         assert (tmp_path / "samples" / f"{r['run_key']}.jsonl").exists()
-    assert base["flops_ratio"] == 1.0 and base["equivalent_tokens"] == 64
-    fv = next(r for r in stored if r["strategy"] == "fastv" and r["budget"] == 7)
-    assert fv["visual_per_layer"] == [64, 64, 7, 7]
+    assert base["flops_ratio"] == 1.0 and base["equivalent_tokens"] == 144
+    fv = next(r for r in stored if r["strategy"] == "fastv" and r["budget"] == 16)
+    assert fv["visual_per_layer"] == [144, 144, 16, 16]
 
 
 def test_main_job_reduced(tmp_path, capsys):
-    """`sparsevlm run` = the default sweep (none/random/fastv/tome/sparsevlm x 21, 7) + table + plots;
+    """`sparsevlm run` = the default sweep (none/random/fastv/tome/sparsevlm x 48, 16) + table + plots;
     here on an untrained toy-shaped model with few questions."""
     from experiments.cli import main
 
     rc = main(["run", *FAST, "task.n=8", "run.wandb=false", f"out_dir={tmp_path}"])
     assert rc == 0
     out = capsys.readouterr().out
-    for name in ("none", "random-21", "random-7", "fastv-21", "fastv-7", "tome-21", "tome-7",
-                 "sparsevlm-21", "sparsevlm-7"):
+    for name in ("none", "random-48", "random-16", "fastv-48", "fastv-16", "tome-48", "tome-16",
+                 "sparsevlm-48", "sparsevlm-16"):
         assert f"| {name} " in out
     for f in ("acc_vs_tokens.png", "acc_vs_latency.png", "overlays.png", "table.md", "table.csv"):
         assert (tmp_path / f).stat().st_size > 0

@@ -6,21 +6,21 @@ import pytest
 
 from framework.errors import ConfigError
 
-QT = ["colour_at", "shape_at", "left_of", "above"]
+QT = ["colour_of", "shape_of", "relation", "count"]
 
 
 def _row(name, strategy, budget, acc, by_type, eq, tflops, prefill, ratio=None, overlays=None, ablation=None):
     return {"run_key": name, "sweep": "s", "name": name, "strategy": strategy, "budget": budget,
-            "ablation": ablation or {}, "backbone": "toy", "task": "synthetic_vqa", "n": 40, "n_visual": 64,
+            "ablation": ablation or {}, "backbone": "toy", "task": "toy_vqa", "n": 40, "n_visual": 144,
             "accuracy": acc, "acc_by_type": dict(zip(QT, by_type)), "equivalent_tokens": eq, "tflops": tflops,
             "flops_ratio": tflops / 2e-5, "prefill_ms": prefill, "prefill_ms_ratio": prefill / 10.0,
             "decode_ms": 1.5, "kv_cache_mb": eq / 100, "peak_mb": 3.0, "accuracy_ratio": ratio,
-            "overlays": overlays or [], "config": {"task": {"name": "synthetic_vqa", "seed": 3, "n": 40, "qtypes": QT}}}
+            "overlays": overlays or [], "config": {"task": {"name": "toy_vqa", "seed": 3, "n": 40, "qtypes": QT}}}
 
 
 @pytest.fixture
 def results(tmp_path):
-    ov = [{"index": 0, "qtype": "left_of", "correct": True, "groups": [[0], [5], [9, 10, 11]]},
+    ov = [{"index": 0, "qtype": "relation", "correct": True, "groups": [[0], [5], [9, 10, 11]]},
           {"index": 1, "qtype": "relation", "correct": False, "groups": [[3], [4]]}]
     rows = [
         _row("fastv-21", "fastv", 21, 0.5, [0.6, 0.5, 0.4, 0.5], 31.8, 1.4e-5, 7.0, 0.625, ov),
@@ -57,7 +57,7 @@ def test_report_table_and_files(results, capsys):
         r = by_name[b[0]]
         cell = dict(zip(header, b))
         assert float(cell["avg %"]) == pytest.approx(100 * r["accuracy"], abs=0.05)
-        assert float(cell["left_of %"]) == pytest.approx(100 * r["acc_by_type"]["left_of"], abs=0.05)
+        assert float(cell["relation %"]) == pytest.approx(100 * r["acc_by_type"]["relation"], abs=0.05)
         assert float(cell["% of none"]) == pytest.approx(100 * r["accuracy_ratio"], abs=0.05)
         assert float(cell["eq. tokens"]) == pytest.approx(r["equivalent_tokens"], abs=0.05)
         assert float(cell["prefill ms"]) == pytest.approx(r["prefill_ms"], abs=0.05)
