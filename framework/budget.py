@@ -12,6 +12,19 @@ from typing import Any, Mapping
 from .errors import ConfigError
 
 REFERENCE_VISUAL_TOKENS = 576  # LLaVA-1.5: the token count the papers' 192 / 128 / 64 budgets refer to
+REFERENCE_LAYERS = 32  # LLaVA-1.5-7B: the decoder depth the papers' layer schedules refer to
+
+
+def scale_to_depth(layers: list[int], n_layers: int, last: int, what: str = "layers", first: int = 0) -> list[int]:
+    """A layer schedule quoted for 32 decoder layers -> this depth: each index x n_layers / 32, rounded half up,
+    at least ``first``, kept strictly increasing; an index beyond ``last`` is an error."""
+    out: list[int] = []
+    for layer in layers:
+        v = int(layer * n_layers / REFERENCE_LAYERS + 0.5)
+        out.append(max(v, out[-1] + 1) if out else max(v, first))
+    if out and out[-1] > last:
+        raise ConfigError(f"cannot place {len(layers)} {what} in a {n_layers}-layer decoder")
+    return out
 
 
 def nearest_preset(presets: Mapping[Any, Any], budget: int, n_visual: int, what: str = "this strategy"):

@@ -5,7 +5,7 @@ from typing import ClassVar
 
 import torch
 
-from framework.budget import nearest_preset
+from framework.budget import REFERENCE_LAYERS, nearest_preset, scale_to_depth
 from framework.errors import ConfigError
 from framework.reducer import Decision, TokenReducer, topk_indices
 from framework.registry import register
@@ -24,7 +24,9 @@ class PyramidDrop(TokenReducer):
     ranked by the attention of the last instruction token computed with that layer's own
     input-norm / Q / K projections on the incoming hidden states (rows only, head mean).
     Defaults are the repo's ([8, 16, 24], λ = 0.5); presets 192 / 128 / 64 use [2, 8, 16] with
-    λ = 0.56 / 0.42 / 0.19. Positions default to `repack` (the official code re-numbers positions).
+    λ = 0.56 / 0.42 / 0.19; on a decoder of other depth a preset's layers are scaled like SparseVLM's
+    (x depth / 32, rounded half up, strictly increasing). Positions default to `repack` (the official code
+    re-numbers positions).
     arXiv 2410.17247.
     """
 
@@ -50,6 +52,13 @@ class PyramidDrop(TokenReducer):
             raise ConfigError(f"pdrop lam={self.lam}; allowed: (0, 1)")
         if sorted(set(self.layers)) != list(self.layers) or not self.layers:
             raise ConfigError(f"pdrop layers={self.layers}; allowed: strictly increasing layer indices")
+
+    def setup(self, adapter) -> None:
+        n = adapter.num_layers
+        if self.preset is not None:  # the preset's schedule is quoted for 32 layers
+            layers = PRESETS[self.preset][0]
+            self.layers = layers if n == REFERENCE_LAYERS else scale_to_depth(layers, n, n - 1, "PDrop stages", first=1)
+        super().setup(adapter)
 
     def decision_layers(self) -> list[int]:
         return list(self.layers)

@@ -67,7 +67,7 @@ from typing import Any
 import torch
 
 from framework.attention import rotate_half
-from framework.budget import REFERENCE_VISUAL_TOKENS, nearest_preset
+from framework.budget import REFERENCE_VISUAL_TOKENS, nearest_preset, scale_to_depth
 from framework.clustering import ASSIGN_MODES, MERGE_MODES, cluster_and_merge
 from framework.errors import ConfigError
 from framework.reducer import Decision, TokenReducer, topk_indices
@@ -123,15 +123,7 @@ def priority_heads(attn: torch.Tensor, n: int) -> torch.Tensor:
 
 def scale_layers(layers: list[int], n_layers: int) -> list[int]:
     """Reference pruning layers (of 32) -> this depth: round half up, strictly increasing, <= n_layers-2."""
-    out: list[int] = []
-    for layer in layers:
-        v = int(layer * n_layers / REF_LAYERS + 0.5)
-        if out:
-            v = max(v, out[-1] + 1)
-        out.append(v)
-    if out and out[-1] > n_layers - 2:
-        raise ConfigError(f"cannot place {len(layers)} pruning layers in a {n_layers}-layer decoder")
-    return out
+    return scale_to_depth(layers, n_layers, last=n_layers - 2, what="pruning layers")
 
 
 @register("sparsevlm")

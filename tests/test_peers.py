@@ -234,6 +234,11 @@ def test_pdrop_pyramid_and_presets(model):
     _, rec, _ = _run(model, {"name": "pdrop", "layers": [1, 3], "lam": 0.5})
     assert all(r["visual_per_layer"] == [16, 8, 8, 4] for r in rec)
     assert build({"name": "pdrop", "preset": 64}).lam == 0.19
+    # a preset's stages [2, 8, 16] of 32 scale to this 4-layer decoder as [1, 2, 3] (at least 1: a decision
+    # needs the layer before it)
+    _, rec, _ = _run(model, {"name": "pdrop", "preset": 192})
+    n = 16
+    assert all(r["visual_per_layer"] == [n, int(n * 0.56), int(n * 0.56**2), int(n * 0.56**3)] for r in rec)
 
 
 def test_chain_tome_then_fastv(model):
