@@ -94,6 +94,11 @@ class BackboneAdapter:
         """Adapter-side hooks the engine attaches (and removes on detach); handles with `.remove()`."""
         return []
 
+    def vision_tower(self):
+        """The vision encoder's signals for vision-stage strategies (`framework.vision.VisionTower`),
+        or None where the backbone offers none."""
+        return None
+
     def vision_token_map(self, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
         """For vision-stage strategies: (B, L) long, at each visual position the vision-encoder feature
         it comes from (unit * vision_unit_tokens + slot, units = the encoder's batch rows, in order),

@@ -6,6 +6,7 @@ import torch
 from framework.backbones import register_adapter
 
 from .base import BackboneAdapter, require
+from .clip import ClipTower
 
 
 @register_adapter("llava", "LLaVA-1.5 (LlavaForConditionalGeneration)")
@@ -18,15 +19,6 @@ class LlavaAdapter(BackboneAdapter):
     def image_token_id(self) -> int:
         return self.model.config.image_token_id
 
-    @property
-    def vision_layers(self) -> torch.nn.ModuleList:
-        tower = self.model.model.vision_tower  # CLIPVisionModel (transformers 5: no .vision_model level)
-        return (tower.encoder if hasattr(tower, "encoder") else tower.vision_model.encoder).layers
-
-    @property
-    def projector(self) -> torch.nn.Module:
-        return self.model.model.multi_modal_projector
-
     def tokens_per_image(self) -> int:
         v = self.model.config.vision_config
         n = (v.image_size // v.patch_size) ** 2
@@ -35,6 +27,10 @@ class LlavaAdapter(BackboneAdapter):
     @property
     def vision_unit_tokens(self) -> int:
         return self.tokens_per_image()
+
+    def vision_tower(self) -> ClipTower:
+        """CLIP, one encoder unit per image."""
+        return ClipTower(self.model, self.vision_unit_tokens)
 
     def vision_token_map(self, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """Image j of the batch (prompt order) holds encoder features j * per .. (j + 1) * per - 1."""

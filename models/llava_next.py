@@ -34,6 +34,7 @@ from framework.backbones import register_adapter
 from framework.errors import ConfigError
 
 from .base import BackboneAdapter, require
+from .clip import ClipTower
 
 NEWLINE_MODES = ("visual", "keep")
 
@@ -118,19 +119,14 @@ class LlavaNextAdapter(BackboneAdapter):
 
     # --- vision stage: CLIP per crop -------------------------------------------------------------
     @property
-    def vision_layers(self) -> torch.nn.ModuleList:
-        tower = self.model.model.vision_tower
-        return (tower.encoder if hasattr(tower, "encoder") else tower.vision_model.encoder).layers
-
-    @property
-    def projector(self) -> torch.nn.Module:
-        return self.model.model.multi_modal_projector
-
-    @property
     def vision_unit_tokens(self) -> int:
         """Feature tokens per encoder unit (one crop, the base view included)."""
         v = self.model.config.vision_config
         return (v.image_size // v.patch_size) ** 2 + (self.model.config.vision_feature_select_strategy == "full")
+
+    def vision_tower(self) -> ClipTower:
+        """CLIP, one encoder unit per crop (the base view first)."""
+        return ClipTower(self.model, self.vision_unit_tokens)
 
     def tokens_per_image(self) -> int:
         raise ConfigError(f"{self.family}: AnyRes images have variable token counts (no fixed tokens per image)")

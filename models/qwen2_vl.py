@@ -24,7 +24,7 @@ default, `video_span="frame"`) or one for the whole video (`video_span="video"`)
 Vision stage: refused for strategies that act inside the encoder (no CLS token; the patch merger
 concatenates fixed spatial_merge_size^2 patch groups, so a patch merged or dropped inside the encoder
 has no LLM token). VisionZip runs instead on the merged tokens with encoder signals per LLM token
-(`vision_token_signals`, `vision_token_map`): see `VisionTokenSignals`.
+(`vision_tower().token_signals()`, `vision_token_map`): see `VisionTokenSignals`.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ import torch
 
 from framework.backbones import register_adapter
 from framework.errors import ConfigError
+from framework.vision import TokenSignals, VisionTower
 
 from .base import BackboneAdapter, require
 
@@ -206,7 +207,7 @@ class Qwen2VLAdapter(BackboneAdapter):
         """(B, L): at each image / video position, the row of the vision encoder's merged output that
         the model scatters there: image rows first (batch order, as `masked_scatter` fills them), then
         video rows (offset by the batch's image-token count); -1 elsewhere. Rows index the signals of
-        `vision_token_signals` (Qwen's encoder batch has no fixed units, so there is no per-unit slot)."""
+        `VisionTokenSignals` (Qwen's encoder batch has no fixed units, so there is no per-unit slot)."""
         img, vid = input_ids == self.image_token_id, input_ids == self.video_token_id
         out = torch.full(input_ids.shape, -1, dtype=torch.long, device=input_ids.device)
         n_img = int(img.sum())
@@ -227,10 +228,9 @@ class Qwen2VLAdapter(BackboneAdapter):
         None when the blocks see tokens in output order (Qwen2-VL)."""
         return None
 
-    def vision_token_signals(self) -> "VisionTokenSignals":
-        """A collector of VisionZip's signals per LLM visual token; attach its `hooks()`, read
-        `per_token(ctx maps)` at the projector decision. See `VisionTokenSignals`."""
-        return VisionTokenSignals(self)
+    def vision_tower(self) -> "QwenTower":
+        """Signals per LLM visual token (received attention, keys): see `VisionTokenSignals`."""
+        return QwenTower(self)
 
     # --- positions: (3|4, B, L) M-RoPE ids at the language-model level ------------------------
     def text_positions(self, pos: torch.Tensor) -> torch.Tensor:
@@ -304,8 +304,21 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tenso
     return out
 
 
-class VisionTokenSignals:
-    """VisionZip's signals for each LLM visual token of Qwen2-VL / Qwen2.5-VL, from the vision encoder.
+class QwenTower(VisionTower):
+    """Qwen2-VL / 2.5-VL's encoder for vision-stage strategies: its merger fuses fixed patch groups,
+    so it offers signals per LLM visual token only (no per-layer hooks inside the encoder)."""
+
+    inside = False
+
+    def __init__(self, adapter: Qwen2VLAdapter):
+        self.adapter = adapter
+
+    def token_signals(self) -> "VisionTokenSignals":
+        return VisionTokenSignals(self.adapter)
+
+
+class VisionTokenSignals(TokenSignals):
+    """Encoder signals for each LLM visual token of Qwen2-VL / Qwen2.5-VL (VisionZip's dominance and keys).
 
     Hooks (`hooks()`): a pre-hook on the encoder records each call's grid_thw; a pre-hook on the
     attention of the last block that attends over whole images / frames (`full_attention_block`)

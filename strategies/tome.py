@@ -16,14 +16,7 @@ from framework.merging import (
 )
 from framework.reducer import CountBudget, Decision, TokenReducer, groups_decision
 from framework.registry import register
-from framework.vision import (
-    broadcast_groups,
-    cls_in_features,
-    feature_depth,
-    plan_decisions,
-    plans_from_source,
-    vision_layers,
-)
+from framework.vision import broadcast_groups, plan_decisions, plans_from_source
 
 PLACEMENTS = ("vision", "projector")
 
@@ -96,19 +89,18 @@ class ToMe(CountBudget, TokenReducer):
     def hooks(self, adapter, state):
         """Vision placement: merge before each encoder layer that feeds the features (per-forward sizes
         and sources in state["tome_merge"]), then broadcast the merged values at the projector and leave
-        the per-image plans in state["tome_plans"] for `decide`."""
+        the per-unit plans in state["tome_plans"] for `decide`."""
         if self.placement == "projector":
             return []
-        depth = feature_depth(adapter)
-        hooks = [layer.register_forward_pre_hook(self._layer_hook(i, layer, depth, state), with_kwargs=True)
-                 for i, layer in enumerate(vision_layers(adapter))]
-        hooks.append(adapter.projector.register_forward_pre_hook(
-            self._scatter_hook(state, adapter.vision_unit_tokens, cls_in_features(adapter))))
+        tower = adapter.vision_tower()
+        hooks = [tower.before_layer(i, self._layer_hook(tower, i, state)) for i in range(tower.n_layers)]
+        hooks.append(tower.on_features(self._scatter_hook(state, tower.unit_tokens, tower.cls_in_features)))
         return hooks
 
-    def _layer_hook(self, i: int, layer, depth: int, state: dict):
-        def hook(module, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
+    def _layer_hook(self, tower, i: int, state: dict):
+        depth = tower.depth
+
+        def hook(h):
             if i == 0:
                 n, N, _ = h.shape
                 patches = N - 1
@@ -119,25 +111,16 @@ class ToMe(CountBudget, TokenReducer):
             if st is None:
                 return None
             if i < depth and st["schedule"][i] > 0:
-                h = self._merge(layer, h, st, st["schedule"][i])
+                h = self._merge(tower.keys(i, h), h, st, st["schedule"][i])
             mask = None
             if self.prop_attn and bool((st["size"] != 1).any()):
                 mask = prop_attn_mask(st["size"], h.dtype)
-            if args:
-                args = (h, mask if mask is not None else (args[1] if len(args) > 1 else None), *args[2:])
-            else:
-                kwargs = {**kwargs, "hidden_states": h}
-            if not args or len(args) < 2:
-                kwargs = {**kwargs, "attention_mask": mask if mask is not None else kwargs.get("attention_mask")}
-            return args, kwargs
+            return h, mask
 
         return hook
 
-    def _merge(self, layer, h: torch.Tensor, st: dict, r: int) -> torch.Tensor:
-        attn = layer.self_attn
-        with torch.no_grad():
-            k = attn.k_proj(layer.layer_norm1(h))
-            metric = k.view(*k.shape[:2], attn.num_heads, -1).mean(2)
+    def _merge(self, metric: torch.Tensor, h: torch.Tensor, st: dict, r: int) -> torch.Tensor:
+        """r merges of h (n, N, D) by the layer's keys `metric` (CLS protected), sizes and sources tracked."""
         size, source = st["size"], st["source"]
         while r > 0:
             merge, done = bipartite_soft_matching(metric, r, protected=1)
@@ -153,19 +136,18 @@ class ToMe(CountBudget, TokenReducer):
         return gather_tokens(h, perm)
 
     @staticmethod
-    def _scatter_hook(state: dict, per_image: int, cls_kept: bool):
-        def hook(module, args):
+    def _scatter_hook(state: dict, per_unit: int, cls_kept: bool):
+        def hook(feats):
             st = state.pop("tome_merge", None)
             if st is None:
                 return None
-            feats = args[0]
             plans = plans_from_source(st["source"], drop_cls=not cls_kept)
             reps = torch.stack([p.reps for p in plans])
             if feats.shape[1] != reps.shape[1]:
                 raise RuntimeError(f"tome: the projector got {feats.shape[1]} tokens per image but {reps.shape[1]} "
                                    f"merged tokens were tracked")
             state["tome_plans"] = plans
-            return (broadcast_groups(feats, plans, per_image), *args[1:])
+            return broadcast_groups(feats, plans, per_unit)
 
         return hook
 
@@ -195,4 +177,4 @@ class ToMe(CountBudget, TokenReducer):
     def decide(self, ctx):
         if self.placement == "projector":
             return [self._projector_decision(ctx, b) for b in range(ctx.batch_size)]
-        return plan_decisions(ctx, ctx.state.pop("tome_plans", None), ctx.adapter.vision_unit_tokens, "tome")
+        return plan_decisions(ctx, ctx.state.pop("tome_plans", None), ctx.adapter.vision_tower().unit_tokens, "tome")

@@ -8,23 +8,31 @@ import torch
 from framework.budget import nearest_preset
 from framework.errors import ConfigError
 from framework.merging import contextual_merge, scaled
-from framework.reducer import Decision, TokenReducer, groups_decision
+from framework.reducer import TokenReducer, groups_decision
 from framework.registry import register
-from framework.vision import ImagePlan, cls_in_features, feature_depth, plan_decisions, vision_layers
+from framework.vision import ImagePlan, plan_decisions, token_signal_hooks, token_signals
 
 PRESETS = {192: (162, 30), 128: (108, 20), 64: (54, 10)}
 
 
-def cls_attention_and_keys(layer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CLS query's attention over the patches (summed over heads) and head-mean keys of a CLIP
-    layer, from its input h (n, N, D): ((n, N-1), (n, N, d))."""
-    attn = layer.self_attn
-    x = layer.layer_norm1(h)
-    n, N, _ = x.shape
-    q = attn.q_proj(x[:, :1]).view(n, 1, attn.num_heads, -1).transpose(1, 2)  # (n, H, 1, d)
-    k = attn.k_proj(x).view(n, N, attn.num_heads, -1).transpose(1, 2)  # (n, H, N, d)
-    probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)[:, :, 0]  # (n, H, N)
-    return probs[:, :, 1:].sum(1), k.mean(1)
+def zip_tokens(score: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n_dom: int, n_ctx: int):
+    """VisionZip's rule on one unit's n tokens (an image, a crop, a video frame): score (n,) dominance,
+    keys (n, d), values (n, D). The top `n_dom` by score are dominant (ties: lower index); the rest
+    merge into `n_ctx` contextual tokens (`contextual_merge`: uniform-stride targets, each other token
+    joins its most key-similar target; value = target + mean of its members).
+
+    Returns (dominant (k,) sorted indices, targets (m,) indices, groups: m index tensors, the members of
+    each contextual token, its target included, values (m, D))."""
+    n = int(score.numel())
+    n_dom = min(n_dom, n)
+    n_ctx = min(n_ctx, n - n_dom)  # a preset on a tiny image / frame
+    order = torch.sort(score.float(), descending=True, stable=True).indices
+    dom = order[:n_dom].sort().values
+    rem = order[n_dom:].sort().values
+    if not n_ctx or not rem.numel():
+        return dom, rem[:0], [], values[:0]
+    tok, targets, assign = contextual_merge(values[rem], keys[rem], n_ctx)
+    return dom, rem[targets], [rem[assign == j] for j in range(len(targets))], tok
 
 
 @register("visionzip")
@@ -43,7 +51,7 @@ class VisionZip(TokenReducer):
     code. LLaVA-NeXT: per CLIP crop (base view included), as VisionZip's LLaVA-NeXT code does; budgets
     are per crop. arXiv 2412.04467.
 
-    Qwen2-VL / Qwen2.5-VL (adapters with `vision_token_signals`): the encoder has no CLS token and its
+    Qwen2-VL / Qwen2.5-VL (vision towers with signals per LLM token, `inside = False`): the encoder has no CLS token and its
     merger concatenates spatial_merge_size^2 consecutive patches into one LLM token, so selection and
     merging act on the merger output (the LLM's visual tokens) at the projector decision, with signals
     from the encoder: dominance of a token = the attention its patches *receive*, heads summed, averaged
@@ -83,8 +91,9 @@ class VisionZip(TokenReducer):
 
     @staticmethod
     def _per_token(adapter) -> bool:
-        """True on backbones without a vision stage whose adapter gives encoder signals per LLM token."""
-        return "vision" not in adapter.stages and hasattr(adapter, "vision_token_signals")
+        """True on backbones whose vision tower gives encoder signals per LLM token (no vision stage)."""
+        tower = adapter.vision_tower()
+        return tower is not None and not tower.inside
 
     def setup(self, adapter) -> None:
         if not self._per_token(adapter):
@@ -105,53 +114,41 @@ class VisionZip(TokenReducer):
         return self.dominant, self.contextual
 
     def hooks(self, adapter, state):
-        """CLIP backbones: CLS attention and keys from the feature layer (state["visionzip_signals"]), then
-        selection at the projector (per-unit plans in state["visionzip_plans"]). Qwen2-VL: the adapter's
-        encoder signals, handed to each forward as state["visionzip_tokens"]."""
-        if self._per_token(adapter):
-            tokens = adapter.vision_token_signals()
+        """Inside CLIP-style towers: CLS attention and keys at the layer that produces the features, then
+        selection on the projector's input (per-unit plans in state["visionzip_plans"]). Towers with
+        signals per LLM token (Qwen2-VL): their recorder, read at the projector decision."""
+        tower = adapter.vision_tower()
+        if not tower.inside:
+            return token_signal_hooks(adapter, tower, state, "visionzip_tokens")
+        i = tower.depth - 1
 
-            def hand_over(module, args, kwargs):
-                state["visionzip_tokens"] = tokens
+        def grab(h):
+            state["visionzip_signals"] = (tower.cls_attention(i, h), tower.keys(i, h))
 
-            return [*tokens.hooks(), adapter.top.register_forward_pre_hook(hand_over, with_kwargs=True)]
-        layer = vision_layers(adapter)[feature_depth(adapter) - 1]
-
-        def grab(module, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            with torch.no_grad():
-                state["visionzip_signals"] = cls_attention_and_keys(module, h)
-
-        def select(module, args):
+        def select(feats):
             sig = state.pop("visionzip_signals", None)
             if sig is None:
                 return None
-            new, state["visionzip_plans"] = self._select(args[0], *sig, cls_kept=cls_in_features(adapter))
-            return (new, *args[1:])
+            new, state["visionzip_plans"] = self._select(feats, *sig, cls_kept=tower.cls_in_features)
+            return new
 
-        return [layer.register_forward_pre_hook(grab, with_kwargs=True),
-                adapter.projector.register_forward_pre_hook(select)]
+        return [tower.before_layer(i, grab), tower.on_features(select)]
 
     def _select(self, feats: torch.Tensor, cls_attn: torch.Tensor, keys: torch.Tensor, cls_kept: bool):
-        """Projector input (n, N, D) -> (new input with contextual values broadcast, per-unit plans)."""
+        """Projector input (n, N, D) of CLIP units, CLS attention over the patches (n, N0 - 1), keys in
+        CLIP token space (n, N0, d) -> (new input with contextual values broadcast, per-unit plans).
+        A kept CLS counts as one of the dominant tokens, as in the official code."""
         c = 1 if cls_kept else 0
-        patches = feats.shape[1] - c
-        n_dom, n_ctx = self.counts(patches)
+        n_dom, n_ctx = self.counts(feats.shape[1] - c)
         new, plans = feats.clone(), []
         for i in range(feats.shape[0]):
-            nd = n_dom - c
-            order = torch.sort(cls_attn[i], descending=True, stable=True).indices
-            dom = order[:nd].sort().values
-            rem = order[nd:].sort().values
+            dom, targets, members, tok = zip_tokens(cls_attn[i], keys[i, 1:], feats[i, c:], n_dom - c, n_ctx)
             groups = {int(p) + c: torch.tensor([int(p) + c]) for p in dom}
             if c:
                 groups[0] = torch.tensor([0])
-            if n_ctx and rem.numel():
-                tok, targets, assign = contextual_merge(feats[i, rem + c], keys[i, rem + 1], n_ctx)
-                slots = rem[targets] + c
-                new[i, rem + c] = tok[assign].to(feats.dtype)  # every member slot (see broadcast_groups)
-                for j, s in enumerate(slots.tolist()):
-                    groups[s] = rem[assign == j] + c
+            for t, g, v in zip(targets.tolist(), members, tok):
+                new[i, g + c] = v.to(feats.dtype)  # every member slot (see broadcast_groups)
+                groups[t + c] = g + c
             reps = sorted(groups)
             plans.append(ImagePlan(reps=torch.tensor(reps, device=feats.device),
                                    groups=[groups[s].to(feats.device) for s in reps]))
@@ -159,45 +156,29 @@ class VisionZip(TokenReducer):
 
     def decide(self, ctx):
         if self._per_token(ctx.adapter):
-            return self._decide_tokens(ctx)
-        return plan_decisions(ctx, ctx.state.pop("visionzip_plans", None), ctx.adapter.vision_unit_tokens,
+            signals = token_signals(ctx, "visionzip_tokens", "visionzip")
+            return [self._sample(ctx.visual_hidden(b), score, keys, ctx.span_ids(b))
+                    for b, (score, keys) in enumerate(signals)]
+        return plan_decisions(ctx, ctx.state.pop("visionzip_plans", None), ctx.adapter.vision_tower().unit_tokens,
                               "visionzip")
 
-    # ------------------------------------------------------------------ merged tokens (Qwen2-VL)
-    def _decide_tokens(self, ctx) -> list[Decision]:
-        tokens = ctx.state.get("visionzip_tokens")
-        if tokens is None:
-            raise RuntimeError("visionzip: no vision-encoder signals for this forward (hooks not attached?)")
-        signals = tokens.per_token([ctx.vision_map(b) for b in range(ctx.batch_size)])
-        return [self._sample(ctx.visual_hidden(b), score.to(ctx.hidden.device), keys.to(ctx.hidden.device),
-                             ctx.span_ids(b))
-                for b, (score, keys) in enumerate(signals)]
-
-    def _sample(self, x: torch.Tensor, score: torch.Tensor, keys: torch.Tensor, spans: torch.Tensor) -> Decision:
-        """One sample: x (n, D) its visual tokens, score (n,) dominance, keys (n, d), spans (n,) image /
-        frame id. Dominant tokens keep their values; contextual tokens sit at their targets' slots."""
+    def _sample(self, x: torch.Tensor, score: torch.Tensor, keys: torch.Tensor, spans: torch.Tensor):
+        """One sample's LLM visual tokens x (n, D), with score (n,), keys (n, d) and spans (n,) (image /
+        frame id): the rule per span; contextual tokens sit at their targets' slots."""
         reps, groups, values, dominant, contextual = [], [], [], [], []
         for s in spans.unique():
             idx = torch.nonzero(spans == s).flatten()
-            n = int(idx.numel())
-            n_dom, n_ctx = self.counts(n)
-            n_dom = min(n_dom, n)
-            n_ctx = min(n_ctx, n - n_dom)  # a preset on a tiny image / frame
-            order = torch.sort(score[idx].float(), descending=True, stable=True).indices
-            dom = idx[order[:n_dom]].sort().values
-            rem = idx[order[n_dom:]].sort().values
-            for i in dom:
+            dom, targets, members, tok = zip_tokens(score[idx], keys[idx], x[idx], *self.counts(int(idx.numel())))
+            for i in idx[dom]:
                 reps.append(i)
                 groups.append(i[None])
                 values.append(x[i])
-            dominant += dom.tolist()
-            if n_ctx and rem.numel():
-                tok, targets, assign = contextual_merge(x[rem], keys[rem], n_ctx)
-                for j, t in enumerate(targets):
-                    reps.append(rem[t])
-                    groups.append(rem[assign == j])
-                    values.append(tok[j])
-                contextual += rem[targets].tolist()
+            for t, g, v in zip(idx[targets], members, tok):
+                reps.append(t)
+                groups.append(idx[g])
+                values.append(v)
+            dominant += idx[dom].tolist()
+            contextual += idx[targets].tolist()
         d = groups_decision(reps, groups, values, dtype=x.dtype)
         d.record.update(dominant=sorted(dominant), contextual=sorted(contextual))
         return d

@@ -10,7 +10,6 @@ import torch
 from framework import attach, build
 from framework.merging import (bipartite_soft_matching, contextual_merge, farthest_point_selection, grid_pool,
                                grid_shape, merge_source, merge_to, merge_wavg, scaled)
-from framework.vision import feature_depth, vision_layers
 from models import adapter_for
 from strategies.dart import dart_select
 from strategies.tome import layer_schedule, prop_attn_mask
@@ -75,7 +74,7 @@ def test_tome_r0_and_unit_sizes_are_the_stock_model(model):
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
     assert rec[0]["visual_per_layer"] == [16] * 4
     # proportional attention with all sizes 1 is an all-zero additive mask: no change
-    layer = vision_layers(adapter_for(model))[0]
+    layer = adapter_for(model).vision_tower().layers[0]
     h = torch.randn(2, 17, 32)
     with torch.no_grad():
         a = layer(h, None)
@@ -145,7 +144,7 @@ def test_visionzip_dominant_by_cls_attention_and_presets():
     ad = adapter_for(m)
     x = llava_inputs(m, [(3, 5), (1, 2)])
     with torch.no_grad():
-        att = m.model.vision_tower(x["pixel_values"], output_attentions=True).attentions[feature_depth(ad) - 1]
+        att = m.model.vision_tower(x["pixel_values"], output_attentions=True).attentions[ad.vision_tower().depth - 1]
     cls = att[:, :, 0, 1:].sum(1)
     _, rec, _ = _run(m, {"name": "visionzip", "dominant": 4, "contextual": 3}, x)
     for b, r in enumerate(rec):
@@ -271,7 +270,7 @@ def test_next_vision_stage_per_crop():
         assert [r["visual_per_layer"][0] for r in eng.last_record] == [70, 56, 36]
         ad = adapter_for(m)
         pix = torch.cat([x["pixel_values"][i, :n] for i, n in enumerate((5, 3, 2))])  # crops in encoder order
-        att = m.model.vision_tower(pix, output_attentions=True).attentions[feature_depth(ad) - 1]
+        att = m.model.vision_tower(pix, output_attentions=True).attentions[ad.vision_tower().depth - 1]
         with attach(m, build({"name": "visionzip", "dominant": 4, "contextual": 2})) as eng:
             m(**x, **kw)
     assert "get_image_features" not in m.model.__dict__

@@ -53,12 +53,11 @@ def test_qwen_dominance_score_and_dominant_tokens(monkeypatch, name):
                tb.qwen_video_sample(model, frames=3, seed=1)]  # 3 frames of 4 tokens
     x = tb.collate(samples)
 
-    from models.qwen2_vl import Qwen2VLAdapter
+    from models.qwen2_vl import QwenTower
 
-    signals = []  # the adapter's encoder-signal recorder the strategy reads (per attach)
-    make_signals = Qwen2VLAdapter.vision_token_signals
-    monkeypatch.setattr(Qwen2VLAdapter, "vision_token_signals", lambda self: signals.append(make_signals(self))
-                        or signals[-1])
+    signals = []  # the vision tower's encoder-signal recorder the strategy reads (per attach)
+    make_signals = QwenTower.token_signals
+    monkeypatch.setattr(QwenTower, "token_signals", lambda self: signals.append(make_signals(self)) or signals[-1])
     reducer = build({"name": "visionzip", "dominant": DOMINANT, "contextual": CONTEXTUAL})
     with attach(model, reducer) as eng:
         model(**x)
