@@ -154,8 +154,9 @@ def _counts(rng: np.random.Generator, n: int, k: int, max_count: int) -> np.ndar
             return c
 
 
-def random_scene(rng: np.random.Generator) -> Scene:
-    n = int(rng.integers(N_OBJECTS[0], N_OBJECTS[1] + 1))
+def random_scene(rng: np.random.Generator, n_objects: tuple[int, int] = N_OBJECTS) -> Scene:
+    """A scene with ``n_objects`` (an inclusive range) objects; training's curriculum starts with fewer."""
+    n = int(rng.integers(n_objects[0], n_objects[1] + 1))
     slots = rng.choice(BLOCKS * BLOCKS, n, replace=False)
     blocks = np.stack([slots // BLOCKS, slots % BLOCKS], 1)
     colours = rng.permutation(np.repeat(np.arange(len(COLOURS)), _counts(rng, n, len(COLOURS), len(NUMBERS))))

@@ -6,7 +6,8 @@
    on every visual token predicting its object's colour and shape (or background) and the patch's row and
    column. This puts content *and position* into the visual features, as CLIP's position embeddings do in
    LLaVA, so a reducer that re-packs positions does not erase where a token came from.
-2. **Captions + questions, mixed** (``--steps``): every step packs ``--images`` scenes; a full scene carries
+2. **Captions + questions, mixed** (``--steps``), with a curriculum on the number of objects per scene (3-6,
+   growing to the task's 11-15 after ``--few-steps``): every step packs ``--images`` scenes; a full scene carries
    ``--questions`` questions (types drawn uniformly among those the scene offers) and a caption naming every
    object, colour, shape and place ("red circle b 3 , ..."; loss weight ``--caption-weight``). A share
    ``--drop`` of the scenes instead loses a random part of their non-relevant visual tokens (kept: 10-70 %),
@@ -39,11 +40,20 @@ from experiments.toy import model as toy
 LOG_SEED, HELDOUT_SEED = 777, 12345
 
 
-def make_images(rng: np.random.Generator, h) -> list[dict]:
+def objects_at(qa_step: int, h) -> tuple[int, int]:
+    """The curriculum: scenes hold 3-6 objects for ``--few-steps`` caption + question steps, then the range
+    grows linearly to the task's 11-15 over ``--grow-steps`` (retrieval among many candidates is learned
+    far faster once it has been learned among few)."""
+    lo, hi = task.N_OBJECTS
+    t = min(1.0, max(0.0, (qa_step - h.few_steps) / max(1, h.grow_steps)))
+    return round(3 + t * (lo - 3)), round(6 + t * (hi - 6))
+
+
+def make_images(rng: np.random.Generator, h, qa_step: int) -> list[dict]:
     """One step's training scenes (see the module docstring)."""
     images = []
     for _ in range(h.images):
-        scene = task.random_scene(rng)
+        scene = task.random_scene(rng, objects_at(qa_step, h))
         drop = rng.random() < h.drop
         n_q = h.drop_questions if drop else h.questions
         questions, seen, relevant = [], set(), set()
@@ -109,7 +119,7 @@ def build_module(h):
     class ToyTraining(pl.LightningModule):
         def __init__(self):
             super().__init__()
-            self.model, self.tokenizer = toy.build_toy_model({"seed": h.seed})
+            self.model, self.tokenizer = toy.build_toy_model({"seed": h.seed, "init_std": h.init_std})
             d = self.model.config.text_config.hidden_size
             self.aux_head = torch.nn.Linear(d, len(task.COLOURS) + 1 + len(task.SHAPES) + 1 + 2 * task.GRID)
             self.log_samples = task.generate(LOG_SEED, h.log_n, h.qtypes)
@@ -139,7 +149,7 @@ def build_module(h):
                 self.model.model.get_image_features(pixel_values=toy.image_to_tensor([s.render() for s in scenes]))
                 loss = self._aux_loss(scenes)
             else:
-                images = make_images(rng, h)
+                images = make_images(rng, h, step - h.vision_steps)
                 b = toy.encode_packed(images, self.tokenizer)
                 with toy.override_attention_mask(self.model, b["allowed"]):
                     logits = self.model(input_ids=b["input_ids"], pixel_values=b["pixel_values"],
@@ -209,6 +219,9 @@ def parse_args(argv=None):
     p.add_argument("--qtypes", default=",".join(task.QTYPES))
     p.add_argument("--caption-weight", type=float, default=0.5)
     p.add_argument("--aux-weight", type=float, default=0.2)
+    p.add_argument("--few-steps", type=int, default=500, help="curriculum: steps with 3-6 objects per scene")
+    p.add_argument("--grow-steps", type=int, default=700, help="curriculum: steps growing to 11-15 objects")
+    p.add_argument("--init-std", type=float, default=0.1)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--log-every", type=int, default=250)
