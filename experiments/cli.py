@@ -24,6 +24,10 @@ def cmd_list(args) -> int:
         opts = ", ".join(adapter_options(cls))
         print(f"  {family:<11} stages: {', '.join(cls.stages):<24} {describe_backbone(family)}"
               + (f"; adapter options: {opts}" if opts else ""))
+    from experiments.runner import options
+
+    for group in ("backbone", "sweep", "task"):
+        print(f"{group} configs ({group}=...): {', '.join(options(group))}")
     return 0
 
 

@@ -2,7 +2,8 @@
 
 The JSONL file is the commit point of a sweep: one complete line per finished run, appended with a
 single `write` on an O_APPEND descriptor and fsync'ed. A run killed half-way leaves no line (or, if
-killed inside the write, a truncated last line): `ResultsFile.rows()` skips unparsable lines, and
+killed inside the write, a truncated last line): `ResultsFile.rows()` skips unparsable lines (their numbers
+in `bad_lines`, which callers report), and
 `repair()` cuts a truncated tail before the next append so it can never glue onto a new row.
 Each row carries `run_key` (a hash of the resolved run config); finished keys are skipped on resume.
 """
@@ -26,20 +27,35 @@ def run_key(config: dict) -> str:
 class ResultsFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.bad_lines: list[int] = []
 
     def rows(self) -> list[dict]:
+        """The parsable result rows; the 1-based numbers of the other non-empty lines go to `bad_lines`."""
+        self.bad_lines: list[int] = []
         if not self.path.exists():
             return []
         out = []
         with open(self.path, "rb") as f:
-            for line in f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
                 try:
                     row = json.loads(line)
                 except (json.JSONDecodeError, UnicodeDecodeError):
-                    continue  # a truncated line from an interrupted write
+                    row = None  # e.g. a truncated line from an interrupted write, or an edit
                 if isinstance(row, dict) and "run_key" in row:
                     out.append(row)
+                else:
+                    self.bad_lines.append(number)
         return out
+
+    def warn_bad_lines(self, file=None) -> None:
+        """One line on stderr naming the lines `rows()` skipped (their runs count as not done)."""
+        import sys
+
+        if getattr(self, "bad_lines", None):
+            print(f"warning: {self.path}: line(s) {', '.join(map(str, self.bad_lines))} are not result rows "
+                  "(not JSON objects with a run_key); skipped, the other rows kept", file=file or sys.stderr)
 
     def keys(self) -> set[str]:
         return {r["run_key"] for r in self.rows()}
@@ -119,7 +135,8 @@ def wandb_run_id(project: str, group: str, key: str) -> str:
 
 
 def log_wandb(row: dict, config: dict, out_dir: str | os.PathLike, group: str, name: str,
-              project: str = WANDB_PROJECT, samples: list[dict] | None = None, key: str | None = None) -> str | None:
+              project: str = WANDB_PROJECT, samples: list[dict] | None = None, key: str | None = None,
+              tags: list[str] | None = None) -> str | None:
     """One W&B run for one finished evaluation: config, summary metrics, per-layer series, a samples table.
     `key` (the run key) fixes the W&B run id. Returns the run directory (offline) or None without wandb."""
     try:
@@ -128,7 +145,7 @@ def log_wandb(row: dict, config: dict, out_dir: str | os.PathLike, group: str, n
         return None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = wandb.init(project=project, dir=str(out_dir), group=group, name=name, job_type="eval",
+    run = wandb.init(project=project, dir=str(out_dir), group=group, name=name, job_type="eval", tags=tags,
                      id=wandb_run_id(project, group, key or name), resume="allow",
                      config=config, mode=wandb_mode(), reinit="finish_previous",
                      settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))

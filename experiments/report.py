@@ -23,13 +23,15 @@ def load_rows(results: str | Path, sweep: str | None = None) -> list[dict]:
         path = path / "results.jsonl"
     if not path.exists():
         raise ConfigError(f"no results file at {path}; run `sparsevlm run` or `sparsevlm sweep` first")
-    rows = ResultsFile(path).rows()
+    results = ResultsFile(path)
+    rows = results.rows()
+    results.warn_bad_lines()
     if sweep:
         rows = [r for r in rows if r.get("sweep") == sweep]
     if not rows:
         raise ConfigError(f"no result rows in {path}" + (f" for sweep {sweep!r}" if sweep else ""))
-    latest = {(r.get("sweep"), r["name"]): r for r in rows}  # a re-run with another config replaces older rows
-    return order_rows([r for r in rows if latest[(r.get("sweep"), r["name"])] is r])
+    latest = {r["run_key"]: r for r in rows}  # one row per run (a run logged twice: its last row)
+    return order_rows([r for r in rows if latest[r["run_key"]] is r])
 
 
 def order_rows(rows: list[dict]) -> list[dict]:
@@ -55,26 +57,52 @@ def table_rows(rows: list[dict]) -> tuple[list[str], list[dict]]:
     """Columns and one dict per row, numbers in display units (the values of the results, scaled)."""
     qt = qtypes_of(rows)
     cols = (["method", "budget"] + [f"{q} %" for q in qt] +
-            ["avg %", "% of none", "eq. tokens", "TFLOPs", "FLOPs %", "prefill ms", "prefill %",
-             "decode ms/tok", "KV MB", "peak MB"])
+            ["avg %", "% of none", "eq. tokens kept", "TFLOPs", "FLOPs %", "prefill ms", "prefill %",
+             "decode ms/tok", "decode %", "KV MB", "peak MB"])
+    refs = baseline_reference(rows)
     out = []
     for r in rows:
-        d = {"method": r["name"], "budget": r.get("budget") if r.get("budget") is not None else r.get("n_visual")}
+        ref = refs.get((r.get("backbone"), r.get("sweep")), {})
+        base = r["strategy"] == "none"
+        budget = r.get("n_visual") if base else r.get("budget")
+        d = {"method": r["name"], "budget": budget if budget is not None else "own"}
         for q in qt:
             v = r.get("acc_by_type", {}).get(q)
             d[f"{q} %"] = None if v is None else 100 * v
         d["avg %"] = 100 * r["accuracy"]
         d["% of none"] = _pct(r.get("accuracy_ratio"))
-        d["eq. tokens"] = r.get("equivalent_tokens")
+        d["eq. tokens kept"] = r.get("equivalent_tokens")
         d["TFLOPs"] = r.get("tflops")
         d["FLOPs %"] = _pct(r.get("flops_ratio"))
-        d["prefill ms"] = r.get("prefill_ms")
-        d["prefill %"] = _pct(r.get("prefill_ms_ratio"))
-        d["decode ms/tok"] = r.get("decode_ms")
+        d["prefill ms"] = ref.get("prefill_ms") if base else r.get("prefill_ms")
+        d["prefill %"] = _pct(ratio(d["prefill ms"], ref.get("prefill_ms")))
+        d["decode ms/tok"] = ref.get("decode_ms") if base else r.get("decode_ms")
+        d["decode %"] = _pct(ratio(d["decode ms/tok"], ref.get("decode_ms")))
         d["KV MB"] = r.get("kv_cache_mb")
         d["peak MB"] = r.get("peak_mb")
         out.append(d)
     return cols, out
+
+
+def baseline_reference(rows: list[dict]) -> dict[tuple, dict]:
+    """One no-reduction reference per (backbone, sweep): the median of every timing of the stock model in
+    that sweep (each run times it interleaved with itself: `base_prefill_ms`, `base_decode_ms`), so every
+    ratio of a table refers to the same number, and the baseline row shows that number."""
+    import statistics
+
+    groups: dict[tuple, dict[str, list]] = {}
+    for r in rows:
+        g = groups.setdefault((r.get("backbone"), r.get("sweep")), {"prefill_ms": [], "decode_ms": [], "n": []})
+        for k in ("prefill_ms", "decode_ms"):
+            v = r.get(f"base_{k}")
+            if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                g[k].append(v)
+    return {key: {k: (statistics.median(v) if v else None) for k, v in g.items() if k != "n"}
+                 | {"timings": len(g["prefill_ms"])} for key, g in groups.items()}
+
+
+def ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
 
 
 def _pct(x):
@@ -232,6 +260,10 @@ def plot_overlays(rows: list[dict], out: Path, max_samples: int = 4) -> Path | N
     return path
 
 
+def _repeats(rows: list[dict]) -> object:
+    return (((rows[0].get("config") or {}).get("run") or {}).get("latency") or {}).get("repeats", "?")
+
+
 def make_report(results: str | Path, out_dir: str | Path | None = None, sweep: str | None = None,
                 plots: bool = True, echo: bool = True, keys: list[str] | None = None) -> dict:
     """Table (printed + table.md + table.csv) and plots. Returns {"columns", "rows", "text", "files"}.
@@ -243,8 +275,12 @@ def make_report(results: str | Path, out_dir: str | Path | None = None, sweep: s
     out.mkdir(parents=True, exist_ok=True)
     cols, trows = table_rows(rows)
     text = format_table(cols, trows)
+    timings = max((v["timings"] for v in baseline_reference(rows).values()), default=0)
     title = (f"{rows[0].get('backbone')} on {rows[0].get('task')} ({rows[0].get('n')} questions/run); "
-             f"% = relative to no reduction measured in the same run")
+             f"{len(rows)} runs; budget: the visual tokens asked for ('own': the strategy sets its count), "
+             f"eq. tokens kept: what it kept (layer mean); prefill % and decode %: of one no-reduction reference "
+             f"per backbone, the median of its {timings} timings interleaved with the runs "
+             f"(each a median of {_repeats(rows)} repeats), shown in the none row")
     c = chance(rows)
     if c is not None:
         title += f"; chance {100 * c:.1f} %"

@@ -77,8 +77,44 @@ def _explain(err: Exception, overrides) -> str:
                                                        or "Key" in msg) and root in msg:
             return f"unknown config key {key!r}: {msg}; groups: {', '.join(GROUPS)}"
     if "not in struct" in msg or "Could not override" in msg:
+        for o in overrides:
+            key = o.lstrip("+~").partition("=")[0]
+            group, _, field = key.partition(".")
+            if group in GROUPS and field and f"'{key}'" in msg:
+                option = _chosen(group, overrides)
+                allowed = ", ".join(str(k) for k in _group_keys(group, option))
+                return f"unknown config key {key!r}: {group} {option!r} has {allowed}"
         return f"unknown config key: {msg}" + ("" if "+" in msg else " (add a new key with +key=value)")
     return msg
+
+
+def _chosen(group: str, overrides) -> str:
+    """The option of a config group the overrides select (else config.yaml's default)."""
+    from omegaconf import OmegaConf
+
+    for o in overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        if key == group:
+            return value
+    for d in OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml").defaults):
+        if isinstance(d, dict) and group in d:
+            return str(d[group])
+    return "?"
+
+
+def _group_keys(group: str, option: str) -> list[str]:
+    from omegaconf import OmegaConf
+
+    if group == "strategy":
+        from framework import registry
+        from framework.fields import field_types
+
+        try:
+            return ["name", *field_types(registry.get(option))]
+        except ConfigError:
+            pass
+    path = CONF_DIR / group / f"{option}.yaml"
+    return [str(k) for k in OmegaConf.load(path).keys()] if path.exists() else []
 
 
 def to_dict(node) -> Any:
@@ -134,27 +170,14 @@ def load_backbone(bcfg) -> Backbone:
     return Backbone(model=model, tokenizer=tok, name=name, n_visual=int(adapter.tokens_per_image()), adapter=adapter)
 
 
-def random_llava(b: dict, images: int = 1):
-    """A random-weight stock Llava of the given shapes (benchmarks): vision grid x grid patches."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def random_llava(b: dict):
+    """A random-weight stock Llava of the backbone config's shapes (benchmarks; `models.random`): the last
+    encoder layer's features, CLS dropped (grid x grid tokens per image)."""
+    from models.random import random_backbone
 
-    t, v = b["text"], b["vision"]
-    torch.manual_seed(int(b.get("seed", 0)))
-    clip = CLIPVisionConfig(hidden_size=v["hidden"], intermediate_size=v["ffn"], num_hidden_layers=v["layers"],
-                            num_attention_heads=v["heads"], image_size=v["patch"] * v["grid"], patch_size=v["patch"],
-                            projection_dim=v["hidden"])
-    text = LlamaConfig(vocab_size=t["vocab"], hidden_size=t["hidden"], intermediate_size=t["ffn"],
-                       num_hidden_layers=t["layers"], num_attention_heads=t["heads"],
-                       num_key_value_heads=t.get("kv_heads", t["heads"]), max_position_embeddings=16384,
-                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    cfg = LlavaConfig(vision_config=clip, text_config=text, image_token_index=t["vocab"] - 1,
-                      image_seq_length=v["grid"] ** 2, vision_feature_layer=-1,
-                      vision_feature_select_strategy="default")  # CLS dropped: grid^2 tokens per image
-    model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation=b.get("attn_implementation", "sdpa"),
-                                                       dtype=_dtype(b.get("dtype", "float32")))
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model.eval()
+    return random_backbone("llava", {"text": b["text"], "vision": b["vision"], "feature_layer": -1},
+                           attn=b.get("attn_implementation", "sdpa"), dtype=_dtype(b.get("dtype", "float32")),
+                           seed=int(b.get("seed", 0)))
 
 
 # ---------------------------------------------------------------------------------------- task
@@ -164,6 +187,12 @@ def load_task(tcfg) -> list:
         raise ConfigError(f"task {t.get('name')!r}; available: {', '.join(options('task'))}")
     from experiments.toy import task
 
+    for key in ("n", "seed", "batch_size"):
+        if key in t and (isinstance(t[key], bool) or not isinstance(t[key], int)):
+            raise ConfigError(f"task.{key}={t[key]!r} ({type(t[key]).__name__}); allowed: an integer"
+                              + (" >= 1" if key != "seed" else ""))
+    if not isinstance(t.get("qtypes") or [], list):
+        raise ConfigError(f"task.qtypes={t.get('qtypes')!r}; allowed: a list of question types {task.QTYPES}")
     n = int(t.get("n") or 0)
     qtypes = list(t.get("qtypes") or [])
     if n < 1 or not qtypes:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,9 @@ def expand(cfg, n_visual: int | None, adapter=None) -> list[RunSpec]:
         strategies.remove(BASELINE)
     nodes = {s: runner.strategy_node(s, cfg.strategy) for s in strategies}
     fields_of = {s: {f.name for f in dataclasses.fields(registry.get(s))} for s in strategies}
+    if not sw.get("budgets") and cfg.get("budget") is None:
+        for s in strategies:
+            _check_budget_given(s, nodes[s])
     axes: dict[str, list[tuple[str, list]]] = {s: [] for s in strategies}
     for key, values in ablations.items():
         if not isinstance(values, list) or not values:
@@ -91,9 +95,57 @@ def expand(cfg, n_visual: int | None, adapter=None) -> list[RunSpec]:
     task = runner.to_dict(cfg.task)
     for sp in specs:
         sp.key = run_key({"backbone": backbone, "task": task, "strategy": sp.fields, "budget": sp.budget})
-        tags = "".join(f"-{k}={_short(v)}" for k, v in sp.ablation.items())
-        sp.name = sp.strategy if sp.budget is None else f"{sp.strategy}-{sp.budget}{tags}"
+        sp.name = run_name(sp, changed(sp.strategy, nodes.get(sp.strategy, {})))
+    check_unique_names(specs, cfg.sweep.name)
     return specs
+
+
+def _check_budget_given(strategy: str, node: dict) -> None:
+    """`sweep=single` with no `budget=` for a strategy that takes one, and none of its fields set: refuse
+    rather than run the YAML default under a budget nobody chose."""
+    from framework import registry
+    from framework.budget import REFERENCE_VISUAL_TOKENS as ref
+
+    if changed(strategy, node):
+        return  # its own fields were given (e.g. strategy.keep=10): they decide
+    cls, fields = registry.strategy_fields(node)
+    try:
+        takes = cls.for_budget(dict(fields), ref // 3, ref) is not None
+    except ConfigError:
+        takes = False
+    if takes:
+        raise ConfigError(f"strategy {strategy!r} needs a budget: add budget=N (a count of visual tokens, 1..the "
+                          f"backbone's visual tokens), or set its own fields (strategy.<field>=...)")
+
+
+def changed(strategy: str, node: dict) -> dict:
+    """The fields of a strategy's config node that differ from its shipped YAML / dataclass defaults
+    (`strategy.<field>=...` overrides): they name the run as the ablation fields do."""
+    if strategy == BASELINE:
+        return {}
+    default = runner.strategy_node(strategy)
+    return {k: v for k, v in node.items() if k != "name" and default.get(k) != v}
+
+
+def run_name(spec: RunSpec, overrides: dict | None = None) -> str:
+    """`<strategy>[-<budget>][-<field>=<value>...]` from what varies: the budget (absent when the strategy sets
+    its own count), the ablation fields and any overridden fields (e.g. `sparsevlm-budget=rank_paper-recycling=off`)."""
+    tags = {**(overrides or {}), **spec.ablation}
+    parts = [spec.strategy] + ([str(spec.budget)] if spec.budget is not None else [])
+    return "-".join(parts + [f"{k}={_short(v)}" for k, v in tags.items()])
+
+
+def check_unique_names(specs: list[RunSpec], sweep: str) -> None:
+    """Refuse, before anything runs, a sweep in which two different runs would share a name (tables, plots and
+    W&B would show one of them)."""
+    seen: dict[str, RunSpec] = {}
+    for sp in specs:
+        other = seen.setdefault(sp.name, sp)
+        if other is not sp:
+            diff = sorted(k for k in {*sp.fields, *other.fields} if sp.fields.get(k) != other.fields.get(k))
+            raise ConfigError(f"sweep {sweep!r}: two runs would both be named {sp.name!r} (they differ in "
+                              f"{diff or ['budget']}); make the differing field an ablation axis "
+                              "(sweep.ablations.<strategy>.<field>=[...]) so it names the runs")
 
 
 def _flatten_axes(d: dict, prefix: str = "") -> dict:
@@ -150,6 +202,31 @@ def _evaluate(cfg, bb: runner.Backbone, samples, spec: RunSpec, base_row: dict |
     return row, records
 
 
+def wandb_config(cfg, spec: RunSpec) -> dict:
+    """The effective config of one run, as W&B should filter and group it: the strategy with every field
+    after budget mapping, the budget used, the backbone, task and run settings, the sweep and the run key."""
+    return {"strategy": effective_fields(spec.fields), "budget": spec.budget, "ablation": dict(spec.ablation),
+            "backbone": runner.to_dict(cfg.backbone), "task": runner.to_dict(cfg.task), "run": runner.to_dict(cfg.run),
+            "sweep": cfg.sweep.name, "out_dir": str(cfg.out_dir), "run_key": spec.key, "name": spec.name}
+
+
+def effective_fields(fields: dict) -> dict:
+    """Every init field of the reducer the fields build (defaults and the values `__post_init__` resolves,
+    e.g. SparseVLM's variant-dependent `positions`), with its name first."""
+    reducer = runner.build_reducer(fields)
+    values = {f.name: getattr(reducer, f.name) for f in dataclasses.fields(reducer) if f.init}
+    return {"name": fields["name"], **json.loads(json.dumps(values, default=repr))}
+
+
+def wandb_tags(spec: RunSpec, specs: list[RunSpec]) -> list[str]:
+    """The strategy's name and `<field>=<value>` for each ablation field that takes several values in the sweep."""
+    values: dict[str, set] = {}
+    for sp in specs:
+        for k, v in sp.ablation.items():
+            values.setdefault(k, set()).add(repr(v))
+    return [spec.strategy] + [f"{k}={_short(v)}" for k, v in spec.ablation.items() if len(values[k]) > 1]
+
+
 def run_sweep(cfg, on_row: Callable[[dict, int], None] | None = None, quiet: bool = False) -> list[dict]:
     """Run (or resume) every run of the config's sweep; returns the sweep's rows (in grid order)."""
     import torch
@@ -165,6 +242,8 @@ def run_sweep(cfg, on_row: Callable[[dict, int], None] | None = None, quiet: boo
     if results.repair() and not quiet:
         print(f"note: removed a truncated last line from {results.path}")
     done = {r["run_key"]: r for r in results.rows()}
+    if not quiet:
+        results.warn_bad_lines()
     todo = [s for s in specs if s.key not in done]
     if not quiet:
         print(f"sweep {cfg.sweep.name!r}: {len(specs)} runs ({len(specs) - len(todo)} already done) -> {out}")
@@ -180,8 +259,8 @@ def run_sweep(cfg, on_row: Callable[[dict, int], None] | None = None, quiet: boo
         if cfg.run.get("per_sample", True):
             write_jsonl_atomic(out / "samples" / f"{spec.key}.jsonl", records)
         if cfg.run.get("wandb", True):
-            row["wandb_dir"] = log_wandb(row, row["config"] | {"strategy_fields": spec.fields, "run_key": spec.key},
-                                         cfg.run.get("wandb_dir") or out, group=cfg.sweep.name, name=spec.name,
+            row["wandb_dir"] = log_wandb(row, wandb_config(cfg, spec), cfg.run.get("wandb_dir") or out,
+                                         group=cfg.sweep.name, name=spec.name, tags=wandb_tags(spec, specs),
                                          project=cfg.run.get("wandb_project", WANDB_PROJECT), samples=records,
                                          key=spec.key)
         results.append(row)  # the commit point

@@ -16,6 +16,7 @@ holds exactly the slots that layer saw. Prefill only: decode steps never re-deci
 from __future__ import annotations
 
 import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -35,6 +36,10 @@ from .geometry import (
     projector_positions,
 )
 from .reducer import Decision, TokenReducer
+
+
+_ATTACHED: "weakref.WeakKeyDictionary[torch.nn.Module, ReductionEngine]" = weakref.WeakKeyDictionary()
+"""model -> the engine attached to it: a second reducer on the same model is refused, not silently stacked."""
 
 
 @dataclass
@@ -84,6 +89,14 @@ class ReductionEngine:
     def attach(self) -> "ReductionEngine":
         if self._handles:
             return self
+        other = _ATTACHED.get(self.model)
+        if other is not None and other is not self:
+            raise ConfigError(
+                f"this model already has a reducer attached ({type(other.reducer).__name__}); one reducer per "
+                "model at a time: leave the first `with attach(...)` block (or call its engine's detach()) "
+                "before attaching another, or compose them with strategy 'chain'"
+            )
+        _ATTACHED[self.model] = self
         a = self.adapter
         self._handles.extend(a.hooks())
         self._handles.append(a.top.register_forward_pre_hook(self._top_hook, with_kwargs=True))
@@ -104,6 +117,8 @@ class ReductionEngine:
         return self
 
     def detach(self) -> None:
+        if _ATTACHED.get(self.model) is self:
+            del _ATTACHED[self.model]
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -135,6 +150,12 @@ class ReductionEngine:
         if input_ids is None or input_ids.shape[1] == 1:
             return None
         self._pending = read_prompt(self.adapter, input_ids, kwargs, self._pre_llm)
+        if self._pending is None and acts:
+            warnings.warn(
+                f"{type(self.reducer).__name__} not applied: the prompt has no visual input, so the stock "
+                "model runs it",
+                stacklevel=2,
+            )
         return None
 
     def _lm_hook(self, module, args, kwargs):
