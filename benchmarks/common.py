@@ -8,23 +8,18 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration  # noqa: E402
+
+from models.random import random_backbone  # noqa: E402
 
 torch.set_num_threads(1)
 IMAGE_TOKEN = 32000
 
 
-def llava_100m(layers: int = 8, grid: int = 24, attn: str = "sdpa") -> LlavaForConditionalGeneration:
+def llava_100m(layers: int = 8, grid: int = 24, attn: str = "sdpa"):
     """hidden 1024, FFN 2816, 16 heads, `layers` decoder layers (103M decoder parameters at 8 layers)."""
-    torch.manual_seed(0)
-    text = LlamaConfig(vocab_size=32064, hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
-                       num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=8192,
-                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    clip = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                            image_size=14 * grid, patch_size=14, projection_dim=64)
-    cfg = LlavaConfig(vision_config=clip, text_config=text, image_token_index=IMAGE_TOKEN,
-                      image_seq_length=grid * grid, vision_feature_layer=-2, vision_feature_select_strategy="default")
-    return LlavaForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()
+    text = {"vocab": 32064, "hidden": 1024, "ffn": 2816, "layers": layers, "heads": 16, "max_positions": 8192}
+    vision = {"hidden": 64, "ffn": 128, "layers": 2, "heads": 4, "patch": 14, "grid": grid}
+    return random_backbone("llava", {"text": text, "vision": vision, "tokens": {"image": IMAGE_TOKEN}}, attn=attn)
 
 
 def prompt(model, n_text: int = 64, batch: int = 1, seed: int = 0) -> dict:

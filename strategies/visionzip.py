@@ -51,18 +51,19 @@ class VisionZip(TokenReducer):
     code. LLaVA-NeXT: per CLIP crop (base view included), as VisionZip's LLaVA-NeXT code does; budgets
     are per crop. arXiv 2412.04467.
 
-    Qwen2-VL / Qwen2.5-VL (vision towers with signals per LLM token, `inside = False`): the encoder has no CLS token and its
-    merger concatenates spatial_merge_size^2 consecutive patches into one LLM token, so selection and
-    merging act on the merger output (the LLM's visual tokens) at the projector decision, with signals
-    from the encoder: dominance of a token = the attention its patches *receive*, heads summed, averaged
-    over all query patches of the same image / video frame (its attention segment), summed over the
-    token's patches, in the last block with full attention (Qwen2-VL: the last block; 2.5: the last of
-    `fullatt_block_indexes`). This received-attention score is what VisionZip-style ports to encoders
-    without CLS use in place of CLS attention. Keys: that block's key projection averaged over heads
-    and over the token's patches. Per image (per video frame by default; per video under the adapter's
-    `video_span="video"`): the top `dominant` tokens keep their values, the rest merge into
-    `contextual` tokens (same rule as above), each at its target's slot and 3-D position; dominant /
-    contextual counts apply per image as given, presets scale by the image's token count / 576.
+    Qwen2-VL / Qwen2.5-VL (vision towers with signals per LLM token, `inside = False`): the encoder has
+    no CLS token and its merger concatenates spatial_merge_size^2 consecutive patches into one LLM
+    token, so selection and merging act on the merger output (the LLM's visual tokens) at the projector
+    decision, with signals from the encoder: dominance of a token = the attention its patches *receive*,
+    heads summed, averaged over all query patches of the same image / video frame (its attention
+    segment), summed over the token's patches, in the last block with full attention (Qwen2-VL: the last
+    block; 2.5: the last of `fullatt_block_indexes`). This received-attention score is what
+    VisionZip-style ports to encoders without CLS use in place of CLS attention. Keys: that block's key
+    projection averaged over heads and over the token's patches. Per image (per video frame by default;
+    per video under the adapter's `video_span="video"`): the top `dominant` tokens keep their values,
+    the rest merge into `contextual` tokens (same rule as above), each at its target's slot and 3-D
+    position; dominant / contextual counts apply per image as given, presets scale by the image's token
+    count / 576.
     """
 
     dominant: int = 54

@@ -2,31 +2,19 @@
 from __future__ import annotations
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from models.random import random_backbone
 
 VOCAB, IMAGE_TOKEN = 128, 100
+# the tiny shapes every test backbone shares (models.random.random_backbone)
+TEXT = {"hidden": 64, "ffn": 128, "heads": 4, "kv_heads": 2, "vocab": VOCAB, "max_positions": 4096}
+CLIP = {"hidden": 32, "ffn": 64, "layers": 2, "heads": 4, "patch": 14}
+TOKENS = {"image": IMAGE_TOKEN, "video": 101, "vision_start": 102, "vision_end": 103}
 
 
-def llama_config(layers: int = 4, **kw) -> LlamaConfig:
-    args = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    args.update(kw)
-    return LlamaConfig(**args)
-
-
-def make_llava(layers: int = 4, attn: str = "sdpa", grid: int = 4, seed: int = 0, **text_kw):
-    torch.manual_seed(seed)
-    clip = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            image_size=14 * grid, patch_size=14, projection_dim=32)
-    cfg = LlavaConfig(vision_config=clip, text_config=llama_config(layers, **text_kw), image_token_index=IMAGE_TOKEN,
-                      image_seq_length=grid * grid, vision_feature_layer=-2,
-                      vision_feature_select_strategy="default")
-    model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()
-    # the generation config must not stop early on a random eos
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+def make_llava(layers: int = 4, attn: str = "sdpa", grid: int = 4, seed: int = 0):
+    shape = {"text": {**TEXT, "layers": layers}, "vision": {**CLIP, "grid": grid}, "tokens": TOKENS}
+    return random_backbone("llava", shape, attn=attn, seed=seed)
 
 
 def llava_inputs(model, prompts: list[tuple[int, int]], seed: int = 0):

@@ -7,62 +7,29 @@ test can run the same sample alone (`collate([s])`) and inside a batch. Factorie
 from __future__ import annotations
 
 import torch
-from transformers import (CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, Qwen2_5_VLConfig,
-                          Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration)
 
-from tests.tiny import IMAGE_TOKEN, llama_config, make_llava
+from models.random import random_backbone
+from tests.tiny import CLIP, IMAGE_TOKEN, TEXT, TOKENS, make_llava
 
-VIDEO_TOKEN, VISION_START, VISION_END = 101, 102, 103
-PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
-
-
-def _quiet(model):
-    model.generation_config.eos_token_id = None  # never stop early on a random eos
-    model.generation_config.pad_token_id = 0
-    # a generated image/video/marker token would be re-read as visual input by no-cache generate
-    model.generation_config.suppress_tokens = [IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END]
-    return model
+VIDEO_TOKEN, VISION_START, VISION_END = TOKENS["video"], TOKENS["vision_start"], TOKENS["vision_end"]
+QWEN_VISION = {"layers": 2, "heads": 4, "patch": 14, "merge": 2, "temporal_patch": 2}
 
 
 # ------------------------------------------------------------------------------- factories
 def make_llava_next(layers: int = 4, attn: str = "sdpa", seed: int = 0):
-    torch.manual_seed(seed)
-    clip = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            image_size=56, patch_size=14, projection_dim=32)
-    cfg = LlavaNextConfig(vision_config=clip, text_config=llama_config(layers), image_token_index=IMAGE_TOKEN,
-                          image_seq_length=16, image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
-                          vision_feature_select_strategy="default")
-    return _quiet(LlavaNextForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval())
-
-
-def _qwen_text(layers: int) -> dict:
-    return dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=1,
-                eos_token_id=2, pad_token_id=0,
-                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
-
-
-_QWEN_IDS = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
-                 vision_end_token_id=VISION_END)
+    shape = {"text": {**TEXT, "layers": layers}, "vision": {**CLIP, "grid": 4}, "tokens": TOKENS}
+    return random_backbone("llava_next", shape, attn=attn, seed=seed)
 
 
 def make_qwen2_vl(layers: int = 4, attn: str = "sdpa", seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = Qwen2VLConfig(text_config=_qwen_text(layers),
-                        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2,
-                                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                                           in_channels=3), **_QWEN_IDS)
-    return _quiet(Qwen2VLForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval())
+    shape = {"text": {**TEXT, "layers": layers}, "vision": {**QWEN_VISION, "hidden": 32, "ffn": 64}, "tokens": TOKENS}
+    return random_backbone("qwen2_vl", shape, attn=attn, seed=seed)
 
 
 def make_qwen25_vl(layers: int = 4, attn: str = "sdpa", seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = Qwen2_5_VLConfig(text_config=_qwen_text(layers),
-                           vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4,
-                                              out_hidden_size=64, patch_size=14, spatial_merge_size=2,
-                                              temporal_patch_size=2, in_channels=3, window_size=56,
-                                              fullatt_block_indexes=[1]), **_QWEN_IDS)
-    return _quiet(Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval())
+    vision = {**QWEN_VISION, "hidden": 32, "ffn": 64, "window": 56, "fullatt": [1]}
+    return random_backbone("qwen2_5_vl", {"text": {**TEXT, "layers": layers}, "vision": vision, "tokens": TOKENS},
+                           attn=attn, seed=seed)
 
 
 # ------------------------------------------------------------------------------- samples
