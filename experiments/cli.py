@@ -4,30 +4,27 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from framework.errors import ConfigError
 
 
 def cmd_list(args) -> int:
     from experiments.commands import import_user_strategies
-    from framework.backbones import adapter_options, available_backbones, describe_backbone
-    from framework.registry import available, describe, get
+    from framework.backbones import backbone_catalogue
+    from framework.registry import catalogue
 
     import_user_strategies(args)
-    print("strategies:")
-    for name in available():
-        cls = get(name)
-        stage = "|".join(cls.stages)
-        print(f"  {name:<11} [{stage}] {describe(name)}")
+    print("strategies:")  # read from the strategies' source: listing imports none of them (nor torch)
+    for name, (stages, doc) in catalogue().items():
+        print(f"  {name:<11} [{'|'.join(stages)}] {doc}")
     print("backbones:")
-    for family, cls in available_backbones().items():
-        opts = ", ".join(adapter_options(cls))
-        print(f"  {family:<11} stages: {', '.join(cls.stages):<24} {describe_backbone(family)}"
-              + (f"; adapter options: {opts}" if opts else ""))
-    from experiments.runner import options
-
+    for family, (stages, doc, options) in backbone_catalogue().items():
+        opts = ", ".join(options)
+        print(f"  {family:<11} stages: {', '.join(stages):<24} {doc}" + (f"; adapter options: {opts}" if opts else ""))
+    conf = Path(__file__).resolve().parent / "conf"  # the runner's config groups (importing it imports torch)
     for group in ("backbone", "sweep", "task"):
-        print(f"{group} configs ({group}=...): {', '.join(options(group))}")
+        print(f"{group} configs ({group}=...): {', '.join(sorted(p.stem for p in (conf / group).glob('*.yaml')))}")
     return 0
 
 

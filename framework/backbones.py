@@ -20,19 +20,40 @@ _DESCRIPTIONS: dict[str, str] = {}
 _loaded = False
 
 
-def _load_plugins() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
+def _entry_points():
     found = entry_points(group=ENTRY_POINT_GROUP)
     if not found:
         raise ConfigError(
             f"no entry points in group {ENTRY_POINT_GROUP!r}, so no built-in adapters: install the "
             "package (`pip install -e .`); a stale *.egg-info in the working directory hides them"
         )
-    for ep in found:
+    return found
+
+
+def _load_plugins() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for ep in _entry_points():
         ep.load()
+
+
+def backbone_catalogue() -> dict[str, tuple[tuple[str, ...], str, list[str]]]:
+    """family -> (stages, description, adapter options) of every adapter, for listing without importing
+    one: as the entry points' source declares them (`framework.manifest`), and the adapters this process
+    has registered from their classes."""
+    from .manifest import scan
+
+    _entry_points()
+    out = {}
+    for e in scan(ENTRY_POINT_GROUP, "register_adapter"):
+        stages = e.attr("stages")
+        options = [p for p in e.init_params() if p not in ("self", "model")]
+        out[e.name] = (tuple(stages[1]) if stages else (), e.args[1] if len(e.args) > 1 else "", options)
+    for family, cls in _ADAPTERS.items():
+        out[family] = (tuple(cls.stages), _DESCRIPTIONS[family], adapter_options(cls))
+    return out
 
 
 def register_adapter(family: str, description: str = "") -> Callable[[type], type]:

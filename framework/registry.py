@@ -9,6 +9,7 @@ Strategies are found, on the first lookup, through the entry-point group `sparse
 project declares its `strategies` package there (which imports every module in its folder), and an
 installed package adds its own the same way. `import_strategies("my_strategy")` (`sparsevlm run
 --import ...`) imports a module by name (the working directory is searched first) or a `.py` file.
+`catalogue()` lists them without importing any (from their source), for `sparsevlm list`.
 """
 
 from __future__ import annotations
@@ -31,19 +32,44 @@ _REDUCERS: dict[str, type] = {}
 _loaded = False
 
 
-def _load_plugins() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
+def _entry_points():
     found = entry_points(group=ENTRY_POINT_GROUP)
     if not found:
         raise ConfigError(
             f"no entry points in group {ENTRY_POINT_GROUP!r}, so no built-in strategies: install the "
             "package (`pip install -e .`); a stale *.egg-info in the working directory hides them"
         )
-    for ep in found:
+    return found
+
+
+def _load_plugins() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for ep in _entry_points():
         ep.load()
+
+
+def _first_line(cls: type) -> str:
+    doc = (cls.__doc__ or "").strip()
+    return doc.splitlines()[0] if doc else ""
+
+
+def catalogue() -> dict[str, tuple[tuple[str, ...], str]]:
+    """name -> (stages, one-line description) of every strategy, for listing without importing one: the
+    entry points' strategies as their source declares them (`framework.manifest`), and the ones this
+    process has registered (`--import`, or already imported) from their classes."""
+    from .manifest import scan
+
+    _entry_points()
+    out = {}
+    for e in scan(ENTRY_POINT_GROUP, "register"):
+        found = e.attr("stage", "stages")  # `stage = "x"` is short for `stages = ("x",)` (TokenReducer)
+        out[e.name] = ((found[1],) if found and found[0] == "stage" else tuple(found[1]) if found else (), e.doc)
+    for name, cls in _REDUCERS.items():
+        out[name] = (tuple(cls.stages), _first_line(cls))
+    return dict(sorted(out.items()))
 
 
 def import_strategies(spec: str) -> None:
@@ -104,8 +130,7 @@ def get(name: str) -> type:
 
 def describe(name: str) -> str:
     """First line of the class docstring: the one-line description `sparsevlm list` prints."""
-    doc = (get(name).__doc__ or "").strip()
-    return doc.splitlines()[0] if doc else ""
+    return _first_line(get(name))
 
 
 def _to_dict(cfg: Any) -> dict:
