@@ -7,6 +7,7 @@ declares its `models` package there), so the framework never imports a backbone 
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from importlib.metadata import entry_points
 from typing import Callable
@@ -48,7 +49,11 @@ def backbone_catalogue() -> dict[str, tuple[tuple[str, ...], str, list[str]]]:
     _entry_points()
     out = {}
     for e in scan(ENTRY_POINT_GROUP, "register_adapter"):
-        stages = e.attr("stages")
+        try:
+            stages = e.attr("stages")
+        except ValueError:  # not a literal in the source: import the class (it registers, read below)
+            importlib.import_module(e.module)
+            continue
         options = [p for p in e.init_params() if p not in ("self", "model")]
         out[e.name] = (tuple(stages[1]) if stages else (), e.args[1] if len(e.args) > 1 else "", options)
     for family, cls in _ADAPTERS.items():

@@ -4,8 +4,8 @@ never imports torch); the classes themselves are imported only when one is built
 For each entry point of a group, the module it names (a package: every module in its folder, which
 is what the package's own `__init__` imports), and in it each class decorated with
 `@<decorator>("name", ...)`: an `Entry` with the decorator's literal arguments, the first line of the
-class docstring, and the class attributes given as literals (or as module-level literal constants),
-looked up through the base classes, which are found by following the modules' imports. A module that
+class docstring, and the class attributes given as literals (or as module-level literal constants;
+anything else raises ValueError, and the caller imports the class instead), looked up through the base classes, which are found by following the modules' imports. A module that
 names the decorator but in which no decorated class is found (it registers in some other way), or
 whose source is not at hand, is imported instead, and the caller reads what it registered.
 """
@@ -179,7 +179,10 @@ def scan(group: str, decorator: str) -> list[Entry]:
     out = []
     for name in _group_modules(group):
         mod = _parse(name)
-        found = _decorated(mod, decorator) if mod is not None else []
+        try:
+            found = _decorated(mod, decorator) if mod is not None else []
+        except ValueError:  # a decorator argument that is not a literal
+            found = []
         if not found and (mod is None or decorator in mod.path.read_text(encoding="utf-8")):
             importlib.import_module(name)  # registers in a way its source does not show
         out += found

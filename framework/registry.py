@@ -65,7 +65,11 @@ def catalogue() -> dict[str, tuple[tuple[str, ...], str]]:
     _entry_points()
     out = {}
     for e in scan(ENTRY_POINT_GROUP, "register"):
-        found = e.attr("stage", "stages")  # `stage = "x"` is short for `stages = ("x",)` (TokenReducer)
+        try:
+            found = e.attr("stage", "stages")  # `stage = "x"` is short for `stages = ("x",)` (TokenReducer)
+        except ValueError:  # not a literal in the source: import the class (it registers, read below)
+            importlib.import_module(e.module)
+            continue
         out[e.name] = ((found[1],) if found and found[0] == "stage" else tuple(found[1]) if found else (), e.doc)
     for name, cls in _REDUCERS.items():
         out[name] = (tuple(cls.stages), _first_line(cls))
