@@ -53,7 +53,7 @@ def cmd_run(args) -> int:
 def add_run(sub) -> None:
     doc = (
         "evaluate strategies x budgets on a task (default: the toy model, none/random/fastv/tome/sparsevlm "
-        "at 21 and 7 of 64 visual tokens), print the table, write plots"
+        "at 48 and 16 of 144 visual tokens), print the table, write plots"
     )
     for name in ("run", "sweep"):
         p = sub.add_parser(name, help=doc if name == "run" else "alias of run (sweep=<name> picks the grid)")
@@ -61,7 +61,7 @@ def add_run(sub) -> None:
             "overrides",
             nargs="*",
             help="Hydra/OmegaConf overrides: sweep=recycling strategy=fastv "
-            "budget=21 task.n=200 run.devices=2 out_dir=...",
+            "budget=48 task.n=200 run.devices=2 out_dir=...",
         )
         p.add_argument("--print-config", action="store_true", help="print the composed config and exit")
         add_import_option(p)

@@ -14,6 +14,7 @@ and the ratios are what we report. Medians of `repeats`.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import statistics
 import time
@@ -140,8 +141,8 @@ def peak_memory_mb(model, inputs: Mapping[str, torch.Tensor]) -> float | None:
     try:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            model(**inputs, use_cache=True)
+        with _silent_fd(2), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            model(**inputs, use_cache=True)  # (the profiler's C++ side prints "USDT ... profiler_start/stop")
         events = sorted((e.time_range.start, e.self_cpu_memory_usage)
                         for e in prof.events() if e.self_cpu_memory_usage)
     except RuntimeError:  # profiler unavailable: no number rather than a wrong one
@@ -151,6 +152,25 @@ def peak_memory_mb(model, inputs: Mapping[str, torch.Tensor]) -> float | None:
         cur += b
         peak = max(peak, cur)
     return peak / 2**20
+
+
+@contextlib.contextmanager
+def _silent_fd(fd: int):
+    """Point a file descriptor at /dev/null for the block: the kineto profiler's C++ log lines go to fd 2
+    directly, where no Python logging or environment setting reaches them."""
+    import os
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, fd)
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(null)
 
 
 def measure_pair(model, inputs_list: list[Mapping[str, torch.Tensor]], reducers: Mapping[str, object],

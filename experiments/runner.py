@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import statistics
 import tempfile
 from pathlib import Path
@@ -420,13 +421,40 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
-def run_test(backbone: Backbone, samples: list, reducer, run_cfg, batch_size: int) -> dict:
-    """Trainer.test over the samples with the reducer attached; the summary (rank 0's view)."""
+class RunProgress(pl.Callback):
+    """One tqdm bar for the current run's batches, under the sweep's bar (Lightning's own bars stay off)."""
+
+    def __init__(self, desc: str = "run"):
+        self.desc, self.bar = desc, None
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        from tqdm.auto import tqdm
+
+        if trainer.is_global_zero:
+            total = trainer.num_test_batches[0] if trainer.num_test_batches else None
+            self.bar = tqdm(total=total, desc=self.desc, unit="batch", position=1, leave=False)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def on_exception(self, trainer, pl_module, exception) -> None:  # Ctrl-C or an error: no stale bar
+        self.on_test_epoch_end(trainer, pl_module)
+
+
+def run_test(backbone: Backbone, samples: list, reducer, run_cfg, batch_size: int, desc: str = "run") -> dict:
+    """Trainer.test over the samples with the reducer attached; the summary (rank 0's view). Ctrl-C inside
+    (which Lightning turns into SystemExit) comes out as KeyboardInterrupt."""
     _quiet_lightning()
     r = to_dict(run_cfg)
     devices = int(r.get("devices", 1))
     progress = bool(r.get("progress", True))
-    callbacks = [pl.callbacks.TQDMProgressBar(leave=False)] if progress else []
+    callbacks = [RunProgress(desc)] if progress else []
     meta = [{"qtype": s.qtype, "answer": s.answer} for s in samples]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "result.json")
@@ -435,9 +463,17 @@ def run_test(backbone: Backbone, samples: list, reducer, run_cfg, batch_size: in
         trainer = pl.Trainer(accelerator=r.get("accelerator", "cpu"), devices=devices,
                              strategy="auto" if devices == 1 else r.get("ddp", "ddp_spawn"),
                              logger=False, enable_checkpointing=False, enable_model_summary=False,
-                             enable_progress_bar=progress, use_distributed_sampler=False, callbacks=callbacks,
+                             enable_progress_bar=False, use_distributed_sampler=False, callbacks=callbacks,
                              inference_mode=True, default_root_dir=tmp)
-        trainer.test(module, dataloaders=make_loader(samples, backbone.tokenizer, batch_size), verbose=False)
+        try:
+            trainer.test(module, dataloaders=make_loader(samples, backbone.tokenizer, batch_size), verbose=False)
+        except SystemExit:
+            if not trainer.interrupted:
+                raise
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores SIGINT from here on
+            raise KeyboardInterrupt from None
+        finally:
+            module.on_test_end()  # the hooks come off even when the run failed
         if module.result is not None:
             return module.result
         return json.loads(Path(path).read_text())

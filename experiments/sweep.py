@@ -171,7 +171,7 @@ def _evaluate(cfg, bb: runner.Backbone, samples, spec: RunSpec, base_row: dict |
     run = runner.to_dict(cfg.run)
     reducer = runner.build_reducer(spec.fields)
     t0 = time.time()
-    res = runner.run_test(bb, samples, reducer, cfg.run, int(cfg.task.batch_size))
+    res = runner.run_test(bb, samples, reducer, cfg.run, int(cfg.task.batch_size), desc=spec.name)
     eval_s = time.time() - t0
     lat = run.get("latency", {})
     inputs = runner.latency_inputs(bb, samples, int(lat.get("samples", 4)))
@@ -248,35 +248,42 @@ def run_sweep(cfg, on_row: Callable[[dict, int], None] | None = None, quiet: boo
     if not quiet:
         print(f"sweep {cfg.sweep.name!r}: {len(specs)} runs ({len(specs) - len(todo)} already done) -> {out}")
     base_row = done.get(specs[0].key)
-    bar = tqdm(total=len(todo), desc=f"sweep {cfg.sweep.name}", disable=quiet or not cfg.run.get("progress", True),
-               unit="run")
+    bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc=f"sweep {cfg.sweep.name}", unit="run",
+               disable=quiet or not cfg.run.get("progress", True), position=0)
     finished = 0
-    for spec in specs:
-        if spec.key in done:
-            continue
-        bar.set_postfix_str(spec.name)
-        row, records = _evaluate(cfg, bb, samples, spec, base_row, bar)
-        if cfg.run.get("per_sample", True):
-            write_jsonl_atomic(out / "samples" / f"{spec.key}.jsonl", records)
-        if cfg.run.get("wandb", True):
-            row["wandb_dir"] = log_wandb(row, wandb_config(cfg, spec), cfg.run.get("wandb_dir") or out,
-                                         group=cfg.sweep.name, name=spec.name, tags=wandb_tags(spec, specs),
-                                         project=cfg.run.get("wandb_project", WANDB_PROJECT), samples=records,
-                                         key=spec.key)
-        results.append(row)  # the commit point
-        done[spec.key] = row
-        if spec.strategy == BASELINE:
-            base_row = row
-        finished += 1
-        bar.update(1)
-        if on_row is not None:
-            on_row(row, finished)
+    try:
+        for spec in todo:
+            bar.set_postfix_str(spec.name)
+            row, records = _evaluate(cfg, bb, samples, spec, base_row, bar)
+            if cfg.run.get("per_sample", True):
+                write_jsonl_atomic(out / "samples" / f"{spec.key}.jsonl", records)
+            if cfg.run.get("wandb", True):
+                row["wandb_dir"] = log_wandb(row, wandb_config(cfg, spec), cfg.run.get("wandb_dir") or out,
+                                             group=cfg.sweep.name, name=spec.name, tags=wandb_tags(spec, specs),
+                                             project=cfg.run.get("wandb_project", WANDB_PROJECT), samples=records,
+                                             key=spec.key)
+            results.append(row)  # the commit point
+            done[spec.key] = row
+            if spec.strategy == BASELINE:
+                base_row = row
+            finished += 1
+            bar.update(1)
+            if on_row is not None:
+                on_row(row, finished)
+    except KeyboardInterrupt:
+        bar.close()
+        raise Interrupted(f"interrupted after {sum(s.key in done for s in specs)} of {len(specs)} runs "
+                          f"(results in {results.path}); rerun the same command to resume") from None
     bar.close()
     return [done[s.key] for s in specs]
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep: the message says how far it got and how to resume."""
+
+
 def hydra_main() -> None:
-    """Hydra entry point: `python -m experiments.sweep -m sweep=single strategy=fastv,sparsevlm budget=21,7`
+    """Hydra entry point: `python -m experiments.sweep -m sweep=single strategy=fastv,sparsevlm budget=48,16`
     runs one job per combination through Hydra's launcher (basic: sequential; plugins: clusters). Jobs
     sharing an `out_dir` share one results file, so the baseline runs once and reruns resume."""
     import hydra
@@ -295,6 +302,8 @@ def hydra_main() -> None:
             run_sweep(cfg)
         except ConfigError as err:
             raise SystemExit(f"error: {err}") from None
+        except KeyboardInterrupt as err:
+            raise SystemExit(str(err) or "interrupted; rerun the same command to resume") from None
 
     _main()
 
