@@ -8,7 +8,9 @@ it the class still imports (on a small stand-in base) so it can be registered, i
 
 Keyword arguments mirror the CLI (`--model_args`) and leftovers are refused with a ConfigError:
   pretrained: hub name / local path, or `toy-llava` (the shipped toy checkpoint);
-  strategy, budget: a registered strategy and its visual-token budget (see `sparsevlm list`);
+  strategy, budget: a registered strategy and its visual-token budget (see `sparsevlm list`); on backbones
+    whose images have no fixed token count (LLaVA-NeXT AnyRes, Qwen2-VL) budgets are read against LLaVA-1.5's
+    576, the scale the papers' presets are quoted in (a count such as FastV's `keep` stays a count);
   strategy_args: extra strategy fields, "k1=v1;k2=v2" (e.g. "recycling=false;raters=all_text");
   adapter_args: backbone adapter options, same form (e.g. "newline=keep" for LLaVA-NeXT, "video_span=video"
     for Qwen2-VL; see `sparsevlm list`);
@@ -63,6 +65,19 @@ def _parse_value(v: Any) -> Any:
     return v
 
 
+def fixed_tokens_per_image(adapter) -> int | None:
+    """The backbone's visual tokens per image when every image has the same count (LLaVA-1.5, the toy), else
+    None (LLaVA-NeXT's AnyRes, Qwen2-VL's dynamic resolution). Asked as a method that answers, never
+    inferred from an attribute that exists on every adapter."""
+    ask = getattr(adapter, "fixed_tokens_per_image", None)
+    if callable(ask):
+        return ask()
+    try:
+        return int(adapter.tokens_per_image())
+    except (ConfigError, AttributeError, NotImplementedError):
+        return None
+
+
 @_register_model("sparsevlm")
 class SparseVLMLmms(_LmmsBase):
     """lmms-eval `simple` model: a supported VLM + a token-reduction strategy (see module docstring)."""
@@ -90,13 +105,15 @@ class SparseVLMLmms(_LmmsBase):
         self._model = model.to(self._device).eval()
         self._processor = processor
         self.tokenizer.padding_side = "left"  # batched prompts end together, generation continues after them
-        from framework.budget import apply_budget
+        from framework.budget import REFERENCE_VISUAL_TOKENS, apply_budget
         from models import adapter_for
 
         self.adapter = adapter_for(self._model, **self._key_values(adapter_args, "adapter_args"))
         extra = self._key_values(strategy_args, "strategy_args")
         budget = _parse_value(budget)
-        n_visual = int(self.adapter.tokens_per_image()) if hasattr(self.adapter, "tokens_per_image") else 10**9
+        # a count budget is read against the backbone's tokens per image, or (AnyRes, dynamic resolution) against
+        # the papers' 576 of LLaVA-1.5, the scale their presets are quoted in
+        n_visual = fixed_tokens_per_image(self.adapter) or REFERENCE_VISUAL_TOKENS
         fields, _ = apply_budget({**runner.strategy_node(strategy), **extra}, budget, n_visual)
         self.reducer = runner.build_reducer(fields)
         self.strategy_fields = fields
