@@ -1,14 +1,18 @@
 """`sparsevlm report`: paper-style tables, plots and token overlays from a results JSONL file.
 
-Table: one row per run (strategy x budget x ablation), the unreduced baseline first; columns: accuracy
-per question type (%), average accuracy (%), average as % of unreduced, equivalent tokens, prefill
-TFLOPs (and % of unreduced), prefill latency ms (and % of unreduced, measured in the same run),
-decode ms/token, KV-cache MB, peak MB.
-Files written to the output folder: `table.md`, `table.csv`, `acc_vs_tokens.png`, `acc_vs_latency.png`,
-`overlays.png` (kept tokens outlined, dropped cells dimmed, merged groups in one colour per group).
+Table: one row per run in the results (by run key), the unreduced baseline first; columns: the budget asked
+for, accuracy per question type (%), average accuracy (%), average as % of unreduced, the equivalent tokens
+actually kept, prefill TFLOPs (and % of unreduced), prefill latency ms and decode ms/token (and % of one
+no-reduction reference per backbone and sweep: the median of its timings interleaved with the runs),
+KV-cache MB, peak MB. Lines of the results file that are not rows are reported with their numbers.
+Files written to the output folder: `table.md`, `table.csv`, `acc_vs_tokens.png`, `acc_vs_latency.png` (one
+line per strategy and combination of the ablation fields that vary, legend outside the axes), and
+`overlays.png`, `overlays-2.png`, ... (at most 8 runs a page: each sample's question above its column, the
+cells it asks about outlined, kept tokens outlined, dropped cells dimmed, merged groups in one colour each).
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -132,14 +136,31 @@ def format_table(cols: list[str], rows: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------------- plots
-def _series(rows: list[dict]) -> dict[str, list[dict]]:
+def varying(rows: list[dict]) -> list[str]:
+    """The ablation fields that take more than one value among the rows (they name series and overlay rows)."""
+    values: dict[str, set] = {}
+    for r in rows:
+        for k, v in (r.get("ablation") or {}).items():
+            values.setdefault(k, set()).add(json.dumps(v, sort_keys=True, default=str))
+    return [k for k, v in values.items() if len(v) > 1]
+
+
+def series(rows: list[dict]) -> dict[str, list[dict]]:
+    """Reduced runs grouped into plot lines: one per strategy and combination of the varying ablation fields
+    (the points of a line are its budgets). Every reduced row is a point of exactly one line."""
+    keys = varying(rows)
     out: dict[str, list[dict]] = {}
     for r in rows:
         if r["strategy"] == "none":
             continue
-        tags = "".join(f" {k}={v}" for k, v in (r.get("ablation") or {}).items())
-        out.setdefault(r["strategy"] + tags, []).append(r)
+        ab = r.get("ablation") or {}
+        label = " ".join([r["strategy"]] + [f"{k}={_short(ab[k])}" for k in keys if k in ab])
+        out.setdefault(label, []).append(r)
     return out
+
+
+def _short(v) -> str:
+    return {True: "on", False: "off"}.get(v, str(v)) if isinstance(v, bool) else str(v)
 
 
 def chance(rows: list[dict]) -> float | None:
@@ -152,24 +173,38 @@ def chance(rows: list[dict]) -> float | None:
     return toy_task.chance(samples)
 
 
-def plot_accuracy(rows: list[dict], out: Path) -> list[Path]:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_accuracy(rows: list[dict], out: Path) -> list[Path]:
+    """Accuracy against equivalent tokens and against prefill latency: one line per `series`, markers and
+    colours cycled so that 40 lines stay apart, the legend outside the axes."""
+    plt = _pyplot()
     base = [r for r in rows if r["strategy"] == "none"]
+    lines = series(rows)
+    colours = plt.get_cmap("tab20" if len(lines) > 10 else "tab10")
+    markers = "osD^v<>pP*Xh"
+    ref = baseline_reference(rows)
     files = []
-    for fname, xkey, xlabel in (("acc_vs_tokens.png", "equivalent_tokens", "equivalent visual tokens"),
+    for fname, xkey, xlabel in (("acc_vs_tokens.png", "equivalent_tokens", "equivalent visual tokens kept"),
                                 ("acc_vs_latency.png", "prefill_ms", "prefill latency (ms, batch 1)")):
-        fig, ax = plt.subplots(figsize=(6, 4.2))
-        for label, rs in _series(rows).items():
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for i, (label, rs) in enumerate(lines.items()):
             rs = sorted(rs, key=lambda r: r.get(xkey) or 0)
-            ax.plot([r.get(xkey) for r in rs], [100 * r["accuracy"] for r in rs], "o-", label=label)
+            ax.plot([r.get(xkey) for r in rs], [100 * r["accuracy"] for r in rs], marker=markers[i % len(markers)],
+                    color=colours(i % colours.N), lw=1.2, ms=5, label=label)
         for b in base[:1]:
-            ax.axhline(100 * b["accuracy"], color="k", ls="--", lw=1, label=f"no reduction ({100 * b['accuracy']:.1f} %)")
-            if b.get(xkey) is not None:
-                ax.plot([b[xkey]], [100 * b["accuracy"]], "k*", ms=10)
+            acc = 100 * b["accuracy"]
+            ax.axhline(acc, color="k", ls="--", lw=1, label=f"no reduction ({acc:.1f} %)")
+            x = ref.get((b.get("backbone"), b.get("sweep")), {}).get("prefill_ms") if xkey == "prefill_ms" else b[xkey]
+            if x is not None:
+                ax.plot([x], [100 * b["accuracy"]], "k*", ms=10)
         c = chance(rows)
         if c is not None:
             ax.axhline(100 * c, color="gray", ls=":", lw=1, label=f"chance ({100 * c:.1f} %)")
@@ -177,9 +212,9 @@ def plot_accuracy(rows: list[dict], out: Path) -> list[Path]:
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"{rows[0].get('backbone', '')} on {rows[0].get('task', '')}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=110)
+        n = len(lines) + 2
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False, ncol=1 + n // 24)
+        fig.savefig(out / fname, dpi=110, bbox_inches="tight")
         plt.close(fig)
         files.append(out / fname)
     return files
@@ -200,64 +235,88 @@ def _task_images(row: dict, indices: list[int]) -> dict[int, object]:
     return {i: samples[i] for i in indices if i < len(samples)}
 
 
-def plot_overlays(rows: list[dict], out: Path, max_samples: int = 4) -> Path | None:
-    """One row of panels per reduced run: the sample image, dropped cells dimmed, kept cells outlined
-    white, each merged group's cells outlined in its own colour."""
+ROWS_PER_PAGE = 8
+
+
+def plot_overlays(rows: list[dict], out: Path, max_samples: int = 4, per_page: int = ROWS_PER_PAGE) -> list[Path]:
+    """Pages of at most `per_page` reduced runs (`overlays.png`, `overlays-2.png`, ...), one panel per sample:
+    the question above its column, the cells the question is about outlined in yellow, dropped cells dimmed,
+    kept cells outlined white, each merged group in its own colour (dashed)."""
     runs = [r for r in rows if r.get("overlays") and r["strategy"] != "none"]
     if not runs:
-        return None
-    import matplotlib
+        return []
+    indices = sorted({o["index"] for r in runs for o in r["overlays"]})[:max_samples]
+    samples = _task_images(runs[0], indices)
+    pages = [runs[i:i + per_page] for i in range(0, len(runs), per_page)]
+    files = []
+    for p, page in enumerate(pages, 1):
+        path = out / ("overlays.png" if p == 1 else f"overlays-{p}.png")
+        _overlay_page(page, indices, samples, path, f"page {p} of {len(pages)}: " if len(pages) > 1 else "")
+        files.append(path)
+    return files
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def _overlay_page(runs: list[dict], indices: list[int], samples: dict, path: Path, page: str) -> None:
+    import textwrap
+
     import numpy as np
     from matplotlib.patches import Rectangle
 
-    indices = sorted({o["index"] for r in runs for o in r["overlays"]})[:max_samples]
-    samples = _task_images(runs[0], indices)
+    plt = _pyplot()
     ncol = len(indices)
-    fig, axes = plt.subplots(len(runs), ncol, figsize=(2.1 * ncol, 2.3 * len(runs)), squeeze=False)
+    fig, axes = plt.subplots(len(runs), ncol, figsize=(2.2 * ncol + 2.2, 2.3 * len(runs) + 0.9), squeeze=False)
     cmap = plt.get_cmap("tab10")
+    for j, idx in enumerate(indices):
+        s = samples.get(idx)
+        head = f"#{idx}: {s.question}" if s is not None else f"#{idx}"
+        axes[0][j].set_title("\n".join(textwrap.wrap(head, 30)), fontsize=7)
     for i, r in enumerate(runs):
         ov = {o["index"]: o for o in r["overlays"]}
-        n_vis = int(r.get("n_visual") or 64)
+        n_vis = int(r.get("n_visual") or 144)
         grid = int(round(math.sqrt(n_vis)))
         for j, idx in enumerate(indices):
             ax = axes[i][j]
             ax.set_xticks([])
             ax.set_yticks([])
             s = samples.get(idx)
-            img = np.asarray(s.image, dtype=np.float32) / 255 if s is not None else np.full((grid * 8, grid * 8, 3), 0.8)
+            img = np.full((grid * 8, grid * 8, 3), 0.8) if s is None else np.asarray(s.image, dtype=np.float32) / 255
             cell = img.shape[0] / grid
             o = ov.get(idx)
+
+            def box(t, **kw):
+                rr, cc = divmod(int(t), grid)
+                ax.add_patch(Rectangle((cc * cell - 0.5, rr * cell - 0.5), cell, cell, fill=False, **kw))
+
             if o is None:
                 ax.imshow(img)
-                continue
-            alive = np.zeros(n_vis, bool)
-            for g in o["groups"]:
-                alive[g] = True
-            shade = np.repeat(np.repeat(alive.reshape(grid, grid), int(cell), 0), int(cell), 1)[..., None]
-            ax.imshow(np.where(shade, img, 0.15 + 0.25 * img))
-            merged = [g for g in o["groups"] if len(g) > 1]
-            for g in o["groups"]:
-                if len(g) == 1:
-                    rr, cc = divmod(g[0], grid)
-                    ax.add_patch(Rectangle((cc * cell - 0.5, rr * cell - 0.5), cell, cell, fill=False, ec="white", lw=1.2))
-            for k, g in enumerate(merged):
-                for t in g:
-                    rr, cc = divmod(t, grid)
-                    ax.add_patch(Rectangle((cc * cell - 0.5, rr * cell - 0.5), cell, cell, fill=False,
-                                           ec=cmap(k % 10), lw=1.5, ls="--"))
-            mark = "ok" if o.get("correct") else "x"
-            ax.set_title(f"#{idx} {o.get('qtype', '')} [{mark}]", fontsize=7)
+            else:
+                alive = np.zeros(n_vis, bool)
+                for g in o["groups"]:
+                    alive[g] = True
+                shade = np.repeat(np.repeat(alive.reshape(grid, grid), int(cell), 0), int(cell), 1)[..., None]
+                ax.imshow(np.where(shade, img, 0.15 + 0.25 * img))
+                merged = [g for g in o["groups"] if len(g) > 1]
+                for g in o["groups"]:
+                    if len(g) == 1:
+                        box(g[0], ec="white", lw=1.0)
+                for k, g in enumerate(merged):
+                    for t in g:
+                        box(t, ec=cmap(k % 10), lw=1.4, ls="--")
+                relevant = list(s.relevant) if s is not None else []
+                kept = sum(bool(alive[t]) for t in relevant)
+                mark = "right" if o.get("correct") else "wrong"
+                ax.set_xlabel(f"{mark}; {len(o['groups'])} tok ({len(merged)} merged)"
+                              + (f"; {kept}/{len(relevant)} asked-about kept" if relevant else ""), fontsize=6)
+            for t in (s.relevant if s is not None else []):
+                box(t, ec="yellow", lw=1.6, ls=":")
             if j == 0:
-                ax.set_ylabel(f"{r['name']}\n{len(o['groups'])} tok ({len(merged)} merged)", fontsize=7)
-    fig.suptitle("kept (white), dropped (dim), merged groups (dashed colours)", fontsize=9)
-    fig.tight_layout()
-    path = out / "overlays.png"
-    fig.savefig(path, dpi=110)
+                label = "\n".join(textwrap.wrap(r["name"].replace("-", " "), 18))
+                ax.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center", labelpad=6)
+    fig.suptitle(f"{page}asked-about cells (yellow dotted), kept (white), dropped (dim), merged groups "
+                 "(dashed colours)", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the title above the questions
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return path
 
 
 def _repeats(rows: list[dict]) -> object:
@@ -289,9 +348,7 @@ def make_report(results: str | Path, out_dir: str | Path | None = None, sweep: s
     files = [out / "table.md", out / "table.csv"]
     if plots:
         files += plot_accuracy(rows, out)
-        ov = plot_overlays(rows, out)
-        if ov:
-            files.append(ov)
+        files += plot_overlays(rows, out)
     if echo:
         print(title)
         print(text)

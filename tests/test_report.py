@@ -116,3 +116,36 @@ def test_report_holds_every_row_of_the_results(tmp_path):
     assert [r["run_key"] for r in rep["results"]] == ["none", "other", "sparsevlm"]  # in the order logged
     assert [r["avg %"] for r in rep["rows"]] == pytest.approx([80.0, 40.0, 55.0])
     assert [r["budget"] for r in rep["rows"]] == [144, "own", "own"]
+
+
+def test_plots_hold_every_run_at_sweep_size(tmp_path):
+    """41 rows (the recycling sweep's size): every reduced run is a point of exactly one labelled line, the
+    labels name the varying fields, the legend sits outside the axes, overlays come in pages of <= 8 runs."""
+    import itertools
+
+    from PIL import Image
+
+    from experiments.report import make_report, series
+
+    ov = [{"index": i, "qtype": "relation", "correct": i % 2 == 0, "groups": [[j] for j in range(0, 144, 3)]}
+          for i in range(3)]
+    rows = [_row("none", "none", None, 0.8, [0.8] * 4, 144.0, 2e-5, 9.0, 1.0)]
+    for variant, rec, mode, pos in itertools.product(["v1.5", "plus"], [True, False],
+                                                     ["fixed", "rank_v1", "rank_paper"], ["repack", "keep"]):
+        ab = {"variant": variant, "recycling": rec, "budget": mode, "positions": pos}
+        for budget in ([None] if mode == "rank_paper" else [48, 16]):
+            name = "-".join(["sparsevlm"] + ([str(budget)] if budget else []) + [f"{k}={v}" for k, v in ab.items()])
+            rows.append(_row(name, "sparsevlm", budget, 0.5, [0.5] * 4, budget or 30.0, 1e-5, 6.0, 0.6, ov, ab))
+    assert len(rows) == 41
+    with open(tmp_path / "results.jsonl", "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    lines = series(rows)
+    points = [r["name"] for rs in lines.values() for r in rs]
+    assert sorted(points) == sorted(r["name"] for r in rows[1:])  # each reduced run once
+    assert len(lines) == 24 and "sparsevlm variant=plus recycling=off budget=rank_paper positions=keep" in lines
+    rep = make_report(tmp_path, echo=False)
+    assert len(rep["rows"]) == 41 and len({r["method"] for r in rep["rows"]}) == 41
+    pages = sorted(p.name for p in tmp_path.glob("overlays*.png"))
+    assert pages == ["overlays-2.png", "overlays-3.png", "overlays-4.png", "overlays-5.png", "overlays.png"]
+    width, _ = Image.open(tmp_path / "acc_vs_tokens.png").size
+    assert width > 6.4 * 110 * 1.3  # the axes' width plus a legend beside them
