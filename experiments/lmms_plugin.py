@@ -85,7 +85,7 @@ class SparseVLMLmms(_LmmsBase):
     def __init__(self, pretrained: str = "toy-llava", strategy: str = "none", budget: int | str | None = None,
                  strategy_args: str | dict | None = None, adapter_args: str | dict | None = None,
                  device: str = "cpu", dtype: str = "float32",
-                 attn_implementation: str = "eager", max_new_tokens: int = 16, batch_size: int | str = 1,
+                 attn_implementation: str = "sdpa", max_new_tokens: int = 16, batch_size: int | str = 1,
                  model=None, processor=None, **kwargs) -> None:
         super().__init__()
         kwargs = {k: v for k, v in kwargs.items() if k not in ("device_map",)}  # harmless lmms-eval extras

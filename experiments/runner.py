@@ -142,6 +142,9 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def load_backbone(bcfg) -> Backbone:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a sweep shows its own two bars, not transformers' weight-loading one
     b = to_dict(bcfg)
     loader = b.get("loader")
     if loader == "toy":
