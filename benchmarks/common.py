@@ -1,4 +1,5 @@
 """Shared bits of the CPU benchmarks: a ~100M-parameter LLaMA-shaped LLaVA with random weights, timing."""
+
 from __future__ import annotations
 
 import os
@@ -26,12 +27,20 @@ def prompt(model, n_text: int = 64, batch: int = 1, seed: int = 0) -> dict:
     """8 text tokens, the image, then n_text - 8 text tokens (the question)."""
     g = torch.Generator().manual_seed(seed)
     n_img = model.config.image_seq_length
-    ids = torch.cat([torch.randint(3, 30000, (batch, 8), generator=g),
-                     torch.full((batch, n_img), IMAGE_TOKEN),
-                     torch.randint(3, 30000, (batch, n_text - 8), generator=g)], 1)
+    ids = torch.cat(
+        [
+            torch.randint(3, 30000, (batch, 8), generator=g),
+            torch.full((batch, n_img), IMAGE_TOKEN),
+            torch.randint(3, 30000, (batch, n_text - 8), generator=g),
+        ],
+        1,
+    )
     size = model.config.vision_config.image_size
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "pixel_values": torch.randn(batch, 3, size, size, generator=g)}
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": torch.randn(batch, 3, size, size, generator=g),
+    }
 
 
 def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:

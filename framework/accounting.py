@@ -13,6 +13,7 @@ Per-sample records of a prefill (the engine keeps one list per prefill): `new_re
 `record_stage` at each decision (tokens before / after, kept indices, merged groups, the decision's
 own record), `count_per_layer` at its end (visual and all tokens entering each decoder layer).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -87,9 +88,13 @@ class Accounting:
         )
 
     def to_dict(self) -> dict:
-        return {"visual_per_layer": self.visual_per_layer, "tokens_per_layer": self.tokens_per_layer,
-                "equivalent_tokens": self.equivalent_tokens, "tflops": self.flops * 1e-12,
-                "kv_cache_mb": self.kv_bytes / 2**20}
+        return {
+            "visual_per_layer": self.visual_per_layer,
+            "tokens_per_layer": self.tokens_per_layer,
+            "equivalent_tokens": self.equivalent_tokens,
+            "tflops": self.flops * 1e-12,
+            "kv_cache_mb": self.kv_bytes / 2**20,
+        }
 
 
 def account(engine, bytes_per_elem: int | None = None) -> list[Accounting]:
@@ -97,8 +102,10 @@ def account(engine, bytes_per_elem: int | None = None) -> list[Accounting]:
     shape = engine.adapter.shape()
     if bytes_per_elem is None:
         bytes_per_elem = next(engine.model.parameters()).element_size()
-    return [Accounting.from_counts(s["visual_per_layer"], s["tokens_per_layer"], shape, bytes_per_elem)
-            for s in engine.last_record]
+    return [
+        Accounting.from_counts(s["visual_per_layer"], s["tokens_per_layer"], shape, bytes_per_elem)
+        for s in engine.last_record
+    ]
 
 
 # ---------------------------------------------------------------------------------------- per-layer records
@@ -114,12 +121,18 @@ def record_stage(records: list[dict], layer: int, stage: str, before, after, dec
     for b, (rec, d) in enumerate(zip(records, decisions)):
         groups = [torch.nonzero(m).flatten().tolist() for m in after.members[b]]
         n_kept = int(torch.as_tensor(d.keep).unique().numel())  # kept tokens come first, merged ones after
-        rec["stages"].append({
-            "stage": stage, "layer": layer,
-            "visual_before": int(before.members[b].shape[0]), "visual_after": len(groups),
-            "kept": sorted(g[0] for g in groups[:n_kept] if len(g) == 1),
-            "groups": groups, "n_merged": d.n_merged, **d.record,
-        })
+        rec["stages"].append(
+            {
+                "stage": stage,
+                "layer": layer,
+                "visual_before": int(before.members[b].shape[0]),
+                "visual_after": len(groups),
+                "kept": sorted(g[0] for g in groups[:n_kept] if len(g) == 1),
+                "groups": groups,
+                "n_merged": d.n_merged,
+                **d.record,
+            }
+        )
 
 
 def count_per_layer(records: list[dict], n_layers: int) -> None:

@@ -5,6 +5,7 @@ token). Fused kernels (sdpa, flash) never return probabilities, and switching th
 costs O(H L^2) memory in every layer. We recompute only the needed rows: O(R L) per head, post-RoPE,
 causal, padding-aware, GQA-expanded, in fp32.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,8 +30,9 @@ def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(t, 1, view.expand(*idx.shape, *t.shape[2:]))
 
 
-def project_keys(attn: torch.nn.Module, normed: torch.Tensor | None, cos, sin,
-                 projected: torch.Tensor | None = None) -> torch.Tensor:
+def project_keys(
+    attn: torch.nn.Module, normed: torch.Tensor | None, cos, sin, projected: torch.Tensor | None = None
+) -> torch.Tensor:
     """Post-RoPE keys (B, H_kv, L, hd) of an attention module for already-normed inputs (or from its
     k_proj output `projected`, when the layer's own projection was kept)."""
     projected = attn.k_proj(normed) if projected is None else projected
@@ -107,9 +109,18 @@ def attention_source(adapter, run, layer: int, hidden: torch.Tensor):
             keys = cache.layers[j].keys
         proj = {}
         if which == "previous":  # the projections that layer computed (hooked), when their length matches
-            proj = {k: v for k in ("q", "k") if (v := run.proj.get((j, k))) is not None
-                    and v.shape[:2] == h_in.shape[:2]}
-        return {"attn": attn, "hidden": h_in, "norm": norm, "cos": cos, "sin": sin, "keys": keys,
-                "queries": proj.get("q"), "keys_proj": proj.get("k")}
+            proj = {
+                k: v for k in ("q", "k") if (v := run.proj.get((j, k))) is not None and v.shape[:2] == h_in.shape[:2]
+            }
+        return {
+            "attn": attn,
+            "hidden": h_in,
+            "norm": norm,
+            "cos": cos,
+            "sin": sin,
+            "keys": keys,
+            "queries": proj.get("q"),
+            "keys_proj": proj.get("k"),
+        }
 
     return source

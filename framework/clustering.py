@@ -17,6 +17,7 @@ offset. Deterministic: the official code adds U(0,1)*1e-6 to rho to break ties; 
 larger rho, or an equal rho at a lower index, and every other tie (centre scores, assignment) goes to the
 lower index. Everything is computed in float32.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,8 +34,9 @@ def scaled_distances(x: torch.Tensor) -> torch.Tensor:
     return d / (x.shape[-1] ** 0.5)
 
 
-def dpc_knn(x: torch.Tensor, n_clusters: int, k: int | None = None, assign: str = "euclidean"
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def dpc_knn(
+    x: torch.Tensor, n_clusters: int, k: int | None = None, assign: str = "euclidean"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster the rows of x (N, D) into `n_clusters` groups by DPC-kNN.
 
     k: neighbours for the density (default `n_clusters`, as the official code), clipped to N.
@@ -50,7 +52,7 @@ def dpc_knn(x: torch.Tensor, n_clusters: int, k: int | None = None, assign: str 
     k = max(1, min(int(k if k is not None else C), N))
     dist = scaled_distances(x)
     knn = torch.topk(dist, k, dim=-1, largest=False).values
-    rho = torch.exp(-(knn ** 2).mean(-1))
+    rho = torch.exp(-(knn**2).mean(-1))
     idx = torch.arange(N, device=x.device)
     # j is denser than i: larger rho, or equal rho and lower index (replaces the official random noise)
     denser = (rho[None, :] > rho[:, None]) | ((rho[None, :] == rho[:, None]) & (idx[None, :] < idx[:, None]))
@@ -80,8 +82,9 @@ def merge_clusters(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, merge
     return out
 
 
-def cluster_and_merge(x: torch.Tensor, n_clusters: int, k: int | None = None, merge: str = "mean",
-                      assign: str = "euclidean") -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+def cluster_and_merge(
+    x: torch.Tensor, n_clusters: int, k: int | None = None, merge: str = "mean", assign: str = "euclidean"
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """DPC-kNN + merge. Returns (merged (C, D) float32, sources: per cluster the row indices of x,
     centres (C,) the row index of each cluster's centre), clusters in the official order (descending
     rho * delta of their centres)."""

@@ -1,4 +1,5 @@
 """What a reducer sees at a decision point (`StageContext`), and the slot bookkeeping behind it."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -134,8 +135,10 @@ class StageContext:
         crop-less image's single newline) are layout tokens. Known only before any reduction."""
         g = self.slots.grids
         if g is None or self.n_visual(b) != int(self.slots.members[b].shape[1]):
-            raise RuntimeError("visual grids are known only at the projector stage, before any reduction, on "
-                               "backbones whose adapter reports them (visual_grids)")
+            raise RuntimeError(
+                "visual grids are known only at the projector stage, before any reduction, on "
+                "backbones whose adapter reports them (visual_grids)"
+            )
         out: list[list[Grid]] = [[] for _ in range(self.slots.n_spans(b))]
         ids = self.span_ids(b)
         for grid in g[b]:
@@ -148,8 +151,10 @@ class StageContext:
         Known at the projector stage, before any reduction, on backbones with a vision stage."""
         m = self.slots.vision_map
         if m is None or self.n_visual(b) != int(self.slots.members[b].shape[1]):
-            raise RuntimeError("the vision-feature map is known only at the projector stage, before any "
-                               "reduction, on backbones whose adapter reports it (vision_token_map)")
+            raise RuntimeError(
+                "the vision-feature map is known only at the projector stage, before any "
+                "reduction, on backbones whose adapter reports it (vision_token_map)"
+            )
         return m[b]
 
     def cls_tokens(self, b: int) -> torch.Tensor:
@@ -182,9 +187,18 @@ class StageContext:
         padded = torch.zeros(self.batch_size, R, dtype=torch.long, device=dev)
         for b, r in enumerate(rows):
             padded[b, : r.numel()] = r
-        probs = attention_rows(src["attn"], src["hidden"], padded, src["cos"], src["sin"],
-                               self.slots.valid, keys=src.get("keys"), norm=src["norm"],
-                               queries=src.get("queries"), keys_proj=src.get("keys_proj"))
+        probs = attention_rows(
+            src["attn"],
+            src["hidden"],
+            padded,
+            src["cos"],
+            src["sin"],
+            self.slots.valid,
+            keys=src.get("keys"),
+            norm=src["norm"],
+            queries=src.get("queries"),
+            keys_proj=src.get("keys_proj"),
+        )
         return [probs[b, :, : rows[b].numel()] for b in range(self.batch_size)]
 
     def rope(self, which: str = "previous") -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,13 +19,18 @@ def read_prompt(adapter, input_ids: torch.Tensor, kwargs: dict, vision_map: bool
     """What the adapter reads from a prompt with visual input (None without): visual positions, their
     spans (image / frame), 2-D grids and, for reducers acting before the LLM, the vision-feature map."""
     if not adapter.has_visual_input(kwargs):
-        ids = [t for t in (getattr(adapter, "image_token_id", None), getattr(adapter, "video_token_id", None))
-               if isinstance(t, int)]
+        ids = [
+            t
+            for t in (getattr(adapter, "image_token_id", None), getattr(adapter, "video_token_id", None))
+            if isinstance(t, int)
+        ]
         n = sum(int((input_ids == t).sum()) for t in ids)
         if n:
-            raise ConfigError(f"the prompt holds {n} image/video tokens (ids {ids}) but no pixel values were "
-                              "given: the model would read them as text; pass the images (pixel_values), or "
-                              "leave the image tokens out for a text-only prompt")
+            raise ConfigError(
+                f"the prompt holds {n} image/video tokens (ids {ids}) but no pixel values were "
+                "given: the model would read them as text; pass the images (pixel_values), or "
+                "leave the image tokens out for a text-only prompt"
+            )
         return None
     adapter.check_inputs(input_ids, kwargs)
     visual = adapter.visual_mask(input_ids, kwargs)

@@ -37,7 +37,6 @@ from .geometry import (
 )
 from .reducer import Decision, TokenReducer
 
-
 _ATTACHED: "weakref.WeakKeyDictionary[torch.nn.Module, ReductionEngine]" = weakref.WeakKeyDictionary()
 """model -> the engine attached to it: a second reducer on the same model is refused, not silently stacked."""
 

@@ -1,13 +1,14 @@
 """What an entry-point group registers, read from source without importing it (so `sparsevlm list`
 never imports torch); the classes themselves are imported only when one is built.
 
-For each entry point of a group, the module it names (a package: every module in its folder, which
-is what the package's own `__init__` imports), and in it each class decorated with
-`@<decorator>("name", ...)`: an `Entry` with the decorator's literal arguments, the first line of the
-class docstring, and the class attributes given as literals (or as module-level literal constants;
-anything else raises ValueError, and the caller imports the class instead), looked up through the base classes, which are found by following the modules' imports. A module that
-names the decorator but in which no decorated class is found (it registers in some other way), or
-whose source is not at hand, is imported instead, and the caller reads what it registered.
+For each entry point of a group, the module it names (a package: every module in its folder, which is what
+the package's own `__init__` imports), and in it each class decorated with `@<decorator>("name", ...)`: an
+`Entry` with the decorator's literal arguments, the first line of the class docstring, and the class
+attributes given as literals (or as module-level literal constants; anything else raises ValueError, and the
+caller imports the class instead), looked up through the base classes, which are found by following the
+modules' imports. A module that names the decorator but in which no decorated class is found (it registers
+in some other way), or whose source is not at hand, is imported instead, and the caller reads what it
+registered.
 """
 
 from __future__ import annotations

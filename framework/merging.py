@@ -9,6 +9,7 @@ returned as a closure that is then applied to features, sizes and source maps al
   * `contextual_merge` (VisionZip's contextual tokens)
   * `scaled` (a budget quoted for 576 tokens, scaled to another token count)
 """
+
 from __future__ import annotations
 
 import math
@@ -99,8 +100,14 @@ def gather_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx)
 
 
-def merge_to(x: torch.Tensor, target: int, metric: torch.Tensor | None = None, size: torch.Tensor | None = None,
-             source: torch.Tensor | None = None, protected: int = 0):
+def merge_to(
+    x: torch.Tensor,
+    target: int,
+    metric: torch.Tensor | None = None,
+    size: torch.Tensor | None = None,
+    source: torch.Tensor | None = None,
+    protected: int = 0,
+):
     """Repeated bipartite rounds until `target` tokens remain; results in spatial order.
 
     Returns (x, size, source) with source (B, target, N0)."""
@@ -179,7 +186,9 @@ def grid_pool(x: torch.Tensor, rows: int, cols: int, h: int, w: int) -> tuple[to
     return pooled, cells
 
 
-def contextual_merge(hidden: torch.Tensor, metric: torch.Tensor, n_ctx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def contextual_merge(
+    hidden: torch.Tensor, metric: torch.Tensor, n_ctx: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """VisionZip's contextual tokens from the non-dominant tokens of one image.
 
     hidden (R, D), metric (R, C) of the remaining tokens. Targets: uniform stride over the remaining

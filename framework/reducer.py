@@ -17,6 +17,7 @@ Writing a new strategy (one file)::
         def score(self, ctx, b):
             return ctx.hidden[b, ctx.visual[b]].norm(dim=-1)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -77,7 +78,8 @@ def resolve_count(keep: int | float, n_visual: int, what: str = "keep") -> int:
         if keep < 1 or keep > n_visual:
             raise ConfigError(
                 f"{what}={keep} is not allowed for an input with {n_visual} visual tokens; "
-                f"allowed: 1..{n_visual} (or a ratio in (0, 1])")
+                f"allowed: 1..{n_visual} (or a ratio in (0, 1])"
+            )
         return keep
     raise ConfigError(f"{what} must be an int count or a float ratio, got {type(keep).__name__}")
 
@@ -125,8 +127,10 @@ class TokenReducer(ABC):
         whatever the budget (then a sweep runs it once, not once per budget)."""
         if "keep" in field_types(cls):
             return {**fields, "keep": budget}
-        raise ConfigError(f"strategy {cls.registry_name or cls.__name__!r} takes no budget: it has no `keep` field "
-                          f"and does not define for_budget(); its fields: {sorted(field_types(cls))}")
+        raise ConfigError(
+            f"strategy {cls.registry_name or cls.__name__!r} takes no budget: it has no `keep` field "
+            f"and does not define for_budget(); its fields: {sorted(field_types(cls))}"
+        )
 
     def __post_init__(self) -> None:
         if self.positions not in POSITION_MODES:
@@ -146,20 +150,23 @@ class TokenReducer(ABC):
             hint = self.refusal_hint(adapter)
             raise ConfigError(
                 f"{type(self).__name__} acts at stage {self.stage!r} but backbone {adapter.family!r} "
-                f"supports only {list(adapter.stages)}" + (f" ({note})" if note else "") + (f"; {hint}" if hint else ""))
+                f"supports only {list(adapter.stages)}" + (f" ({note})" if note else "") + (f"; {hint}" if hint else "")
+            )
         self.check_positions(adapter)
         n = adapter.num_layers
         for k in self.decision_layers():
             if not 1 <= k < n:
                 raise ConfigError(
                     f"{type(self).__name__}: decision before decoder layer {k} is outside the model; "
-                    f"allowed: 1..{n - 1} for a {n}-layer decoder")
+                    f"allowed: 1..{n - 1} for a {n}-layer decoder"
+                )
 
     def check_positions(self, adapter) -> None:
         if self.positions == "repack" and not adapter.supports_repack:
             raise ConfigError(
                 f"{type(self).__name__}: positions='repack' is not supported on backbone {adapter.family!r} "
-                f"({adapter.repack_note}); allowed: positions='keep'")
+                f"({adapter.repack_note}); allowed: positions='keep'"
+            )
 
     def refusal_hint(self, adapter) -> str:
         """What to use instead when this backbone refuses the reducer's stage (appended to the error)."""
@@ -249,8 +256,10 @@ class CountBudget:
     def __post_init__(self) -> None:
         super().__post_init__()  # type: ignore[misc]
         if self.preset is not None and self.preset not in COUNT_PRESETS:
-            raise ConfigError(f"{self.registry_name or type(self).__name__} preset={self.preset}; "
-                              f"allowed: {list(COUNT_PRESETS)} or None (then `keep` is used)")
+            raise ConfigError(
+                f"{self.registry_name or type(self).__name__} preset={self.preset}; "
+                f"allowed: {list(COUNT_PRESETS)} or None (then `keep` is used)"
+            )
 
     def target(self, n: int) -> int:
         """Visual tokens to keep out of n."""
@@ -265,9 +274,12 @@ def groups_decision(reps: list, groups: list, values: list, dtype=None) -> Decis
     reps_t = torch.stack(reps)
     order = reps_t.argsort().tolist()
     vals = torch.stack(values)[order]
-    return Decision(keep=reps_t[order], sources=[groups[i] for i in order],
-                    values=vals if dtype is None else vals.to(dtype),
-                    record={"sizes": [int(groups[i].numel()) for i in order]})
+    return Decision(
+        keep=reps_t[order],
+        sources=[groups[i] for i in order],
+        values=vals if dtype is None else vals.to(dtype),
+        record={"sizes": [int(groups[i].numel()) for i in order]},
+    )
 
 
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:

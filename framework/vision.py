@@ -29,6 +29,7 @@ image-token count in `input_ids` is fixed:
 
 Hooks are deterministic, so a replayed decision (no-cache generation) sees the same values again.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -112,7 +113,6 @@ class VisionTower(ABC):
         raise self._lacks("signals per LLM visual token")
 
 
-
 @dataclass
 class ImagePlan:
     """One image's surviving tokens: `reps` (K,) sorted slot indices into the image's visual tokens,
@@ -155,8 +155,9 @@ def plan_decisions(ctx, plans: list[ImagePlan] | None, per_unit: int, name: str)
     (it carries the group's value, see `broadcast_groups`), the others are its sources. Tokens from
     features in no group are dropped; tokens from no feature (LLaVA-NeXT newlines) are kept as is."""
     if plans is None:
-        raise RuntimeError(f"{name}: no vision-side plan for this forward (were pixel_values given and the "
-                           f"vision hooks attached?)")
+        raise RuntimeError(
+            f"{name}: no vision-side plan for this forward (were pixel_values given and the vision hooks attached?)"
+        )
     gid, offset = [], 0
     for p in plans:
         a = torch.full((per_unit,), -1, dtype=torch.long)
@@ -179,9 +180,13 @@ def plan_decisions(ctx, plans: list[ImagePlan] | None, per_unit: int, name: str)
                 groups.setdefault(k, []).append(t)
         members = sorted(groups.values(), key=lambda g: g[0])
         dev = ctx.hidden.device
-        out.append(Decision(keep=torch.tensor([g[0] for g in members], device=dev),
-                            sources=[torch.tensor(g, device=dev) for g in members],
-                            record={"sizes": [len(g) for g in members]}))
+        out.append(
+            Decision(
+                keep=torch.tensor([g[0] for g in members], device=dev),
+                sources=[torch.tensor(g, device=dev) for g in members],
+                record={"sizes": [len(g) for g in members]},
+            )
+        )
     return out
 
 
@@ -203,5 +208,7 @@ def token_signals(ctx, key: str, name: str) -> list[tuple[torch.Tensor, torch.Te
     if recorder is None:
         raise RuntimeError(f"{name}: no vision-encoder signals for this forward (hooks not attached?)")
     dev = ctx.hidden.device
-    return [(score.to(dev), keys.to(dev))
-            for score, keys in recorder.per_token([ctx.vision_map(b) for b in range(ctx.batch_size)])]
+    return [
+        (score.to(dev), keys.to(dev))
+        for score, keys in recorder.per_token([ctx.vision_map(b) for b in range(ctx.batch_size)])
+    ]

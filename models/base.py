@@ -4,6 +4,7 @@ The engine asks an adapter for the decoder layers, the rotary module, which prom
 visual, and how position ids look (1-D for Llama; 3-D M-RoPE for Qwen2-VL). Adapters never import a
 strategy, and strategies never import a model class.
 """
+
 from __future__ import annotations
 
 import torch
@@ -52,9 +53,14 @@ class BackboneAdapter:
         """Decoder shape for accounting: hidden d, FFN width m, layers, KV heads and head dim."""
         c = self.text_config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        return {"layers": self.num_layers, "hidden": c.hidden_size, "ffn": c.intermediate_size,
-                "heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads or c.num_attention_heads,
-                "head_dim": head_dim}
+        return {
+            "layers": self.num_layers,
+            "hidden": c.hidden_size,
+            "ffn": c.intermediate_size,
+            "heads": c.num_attention_heads,
+            "kv_heads": c.num_key_value_heads or c.num_attention_heads,
+            "head_dim": head_dim,
+        }
 
     def attention_parts(self, layer: int):
         lay = self.layers[layer]

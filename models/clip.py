@@ -5,6 +5,7 @@ layers and the projector are, how an encoder layer receives its input and attent
 can hand it merged tokens and an additive mask), and the layer's keys and CLS attention recomputed
 from its input with its own layer norm and projections.
 """
+
 from __future__ import annotations
 
 import torch

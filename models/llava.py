@@ -1,4 +1,5 @@
 """LLaVA-1.5 (`LlavaForConditionalGeneration`): CLIP vision tower + MLP projector + Llama decoder."""
+
 from __future__ import annotations
 
 import torch
@@ -51,7 +52,7 @@ class LlavaAdapter(BackboneAdapter):
             pos = torch.nonzero(ids == self.image_token_id).flatten()
             grids, cls = [], []
             for j in range(0, pos.numel() - per + 1, per):
-                chunk = pos[j:j + per]
+                chunk = pos[j : j + per]
                 cls.append(chunk[:c])
                 grids.append(Grid(index=chunk[c:].view(side, side)))
             out.append((grids, torch.cat(cls) if cls else pos[:0]))
@@ -59,7 +60,9 @@ class LlavaAdapter(BackboneAdapter):
 
     def has_visual_input(self, kwargs: dict) -> bool:
         # generate() encodes images before the first forward and passes them as mm_encoder_outputs
-        return kwargs.get("pixel_values") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None
+        return (
+            kwargs.get("pixel_values") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None
+        )
 
     def n_images(self, kwargs: dict) -> int:
         if kwargs.get("pixel_values") is not None:
@@ -73,10 +76,14 @@ class LlavaAdapter(BackboneAdapter):
         per_sample = (input_ids == self.image_token_id).sum(1)
         per_image = self.tokens_per_image()
         n_images = self.n_images(kwargs)
-        require(bool((per_sample > 0).all()),
-                f"a prompt has no image tokens (id {self.image_token_id}) but pixel_values were given; "
-                f"every sample needs {per_image} image tokens per image")
-        require(int(per_sample.sum()) == n_images * per_image and bool((per_sample % per_image == 0).all()),
-                f"image tokens per sample {per_sample.tolist()} do not match {n_images} image(s) x "
-                f"{per_image} tokens per image; allowed: a multiple of {per_image} per sample, "
-                f"{n_images * per_image} in all")
+        require(
+            bool((per_sample > 0).all()),
+            f"a prompt has no image tokens (id {self.image_token_id}) but pixel_values were given; "
+            f"every sample needs {per_image} image tokens per image",
+        )
+        require(
+            int(per_sample.sum()) == n_images * per_image and bool((per_sample % per_image == 0).all()),
+            f"image tokens per sample {per_sample.tolist()} do not match {n_images} image(s) x "
+            f"{per_image} tokens per image; allowed: a multiple of {per_image} per sample, "
+            f"{n_images * per_image} in all",
+        )

@@ -24,6 +24,7 @@ patches were all unpadded away vanish, as dominant tokens do in VisionZip's code
 Under `generate`, which passes only packed features, the image sizes come from a wrapper around
 `get_image_features` (attached by the engine through `hooks`, removed on detach).
 """
+
 from __future__ import annotations
 
 import functools
@@ -72,8 +73,11 @@ class LlavaNextAdapter(BackboneAdapter):
             per = self.vision_unit_tokens
             feats = torch.arange(n_crops * per, dtype=torch.float64).view(n_crops, per, 1)
             packed, _ = self.model.model.pack_image_features(
-                [feats], [list(key)], cfg.vision_feature_select_strategy,
-                image_newline=torch.tensor([-1.0], dtype=torch.float64))
+                [feats],
+                [list(key)],
+                cfg.vision_feature_select_strategy,
+                image_newline=torch.tensor([-1.0], dtype=torch.float64),
+            )
             self._layout_cache[key] = packed[0][:, 0].round().long()
         return self._layout_cache[key]
 
@@ -103,9 +107,11 @@ class LlavaNextAdapter(BackboneAdapter):
                 mine.append(layouts[j])
                 total += int(layouts[j].numel())
                 j += 1
-            require(total == n and n > 0,
-                    f"llava_next: sample {b} has {n} image tokens (id {self.image_token_id}) but its images "
-                    f"need {total}; per-image counts from image_sizes: {[int(l.numel()) for l in layouts]}")
+            require(
+                total == n and n > 0,
+                f"llava_next: sample {b} has {n} image tokens (id {self.image_token_id}) but its images "
+                f"need {total}; per-image counts from image_sizes: {[int(lay.numel()) for lay in layouts]}",
+            )
             out.append(mine)
         require(j == len(layouts), f"llava_next: {len(layouts)} images given but the prompts hold only {j}")
         return out
@@ -167,8 +173,10 @@ class LlavaNextAdapter(BackboneAdapter):
             maps.append(torch.where(m >= 0, m + offset * per, m))
             size = s.tolist() if torch.is_tensor(s) else list(s)
             offset += image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-        require([int(m.numel()) for m in maps] == [int(l.numel()) for l in self._layouts(kwargs)],
-                f"{self.family}: the recorded image sizes do not match this forward's images")
+        require(
+            [int(m.numel()) for m in maps] == [int(lay.numel()) for lay in self._layouts(kwargs)],
+            f"{self.family}: the recorded image sizes do not match this forward's images",
+        )
         out = torch.full(input_ids.shape, -1, dtype=torch.long, device=input_ids.device)
         j = 0
         for b in range(input_ids.shape[0]):
@@ -176,14 +184,16 @@ class LlavaNextAdapter(BackboneAdapter):
             n = 0
             while n < pos.numel():
                 m = maps[j].to(out.device)
-                out[b, pos[n:n + m.numel()]] = m
+                out[b, pos[n : n + m.numel()]] = m
                 n += m.numel()
                 j += 1
         return out
 
     # --- inputs -------------------------------------------------------------------------------------
     def has_visual_input(self, kwargs: dict) -> bool:
-        return kwargs.get("pixel_values") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None
+        return (
+            kwargs.get("pixel_values") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None
+        )
 
     def check_inputs(self, input_ids: torch.Tensor, kwargs: dict) -> None:
         self._assign(input_ids, kwargs)
@@ -194,7 +204,7 @@ class LlavaNextAdapter(BackboneAdapter):
         newline = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
         for b, layouts in enumerate(self._assign(input_ids, kwargs)):
             pos = torch.nonzero(input_ids[b] == self.image_token_id).flatten()
-            ids = torch.cat([torch.full((int(l.numel()),), i, dtype=torch.long) for i, l in enumerate(layouts)])
+            ids = torch.cat([torch.full((int(lay.numel()),), i, dtype=torch.long) for i, lay in enumerate(layouts)])
             span[b, pos] = ids.to(pos.device)
             newline[b, pos] = torch.cat(layouts).to(pos.device)
         return span, newline
@@ -222,10 +232,10 @@ class LlavaNextAdapter(BackboneAdapter):
             pos = torch.nonzero(input_ids[b] == self.image_token_id).flatten()
             grids, start = [], 0
             for lay in layouts:
-                chunk = pos[start:start + int(lay.numel())]
+                chunk = pos[start : start + int(lay.numel())]
                 start += int(lay.numel())
-                grids.append(Grid(index=chunk[:side * side].view(side, side)))
-                rest, nl = chunk[side * side:], lay[side * side:].to(chunk.device)
+                grids.append(Grid(index=chunk[: side * side].view(side, side)))
+                rest, nl = chunk[side * side :], lay[side * side :].to(chunk.device)
                 rows = int(nl.sum())
                 if rest.numel() > 1 and rows:
                     cols = rest.numel() // rows - 1

@@ -26,6 +26,7 @@ concatenates fixed spatial_merge_size^2 patch groups, so a patch merged or dropp
 has no LLM token). VisionZip runs instead on the merged tokens with encoder signals per LLM token
 (`vision_tower().token_signals()`, `vision_token_map`): see `VisionTokenSignals`.
 """
+
 from __future__ import annotations
 
 import sys
@@ -48,12 +49,14 @@ class Qwen2VLAdapter(BackboneAdapter):
     stages = ("projector", "llm")
     supports_repack = False
     repack_note = "3-D M-RoPE positions are grid coordinates; use positions='keep'"
-    stage_notes = {"vision": "its vision encoder has no CLS token and packs all images into one sequence "
-                             "with 2-D rotary positions (and windowed attention in 2.5); its patch merger "
-                             "concatenates fixed 2x2 patch neighbourhoods into one LLM token, so patches "
-                             "merged or dropped inside the encoder have no faithful LLM token; reduce at the "
-                             "projector stage (on the merged tokens) or in the LLM instead (VisionZip runs here on the "
-                             "merged tokens, with encoder attention signals per token)"}
+    stage_notes = {
+        "vision": "its vision encoder has no CLS token and packs all images into one sequence "
+        "with 2-D rotary positions (and windowed attention in 2.5); its patch merger "
+        "concatenates fixed 2x2 patch neighbourhoods into one LLM token, so patches "
+        "merged or dropped inside the encoder have no faithful LLM token; reduce at the "
+        "projector stage (on the merged tokens) or in the LLM instead (VisionZip runs here on the "
+        "merged tokens, with encoder attention signals per token)"
+    }
 
     def __init__(self, model: torch.nn.Module, video_span: str = "frame"):
         super().__init__(model)
@@ -74,9 +77,11 @@ class Qwen2VLAdapter(BackboneAdapter):
 
     # --- per-image projector hooks (LLaVA-1.5's fixed square grid) are not offered -------------
     def tokens_per_image(self) -> int:
-        raise ConfigError(f"{self.family}: this strategy hooks the projector and needs a fixed square grid of "
-                          f"tokens per image (LLaVA-1.5); dynamic-resolution images have variable token counts. "
-                          "Use a strategy that decides on the language model's input or layers.")
+        raise ConfigError(
+            f"{self.family}: this strategy hooks the projector and needs a fixed square grid of "
+            f"tokens per image (LLaVA-1.5); dynamic-resolution images have variable token counts. "
+            "Use a strategy that decides on the language model's input or layers."
+        )
 
     @property
     def projector(self):
@@ -85,23 +90,29 @@ class Qwen2VLAdapter(BackboneAdapter):
     # --- inputs -------------------------------------------------------------------------------------
     def has_visual_input(self, kwargs: dict) -> bool:
         enc = kwargs.get("mm_encoder_outputs") or {}
-        return (kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
-                or enc.get("image") is not None or enc.get("video") is not None)
+        return (
+            kwargs.get("pixel_values") is not None
+            or kwargs.get("pixel_values_videos") is not None
+            or enc.get("image") is not None
+            or enc.get("video") is not None
+        )
 
     def visual_mask(self, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
         return (input_ids == self.image_token_id) | (input_ids == self.video_token_id)
 
     def check_inputs(self, input_ids: torch.Tensor, kwargs: dict) -> None:
-        require(kwargs.get("mm_token_type_ids") is not None,
-                f"{self.family}: mm_token_type_ids (0 text, 1 image, 2 video) must be passed with images or "
-                "videos; the model needs it for M-RoPE")
+        require(
+            kwargs.get("mm_token_type_ids") is not None,
+            f"{self.family}: mm_token_type_ids (0 text, 1 image, 2 video) must be passed with images or "
+            "videos; the model needs it for M-RoPE",
+        )
         self._spans(input_ids, kwargs)
 
     def _items(self, kwargs: dict, modality: str) -> list[tuple[int, int | None]]:
         """(tokens, tokens per frame or None) of each image / video of the batch, in order: from the
         grids (plain forward), else from the pre-encoded features `generate` passes instead."""
         grid = kwargs.get(f"{modality}_grid_thw")
-        m2 = self.merge ** 2
+        m2 = self.merge**2
         if grid is not None:
             return [(int(t) * int(h) * int(w) // m2, int(h) * int(w) // m2) for t, h, w in grid.tolist()]
         enc = (kwargs.get("mm_encoder_outputs") or {}).get(modality)
@@ -120,22 +131,27 @@ class Qwen2VLAdapter(BackboneAdapter):
         for b in range(input_ids.shape[0]):
             ids = input_ids[b]
             vis = torch.nonzero((ids == self.image_token_id) | (ids == self.video_token_id)).flatten()
-            require(vis.numel() > 0, f"{self.family}: sample {b} has no image/video tokens but visual inputs "
-                                     "were given")
+            require(
+                vis.numel() > 0, f"{self.family}: sample {b} has no image/video tokens but visual inputs were given"
+            )
             labels = torch.empty(vis.numel(), dtype=torch.long)
             i, span = 0, 0
             while i < vis.numel():
                 tok = int(ids[vis[i]])
                 kind = "image" if tok == self.image_token_id else "video"
-                require(used[tok] < len(items[tok]),
-                        f"{self.family}: the prompts hold more {kind} tokens than the {kind} inputs "
-                        f"({len(items[tok])} {kind}(s))")
+                require(
+                    used[tok] < len(items[tok]),
+                    f"{self.family}: the prompts hold more {kind} tokens than the {kind} inputs "
+                    f"({len(items[tok])} {kind}(s))",
+                )
                 n, per_frame = items[tok][used[tok]]
                 used[tok] += 1
-                chunk = vis[i:i + n]
-                require(chunk.numel() == n and bool((ids[chunk] == tok).all()),
-                        f"{self.family}: sample {b}: a {kind} of {n} tokens needs {n} consecutive {kind} "
-                        f"tokens (id {tok}); found fewer")
+                chunk = vis[i : i + n]
+                require(
+                    chunk.numel() == n and bool((ids[chunk] == tok).all()),
+                    f"{self.family}: sample {b}: a {kind} of {n} tokens needs {n} consecutive {kind} "
+                    f"tokens (id {tok}); found fewer",
+                )
                 if kind == "video" and self.video_span == "frame":
                     if per_frame is not None:
                         frame = torch.arange(n) // per_frame
@@ -144,16 +160,18 @@ class Qwen2VLAdapter(BackboneAdapter):
                         frame = torch.cat([torch.zeros(1, dtype=torch.long), (t[1:] != t[:-1]).long()]).cumsum(0)
                     else:
                         frame = torch.zeros(n, dtype=torch.long)
-                    labels[i:i + n] = span + frame
+                    labels[i : i + n] = span + frame
                     span += int(frame[-1]) + 1
                 else:
-                    labels[i:i + n] = span
+                    labels[i : i + n] = span
                     span += 1
                 i += n
             out[b, vis] = labels.to(out.device)
         for tok, kind in ((self.image_token_id, "image"), (self.video_token_id, "video")):
-            require(used[tok] == len(items[tok]),
-                    f"{self.family}: {len(items[tok])} {kind}(s) given but the prompts hold tokens for {used[tok]}")
+            require(
+                used[tok] == len(items[tok]),
+                f"{self.family}: {len(items[tok])} {kind}(s) given but the prompts hold tokens for {used[tok]}",
+            )
         return out
 
     def visual_spans(self, input_ids: torch.Tensor, kwargs: dict, visual: torch.Tensor) -> torch.Tensor:
@@ -190,13 +208,13 @@ class Qwen2VLAdapter(BackboneAdapter):
                 used[tok] += 1
                 if shape is None:  # generate: the run of this item's tokens, shaped by its H/W positions
                     n = int(self._items(kwargs, "image" if tok == self.image_token_id else "video")[used[tok] - 1][0])
-                    chunk = vis[i:i + n]
+                    chunk = vis[i : i + n]
                     hb = hw[0, b if hw.shape[1] > 1 else 0, chunk]
                     wb = hw[1, b if hw.shape[1] > 1 else 0, chunk]
                     rows, cols = int(hb.max() - hb.min()) + 1, int(wb.max() - wb.min()) + 1
                     shape = (n // (rows * cols), rows, cols)
                 t, rows, cols = shape
-                chunk = vis[i:i + t * rows * cols]
+                chunk = vis[i : i + t * rows * cols]
                 grids += [Grid(index=f.view(rows, cols)) for f in chunk.view(t, rows * cols)]
                 i += t * rows * cols
             out.append((grids, vis[:0]))
@@ -273,13 +291,15 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
         if kwargs.get("window_index") is not None:  # precomputed by the caller
             return kwargs["window_index"]
         v = self.visual
-        index, _ = get_vision_window_index(grid_thw, spatial_merge_size=v.spatial_merge_size,
-                                           window_size=v.window_size, patch_size=v.patch_size)
+        index, _ = get_vision_window_index(
+            grid_thw, spatial_merge_size=v.spatial_merge_size, window_size=v.window_size, patch_size=v.patch_size
+        )
         return index
 
 
-def received_attention(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
-                       max_elements: int = 1 << 24) -> torch.Tensor:
+def received_attention(
+    q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, max_elements: int = 1 << 24
+) -> torch.Tensor:
     """Attention each key receives, heads summed, averaged over the query rows of its own segment.
 
     q, k (S, H, d) post-RoPE, packed; cu_seqlens (n+1,) segment bounds (each segment attends only within
@@ -298,7 +318,7 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tenso
         rows = max(1, max_elements // (H * (e - s)))
         col = torch.zeros(e - s, dtype=torch.float32, device=q.device)
         for r in range(0, e - s, rows):
-            p = torch.softmax((qs[:, r:r + rows] @ ks.transpose(-1, -2)) * scale, dim=-1)
+            p = torch.softmax((qs[:, r : r + rows] @ ks.transpose(-1, -2)) * scale, dim=-1)
             col += p.sum((0, 1))
         out[s:e] = col / (e - s)
     return out
@@ -343,8 +363,10 @@ class VisionTokenSignals(TokenSignals):
     def hooks(self) -> list:
         visual = self.adapter.visual
         attn = visual.blocks[self.adapter.full_attention_block()].attn
-        return [visual.register_forward_pre_hook(self._encoder, with_kwargs=True),
-                attn.register_forward_pre_hook(self._attention, with_kwargs=True)]
+        return [
+            visual.register_forward_pre_hook(self._encoder, with_kwargs=True),
+            attn.register_forward_pre_hook(self._attention, with_kwargs=True),
+        ]
 
     def _encoder(self, module, args, kwargs):
         grid = args[1] if len(args) > 1 else kwargs.get("grid_thw")
@@ -361,7 +383,7 @@ class VisionTokenSignals(TokenSignals):
         q, k, _ = module.qkv(x).reshape(S, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         rope = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
         q_rot, k_rot = rope(q, k, cos, sin)
-        m2 = self.adapter.merge ** 2
+        m2 = self.adapter.merge**2
         score = received_attention(q_rot, k_rot, cu, module.scaling).view(S // m2, m2).sum(1)
         keys = k.float().mean(1).view(S // m2, m2, -1).mean(1)
         grid, enc_kwargs = self._grid
@@ -380,14 +402,22 @@ class VisionTokenSignals(TokenSignals):
         if any(bool((m < 0).any()) for m in maps):
             raise RuntimeError(f"{self.adapter.family}: visual tokens without an encoder row")
         if self._calls:  # encoder calls since the last read: the images' call, then the videos' one
-            group = next((self._calls[-n:] for n in (1, 2) if len(self._calls) >= n
-                          and sum(int(c[0].numel()) for c in self._calls[-n:]) == total), None)
+            group = next(
+                (
+                    self._calls[-n:]
+                    for n in (1, 2)
+                    if len(self._calls) >= n and sum(int(c[0].numel()) for c in self._calls[-n:]) == total
+                ),
+                None,
+            )
             self._calls = []
             self._group = group
         group = self._group
         if group is None or sum(int(c[0].numel()) for c in group) != total:
-            raise RuntimeError(f"{self.adapter.family}: no vision-encoder signals for the {total} visual tokens of "
-                               "this forward (was the vision encoder run while the reducer was attached?)")
+            raise RuntimeError(
+                f"{self.adapter.family}: no vision-encoder signals for the {total} visual tokens of "
+                "this forward (was the vision encoder run while the reducer was attached?)"
+            )
         score = torch.cat([c[0] for c in group])
         keys = torch.cat([c[1] for c in group])
         return [(score[m.to(score.device)], keys[m.to(score.device)]) for m in maps]

@@ -3,6 +3,7 @@
 Importing this package imports every module in its folder (no list to edit); the framework finds the
 package through the `sparsevlm.strategies` entry point declared in pyproject.toml.
 """
+
 import importlib
 import pkgutil
 

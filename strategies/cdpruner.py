@@ -23,6 +23,7 @@ Per-sample normalisation (the official code normalises over the whole batch) kee
 independent of its batch. Kept tokens stay in their original order. Budget: `keep` (count or ratio) or
 `preset` 192 / 128 / 64 (for 576 tokens, scaled by n/576).
 """
+
 from __future__ import annotations
 
 import math
@@ -116,8 +117,12 @@ class CDPruner(CountBudget, TokenReducer):
     def __post_init__(self) -> None:
         super().__post_init__()
         k = self.keep
-        if isinstance(k, bool) or not isinstance(k, (int, float)) or (isinstance(k, int) and k < 1) or (
-                isinstance(k, float) and not 0.0 < k <= 1.0):
+        if (
+            isinstance(k, bool)
+            or not isinstance(k, (int, float))
+            or (isinstance(k, int) and k < 1)
+            or (isinstance(k, float) and not 0.0 < k <= 1.0)
+        ):
             raise ConfigError(f"cdpruner keep={k!r}; allowed: a count >= 1 or a ratio in (0, 1]")
         if self.relevance not in RELEVANCE_MODES:
             raise ConfigError(f"cdpruner relevance={self.relevance!r}; allowed: {list(RELEVANCE_MODES)}")

@@ -32,15 +32,17 @@ class Chain(TokenReducer):
         self.members = [r if isinstance(r, TokenReducer) else build(r) for r in self.reducers]
         pre = [m for m in self.members if m.stage in PRE_LLM]
         if len(pre) > 1:
-            raise ConfigError(f"chain: at most one member may act before the LLM, got "
-                              f"{[type(m).__name__ for m in pre]}")
+            raise ConfigError(
+                f"chain: at most one member may act before the LLM, got {[type(m).__name__ for m in pre]}"
+            )
         modes = {m.positions for m in self.members}
         if len(modes) > 1:
             raise ConfigError(f"chain: members disagree on positions {sorted(modes)}; set the same mode on all")
         mode = modes.pop()
         if self.positions is not None and self.positions != mode:
-            raise ConfigError(f"chain positions={self.positions!r} but its members use {mode!r}; "
-                              "set positions on the members")
+            raise ConfigError(
+                f"chain positions={self.positions!r} but its members use {mode!r}; set positions on the members"
+            )
         self.positions = mode
         super().__post_init__()
         self._owner = self._layer_owners()
@@ -51,8 +53,9 @@ class Chain(TokenReducer):
         for m in self.members:
             for k in m.decision_layers():
                 if k in seen:
-                    raise ConfigError(f"chain: {type(seen[k]).__name__} and {type(m).__name__} both decide "
-                                      f"before layer {k}")
+                    raise ConfigError(
+                        f"chain: {type(seen[k]).__name__} and {type(m).__name__} both decide before layer {k}"
+                    )
                 seen[k] = m
         return seen
 
@@ -62,8 +65,11 @@ class Chain(TokenReducer):
         return "projector" if any(m.stage in PRE_LLM for m in self.members) else "llm"
 
     def config_dict(self) -> dict[str, Any]:
-        return {"name": self.registry_name, "positions": self.positions,
-                "reducers": [m.config_dict() for m in self.members]}
+        return {
+            "name": self.registry_name,
+            "positions": self.positions,
+            "reducers": [m.config_dict() for m in self.members],
+        }
 
     def decision_layers(self) -> list[int]:
         return sorted(self._owner)

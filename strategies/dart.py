@@ -10,9 +10,15 @@ from framework.reducer import CountBudget, Decision, ScoringReducer
 from framework.registry import register
 
 
-
-def dart_select(hidden: torch.Tensor, key_norm: torch.Tensor, text_hidden: torch.Tensor, text_key_norm: torch.Tensor,
-                k: int, pivot_image: int, pivot_text: int) -> torch.Tensor:
+def dart_select(
+    hidden: torch.Tensor,
+    key_norm: torch.Tensor,
+    text_hidden: torch.Tensor,
+    text_key_norm: torch.Tensor,
+    k: int,
+    pivot_image: int,
+    pivot_text: int,
+) -> torch.Tensor:
     """DART's duplication-aware selection for one sample; returns k sorted visual indices.
 
     hidden (n, D) / key_norm (n,) of the visual tokens, text_* of the prompt text after the image.
@@ -69,7 +75,6 @@ class DART(CountBudget, ScoringReducer):
         if self.pivot_image < 1 or self.pivot_text < 0:
             raise ConfigError(f"dart pivot_image={self.pivot_image} (>= 1), pivot_text={self.pivot_text} (>= 0)")
 
-
     def decide(self, ctx) -> list[Decision]:
         keys = ctx.keys("previous")  # (B, H_kv, L, d), post-RoPE, from the KV cache when present
         knorm = keys.float().abs().sum(dim=(1, 3))  # (B, L)
@@ -78,7 +83,14 @@ class DART(CountBudget, ScoringReducer):
         out = []
         for b in range(ctx.batch_size):
             v, t = ctx.visual[b], ctx.text[b]
-            keep = dart_select(h[b, v], knorm[b, v], h[b, t], knorm[b, t], self.target(ctx.n_visual(b)),
-                               self.pivot_image, self.pivot_text)
+            keep = dart_select(
+                h[b, v],
+                knorm[b, v],
+                h[b, t],
+                knorm[b, t],
+                self.target(ctx.n_visual(b)),
+                self.pivot_image,
+                self.pivot_text,
+            )
             out.append(Decision(keep=keep))
         return out

@@ -8,7 +8,6 @@ from framework.reducer import CountBudget, Decision, TokenReducer
 from framework.registry import register
 
 
-
 @register("divprune")
 @dataclass
 class DivPrune(CountBudget, TokenReducer):
@@ -26,7 +25,8 @@ class DivPrune(CountBudget, TokenReducer):
 
     stage: ClassVar[str] = "projector"
 
-
     def decide(self, ctx):
-        return [Decision(keep=farthest_point_selection(ctx.visual_hidden(b), self.target(ctx.n_visual(b))))
-                for b in range(ctx.batch_size)]
+        return [
+            Decision(keep=farthest_point_selection(ctx.visual_hidden(b), self.target(ctx.n_visual(b))))
+            for b in range(ctx.batch_size)
+        ]

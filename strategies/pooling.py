@@ -7,9 +7,8 @@ import torch
 
 from framework.errors import ConfigError
 from framework.merging import grid_pool, grid_shape, pool_bins
-from framework.reducer import CountBudget, Decision, groups_decision, TokenReducer
+from framework.reducer import CountBudget, Decision, TokenReducer, groups_decision
 from framework.registry import register
-
 
 
 def _fits(target: int, rows: int, cols: int) -> bool:
@@ -34,7 +33,7 @@ def split_budget(t: int, sizes: list[tuple[int, int]]) -> list[int]:
             return [left] if lo <= left <= n[g] and ok(left, g) else None
         cands = sorted(range(lo, min(n[g], left - lo * (k - g - 1)) + 1), key=lambda c: (abs(c - ideal[g]), c))
         for c in cands:
-            if ok(c, g) and sum(n[g + 1:]) >= left - c:
+            if ok(c, g) and sum(n[g + 1 :]) >= left - c:
                 rest = dfs(g + 1, left - c)
                 if rest is not None:
                     return [c] + rest
@@ -57,12 +56,12 @@ class Pooling(CountBudget, TokenReducer):
     image the base view's grid and the unpadded high-res crop grid.
 
     keep: pooled tokens per span (image / frame), a count (int) or a ratio (float) of the span's grid
-    tokens; preset: 192 / 128 / 64 (quoted for 576 tokens, scaled by n/576). Across several grids of
-    one span (LLaVA-NeXT base + crops; Qwen video_span="video" frames) the budget is split in
-    proportion to their sizes (each grid >= 1 token, each share a feasible h x w). A target t is pooled
-    as an h x w grid with h * w = t and the aspect closest to the grid's (192 -> 12 x 16, 128 -> 8 x 16,
-    64 -> 8 x 8 on 24 x 24), with pooling bins that partition the grid (adaptive pooling's when they divide it); each pooled token sits at its cell's top-left
-    slot (and takes its position), so tokens stay in spatial order.
+    tokens; preset: 192 / 128 / 64 (quoted for 576 tokens, scaled by n/576). Across several grids of one
+    span (LLaVA-NeXT base + crops; Qwen video_span="video" frames) the budget is split in proportion to
+    their sizes (each grid >= 1 token, each share a feasible h x w). A target t is pooled as an h x w grid
+    with h * w = t and the aspect closest to the grid's (192 -> 12 x 16, 128 -> 8 x 16, 64 -> 8 x 8 on 24 x
+    24), with pooling bins that partition the grid (adaptive pooling's when they divide it); each pooled
+    token sits at its cell's top-left slot (and takes its position), so tokens stay in spatial order.
 
     Layout tokens are kept on top of the budget: CLIP's CLS (select strategy 'full'); LLaVA-NeXT's
     newlines (newline='visual'): one per pooled crop row, the one closing the bin's last row (as
@@ -74,7 +73,6 @@ class Pooling(CountBudget, TokenReducer):
     preset: int | None = None
 
     stage: ClassVar[str] = "projector"
-
 
     def decide(self, ctx):
         return [self._sample(ctx, b) for b in range(ctx.batch_size)]

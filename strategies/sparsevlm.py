@@ -59,6 +59,7 @@ Batches: raters, scores, ranks and keep counts are per sample. Record (per stage
 last prompt token had to rate because no text follows the image), `rank` (rank modes), `skipped`, `heads`
 (SparseVLM+: the priority heads), and with `record_scores` the scores and the rater slots used.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -104,15 +105,14 @@ def rank_keep(P: torch.Tensor, scale: float, bias: float) -> tuple[int | None, i
     return max(1, min(int(scale * rank + bias), nv - 1)), rank
 
 
-def rope_gravity(cos_q: torch.Tensor, sin_q: torch.Tensor, cos_k: torch.Tensor, sin_k: torch.Tensor
-                 ) -> torch.Tensor:
+def rope_gravity(cos_q: torch.Tensor, sin_q: torch.Tensor, cos_k: torch.Tensor, sin_k: torch.Tensor) -> torch.Tensor:
     """SparseVLM+'s RoPE-only term Q1 K1^T / sqrt(hd), fp32: all-ones vectors rotated with the rotary
     tables of R query positions (cos_q, sin_q: (R, hd)) and L key positions ((L, hd)) -> (R, L)."""
     hd = cos_q.shape[-1]
     ones = torch.ones(hd, dtype=torch.float32, device=cos_q.device)
     q = ones * cos_q.float() + rotate_half(ones) * sin_q.float()
     k = ones * cos_k.float() + rotate_half(ones) * sin_k.float()
-    return (q @ k.T) / hd ** 0.5
+    return (q @ k.T) / hd**0.5
 
 
 def priority_heads(attn: torch.Tensor, n: int) -> torch.Tensor:
@@ -178,30 +178,42 @@ class SparseVLM(TokenReducer):
             self.recycling = not plus
         super().__post_init__()
         if self.priority_heads is not None and (not plus or int(self.priority_heads) < 1):
-            raise ConfigError(f"sparsevlm priority_heads={self.priority_heads}: a head count >= 1, and only with "
-                              f"variant='plus' (v1.5 averages all heads)")
+            raise ConfigError(
+                f"sparsevlm priority_heads={self.priority_heads}: a head count >= 1, and only with "
+                f"variant='plus' (v1.5 averages all heads)"
+            )
         if not 0.0 < self.gravity_floor <= 1.0:
             raise ConfigError(f"sparsevlm gravity_floor={self.gravity_floor}; allowed: (0, 1] (a share of sqrt(hd))")
-        for name, value, allowed in (("budget", self.budget, BUDGETS), ("raters", self.raters, RATER_MODES),
-                                     ("merge", self.merge, MERGE_MODES), ("assign", self.assign, ASSIGN_MODES)):
+        for name, value, allowed in (
+            ("budget", self.budget, BUDGETS),
+            ("raters", self.raters, RATER_MODES),
+            ("merge", self.merge, MERGE_MODES),
+            ("assign", self.assign, ASSIGN_MODES),
+        ):
             if value not in allowed:
                 raise ConfigError(f"sparsevlm {name}={value!r}; allowed: {list(allowed)}")
         self.preset = str(self.preset)
         if self.budget == "fixed" and self.keep is None and self.preset not in self._fixed_table():
             raise ConfigError(f"sparsevlm fixed preset={self.preset!r}; allowed: {sorted(self._fixed_table())}")
         if self.budget == "rank_v1" and (self.scale is None or self.bias is None) and self.preset not in RANK_PRESETS:
-            raise ConfigError(f"sparsevlm rank_v1 preset={self.preset!r}; allowed: {sorted(RANK_PRESETS)} "
-                              f"(or give scale and bias)")
+            raise ConfigError(
+                f"sparsevlm rank_v1 preset={self.preset!r}; allowed: {sorted(RANK_PRESETS)} (or give scale and bias)"
+            )
         if (self.scale is None) != (self.bias is None):
-            raise ConfigError(f"sparsevlm scale={self.scale} bias={self.bias}: give both (rank_v1) or neither "
-                              f"(the preset's)")
-        n_layers = len(self.layers) if self.layers is not None else len(
-            FIXED_LAYERS if self.budget == "fixed" else RANK_LAYERS)
+            raise ConfigError(
+                f"sparsevlm scale={self.scale} bias={self.bias}: give both (rank_v1) or neither (the preset's)"
+            )
+        n_layers = (
+            len(self.layers)
+            if self.layers is not None
+            else len(FIXED_LAYERS if self.budget == "fixed" else RANK_LAYERS)
+        )
         if self.keep is not None and len(self.keep) != n_layers:
             where = "layers" if self.layers is not None else f"the preset's layers {FIXED_LAYERS}"
             raise ConfigError(f"sparsevlm keep has {len(self.keep)} counts for {n_layers} pruning layers ({where})")
-        if self.layers is not None and (any(int(x) < 0 for x in self.layers)
-                                        or any(b <= a for a, b in zip(self.layers, self.layers[1:]))):
+        if self.layers is not None and (
+            any(int(x) < 0 for x in self.layers) or any(b <= a for a, b in zip(self.layers, self.layers[1:]))
+        ):
             raise ConfigError(f"sparsevlm layers={list(self.layers)}: must be >= 0 and strictly increasing")
         if self.keep is not None and any(int(k) < 1 for k in self.keep):
             raise ConfigError(f"sparsevlm keep counts must be >= 1, got {self.keep}")
@@ -224,8 +236,10 @@ class SparseVLM(TokenReducer):
     def setup(self, adapter) -> None:
         self._n_layers = int(adapter.num_layers)
         if self.layers is not None and max(self.layers) > self._n_layers - 2:
-            raise ConfigError(f"sparsevlm layers={list(self.layers)}: a pruning layer's output feeds a later "
-                              f"layer, so each must be <= {self._n_layers - 2} in this {self._n_layers}-layer decoder")
+            raise ConfigError(
+                f"sparsevlm layers={list(self.layers)}: a pruning layer's output feeds a later "
+                f"layer, so each must be <= {self._n_layers - 2} in this {self._n_layers}-layer decoder"
+            )
         super().setup(adapter)
 
     def prune_layers(self) -> list[int]:
@@ -291,8 +305,9 @@ class SparseVLM(TokenReducer):
         rope = ctx.rope("previous") if self.variant == "plus" else None
         return [self._decide_one(ctx, b, stage, rows[b], p, rope) for b, p in enumerate(probs)]
 
-    def rater_visual_block(self, ctx, b: int, rows: torch.Tensor, probs: torch.Tensor, rope
-                           ) -> tuple[torch.Tensor, list[int] | None]:
+    def rater_visual_block(
+        self, ctx, b: int, rows: torch.Tensor, probs: torch.Tensor, rope
+    ) -> tuple[torch.Tensor, list[int] | None]:
         """P (R, Nv): the head-mean rater x visual probabilities; SparseVLM+: gravity-corrected and
         averaged over this sample's priority heads (returned as the second value)."""
         vis = ctx.visual[b]
@@ -312,8 +327,9 @@ class SparseVLM(TokenReducer):
         P, heads = self.rater_visual_block(ctx, b, rows, probs, rope)  # (R, Nv)
         scores = P.mean(0)
         record: dict[str, Any] = {
-            "raters": (ctx.slots.index[b, rows] if self.raters == "all_tokens"
-                       else ctx.state["sparsevlm_raters"][b]).tolist(),
+            "raters": (
+                ctx.slots.index[b, rows] if self.raters == "all_tokens" else ctx.state["sparsevlm_raters"][b]
+            ).tolist(),
             "n_raters": int(rows.numel()),
             # no text after the image (or no rater selected): the last prompt token rates instead
             "rater_fallback": self.raters != "all_tokens" and ctx.state["sparsevlm_raters"][b].numel() == 0,
@@ -352,8 +368,13 @@ class SparseVLM(TokenReducer):
         n_clusters = int(self.theta * n_rec + 1e-9) + 1
         feats = ctx.hidden[b, vis[recycled]]  # the pruning layer's output hidden states
         merged, sources, centres = cluster_and_merge(feats, n_clusters, merge=self.merge, assign=self.assign)
-        return Decision(keep=keep, merged=merged.to(ctx.hidden.dtype), sources=[recycled[s] for s in sources],
-                        anchors=recycled[centres], record=record)
+        return Decision(
+            keep=keep,
+            merged=merged.to(ctx.hidden.dtype),
+            sources=[recycled[s] for s in sources],
+            anchors=recycled[centres],
+            record=record,
+        )
 
 
 @register("sparsevlm_plus")
@@ -370,6 +391,8 @@ class SparseVLMPlus(SparseVLM):
 
     def __post_init__(self) -> None:
         if self.variant != "plus":
-            raise ConfigError(f"sparsevlm_plus variant={self.variant!r}: it is variant='plus'; "
-                              f"use strategy 'sparsevlm' for variant={self.variant!r}")
+            raise ConfigError(
+                f"sparsevlm_plus variant={self.variant!r}: it is variant='plus'; "
+                f"use strategy 'sparsevlm' for variant={self.variant!r}"
+            )
         super().__post_init__()

@@ -84,7 +84,6 @@ class ToMe(CountBudget, TokenReducer):
     def refusal_hint(self, adapter) -> str:
         return "tome placement='projector' runs on every backbone"
 
-
     # ------------------------------------------------------------------ hooks
     def hooks(self, adapter, state):
         """Vision placement: merge before each encoder layer that feeds the features (per-forward sizes
@@ -105,8 +104,11 @@ class ToMe(CountBudget, TokenReducer):
                 n, N, _ = h.shape
                 patches = N - 1
                 sched = layer_schedule(self.r, patches - self.target(patches), max(1, depth))
-                state["tome_merge"] = {"size": h.new_ones(n, N), "schedule": sched,
-                                       "source": torch.eye(N, device=h.device)[None].expand(n, N, N)}
+                state["tome_merge"] = {
+                    "size": h.new_ones(n, N),
+                    "schedule": sched,
+                    "source": torch.eye(N, device=h.device)[None].expand(n, N, N),
+                }
             st = state.get("tome_merge")
             if st is None:
                 return None
@@ -144,8 +146,10 @@ class ToMe(CountBudget, TokenReducer):
             plans = plans_from_source(st["source"], drop_cls=not cls_kept)
             reps = torch.stack([p.reps for p in plans])
             if feats.shape[1] != reps.shape[1]:
-                raise RuntimeError(f"tome: the projector got {feats.shape[1]} tokens per image but {reps.shape[1]} "
-                                   f"merged tokens were tracked")
+                raise RuntimeError(
+                    f"tome: the projector got {feats.shape[1]} tokens per image but {reps.shape[1]} "
+                    f"merged tokens were tracked"
+                )
             state["tome_plans"] = plans
             return broadcast_groups(feats, plans, per_unit)
 

@@ -85,10 +85,12 @@ class VisionZip(TokenReducer):
             raise ConfigError(f"visionzip dominant={self.dominant} (>= 1), contextual={self.contextual} (>= 0)")
 
     def refusal_hint(self, adapter) -> str:
-        return ("VisionZip's dominant tokens are chosen by CLS attention inside a CLIP-style encoder, or by "
-                "received attention per merged token (Qwen2-VL / 2.5-VL); supported: LLaVA-1.5, LLaVA-NeXT "
-                "(per crop), Qwen2-VL / 2.5-VL (per image); elsewhere use divprune / pooling / "
-                "tome placement='projector'")
+        return (
+            "VisionZip's dominant tokens are chosen by CLS attention inside a CLIP-style encoder, or by "
+            "received attention per merged token (Qwen2-VL / 2.5-VL); supported: LLaVA-1.5, LLaVA-NeXT "
+            "(per crop), Qwen2-VL / 2.5-VL (per image); elsewhere use divprune / pooling / "
+            "tome placement='projector'"
+        )
 
     @staticmethod
     def _per_token(adapter) -> bool:
@@ -102,8 +104,10 @@ class VisionZip(TokenReducer):
         # Signals from the encoder, decision on its merged tokens: a projector-stage decision (the
         # engine applies vision- and projector-stage decisions alike, at the language model's input).
         if "projector" not in adapter.stages:
-            raise ConfigError(f"VisionZip on backbone {adapter.family!r} decides on the merged visual tokens, "
-                              f"but the backbone supports only {list(adapter.stages)}")
+            raise ConfigError(
+                f"VisionZip on backbone {adapter.family!r} decides on the merged visual tokens, "
+                f"but the backbone supports only {list(adapter.stages)}"
+            )
         self.check_positions(adapter)
 
     def counts(self, patches: int) -> tuple[int, int]:
@@ -151,17 +155,23 @@ class VisionZip(TokenReducer):
                 new[i, g + c] = v.to(feats.dtype)  # every member slot (see broadcast_groups)
                 groups[t + c] = g + c
             reps = sorted(groups)
-            plans.append(ImagePlan(reps=torch.tensor(reps, device=feats.device),
-                                   groups=[groups[s].to(feats.device) for s in reps]))
+            plans.append(
+                ImagePlan(
+                    reps=torch.tensor(reps, device=feats.device), groups=[groups[s].to(feats.device) for s in reps]
+                )
+            )
         return new, plans
 
     def decide(self, ctx):
         if self._per_token(ctx.adapter):
             signals = token_signals(ctx, "visionzip_tokens", "visionzip")
-            return [self._sample(ctx.visual_hidden(b), score, keys, ctx.span_ids(b))
-                    for b, (score, keys) in enumerate(signals)]
-        return plan_decisions(ctx, ctx.state.pop("visionzip_plans", None), ctx.adapter.vision_tower().unit_tokens,
-                              "visionzip")
+            return [
+                self._sample(ctx.visual_hidden(b), score, keys, ctx.span_ids(b))
+                for b, (score, keys) in enumerate(signals)
+            ]
+        return plan_decisions(
+            ctx, ctx.state.pop("visionzip_plans", None), ctx.adapter.vision_tower().unit_tokens, "visionzip"
+        )
 
     def _sample(self, x: torch.Tensor, score: torch.Tensor, keys: torch.Tensor, spans: torch.Tensor):
         """One sample's LLM visual tokens x (n, D), with score (n,), keys (n, d) and spans (n,) (image /
