@@ -1,0 +1,476 @@
+"""Efficiency of every strategy at the paper's budgets, as ratios to no reduction measured in the same run.
+
+Random-weight stock backbones (`models.random`), sdpa:
+  * `llava15`   LLaVA-1.5-7B shapes: Llama 32 x 4096, FFN 11008, 32 heads; CLIP-L/336 (24 x 1024, 24x24
+                patches) -> 576 visual tokens; 64 non-visual tokens (BOS, 8 before the image, 55 after); bf16.
+  * `llavanext` LLaVA-NeXT-7B shapes: the same decoder and tower, AnyRes on a 672x672 image (base view +
+                2x2 crops: 2,880 patch tokens + 48 row newlines = 2,928 visual tokens); bf16.
+  * `small`     CPU: Llama 8 x 512, FFN 1408, 8 heads; a 1-layer CLIP with 24x24 patches (576 visual); fp32.
+  * `tiny`      tests: Llama 4 x 64, 6x6 patches (36 visual); fp32.
+
+Budgets are the paper's 192 / 128 / 64 of LLaVA-1.5's 576 tokens, scaled to the shape's visual tokens
+(2,928 -> 976 / 651 / 325); each strategy maps a budget to its own fields (v1.5 presets for SparseVLM).
+
+Per shape and batch size, for none and every strategy x budget:
+  * prefill latency: one forward (`logits_to_keep=1`, vision tower included) timed with CUDA events on a
+    GPU (thread CPU time on a 1-thread CPU), after a warm-up, median of `--repeats`; at batch 1 interleaved
+    with no reduction (none, run, none, run, ...), whose median is that row's baseline; at larger batches
+    no reduction is timed once per batch size;
+  * decoder-stack latency (the language model's forward: the scope of the paper's FLOPs formula);
+  * the strategy's own work (its `begin` / `decide`, rows-only attention and recycling included; separate
+    runs, so the synchronisation it needs does not touch the latency);
+  * decode: median ms per new token of greedy `generate`, and decode throughput (new tokens / s);
+  * KV cache: MiB of every token every layer holds (accounting), and the paper's convention (MB = 1e6
+    bytes of the visual tokens alone); peak memory over one prefill; prefill TFLOPs (paper formula);
+  * every one also as a ratio to none; batch throughput at the same per-sample budget.
+
+Writes `benchmarks/results/efficiency_<device>.{md,json}` (device name, versions, the exact command) after
+every batch group, so an interrupted run keeps what it measured.
+
+  python -m benchmarks.efficiency --device cpu --shapes small                      # CPU table
+  python -m benchmarks.efficiency --device cuda --shapes llava15,llavanext         # GPU table (~7 min, H100/H200)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+from experiments import bench as _bench  # noqa: E402
+from experiments import metrics  # noqa: E402
+from framework import attach, build  # noqa: E402
+from framework.accounting import account  # noqa: E402
+from framework.budget import REFERENCE_VISUAL_TOKENS  # noqa: E402
+from models.random import random_backbone  # noqa: E402
+
+STRATEGIES = ("fastv", "pdrop", "visionzip", "dart", "divprune", "sparsevlm", "sparsevlm_plus", "cdpruner")
+BUDGETS = (192, 128, 64)
+RESULTS = Path(__file__).resolve().parent / "results"
+_CLIP_L = {"hidden": 1024, "ffn": 4096, "layers": 24, "heads": 16, "patch": 14, "grid": 24}
+_VICUNA_7B = {"hidden": 4096, "ffn": 11008, "layers": 32, "heads": 32, "vocab": 32064}
+SHAPES = {
+    "llava15": {"family": "llava", "text": _VICUNA_7B, "vision": _CLIP_L, "dtype": "bfloat16"},
+    "llavanext": {"family": "llava_next", "text": _VICUNA_7B, "vision": _CLIP_L, "dtype": "bfloat16",
+                  "image_size": (672, 672)},
+    "small": {"family": "llava", "text": {"hidden": 512, "ffn": 1408, "layers": 8, "heads": 8, "vocab": 1024},
+              "vision": {"hidden": 32, "ffn": 64, "layers": 1, "heads": 2, "patch": 14, "grid": 24},
+              "dtype": "float32"},
+    "tiny": {"family": "llava", "text": {"hidden": 64, "ffn": 128, "layers": 4, "heads": 4, "vocab": 256},
+             "vision": {"hidden": 16, "ffn": 32, "layers": 1, "heads": 2, "patch": 14, "grid": 6},
+             "dtype": "float32"},
+}
+TEXT_TOKENS = 64  # BOS + 8 before the image + 55 after: the paper's ~64 text tokens
+
+
+# ---------------------------------------------------------------------------------------- model and inputs
+def build_model(name: str, device: str):
+    s = SHAPES[name]
+    shape = {"text": s["text"], "vision": s["vision"]}
+    dtype = getattr(torch, s["dtype"])
+    with torch.device(device):  # initialise on the device: a 7B model's random init on the CPU takes minutes
+        model = random_backbone(s["family"], shape, attn="sdpa", dtype=dtype, seed=0)
+    return model
+
+
+def image_tokens(model, name: str) -> int:
+    """Visual tokens of one image of the shape (LLaVA-NeXT: base view + unpadded crops + newlines)."""
+    if SHAPES[name]["family"] == "llava_next":
+        from models.llava_next import LlavaNextAdapter
+
+        return int(LlavaNextAdapter(model).image_layout(SHAPES[name]["image_size"]).numel())
+    return int(model.config.image_seq_length)
+
+
+def make_inputs(model, name: str, batch: int, seed: int = 0) -> dict:
+    """[BOS, 8 text, image, 55 text] per sample, random ids and pixels, on the model's device."""
+    cfg = model.config
+    dev = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    n_img = image_tokens(model, name)
+    text = torch.randint(3, cfg.text_config.vocab_size - 8, (batch, TEXT_TOKENS - 1), generator=g)
+    ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), text[:, :8],
+                     torch.full((batch, n_img), cfg.image_token_id), text[:, 8:]], 1)
+    side = cfg.vision_config.image_size
+    out = {"input_ids": ids.to(dev), "attention_mask": torch.ones_like(ids).to(dev)}
+    if SHAPES[name]["family"] == "llava_next":
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        size = list(SHAPES[name]["image_size"])
+        crops = image_size_to_num_patches(size, cfg.image_grid_pinpoints, side)
+        out["pixel_values"] = torch.randn(batch, crops, 3, side, side, generator=g).to(dev, model.dtype)
+        out["image_sizes"] = torch.tensor([size] * batch, device=dev)
+    else:
+        out["pixel_values"] = torch.randn(batch, 3, side, side, generator=g).to(dev, model.dtype)
+    return out
+
+
+def scaled_budget(budget: int, n_visual: int) -> int:
+    return max(1, round(budget * n_visual / REFERENCE_VISUAL_TOKENS))
+
+
+def reducer_for(strategy: str, budget: int | None, n_visual: int):
+    if strategy == "none":
+        return build("none")
+    return build(_bench._budget_fields(strategy, scaled_budget(budget, n_visual), n_visual))
+
+
+# ---------------------------------------------------------------------------------------- clocks
+class Clock:
+    """CUDA events on a GPU; on the CPU thread CPU time when torch runs one intra-op thread (all the work is
+    on this thread, and time spent waiting for a core on a shared machine does not count), else wall time."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.cpu_clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+        self.name = "CUDA events" if self.cuda else (
+            "thread CPU time (1 thread)" if self.cpu_clock is time.thread_time else "wall time")
+
+    def stamp(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return self.cpu_clock()
+
+    def seconds(self, a, b) -> float:
+        if self.cuda:
+            b.synchronize()
+            return a.elapsed_time(b) / 1e3
+        return b - a
+
+
+class _Stamps:
+    """A `generate` streamer stamping the prompt and every new token with the clock."""
+
+    def __init__(self, clock: Clock):
+        self.clock, self.stamps = clock, []
+
+    def put(self, value) -> None:
+        self.stamps.append(self.clock.stamp())
+
+    def end(self) -> None:
+        pass
+
+
+class _Span:
+    """Accumulates clock intervals: `open()` ... `close()`, any number of times."""
+
+    def __init__(self, clock: Clock):
+        self.clock, self.seconds, self._a = clock, 0.0, None
+
+    def open(self, *_) -> None:
+        self._a = self.clock.stamp()
+
+    def close(self, *_) -> None:
+        self.seconds += self.clock.seconds(self._a, self.clock.stamp())
+
+
+@torch.no_grad()
+def prefill_seconds(model, reducer, inputs, clock: Clock) -> tuple[float, float, float]:
+    """One prefill forward: (whole, decoder stack, the strategy's own work) seconds, all from the same run.
+    The decoder stack is the language model's forward from its first pre-hook to its return (the engine's
+    hooks and the strategy's work inside it): the scope of the paper's FLOPs formula. The own work is the
+    time inside the reducer's `begin` / `decide` (rows-only attention and recycling included). On a GPU
+    these are CUDA events in stream order, so measuring them adds no synchronisation."""
+    whole, dec, own = _Span(clock), _Span(clock), _Span(clock)
+    with attach(model, reducer) as engine:
+        lm = engine.adapter.language_model
+        handles = [lm.register_forward_pre_hook(dec.open, prepend=True), lm.register_forward_hook(dec.close)]
+        for name in ("begin", "decide"):
+            orig = getattr(reducer, name)
+
+            def timed(ctx, _orig=orig):
+                own.open()
+                try:
+                    return _orig(ctx)
+                finally:
+                    own.close()
+
+            setattr(reducer, name, timed)
+        try:
+            whole.open()
+            model(**inputs, logits_to_keep=1)
+            whole.close()
+        finally:
+            for h in handles:
+                h.remove()
+            for name in ("begin", "decide"):
+                reducer.__dict__.pop(name, None)  # the instance attribute shadowed the class method
+    return whole.seconds, dec.seconds, own.seconds
+
+
+@torch.no_grad()
+def decode_seconds(model, reducer, inputs, new_tokens: int, clock: Clock) -> float:
+    """Median seconds between consecutive new tokens of one greedy `generate` (the prefill excluded)."""
+    st = _Stamps(clock)
+    with attach(model, reducer):
+        model.generate(**inputs, generation_config=metrics._generation_config(model, new_tokens), streamer=st)
+    s = st.stamps[1:]  # [0] = the prompt, [1] = the first new token (after the prefill)
+    return statistics.median(clock.seconds(a, b) for a, b in zip(s, s[1:]))
+
+
+@torch.no_grad()
+def peak_mb(model, reducer, inputs) -> float | None:
+    with attach(model, reducer):
+        return metrics.peak_memory_mb(model, {**inputs, "logits_to_keep": 1})
+
+
+@torch.no_grad()
+def accounting(model, reducer, inputs) -> dict:
+    """Prefill TFLOPs, KV cache (MiB of all tokens; MB = 1e6 bytes of visual tokens, the paper's convention)
+    and equivalent tokens, summed / averaged over the samples of the batch."""
+    with attach(model, reducer) as engine:
+        model(**inputs, logits_to_keep=1)
+        acc = account(engine)
+        shape = engine.adapter.shape()
+    per_token = 2 * shape["kv_heads"] * shape["head_dim"] * next(model.parameters()).element_size()
+    return {"tflops": sum(a.flops for a in acc) * 1e-12,
+            "kv_mib": sum(a.kv_bytes for a in acc) / 2**20,
+            "kv_visual_mb": sum(per_token * sum(a.visual_per_layer) for a in acc) / 1e6,
+            "equivalent_tokens": statistics.fmean(a.equivalent_tokens for a in acc)}
+
+
+def _median(xs) -> float:
+    return statistics.median(xs)
+
+
+# ---------------------------------------------------------------------------------------- one row
+def measure(model, reducer, inputs, clock: Clock, repeats: int, new_tokens: int, decode_repeats: int,
+            base: dict | None = None) -> dict:
+    """One row's raw figures. With `base` (the no-reduction reducer), prefill is interleaved with it and the
+    row carries its own baseline prefill; otherwise the baseline is measured separately by the caller."""
+    prefill_seconds(model, reducer, inputs, clock)  # warm-up
+    runs, bases = [], []
+    for _ in range(repeats):
+        if base is not None:
+            bases.append(prefill_seconds(model, base, inputs, clock))
+        runs.append(prefill_seconds(model, reducer, inputs, clock))
+    row = {"prefill_ms": 1e3 * _median([r[0] for r in runs]),
+           "decoder_ms": 1e3 * _median([r[1] for r in runs]),
+           "own_ms": 1e3 * _median([r[2] for r in runs]),
+           "own_share": _median([r[2] / r[0] for r in runs]),
+           "decode_ms": 1e3 * _median([decode_seconds(model, reducer, inputs, new_tokens, clock)
+                                      for _ in range(decode_repeats)]),
+           "peak_mb": peak_mb(model, reducer, inputs),
+           **accounting(model, reducer, inputs)}
+    if bases:
+        row["interleaved_base_prefill_ms"] = 1e3 * _median([b[0] for b in bases])
+        row["interleaved_base_decoder_ms"] = 1e3 * _median([b[1] for b in bases])
+    return row
+
+
+RATIO_KEYS = ("prefill_ms", "decoder_ms", "decode_ms", "kv_mib", "kv_visual_mb", "peak_mb", "tflops",
+              "prefill_tok_s", "decode_tok_s")
+
+
+def finish(row: dict, base: dict, batch: int, prompt_tokens: int) -> dict:
+    """Throughputs and every ratio to the baseline row `base` (same shape and batch, same run)."""
+    for r in (row, base):
+        r["prefill_tok_s"] = batch * prompt_tokens / (r["prefill_ms"] / 1e3)
+        r["decode_tok_s"] = batch / (r["decode_ms"] / 1e3)
+    if "interleaved_base_prefill_ms" in row:  # batch 1: the paired baseline
+        b_prefill = row["interleaved_base_prefill_ms"]
+        row["prefill_ms_ratio"] = row["prefill_ms"] / b_prefill
+        row["prefill_tok_s_ratio"] = b_prefill / row["prefill_ms"]
+        row["decoder_ms_ratio"] = row["decoder_ms"] / row["interleaved_base_decoder_ms"]
+    for k in RATIO_KEYS:
+        row.setdefault(f"{k}_ratio", metrics.ratio(row[k], base[k]))
+        row[f"base_{k}"] = base[k]
+    row["latency_vs_flops"] = row["prefill_ms_ratio"] / row["tflops_ratio"] - 1
+    row["decoder_vs_flops"] = row["decoder_ms_ratio"] / row["tflops_ratio"] - 1
+    return row
+
+
+# ---------------------------------------------------------------------------------------- a shape
+def run_shape(name: str, device: str, strategies, budgets, batches, batch_budgets, repeats: int,
+              batch_repeats: int, new_tokens: int, decode_repeats: int, log, on_group) -> list[dict]:
+    t0 = time.perf_counter()
+    model = build_model(name, device)
+    dev = next(model.parameters()).device
+    clock = Clock(dev)
+    n_visual = image_tokens(model, name)
+    log(f"[{name}] built in {time.perf_counter() - t0:.0f} s: {n_visual} visual tokens, "
+        f"{SHAPES[name]['text']['layers']} x {SHAPES[name]['text']['hidden']}, {model.dtype}, {clock.name}")
+    for s in strategies:  # fail on a bad strategy / budget before timing anything
+        for bu in budgets:
+            reducer_for(s, bu, n_visual)
+    none = reducer_for("none", None, n_visual)
+    rows: list[dict] = []
+    for batch in batches:
+        inputs = make_inputs(model, name, batch)
+        prompt = inputs["input_ids"].shape[1]
+        reps = repeats if batch == 1 else batch_repeats
+        dreps = decode_repeats if batch == 1 else max(1, decode_repeats - 1)
+        base = measure(model, none, inputs, clock, reps, new_tokens, dreps)
+        base.update(strategy="none", budget=None)
+        runs = [(s, bu) for s in strategies for bu in (budgets if batch == 1 else batch_budgets)]
+        group = [("none", None, base)]
+        for i, (s, bu) in enumerate(runs):
+            t1 = time.perf_counter()
+            row = measure(model, reducer_for(s, bu, n_visual), inputs, clock, reps, new_tokens, dreps,
+                          base=none if batch == 1 else None)
+            row.update(strategy=s, budget=bu)
+            group.append((s, bu, row))
+            log(f"[{name} b{batch}] {i + 1}/{len(runs)} {s} {bu}: prefill {row['prefill_ms']:.1f} ms, "
+                f"decode {row['decode_ms']:.2f} ms/tok ({time.perf_counter() - t1:.1f} s; "
+                f"{time.perf_counter() - t0:.0f} s on this shape)")
+        if batch == 1:  # the baseline row's prefill: the median over every interleaved pairing
+            pair = [r["interleaved_base_prefill_ms"] for _, _, r in group[1:]]
+            base["interleaved_base_prefill_ms"] = _median(pair) if pair else base["prefill_ms"]
+            base["prefill_ms"] = base["interleaved_base_prefill_ms"]
+            base["interleaved_base_decoder_ms"] = _median([r["interleaved_base_decoder_ms"] for _, _, r in group[1:]]
+                                                          or [base["decoder_ms"]])
+            base["decoder_ms"] = base["interleaved_base_decoder_ms"]
+        for s, bu, row in group:
+            rows.append({"shape": name, "batch": batch, "visual": n_visual, "prompt_tokens": prompt,
+                         "scaled_budget": None if bu is None else scaled_budget(bu, n_visual),
+                         **finish(row, dict(base), batch, prompt)})
+        on_group(rows)
+    del model
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- output
+def _f(v, spec=".3f"):
+    return "-" if v is None else format(v, spec)
+
+
+def batch_scaling(rows: list[dict]) -> list[dict]:
+    """Per shape, strategy and budget measured at several batch sizes: decode and prefill throughput
+    relative to batch 1."""
+    one = {(r["shape"], r["strategy"], r["budget"]): r for r in rows if r["batch"] == 1}
+    out = []
+    for r in rows:
+        b1 = one.get((r["shape"], r["strategy"], r["budget"]))
+        if r["batch"] > 1 and b1:
+            out.append({"shape": r["shape"], "strategy": r["strategy"], "budget": r["budget"], "batch": r["batch"],
+                        "decode_tok_s": r["decode_tok_s"], "decode_vs_batch1": r["decode_tok_s"] / b1["decode_tok_s"],
+                        "prefill_vs_batch1": r["prefill_tok_s"] / b1["prefill_tok_s"]})
+    return out
+
+
+def to_markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [f"# Efficiency: {meta['device_name']}", "",
+             f"- date: {meta['date']}", f"- command: `{meta['command']}`",
+             f"- versions: torch {meta['torch']}, transformers {meta['transformers']}, python {meta['python']}"
+             + (f", CUDA {meta['cuda']}" if meta.get("cuda") else ""),
+             f"- clock: {meta['clock']}; prefill medians of {meta['repeats']} (batch 1, interleaved with none) / "
+             f"{meta['batch_repeats']} (larger batches); decode: {meta['new_tokens']} new tokens, median gap, "
+             f"median of {meta['decode_repeats']} runs", "",
+             "Ratios are to no reduction (none) at the same shape and batch size, measured in the same process. "
+             "lat/FLOPs = prefill latency ratio / FLOPs ratio - 1. KV MiB: every token every layer holds; "
+             "KV MB (paper): visual tokens only, 1e6 bytes, as the paper's 302.4 -> 100.8 MB. own % = the "
+             "strategy's own work (raters, scoring with its rows-only attention, recycling) / prefill.", ""]
+    head = ("| shape | batch | strategy | budget | eq. tok | prefill ms | prefill × | decoder × | TFLOPs | FLOPs × "
+            "| lat/FLOPs | own % | decode ms/tok | decode × | decode tok/s | KV MiB | KV MB (paper) | KV × "
+            "| peak MB | peak × |")
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r['shape']} | {r['batch']} | {r['strategy']} | {r['budget'] or '-'} | {r['equivalent_tokens']:.1f} "
+            f"| {r['prefill_ms']:.2f} | {_f(r['prefill_ms_ratio'])} | {_f(r['decoder_ms_ratio'])} "
+            f"| {r['tflops']:.4f} | {_f(r['tflops_ratio'])} | {100 * r['latency_vs_flops']:+.1f} % "
+            f"| {100 * r['own_share']:.2f} | {r['decode_ms']:.2f} | {_f(r['decode_ms_ratio'])} "
+            f"| {r['decode_tok_s']:.1f} | {r['kv_mib']:.1f} | {r['kv_visual_mb']:.1f} | {_f(r['kv_mib_ratio'])} "
+            f"| {_f(r['peak_mb'], '.1f')} | {_f(r['peak_mb_ratio'])} |")
+    scal = batch_scaling(rows)
+    if scal:
+        lines += ["", "Batch throughput vs batch 1 (same per-sample budget):", "",
+                  "| shape | strategy | budget | batch | decode tok/s | decode × batch 1 | prefill × batch 1 |",
+                  "|---|---|---|---|---|---|---|"]
+        for s in scal:
+            lines.append(f"| {s['shape']} | {s['strategy']} | {s['budget'] or '-'} | {s['batch']} "
+                         f"| {s['decode_tok_s']:.1f} | {s['decode_vs_batch1']:.2f} | {s['prefill_vs_batch1']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def metadata(args, device: torch.device, clock_name: str, argv: list[str]) -> dict:
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    if device.type == "cpu":
+        name = f"CPU {name}, {torch.get_num_threads()} thread(s) of {os.cpu_count()} cores"
+    return {"device": device.type, "device_name": name,
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": "python -m benchmarks.efficiency " + " ".join(argv),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "cuda": torch.version.cuda if device.type == "cuda" else None,
+            "clock": clock_name, "repeats": args.repeats, "batch_repeats": args.batch_repeats,
+            "new_tokens": args.new_tokens, "decode_repeats": args.decode_repeats,
+            "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.efficiency", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", "--shape", default=None,
+                   help=f"comma-separated of {list(SHAPES)} (default: llava15,llavanext on cuda, small on cpu)")
+    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="of LLaVA-1.5's 576, scaled per shape")
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--batch-budgets", default="64", help="budgets measured at batch sizes > 1")
+    p.add_argument("--repeats", type=int, default=None, help="prefill repeats at batch 1 (cuda 20, cpu 5)")
+    p.add_argument("--batch-repeats", type=int, default=3, help="prefill repeats at larger batches")
+    p.add_argument("--new-tokens", type=int, default=None, help="decoded tokens per generate (cuda 16, cpu 8)")
+    p.add_argument("--decode-repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="output stem (default benchmarks/results/efficiency_<device>)")
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    torch.set_num_threads(args.threads)
+    args.repeats = args.repeats or (20 if cuda else 5)
+    args.new_tokens = args.new_tokens or (16 if cuda else 8)
+    shapes = [s for s in (args.shapes or ("llava15,llavanext" if cuda else "small")).split(",") if s]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        raise SystemExit(f"unknown shape(s) {unknown}; allowed: {list(SHAPES)}")
+    strategies = [s for s in args.strategies.split(",") if s and s != "none"]
+    budgets = [int(b) for b in args.budgets.split(",") if b]
+    batches = sorted({int(b) for b in args.batches.split(",") if b} | {1})
+    batch_budgets = [int(b) for b in args.batch_budgets.split(",") if b]
+    stem = Path(args.out) if args.out else RESULTS / f"efficiency_{device.type}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    meta = metadata(args, device, Clock(device).name, argv)
+    log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, flush=True))
+    done: list[dict] = []
+
+    def write(rows):
+        meta["load_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        all_rows = done + rows
+        stem.with_suffix(".json").write_text(json.dumps(
+            {"meta": meta, "rows": all_rows, "batch_scaling": batch_scaling(all_rows)}, indent=1))
+        stem.with_suffix(".md").write_text(to_markdown(meta, all_rows))
+
+    for name in shapes:
+        done += run_shape(name, args.device, strategies, budgets, batches, batch_budgets, args.repeats,
+                          args.batch_repeats, args.new_tokens, args.decode_repeats, log, write)
+    write([])
+    print(stem.with_suffix(".md").read_text())
+    print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,87 @@
+"""benchmarks/efficiency.py at the tiny shape on the CPU: the written JSON and Markdown, ratios taken from the
+same run, FLOPs ratios equal to the accounting's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import efficiency as eff
+from framework import attach
+from framework.accounting import account
+
+ARGS = ["--device", "cpu", "--shapes", "tiny", "--strategies", "fastv,sparsevlm", "--budgets", "192,64",
+        "--batches", "1,2", "--batch-budgets", "64", "--repeats", "2", "--batch-repeats", "1",
+        "--new-tokens", "3", "--decode-repeats", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    stem = tmp_path_factory.mktemp("eff") / "eff"
+    assert eff.main([*ARGS, "--out", str(stem)]) == 0
+    return json.loads(stem.with_suffix(".json").read_text()), stem.with_suffix(".md").read_text()
+
+
+def test_rows_and_metadata(written):
+    data, md = written
+    meta, rows = data["meta"], data["rows"]
+    assert meta["device"] == "cpu" and meta["torch"] == torch.__version__ and meta["transformers"]
+    assert meta["command"].startswith("python -m benchmarks.efficiency --device cpu --shapes tiny")
+    got = [(r["batch"], r["strategy"], r["budget"]) for r in rows]
+    assert got == [(1, "none", None), (1, "fastv", 192), (1, "fastv", 64), (1, "sparsevlm", 192),
+                   (1, "sparsevlm", 64), (2, "none", None), (2, "fastv", 64), (2, "sparsevlm", 64)]
+    for r in rows:
+        assert r["visual"] == 36 and r["prompt_tokens"] == 36 + eff.TEXT_TOKENS
+        assert r["scaled_budget"] == (None if r["budget"] is None else round(r["budget"] * 36 / 576))
+        for k in eff.RATIO_KEYS:
+            assert f"{k}_ratio" in r and f"base_{k}" in r
+        assert r["prefill_ms"] > 0 and r["decode_ms"] > 0 and 0 <= r["own_share"] < 1
+    assert [s["batch"] for s in data["batch_scaling"]] == [2, 2, 2]
+    # one Markdown line per row, with the table's columns, and the batch table
+    for col in ("prefill ×", "decoder ×", "FLOPs ×", "lat/FLOPs", "own %", "decode ms/tok", "decode tok/s",
+                "KV MiB", "KV MB (paper)", "peak MB", "decode × batch 1"):
+        assert col in md
+    assert sum(line.startswith("| tiny | ") for line in md.splitlines()) == len(rows) + len(data["batch_scaling"])
+    assert meta["command"] in md
+
+
+def test_ratios_are_measured_over_the_same_runs_baseline(written):
+    rows = written[0]["rows"]
+    base = {r["batch"]: r for r in rows if r["strategy"] == "none"}
+    for r in rows:
+        b = base[r["batch"]]
+        if r["batch"] == 1:  # interleaved with none: the row's own paired baseline
+            assert r["prefill_ms_ratio"] == pytest.approx(r["prefill_ms"] / r["interleaved_base_prefill_ms"])
+            assert r["decoder_ms_ratio"] == pytest.approx(r["decoder_ms"] / r["interleaved_base_decoder_ms"])
+        else:
+            assert r["prefill_ms_ratio"] == pytest.approx(r["prefill_ms"] / b["prefill_ms"])
+        for k in ("decode_ms", "kv_mib", "kv_visual_mb", "tflops", "decode_tok_s"):
+            assert r[f"base_{k}"] == pytest.approx(b[k])
+            assert r[f"{k}_ratio"] == pytest.approx(r[k] / b[k])
+        assert r["decode_tok_s"] == pytest.approx(r["batch"] / (r["decode_ms"] / 1e3))
+        assert r["latency_vs_flops"] == pytest.approx(r["prefill_ms_ratio"] / r["tflops_ratio"] - 1)
+    for s in written[0]["batch_scaling"]:
+        one = next(r for r in rows if r["batch"] == 1 and r["strategy"] == s["strategy"] and r["budget"] == s["budget"])
+        assert s["decode_vs_batch1"] == pytest.approx(s["decode_tok_s"] / one["decode_tok_s"])
+
+
+@torch.no_grad()
+def test_flops_and_kv_ratios_equal_the_accounting(written):
+    model = eff.build_model("tiny", "cpu")
+    x = eff.make_inputs(model, "tiny", 1)
+
+    def acc(strategy, budget):
+        with attach(model, eff.reducer_for(strategy, budget, 36)) as engine:
+            model(**x, logits_to_keep=1)
+            return account(engine)[0]
+
+    none = acc("none", None)
+    for r in written[0]["rows"]:
+        if r["batch"] == 1 and r["strategy"] != "none":
+            a = acc(r["strategy"], r["budget"])
+            assert r["tflops_ratio"] == pytest.approx(a.flops / none.flops, rel=1e-12)
+            assert r["kv_mib_ratio"] == pytest.approx(a.kv_bytes / none.kv_bytes, rel=1e-12)
+            assert r["equivalent_tokens"] == pytest.approx(a.equivalent_tokens)
+            assert r["tflops_ratio"] < 1
