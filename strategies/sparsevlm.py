@@ -314,7 +314,8 @@ class SparseVLM(TokenReducer):
         A = probs[:, :, vis].float()  # (H, R, Nv)
         if rope is None:
             return A.mean(0), None
-        cos, sin = rope[0][b], rope[1][b]
+        r = b if rope[0].shape[0] > 1 else 0  # one table for the batch when all samples share positions
+        cos, sin = rope[0][r], rope[1][r]
         G = rope_gravity(cos[rows], sin[rows], cos[vis], sin[vis])
         A = A / G.clamp(min=self.gravity_floor * cos.shape[-1] ** 0.5)
         n = self.priority_heads or max(1, int(PLUS_HEADS * A.shape[0] / REF_HEADS + 0.5))

@@ -185,3 +185,13 @@ def test_cached_decode_equals_recompute(llava8):
             g2 = llava8.generate(**x, use_cache=False, **kw)
     assert max((a - b).abs().max().item() for a, b in zip(g.logits, g2.logits)) < 1e-5
     assert torch.equal(g.sequences, g2.sequences)
+
+
+def test_equal_length_batch_without_position_ids_equals_alone(llava8):
+    """No padding and no position_ids: the model shares one RoPE table over the batch (batch dim 1)."""
+    x = llava_inputs(llava8, [(3, 7), (3, 7)])
+    with torch.no_grad(), attach(llava8, build("sparsevlm_plus")):
+        out = llava8(**x).logits[:, -1]
+        for b in range(2):
+            alone = llava8(**_alone(x, b)).logits[0, -1]
+            assert (alone - out[b]).abs().max() < 1e-5
