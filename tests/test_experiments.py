@@ -93,11 +93,11 @@ def test_budget_free_modes_run_once_per_combination():
     """sparsevlm rank_paper sets its own count (Eq. 7): one run per ablation combination, not per budget."""
     from experiments import runner, sweep
 
-    specs = sweep.expand(runner.compose(["backbone=toy_random", "sweep=recycling"]), 64)
+    specs = sweep.expand(runner.compose(["backbone=toy_random", "sweep=recycling"]), 144)
     modes = [(s.budget, s.fields.get("budget")) for s in specs if s.strategy == "sparsevlm"]
     # baseline + variant x recycling x positions x (fixed, rank_v1 x 2 budgets; rank_paper)
     assert len(specs) == 1 + 2 * 2 * 2 * (2 * 2 + 1)
-    assert modes.count((None, "rank_paper")) == 8 and modes.count((21, "fixed")) == 8
+    assert modes.count((None, "rank_paper")) == 8 and modes.count((48, "fixed")) == 8
 
 
 # ---------------------------------------------------------------------------------------- runner
@@ -123,6 +123,7 @@ def _wandb_runs(out: Path) -> list[Path]:
     return sorted((out / "wandb").glob("offline-run-*"))
 
 
+@pytest.mark.slow
 def test_sweep_grid_wandb_and_resume(tmp_path):
     """2 strategies x 2 budgets x an on/off flag = 8 rows (+ the no-reduction baseline), 1 W&B run each;
     an interruption after 3 runs and a truncated last line resume without duplicates."""
@@ -268,6 +269,7 @@ def test_killed_between_wandb_and_results_row_reuses_the_wandb_run(tmp_path, mon
     assert len(rows) == 2 and len(ids) == 3 and len(set(ids)) == 2, [p.name for p in _wandb_runs(tmp_path)]
 
 
+@pytest.mark.slow
 def test_hydra_multirun_shares_results(tmp_path):
     """`python -m experiments.sweep -m ...`: one Hydra job per combination, one results file, baseline once."""
     import subprocess

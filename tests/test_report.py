@@ -118,6 +118,7 @@ def test_report_holds_every_row_of_the_results(tmp_path):
     assert [r["budget"] for r in rep["rows"]] == [144, "own", "own"]
 
 
+@pytest.mark.slow
 def test_plots_hold_every_run_at_sweep_size(tmp_path):
     """41 rows (the recycling sweep's size): every reduced run is a point of exactly one labelled line, the
     labels name the varying fields, the legend sits outside the axes, overlays come in pages of <= 8 runs."""
