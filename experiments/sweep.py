@@ -49,6 +49,13 @@ def expand(cfg, n_visual: int | None, adapter=None) -> list[RunSpec]:
     sw = cfg.sweep
     strategies = list(sw.strategies) if sw.get("strategies") else [cfg.strategy.name]
     budgets = list(sw.budgets) if sw.get("budgets") else [cfg.get("budget")]
+    for b in budgets:  # the type before any weights load; the range once the backbone says its visual tokens
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int)):
+            raise ConfigError(f"budget must be a count of visual tokens (an int, 1..the backbone's visual tokens), "
+                              f"got {b!r}")
+        if b is not None and b < 1:
+            raise ConfigError(f"budget {b} is not allowed: a count of visual tokens kept; allowed 1..the backbone's "
+                              "visual tokens")
     if n_visual is None:
         budgets = [None]
     ablations = _flatten_axes(runner.to_dict(sw.get("ablations") or {}))
