@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -308,9 +309,11 @@ def hydra_main() -> None:
             runner.check_strategy_fields(cfg)
             run_sweep(cfg)
         except ConfigError as err:
-            raise SystemExit(f"error: {err}") from None
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
         except KeyboardInterrupt as err:
-            raise SystemExit(str(err) or "interrupted; rerun the same command to resume") from None
+            print(str(err) or "interrupted; rerun the same command to resume", file=sys.stderr)
+            raise SystemExit(130) from None
 
     _main()
 
