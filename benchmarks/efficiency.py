@@ -5,7 +5,8 @@ Random-weight stock backbones (`models.random`), sdpa:
                 patches) -> 576 visual tokens; 64 non-visual tokens (BOS, 8 before the image, 55 after); bf16.
   * `llavanext` LLaVA-NeXT-7B shapes: the same decoder and tower, AnyRes on a 672x672 image (base view +
                 2x2 crops: 2,880 patch tokens + 48 row newlines = 2,928 visual tokens); bf16.
-  * `small`     CPU: Llama 8 x 512, FFN 1408, 8 heads; a 1-layer CLIP with 24x24 patches (576 visual); fp32.
+  * `small`     CPU: Llama 32 x 256, FFN 688, 4 heads (LLaVA-1.5's depth, so the papers' layer schedules apply
+                unscaled); a 1-layer CLIP with 24x24 patches (576 visual); fp32.
   * `tiny`      tests: Llama 4 x 64, 6x6 patches (36 visual); fp32.
 
 Budgets are the paper's 192 / 128 / 64 of LLaVA-1.5's 576 tokens, scaled to the shape's visual tokens
@@ -63,7 +64,7 @@ SHAPES = {
     "llava15": {"family": "llava", "text": _VICUNA_7B, "vision": _CLIP_L, "dtype": "bfloat16"},
     "llavanext": {"family": "llava_next", "text": _VICUNA_7B, "vision": _CLIP_L, "dtype": "bfloat16",
                   "image_size": (672, 672)},
-    "small": {"family": "llava", "text": {"hidden": 512, "ffn": 1408, "layers": 8, "heads": 8, "vocab": 1024},
+    "small": {"family": "llava", "text": {"hidden": 256, "ffn": 688, "layers": 32, "heads": 4, "vocab": 1024},
               "vision": {"hidden": 32, "ffn": 64, "layers": 1, "heads": 2, "patch": 14, "grid": 24},
               "dtype": "float32"},
     "tiny": {"family": "llava", "text": {"hidden": 64, "ffn": 128, "layers": 4, "heads": 4, "vocab": 256},

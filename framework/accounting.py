@@ -119,7 +119,7 @@ def record_stage(records: list[dict], layer: int, stage: str, before, after, dec
     import torch
 
     for b, (rec, d) in enumerate(zip(records, decisions)):
-        groups = [torch.nonzero(m).flatten().tolist() for m in after.members[b]]
+        groups = member_groups(after.members[b])
         n_kept = int(torch.as_tensor(d.keep).unique().numel())  # kept tokens come first, merged ones after
         rec["stages"].append(
             {
@@ -133,6 +133,20 @@ def record_stage(records: list[dict], layer: int, stage: str, before, after, dec
                 **d.record,
             }
         )
+
+
+def member_groups(members: torch.Tensor) -> list[list[int]]:
+    """Per row of a (n, n_in) bool matrix, its True columns in ascending order, from one copy to the host
+    (a nonzero per row would synchronise a GPU once per visual token)."""
+    import torch
+
+    m = members.cpu()
+    rows, cols = torch.nonzero(m, as_tuple=True)  # row-major: rows ascending, columns ascending within a row
+    flat, out, i = cols.tolist(), [], 0
+    for n in torch.bincount(rows, minlength=m.shape[0]).tolist():
+        out.append(flat[i : i + n])
+        i += n
+    return out
 
 
 def count_per_layer(records: list[dict], n_layers: int) -> None:

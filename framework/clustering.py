@@ -91,5 +91,7 @@ def cluster_and_merge(
     labels, centres = dpc_knn(x, n_clusters, k=k, assign=assign)
     C = int(centres.numel())
     merged = merge_clusters(x, labels, C, merge)
-    sources = [torch.nonzero(labels == c).flatten() for c in range(C)]
+    # each cluster's rows in ascending order, as nonzero(labels == c) gives them, with one host copy
+    order = torch.sort(labels, stable=True).indices
+    sources = list(torch.split(order, torch.bincount(labels, minlength=C).tolist()))
     return merged, sources, centres

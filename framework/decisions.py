@@ -85,6 +85,18 @@ def visual_grids(grids, visual: torch.Tensor):
     return out, cls
 
 
+def _union_rows(members: torch.Tensor, sources: list[torch.Tensor]) -> torch.Tensor:
+    """(len(sources), n_in) bool: per source set, the union of those rows of `members` (one gather and
+    one scatter for all sets, instead of a few small ops per set)."""
+    dev = members.device
+    sizes = [int(s.numel()) for s in sources]
+    group = torch.repeat_interleave(torch.arange(len(sources), device=dev), torch.tensor(sizes, device=dev),
+                                    output_size=sum(sizes))
+    rows = torch.cat([s.reshape(-1) for s in sources]) if sources else torch.zeros(0, dtype=torch.long, device=dev)
+    out = torch.zeros(len(sources), members.shape[1], dtype=torch.int32, device=dev)
+    return out.index_add_(0, group, members[rows].int()) > 0
+
+
 def apply_decisions(slots: Slots, hidden: torch.Tensor, decisions: list[Decision]) -> tuple[Slots, torch.Tensor]:
     """Gather survivors (original order), insert merged tokens after the last kept visual token,
     drop padding, and left-pad samples to a common length with empty slots."""
@@ -116,7 +128,7 @@ def apply_decisions(slots: Slots, hidden: torch.Tensor, decisions: list[Decision
         is_vis = slots.visual[b, order]
         m = slots.members[b][keep]
         if not d.n_merged and len(d.sources) == keep.numel():  # kept tokens that absorbed others in place
-            m = torch.stack([slots.members[b][torch.as_tensor(s, device=dev).long()].any(0) for s in d.sources])
+            m = _union_rows(slots.members[b], [torch.as_tensor(s, device=dev).long() for s in d.sources])
         if d.n_merged:
             sources = [torch.as_tensor(s, device=dev).long() for s in d.sources]
             if len(sources) != d.n_merged:
@@ -130,7 +142,7 @@ def apply_decisions(slots: Slots, hidden: torch.Tensor, decisions: list[Decision
             idx = torch.cat([idx[:at], slots.index[b, vis[anchors]], idx[at:]])
             hid = torch.cat([hid[:at], d.merged.to(hid.dtype), hid[at:]])
             is_vis = torch.cat([is_vis[:at], torch.ones(d.n_merged, dtype=torch.bool, device=dev), is_vis[at:]])
-            m = torch.cat([m, torch.stack([slots.members[b][s].any(0) for s in sources])])
+            m = torch.cat([m, _union_rows(slots.members[b], sources)])
         seq_idx.append(idx)
         seq_hidden.append(hid)
         seq_vis.append(is_vis)

@@ -30,6 +30,14 @@ class StageGeometry:
     valid: torch.Tensor  # (B, L')
     removed: torch.Tensor  # (B,) valid tokens removed so far (for `repack` decode positions)
     kwargs: dict = field(default_factory=dict)  # prefill substitutions for layers >= layer
+    _all_valid: bool | None = field(default=None, repr=False)
+
+    @property
+    def all_valid(self) -> bool:
+        """No empty slot (asked at every decode step; computed once, since a GPU synchronises for it)."""
+        if self._all_valid is None:
+            self._all_valid = bool(self.valid.all())
+        return self._all_valid
 
 
 def mask_kind(allowed: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
@@ -99,16 +107,18 @@ def decode_layer_kwargs(
     n_new = past + q - Ls
     dev = hidden.device
     orig = kwargs.get("attention_mask")
-    if orig is not None:
-        tail = orig[..., -n_new:]
-        tail = tail if tail.dtype == torch.bool else tail == 0
-        tail = tail.expand(B, 1, q, n_new)
-    else:
-        j = torch.arange(n_new, device=dev)
-        tail = (j[None, :] <= (n_new - q + torch.arange(q, device=dev))[:, None])[None, None].expand(B, 1, q, n_new)
-    allowed = torch.cat([geo.valid[:, None, None, :].expand(B, 1, q, Ls), tail], -1)
-    if orig is None and q == 1 and bool(geo.valid.all()):
+    if orig is None and q == 1 and geo.all_valid:
         allowed = None  # nothing to hide: keep the stock (mask-free) decode path
+    else:
+        if orig is not None:
+            tail = orig[..., -n_new:]
+            tail = tail if tail.dtype == torch.bool else tail == 0
+            tail = tail.expand(B, 1, q, n_new)
+        else:
+            j = torch.arange(n_new, device=dev)
+            tail = (j[None, :] <= (n_new - q + torch.arange(q, device=dev))[:, None])[None, None]
+            tail = tail.expand(B, 1, q, n_new)
+        allowed = torch.cat([geo.valid[:, None, None, :].expand(B, 1, q, Ls), tail], -1)
     out = {"attention_mask": None if allowed is None else mask_kind(allowed, adapter.attn_implementation, hidden.dtype)}
     if positions == "repack":
         pos = kwargs.get("position_ids")

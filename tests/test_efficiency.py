@@ -85,3 +85,24 @@ def test_flops_and_kv_ratios_equal_the_accounting(written):
             assert r["kv_mib_ratio"] == pytest.approx(a.kv_bytes / none.kv_bytes, rel=1e-12)
             assert r["equivalent_tokens"] == pytest.approx(a.equivalent_tokens)
             assert r["tflops_ratio"] < 1
+
+
+def test_vectorised_bookkeeping_equals_the_per_row_forms():
+    """The engine's one-copy forms of per-row loops (records, merged members, recycled clusters)."""
+    from framework.accounting import member_groups
+    from framework.clustering import cluster_and_merge
+    from framework.decisions import _union_rows
+
+    g = torch.Generator().manual_seed(0)
+    m = torch.rand(40, 30, generator=g) < 0.1
+    m[3] = False  # a row with no member
+    assert member_groups(m) == [torch.nonzero(r).flatten().tolist() for r in m]
+    sources = [torch.randint(0, 40, (n,), generator=g) for n in (1, 5, 0, 12)]
+    want = torch.stack([m[s].any(0) for s in sources])
+    assert torch.equal(_union_rows(m, sources), want)
+    x = torch.randn(50, 16, generator=g)
+    _, sources, _ = cluster_and_merge(x, 7)
+    from framework.clustering import dpc_knn
+
+    labels, _ = dpc_knn(x, 7)
+    assert [s.tolist() for s in sources] == [torch.nonzero(labels == c).flatten().tolist() for c in range(7)]
