@@ -53,7 +53,12 @@ def checkpoint_folders() -> list[Path]:
 
 @pytest.mark.slow
 def test_wheel_ships_every_checkpoint_and_config(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+    import shutil
+
+    src = tmp_path / "src"  # a copy: setuptools writes build/ next to the sources
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".*", "build", "outputs", "runs", "wandb", "*.egg-info",
+                                                             "__pycache__"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
                            "-q", "-w", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = tmp_path.glob("sparsevlm-*.whl")
