@@ -55,6 +55,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "con
     if config_name == "config":
         check_overrides(cfg, overrides)
         check_strategy_fields(cfg)
+        check_run(cfg.run)
     return cfg
 
 
@@ -263,6 +264,25 @@ def check_overrides(cfg, overrides) -> None:
         raise ConfigError(
             f"budget={cfg.budget} was given, but sweep {sw.name!r} runs its own budgets {list(sw.budgets)}; "
             f"use `sweep=single ... budget={cfg.budget}` or `sweep.budgets=[{cfg.budget}]`")
+
+
+def check_run(rcfg, reference=None, prefix: str = "run") -> None:
+    """Each `run` setting has the type of its value in `conf/run/default.yaml` (an int stays an int, a flag a
+    bool; a setting that defaults to null takes anything), before any weights load."""
+    from omegaconf import OmegaConf
+
+    ref = to_dict(reference if reference is not None else OmegaConf.load(CONF_DIR / "run" / "default.yaml"))
+    for key, value in to_dict(rcfg).items():
+        want = ref.get(key)
+        if isinstance(want, dict) and isinstance(value, dict):
+            check_run(value, want, f"{prefix}.{key}")
+        elif want is not None and value is not None:
+            kind = bool if isinstance(want, bool) else int if isinstance(want, int) else type(want)
+            ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+            if not ok:
+                article = "an" if kind.__name__[0] in "aeiou" else "a"
+                raise ConfigError(f"{prefix}.{key}={value!r} ({type(value).__name__}); allowed: {article} "
+                                  f"{kind.__name__}, like the default {want!r}")
 
 
 def check_strategy_fields(cfg) -> None:

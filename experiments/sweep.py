@@ -307,6 +307,7 @@ def hydra_main() -> None:
         try:
             runner.check_overrides(cfg, HydraConfig.get().overrides.task)
             runner.check_strategy_fields(cfg)
+            runner.check_run(cfg.run)
             run_sweep(cfg)
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
