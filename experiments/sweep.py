@@ -48,6 +48,11 @@ def expand(cfg, n_visual: int | None, adapter=None) -> list[RunSpec]:
     from framework.budget import apply_budget
 
     sw = cfg.sweep
+    for key in ("strategies", "budgets"):
+        value = runner.to_dict(sw.get(key))
+        if value is not None and not isinstance(value, list):
+            raise ConfigError(f"sweep.{key}={value!r}; allowed: a list, e.g. sweep.{key}="
+                              + ("[none,fastv]" if key == "strategies" else "[48,16]"))
     strategies = list(sw.strategies) if sw.get("strategies") else [cfg.strategy.name]
     budgets = list(sw.budgets) if sw.get("budgets") else [cfg.get("budget")]
     for b in budgets:  # the type before any weights load; the range once the backbone says its visual tokens

@@ -30,6 +30,8 @@ BAD = [
     (["task.nn=50"], r"unknown config key 'task.nn': task 'toy_vqa' has name, seed, n, batch_size, qtypes"),
     (SINGLE + ["budget=4", "strategy.kep=3"], r"unknown config key 'strategy.kep': strategy 'fastv' has .*keep"),
     (["task.n=abc"], r"task.n='abc' \(str\); allowed: an integer >= 1"),
+    (["sweep.strategies=fastv"], r"sweep.strategies='fastv'; allowed: a list, e.g. sweep.strategies=\[none,fastv\]"),
+    (["sweep.budgets=48"], r"sweep.budgets=48; allowed: a list"),
     (["run.devices=abc"], r"run.devices='abc' \(str\); allowed: an int, like the default 1"),
     (["run.latency.repeats=2.5"], r"run.latency.repeats=2.5 \(float\); allowed: an int, like the default 3"),
     (["sweep=single", "strategy=sparsevlm", "budget=16", "strategy.budget=rank"],
