@@ -7,7 +7,8 @@ Random-weight stock backbones (`models.random`), sdpa:
                 2x2 crops: 2,880 patch tokens + 48 row newlines = 2,928 visual tokens); bf16.
   * `small`     CPU: Llama 32 x 256, FFN 688, 4 heads (LLaVA-1.5's depth, so the papers' layer schedules apply
                 unscaled); a 1-layer CLIP with 24x24 patches (576 visual); fp32.
-  * `tiny`      tests: Llama 4 x 64, 6x6 patches (36 visual); fp32.
+  * `tiny`, `tinynext`  tests: Llama 4 x 64; LLaVA with 6x6 patches (36 visual), LLaVA-NeXT with 4x4 patches
+                on a 112x112 image (base view + 2x2 crops + newlines); fp32.
 
 Budgets are the paper's 192 / 128 / 64 of LLaVA-1.5's 576 tokens, scaled to the shape's visual tokens
 (2,928 -> 976 / 651 / 325); each strategy maps a budget to its own fields (v1.5 presets for SparseVLM).
@@ -62,14 +63,32 @@ _CLIP_L = {"hidden": 1024, "ffn": 4096, "layers": 24, "heads": 16, "patch": 14, 
 _VICUNA_7B = {"hidden": 4096, "ffn": 11008, "layers": 32, "heads": 32, "vocab": 32064}
 SHAPES = {
     "llava15": {"family": "llava", "text": _VICUNA_7B, "vision": _CLIP_L, "dtype": "bfloat16"},
-    "llavanext": {"family": "llava_next", "text": _VICUNA_7B, "vision": _CLIP_L, "dtype": "bfloat16",
-                  "image_size": (672, 672)},
-    "small": {"family": "llava", "text": {"hidden": 256, "ffn": 688, "layers": 32, "heads": 4, "vocab": 1024},
-              "vision": {"hidden": 32, "ffn": 64, "layers": 1, "heads": 2, "patch": 14, "grid": 24},
-              "dtype": "float32"},
-    "tiny": {"family": "llava", "text": {"hidden": 64, "ffn": 128, "layers": 4, "heads": 4, "vocab": 256},
-             "vision": {"hidden": 16, "ffn": 32, "layers": 1, "heads": 2, "patch": 14, "grid": 6},
-             "dtype": "float32"},
+    "llavanext": {
+        "family": "llava_next",
+        "text": _VICUNA_7B,
+        "vision": _CLIP_L,
+        "dtype": "bfloat16",
+        "image_size": (672, 672),
+    },
+    "small": {
+        "family": "llava",
+        "text": {"hidden": 256, "ffn": 688, "layers": 32, "heads": 4, "vocab": 1024},
+        "vision": {"hidden": 32, "ffn": 64, "layers": 1, "heads": 2, "patch": 14, "grid": 24},
+        "dtype": "float32",
+    },
+    "tiny": {
+        "family": "llava",
+        "text": {"hidden": 64, "ffn": 128, "layers": 4, "heads": 4, "vocab": 256},
+        "vision": {"hidden": 16, "ffn": 32, "layers": 1, "heads": 2, "patch": 14, "grid": 6},
+        "dtype": "float32",
+    },
+    "tinynext": {
+        "family": "llava_next",
+        "text": {"hidden": 64, "ffn": 128, "layers": 4, "heads": 4, "vocab": 256},
+        "vision": {"hidden": 16, "ffn": 32, "layers": 1, "heads": 2, "patch": 14, "grid": 4},
+        "dtype": "float32",
+        "image_size": (112, 112),
+    },
 }
 TEXT_TOKENS = 64  # BOS + 8 before the image + 55 after: the paper's ~64 text tokens
 
@@ -100,8 +119,15 @@ def make_inputs(model, name: str, batch: int, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     n_img = image_tokens(model, name)
     text = torch.randint(3, cfg.text_config.vocab_size - 8, (batch, TEXT_TOKENS - 1), generator=g)
-    ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), text[:, :8],
-                     torch.full((batch, n_img), cfg.image_token_id), text[:, 8:]], 1)
+    ids = torch.cat(
+        [
+            torch.ones(batch, 1, dtype=torch.long),
+            text[:, :8],
+            torch.full((batch, n_img), cfg.image_token_id),
+            text[:, 8:],
+        ],
+        1,
+    )
     side = cfg.vision_config.image_size
     out = {"input_ids": ids.to(dev), "attention_mask": torch.ones_like(ids).to(dev)}
     if SHAPES[name]["family"] == "llava_next":
@@ -134,8 +160,11 @@ class Clock:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.cpu_clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
-        self.name = "CUDA events" if self.cuda else (
-            "thread CPU time (1 thread)" if self.cpu_clock is time.thread_time else "wall time")
+        self.name = (
+            "CUDA events"
+            if self.cuda
+            else ("thread CPU time (1 thread)" if self.cpu_clock is time.thread_time else "wall time")
+        )
 
     def stamp(self):
         if self.cuda:
@@ -236,10 +265,12 @@ def accounting(model, reducer, inputs) -> dict:
         acc = account(engine)
         shape = engine.adapter.shape()
     per_token = 2 * shape["kv_heads"] * shape["head_dim"] * next(model.parameters()).element_size()
-    return {"tflops": sum(a.flops for a in acc) * 1e-12,
-            "kv_mib": sum(a.kv_bytes for a in acc) / 2**20,
-            "kv_visual_mb": sum(per_token * sum(a.visual_per_layer) for a in acc) / 1e6,
-            "equivalent_tokens": statistics.fmean(a.equivalent_tokens for a in acc)}
+    return {
+        "tflops": sum(a.flops for a in acc) * 1e-12,
+        "kv_mib": sum(a.kv_bytes for a in acc) / 2**20,
+        "kv_visual_mb": sum(per_token * sum(a.visual_per_layer) for a in acc) / 1e6,
+        "equivalent_tokens": statistics.fmean(a.equivalent_tokens for a in acc),
+    }
 
 
 def _median(xs) -> float:
@@ -247,8 +278,9 @@ def _median(xs) -> float:
 
 
 # ---------------------------------------------------------------------------------------- one row
-def measure(model, reducer, inputs, clock: Clock, repeats: int, new_tokens: int, decode_repeats: int,
-            base: dict | None = None) -> dict:
+def measure(
+    model, reducer, inputs, clock: Clock, repeats: int, new_tokens: int, decode_repeats: int, base: dict | None = None
+) -> dict:
     """One row's raw figures. With `base` (the no-reduction reducer), prefill is interleaved with it and the
     row carries its own baseline prefill; otherwise the baseline is measured separately by the caller."""
     prefill_seconds(model, reducer, inputs, clock)  # warm-up
@@ -257,22 +289,33 @@ def measure(model, reducer, inputs, clock: Clock, repeats: int, new_tokens: int,
         if base is not None:
             bases.append(prefill_seconds(model, base, inputs, clock))
         runs.append(prefill_seconds(model, reducer, inputs, clock))
-    row = {"prefill_ms": 1e3 * _median([r[0] for r in runs]),
-           "decoder_ms": 1e3 * _median([r[1] for r in runs]),
-           "own_ms": 1e3 * _median([r[2] for r in runs]),
-           "own_share": _median([r[2] / r[0] for r in runs]),
-           "decode_ms": 1e3 * _median([decode_seconds(model, reducer, inputs, new_tokens, clock)
-                                      for _ in range(decode_repeats)]),
-           "peak_mb": peak_mb(model, reducer, inputs),
-           **accounting(model, reducer, inputs)}
+    row = {
+        "prefill_ms": 1e3 * _median([r[0] for r in runs]),
+        "decoder_ms": 1e3 * _median([r[1] for r in runs]),
+        "own_ms": 1e3 * _median([r[2] for r in runs]),
+        "own_share": _median([r[2] / r[0] for r in runs]),
+        "decode_ms": 1e3
+        * _median([decode_seconds(model, reducer, inputs, new_tokens, clock) for _ in range(decode_repeats)]),
+        "peak_mb": peak_mb(model, reducer, inputs),
+        **accounting(model, reducer, inputs),
+    }
     if bases:
         row["interleaved_base_prefill_ms"] = 1e3 * _median([b[0] for b in bases])
         row["interleaved_base_decoder_ms"] = 1e3 * _median([b[1] for b in bases])
     return row
 
 
-RATIO_KEYS = ("prefill_ms", "decoder_ms", "decode_ms", "kv_mib", "kv_visual_mb", "peak_mb", "tflops",
-              "prefill_tok_s", "decode_tok_s")
+RATIO_KEYS = (
+    "prefill_ms",
+    "decoder_ms",
+    "decode_ms",
+    "kv_mib",
+    "kv_visual_mb",
+    "peak_mb",
+    "tflops",
+    "prefill_tok_s",
+    "decode_tok_s",
+)
 
 
 def finish(row: dict, base: dict, batch: int, prompt_tokens: int) -> dict:
@@ -294,49 +337,98 @@ def finish(row: dict, base: dict, batch: int, prompt_tokens: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- a shape
-def run_shape(name: str, device: str, strategies, budgets, batches, batch_budgets, repeats: int,
-              batch_repeats: int, new_tokens: int, decode_repeats: int, log, on_group) -> list[dict]:
+def run_shape(
+    name: str,
+    device: str,
+    strategies,
+    budgets,
+    batches,
+    batch_budgets,
+    repeats: int,
+    batch_repeats: int,
+    new_tokens: int,
+    decode_repeats: int,
+    log,
+    on_group,
+    deadline: float | None = None,
+) -> list[dict]:
     t0 = time.perf_counter()
     model = build_model(name, device)
     dev = next(model.parameters()).device
     clock = Clock(dev)
     n_visual = image_tokens(model, name)
-    log(f"[{name}] built in {time.perf_counter() - t0:.0f} s: {n_visual} visual tokens, "
-        f"{SHAPES[name]['text']['layers']} x {SHAPES[name]['text']['hidden']}, {model.dtype}, {clock.name}")
+    log(
+        f"[{name}] built in {time.perf_counter() - t0:.0f} s: {n_visual} visual tokens, "
+        f"{SHAPES[name]['text']['layers']} x {SHAPES[name]['text']['hidden']}, {model.dtype}, {clock.name}"
+    )
     for s in strategies:  # fail on a bad strategy / budget before timing anything
         for bu in budgets:
             reducer_for(s, bu, n_visual)
     none = reducer_for("none", None, n_visual)
     rows: list[dict] = []
     for batch in batches:
+        if deadline is not None and time.perf_counter() > deadline:
+            log(f"[{name}] --stop-after reached: batch {batch} not measured")
+            break
         inputs = make_inputs(model, name, batch)
         prompt = inputs["input_ids"].shape[1]
         reps = repeats if batch == 1 else batch_repeats
         dreps = decode_repeats if batch == 1 else max(1, decode_repeats - 1)
-        base = measure(model, none, inputs, clock, reps, new_tokens, dreps)
+        try:
+            base = measure(model, none, inputs, clock, reps, new_tokens, dreps)
+        except torch.OutOfMemoryError:
+            log(f"[{name}] batch {batch}: out of memory without reduction; larger batches skipped")
+            torch.cuda.empty_cache()
+            break
         base.update(strategy="none", budget=None)
         runs = [(s, bu) for s in strategies for bu in (budgets if batch == 1 else batch_budgets)]
         group = [("none", None, base)]
         for i, (s, bu) in enumerate(runs):
+            if deadline is not None and time.perf_counter() > deadline:
+                log(f"[{name} b{batch}] --stop-after reached: {len(runs) - i} row(s) not measured")
+                break
             t1 = time.perf_counter()
-            row = measure(model, reducer_for(s, bu, n_visual), inputs, clock, reps, new_tokens, dreps,
-                          base=none if batch == 1 else None)
+            try:
+                row = measure(
+                    model,
+                    reducer_for(s, bu, n_visual),
+                    inputs,
+                    clock,
+                    reps,
+                    new_tokens,
+                    dreps,
+                    base=none if batch == 1 else None,
+                )
+            except torch.OutOfMemoryError:
+                log(f"[{name} b{batch}] {s} {bu}: out of memory; row skipped")
+                torch.cuda.empty_cache()
+                continue
             row.update(strategy=s, budget=bu)
             group.append((s, bu, row))
-            log(f"[{name} b{batch}] {i + 1}/{len(runs)} {s} {bu}: prefill {row['prefill_ms']:.1f} ms, "
+            log(
+                f"[{name} b{batch}] {i + 1}/{len(runs)} {s} {bu}: prefill {row['prefill_ms']:.1f} ms, "
                 f"decode {row['decode_ms']:.2f} ms/tok ({time.perf_counter() - t1:.1f} s; "
-                f"{time.perf_counter() - t0:.0f} s on this shape)")
+                f"{time.perf_counter() - t0:.0f} s on this shape)"
+            )
         if batch == 1:  # the baseline row's prefill: the median over every interleaved pairing
             pair = [r["interleaved_base_prefill_ms"] for _, _, r in group[1:]]
             base["interleaved_base_prefill_ms"] = _median(pair) if pair else base["prefill_ms"]
             base["prefill_ms"] = base["interleaved_base_prefill_ms"]
-            base["interleaved_base_decoder_ms"] = _median([r["interleaved_base_decoder_ms"] for _, _, r in group[1:]]
-                                                          or [base["decoder_ms"]])
+            base["interleaved_base_decoder_ms"] = _median(
+                [r["interleaved_base_decoder_ms"] for _, _, r in group[1:]] or [base["decoder_ms"]]
+            )
             base["decoder_ms"] = base["interleaved_base_decoder_ms"]
         for s, bu, row in group:
-            rows.append({"shape": name, "batch": batch, "visual": n_visual, "prompt_tokens": prompt,
-                         "scaled_budget": None if bu is None else scaled_budget(bu, n_visual),
-                         **finish(row, dict(base), batch, prompt)})
+            rows.append(
+                {
+                    "shape": name,
+                    "batch": batch,
+                    "visual": n_visual,
+                    "prompt_tokens": prompt,
+                    "scaled_budget": None if bu is None else scaled_budget(bu, n_visual),
+                    **finish(row, dict(base), batch, prompt),
+                }
+            )
         on_group(rows)
     del model
     if dev.type == "cuda":
@@ -357,44 +449,68 @@ def batch_scaling(rows: list[dict]) -> list[dict]:
     for r in rows:
         b1 = one.get((r["shape"], r["strategy"], r["budget"]))
         if r["batch"] > 1 and b1:
-            out.append({"shape": r["shape"], "strategy": r["strategy"], "budget": r["budget"], "batch": r["batch"],
-                        "decode_tok_s": r["decode_tok_s"], "decode_vs_batch1": r["decode_tok_s"] / b1["decode_tok_s"],
-                        "prefill_vs_batch1": r["prefill_tok_s"] / b1["prefill_tok_s"]})
+            out.append(
+                {
+                    "shape": r["shape"],
+                    "strategy": r["strategy"],
+                    "budget": r["budget"],
+                    "batch": r["batch"],
+                    "decode_tok_s": r["decode_tok_s"],
+                    "decode_vs_batch1": r["decode_tok_s"] / b1["decode_tok_s"],
+                    "prefill_vs_batch1": r["prefill_tok_s"] / b1["prefill_tok_s"],
+                }
+            )
     return out
 
 
 def to_markdown(meta: dict, rows: list[dict]) -> str:
-    lines = [f"# Efficiency: {meta['device_name']}", "",
-             f"- date: {meta['date']}", f"- command: `{meta['command']}`",
-             f"- versions: torch {meta['torch']}, transformers {meta['transformers']}, python {meta['python']}"
-             + (f", CUDA {meta['cuda']}" if meta.get("cuda") else ""),
-             f"- clock: {meta['clock']}; prefill medians of {meta['repeats']} (batch 1, interleaved with none) / "
-             f"{meta['batch_repeats']} (larger batches); decode: {meta['new_tokens']} new tokens, median gap, "
-             f"median of {meta['decode_repeats']} runs", "",
-             "Ratios are to no reduction (none) at the same shape and batch size, measured in the same process. "
-             "lat/FLOPs = prefill latency ratio / FLOPs ratio - 1. KV MiB: every token every layer holds; "
-             "KV MB (paper): visual tokens only, 1e6 bytes, as the paper's 302.4 -> 100.8 MB. own % = the "
-             "strategy's own work (raters, scoring with its rows-only attention, recycling) / prefill.", ""]
-    head = ("| shape | batch | strategy | budget | eq. tok | prefill ms | prefill × | decoder × | TFLOPs | FLOPs × "
-            "| lat/FLOPs | own % | decode ms/tok | decode × | decode tok/s | KV MiB | KV MB (paper) | KV × "
-            "| peak MB | peak × |")
+    lines = [
+        f"# Efficiency: {meta['device_name']}",
+        "",
+        f"- date: {meta['date']}",
+        f"- command: `{meta['command']}`",
+        f"- versions: torch {meta['torch']}, transformers {meta['transformers']}, python {meta['python']}"
+        + (f", CUDA {meta['cuda']}" if meta.get("cuda") else ""),
+        f"- clock: {meta['clock']}; prefill medians of {meta['repeats']} (batch 1, interleaved with none) / "
+        f"{meta['batch_repeats']} (larger batches); decode: {meta['new_tokens']} new tokens, median gap, "
+        f"median of {meta['decode_repeats']} runs",
+        "",
+        *(["- **incomplete**: --stop-after cut the run short", ""] if meta.get("complete") is False else []),
+        "Ratios are to no reduction (none) at the same shape and batch size, measured in the same process. "
+        "lat/FLOPs = prefill latency ratio / FLOPs ratio - 1. KV MiB: every token every layer holds; "
+        "KV MB (paper): visual tokens only, 1e6 bytes, as the paper's 302.4 -> 100.8 MB. own % = the "
+        "strategy's own work (raters, scoring with its rows-only attention, recycling) / prefill.",
+        "",
+    ]
+    head = (
+        "| shape | batch | strategy | budget | eq. tok | prefill ms | prefill × | decoder × | TFLOPs | FLOPs × "
+        "| lat/FLOPs | own % | decode ms/tok | decode × | decode tok/s | KV MiB | KV MB (paper) | KV × "
+        "| peak MB | peak × |"
+    )
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r['shape']} | {r['batch']} | {r['strategy']} | {r['budget'] or '-'} | {r['equivalent_tokens']:.1f} "
             f"| {r['prefill_ms']:.2f} | {_f(r['prefill_ms_ratio'])} | {_f(r['decoder_ms_ratio'])} "
-            f"| {r['tflops']:.4f} | {_f(r['tflops_ratio'])} | {100 * r['latency_vs_flops']:+.1f} % "
+            f"| {r['tflops']:.4g} | {_f(r['tflops_ratio'])} | {100 * r['latency_vs_flops']:+.1f} % "
             f"| {100 * r['own_share']:.2f} | {r['decode_ms']:.2f} | {_f(r['decode_ms_ratio'])} "
             f"| {r['decode_tok_s']:.1f} | {r['kv_mib']:.1f} | {r['kv_visual_mb']:.1f} | {_f(r['kv_mib_ratio'])} "
-            f"| {_f(r['peak_mb'], '.1f')} | {_f(r['peak_mb_ratio'])} |")
+            f"| {_f(r['peak_mb'], '.1f')} | {_f(r['peak_mb_ratio'])} |"
+        )
     scal = batch_scaling(rows)
     if scal:
-        lines += ["", "Batch throughput vs batch 1 (same per-sample budget):", "",
-                  "| shape | strategy | budget | batch | decode tok/s | decode × batch 1 | prefill × batch 1 |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Batch throughput vs batch 1 (same per-sample budget):",
+            "",
+            "| shape | strategy | budget | batch | decode tok/s | decode × batch 1 | prefill × batch 1 |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for s in scal:
-            lines.append(f"| {s['shape']} | {s['strategy']} | {s['budget'] or '-'} | {s['batch']} "
-                         f"| {s['decode_tok_s']:.1f} | {s['decode_vs_batch1']:.2f} | {s['prefill_vs_batch1']:.2f} |")
+            lines.append(
+                f"| {s['shape']} | {s['strategy']} | {s['budget'] or '-'} | {s['batch']} "
+                f"| {s['decode_tok_s']:.1f} | {s['decode_vs_batch1']:.2f} | {s['prefill_vs_batch1']:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -404,21 +520,33 @@ def metadata(args, device: torch.device, clock_name: str, argv: list[str]) -> di
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     if device.type == "cpu":
         name = f"CPU {name}, {torch.get_num_threads()} thread(s) of {os.cpu_count()} cores"
-    return {"device": device.type, "device_name": name,
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": "python -m benchmarks.efficiency " + " ".join(argv),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "cuda": torch.version.cuda if device.type == "cuda" else None,
-            "clock": clock_name, "repeats": args.repeats, "batch_repeats": args.batch_repeats,
-            "new_tokens": args.new_tokens, "decode_repeats": args.decode_repeats,
-            "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    return {
+        "device": device.type,
+        "device_name": name,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python -m benchmarks.efficiency " + " ".join(argv),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "clock": clock_name,
+        "repeats": args.repeats,
+        "batch_repeats": args.batch_repeats,
+        "new_tokens": args.new_tokens,
+        "decode_repeats": args.decode_repeats,
+        "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
 
 
 def parse(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.efficiency", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--shapes", "--shape", default=None,
-                   help=f"comma-separated of {list(SHAPES)} (default: llava15,llavanext on cuda, small on cpu)")
+    p.add_argument(
+        "--shapes",
+        "--shape",
+        default=None,
+        help=f"comma-separated of {list(SHAPES)} (default: llava15,llavanext on cuda, small on cpu)",
+    )
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="of LLaVA-1.5's 576, scaled per shape")
     p.add_argument("--batches", default="1,8,32")
@@ -429,6 +557,13 @@ def parse(argv):
     p.add_argument("--decode-repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/efficiency_<device>)")
+    p.add_argument(
+        "--stop-after",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="start no new row after this many seconds (what was measured is written)",
+    )
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
@@ -460,13 +595,30 @@ def main(argv: list[str] | None = None) -> int:
     def write(rows):
         meta["load_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         all_rows = done + rows
-        stem.with_suffix(".json").write_text(json.dumps(
-            {"meta": meta, "rows": all_rows, "batch_scaling": batch_scaling(all_rows)}, indent=1))
+        stem.with_suffix(".json").write_text(
+            json.dumps({"meta": meta, "rows": all_rows, "batch_scaling": batch_scaling(all_rows)}, indent=1)
+        )
         stem.with_suffix(".md").write_text(to_markdown(meta, all_rows))
 
+    deadline = None if args.stop_after is None else time.perf_counter() + args.stop_after
     for name in shapes:
-        done += run_shape(name, args.device, strategies, budgets, batches, batch_budgets, args.repeats,
-                          args.batch_repeats, args.new_tokens, args.decode_repeats, log, write)
+        done += run_shape(
+            name,
+            args.device,
+            strategies,
+            budgets,
+            batches,
+            batch_budgets,
+            args.repeats,
+            args.batch_repeats,
+            args.new_tokens,
+            args.decode_repeats,
+            log,
+            write,
+            deadline,
+        )
+    expected = len(shapes) * sum(1 + len(strategies) * len(budgets if b == 1 else batch_budgets) for b in batches)
+    meta["complete"] = len(done) == expected  # False when --stop-after cut the run short
     write([])
     print(stem.with_suffix(".md").read_text())
     print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.json')}")

@@ -90,8 +90,9 @@ def _union_rows(members: torch.Tensor, sources: list[torch.Tensor]) -> torch.Ten
     one scatter for all sets, instead of a few small ops per set)."""
     dev = members.device
     sizes = [int(s.numel()) for s in sources]
-    group = torch.repeat_interleave(torch.arange(len(sources), device=dev), torch.tensor(sizes, device=dev),
-                                    output_size=sum(sizes))
+    group = torch.repeat_interleave(
+        torch.arange(len(sources), device=dev), torch.tensor(sizes, device=dev), output_size=sum(sizes)
+    )
     rows = torch.cat([s.reshape(-1) for s in sources]) if sources else torch.zeros(0, dtype=torch.long, device=dev)
     out = torch.zeros(len(sources), members.shape[1], dtype=torch.int32, device=dev)
     return out.index_add_(0, group, members[rows].int()) > 0

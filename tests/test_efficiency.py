@@ -12,9 +12,29 @@ from benchmarks import efficiency as eff
 from framework import attach
 from framework.accounting import account
 
-ARGS = ["--device", "cpu", "--shapes", "tiny", "--strategies", "fastv,sparsevlm", "--budgets", "192,64",
-        "--batches", "1,2", "--batch-budgets", "64", "--repeats", "2", "--batch-repeats", "1",
-        "--new-tokens", "3", "--decode-repeats", "1", "--quiet"]
+ARGS = [
+    "--device",
+    "cpu",
+    "--shapes",
+    "tiny",
+    "--strategies",
+    "fastv,sparsevlm",
+    "--budgets",
+    "192,64",
+    "--batches",
+    "1,2",
+    "--batch-budgets",
+    "64",
+    "--repeats",
+    "2",
+    "--batch-repeats",
+    "1",
+    "--new-tokens",
+    "3",
+    "--decode-repeats",
+    "1",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +50,16 @@ def test_rows_and_metadata(written):
     assert meta["device"] == "cpu" and meta["torch"] == torch.__version__ and meta["transformers"]
     assert meta["command"].startswith("python -m benchmarks.efficiency --device cpu --shapes tiny")
     got = [(r["batch"], r["strategy"], r["budget"]) for r in rows]
-    assert got == [(1, "none", None), (1, "fastv", 192), (1, "fastv", 64), (1, "sparsevlm", 192),
-                   (1, "sparsevlm", 64), (2, "none", None), (2, "fastv", 64), (2, "sparsevlm", 64)]
+    assert got == [
+        (1, "none", None),
+        (1, "fastv", 192),
+        (1, "fastv", 64),
+        (1, "sparsevlm", 192),
+        (1, "sparsevlm", 64),
+        (2, "none", None),
+        (2, "fastv", 64),
+        (2, "sparsevlm", 64),
+    ]
     for r in rows:
         assert r["visual"] == 36 and r["prompt_tokens"] == 36 + eff.TEXT_TOKENS
         assert r["scaled_budget"] == (None if r["budget"] is None else round(r["budget"] * 36 / 576))
@@ -40,8 +68,19 @@ def test_rows_and_metadata(written):
         assert r["prefill_ms"] > 0 and r["decode_ms"] > 0 and 0 <= r["own_share"] < 1
     assert [s["batch"] for s in data["batch_scaling"]] == [2, 2, 2]
     # one Markdown line per row, with the table's columns, and the batch table
-    for col in ("prefill ×", "decoder ×", "FLOPs ×", "lat/FLOPs", "own %", "decode ms/tok", "decode tok/s",
-                "KV MiB", "KV MB (paper)", "peak MB", "decode × batch 1"):
+    for col in (
+        "prefill ×",
+        "decoder ×",
+        "FLOPs ×",
+        "lat/FLOPs",
+        "own %",
+        "decode ms/tok",
+        "decode tok/s",
+        "KV MiB",
+        "KV MB (paper)",
+        "peak MB",
+        "decode × batch 1",
+    ):
         assert col in md
     assert sum(line.startswith("| tiny | ") for line in md.splitlines()) == len(rows) + len(data["batch_scaling"])
     assert meta["command"] in md
@@ -106,3 +145,40 @@ def test_vectorised_bookkeeping_equals_the_per_row_forms():
 
     labels, _ = dpc_knn(x, 7)
     assert [s.tolist() for s in sources] == [torch.nonzero(labels == c).flatten().tolist() for c in range(7)]
+
+
+def test_llava_next_shape_scales_the_budgets(tmp_path):
+    """AnyRes: base view + crops + newlines are the visual tokens; 192 of 576 -> the same share of them."""
+    stem = tmp_path / "next"
+    eff.main(
+        [
+            "--device",
+            "cpu",
+            "--shapes",
+            "tinynext",
+            "--strategies",
+            "sparsevlm",
+            "--budgets",
+            "192",
+            "--batches",
+            "1",
+            "--repeats",
+            "1",
+            "--new-tokens",
+            "2",
+            "--decode-repeats",
+            "1",
+            "--quiet",
+            "--out",
+            str(stem),
+        ]
+    )
+    rows = json.loads(stem.with_suffix(".json").read_text())["rows"]
+    model = eff.build_model("tinynext", "cpu")
+    n = eff.image_tokens(model, "tinynext")
+    assert n > 4 * 16  # base view + 2x2 crops (+ newlines)
+    assert [(r["strategy"], r["visual"], r["scaled_budget"]) for r in rows] == [
+        ("none", n, None),
+        ("sparsevlm", n, round(192 * n / 576)),
+    ]
+    assert rows[1]["tflops_ratio"] < 1 and rows[1]["kv_visual_mb_ratio"] < 1
