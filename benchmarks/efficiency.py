@@ -194,16 +194,21 @@ class _Stamps:
 
 
 class _Span:
-    """Accumulates clock intervals: `open()` ... `close()`, any number of times."""
+    """Clock intervals `open()` ... `close()`, any number of times; `seconds` sums them once the run is over
+    (reading a CUDA event's time waits for it, so nothing is read while the forward runs)."""
 
     def __init__(self, clock: Clock):
-        self.clock, self.seconds, self._a = clock, 0.0, None
+        self.clock, self.stamps = clock, []
 
     def open(self, *_) -> None:
-        self._a = self.clock.stamp()
+        self.stamps.append(self.clock.stamp())
 
     def close(self, *_) -> None:
-        self.seconds += self.clock.seconds(self._a, self.clock.stamp())
+        self.stamps.append(self.clock.stamp())
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.clock.seconds(a, b) for a, b in zip(self.stamps[::2], self.stamps[1::2]))
 
 
 @torch.no_grad()
@@ -549,7 +554,7 @@ def parse(argv):
     )
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="of LLaVA-1.5's 576, scaled per shape")
-    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--batches", default=None, help="batch sizes (default: 1,8,32 on cuda, 1,8 on cpu)")
     p.add_argument("--batch-budgets", default="64", help="budgets measured at batch sizes > 1")
     p.add_argument("--repeats", type=int, default=None, help="prefill repeats at batch 1 (cuda 20, cpu 5)")
     p.add_argument("--batch-repeats", type=int, default=3, help="prefill repeats at larger batches")
@@ -582,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown shape(s) {unknown}; allowed: {list(SHAPES)}")
     strategies = [s for s in args.strategies.split(",") if s and s != "none"]
     budgets = [int(b) for b in args.budgets.split(",") if b]
-    batches = sorted({int(b) for b in args.batches.split(",") if b} | {1})
+    batches = sorted({int(b) for b in (args.batches or ("1,8,32" if cuda else "1,8")).split(",") if b} | {1})
     batch_budgets = [int(b) for b in args.batch_budgets.split(",") if b]
     stem = Path(args.out) if args.out else RESULTS / f"efficiency_{device.type}"
     stem.parent.mkdir(parents=True, exist_ok=True)
