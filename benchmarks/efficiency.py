@@ -56,6 +56,8 @@ from framework.accounting import account  # noqa: E402
 from framework.budget import REFERENCE_VISUAL_TOKENS  # noqa: E402
 from models.random import random_backbone  # noqa: E402
 
+from .efficiency_table import batch_scaling, targets, to_markdown  # noqa: E402
+
 STRATEGIES = ("fastv", "pdrop", "visionzip", "dart", "divprune", "sparsevlm", "sparsevlm_plus", "cdpruner")
 BUDGETS = (192, 128, 64)
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -441,84 +443,6 @@ def run_shape(
     return rows
 
 
-# ---------------------------------------------------------------------------------------- output
-def _f(v, spec=".3f"):
-    return "-" if v is None else format(v, spec)
-
-
-def batch_scaling(rows: list[dict]) -> list[dict]:
-    """Per shape, strategy and budget measured at several batch sizes: decode and prefill throughput
-    relative to batch 1."""
-    one = {(r["shape"], r["strategy"], r["budget"]): r for r in rows if r["batch"] == 1}
-    out = []
-    for r in rows:
-        b1 = one.get((r["shape"], r["strategy"], r["budget"]))
-        if r["batch"] > 1 and b1:
-            out.append(
-                {
-                    "shape": r["shape"],
-                    "strategy": r["strategy"],
-                    "budget": r["budget"],
-                    "batch": r["batch"],
-                    "decode_tok_s": r["decode_tok_s"],
-                    "decode_vs_batch1": r["decode_tok_s"] / b1["decode_tok_s"],
-                    "prefill_vs_batch1": r["prefill_tok_s"] / b1["prefill_tok_s"],
-                }
-            )
-    return out
-
-
-def to_markdown(meta: dict, rows: list[dict]) -> str:
-    lines = [
-        f"# Efficiency: {meta['device_name']}",
-        "",
-        f"- date: {meta['date']}",
-        f"- command: `{meta['command']}`",
-        f"- versions: torch {meta['torch']}, transformers {meta['transformers']}, python {meta['python']}"
-        + (f", CUDA {meta['cuda']}" if meta.get("cuda") else ""),
-        f"- clock: {meta['clock']}; prefill medians of {meta['repeats']} (batch 1, interleaved with none) / "
-        f"{meta['batch_repeats']} (larger batches); decode: {meta['new_tokens']} new tokens, median gap, "
-        f"median of {meta['decode_repeats']} runs",
-        "",
-        *(["- **incomplete**: --stop-after cut the run short", ""] if meta.get("complete") is False else []),
-        "Ratios are to no reduction (none) at the same shape and batch size, measured in the same process. "
-        "lat/FLOPs = prefill latency ratio / FLOPs ratio - 1. KV MiB: every token every layer holds; "
-        "KV MB (paper): visual tokens only, 1e6 bytes, as the paper's 302.4 -> 100.8 MB. own % = the "
-        "strategy's own work (raters, scoring with its rows-only attention, recycling) / prefill.",
-        "",
-    ]
-    head = (
-        "| shape | batch | strategy | budget | eq. tok | prefill ms | prefill × | decoder × | TFLOPs | FLOPs × "
-        "| lat/FLOPs | own % | decode ms/tok | decode × | decode tok/s | KV MiB | KV MB (paper) | KV × "
-        "| peak MB | peak × |"
-    )
-    lines += [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        lines.append(
-            f"| {r['shape']} | {r['batch']} | {r['strategy']} | {r['budget'] or '-'} | {r['equivalent_tokens']:.1f} "
-            f"| {r['prefill_ms']:.2f} | {_f(r['prefill_ms_ratio'])} | {_f(r['decoder_ms_ratio'])} "
-            f"| {r['tflops']:.4g} | {_f(r['tflops_ratio'])} | {100 * r['latency_vs_flops']:+.1f} % "
-            f"| {100 * r['own_share']:.2f} | {r['decode_ms']:.2f} | {_f(r['decode_ms_ratio'])} "
-            f"| {r['decode_tok_s']:.1f} | {r['kv_mib']:.1f} | {r['kv_visual_mb']:.1f} | {_f(r['kv_mib_ratio'])} "
-            f"| {_f(r['peak_mb'], '.1f')} | {_f(r['peak_mb_ratio'])} |"
-        )
-    scal = batch_scaling(rows)
-    if scal:
-        lines += [
-            "",
-            "Batch throughput vs batch 1 (same per-sample budget):",
-            "",
-            "| shape | strategy | budget | batch | decode tok/s | decode × batch 1 | prefill × batch 1 |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for s in scal:
-            lines.append(
-                f"| {s['shape']} | {s['strategy']} | {s['budget'] or '-'} | {s['batch']} "
-                f"| {s['decode_tok_s']:.1f} | {s['decode_vs_batch1']:.2f} | {s['prefill_vs_batch1']:.2f} |"
-            )
-    return "\n".join(lines) + "\n"
-
-
 def metadata(args, device: torch.device, clock_name: str, argv: list[str]) -> dict:
     import transformers
 
@@ -601,7 +525,15 @@ def main(argv: list[str] | None = None) -> int:
         meta["load_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         all_rows = done + rows
         stem.with_suffix(".json").write_text(
-            json.dumps({"meta": meta, "rows": all_rows, "batch_scaling": batch_scaling(all_rows)}, indent=1)
+            json.dumps(
+                {
+                    "meta": meta,
+                    "rows": all_rows,
+                    "batch_scaling": batch_scaling(all_rows),
+                    "targets": targets(all_rows),
+                },
+                indent=1,
+            )
         )
         stem.with_suffix(".md").write_text(to_markdown(meta, all_rows))
 

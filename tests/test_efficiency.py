@@ -82,7 +82,13 @@ def test_rows_and_metadata(written):
         "decode × batch 1",
     ):
         assert col in md
-    assert sum(line.startswith("| tiny | ") for line in md.splitlines()) == len(rows) + len(data["batch_scaling"])
+    n_lines = len(rows) + len(data["batch_scaling"]) + len(data["targets"])
+    assert sum(line.startswith("| tiny | ") for line in md.splitlines()) == n_lines
+    # SparseVLM's figures against the targets, read from its rows
+    figures = {t["figure"]: t for t in data["targets"]}
+    r192 = next(r for r in rows if r["strategy"] == "sparsevlm" and r["budget"] == 192 and r["batch"] == 1)
+    assert figures["prefill latency ratio at 192"]["value"] == f"{r192['prefill_ms_ratio']:.3f}"
+    assert {"own work at 64 (% of prefill)", "latency / FLOPs ratio - 1 at 64"} <= set(figures)
     assert meta["command"] in md
 
 
