@@ -49,11 +49,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from experiments import bench as _bench  # noqa: E402
 from experiments import metrics  # noqa: E402
 from framework import attach, build  # noqa: E402
 from framework.accounting import account  # noqa: E402
-from framework.budget import REFERENCE_VISUAL_TOKENS  # noqa: E402
+from framework.budget import REFERENCE_VISUAL_TOKENS, apply_budget  # noqa: E402
 from models.random import random_backbone  # noqa: E402
 
 from .efficiency_table import batch_scaling, targets, to_markdown  # noqa: E402
@@ -148,10 +147,23 @@ def scaled_budget(budget: int, n_visual: int) -> int:
     return max(1, round(budget * n_visual / REFERENCE_VISUAL_TOKENS))
 
 
+STRATEGY_CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf" / "strategy"
+
+
+def strategy_fields(strategy: str, budget: int, n_visual: int) -> dict:
+    """The strategy's configured fields (its `experiments/conf/strategy` YAML, as `sparsevlm bench` uses) with
+    `budget` of `n_visual` tokens applied. Plain YAML: no Hydra / OmegaConf needed where this runs."""
+    import yaml
+
+    path = STRATEGY_CONF / f"{strategy}.yaml"
+    node = yaml.safe_load(path.read_text()) if path.exists() else strategy
+    return apply_budget(node, budget, n_visual)[0]
+
+
 def reducer_for(strategy: str, budget: int | None, n_visual: int):
     if strategy == "none":
         return build("none")
-    return build(_bench._budget_fields(strategy, scaled_budget(budget, n_visual), n_visual))
+    return build(strategy_fields(strategy, scaled_budget(budget, n_visual), n_visual))
 
 
 # ---------------------------------------------------------------------------------------- clocks

@@ -188,3 +188,12 @@ def test_llava_next_shape_scales_the_budgets(tmp_path):
         ("sparsevlm", n, round(192 * n / 576)),
     ]
     assert rows[1]["tflops_ratio"] < 1 and rows[1]["kv_visual_mb_ratio"] < 1
+
+
+@pytest.mark.parametrize("strategy", eff.STRATEGIES)
+def test_strategy_fields_are_the_benchs(strategy):
+    """The script reads the strategy YAMLs without Hydra: the same fields as `sparsevlm bench`."""
+    from experiments import bench
+
+    for budget, n in ((192, 576), (64, 576), (976, 2928), (325, 2928)):
+        assert eff.strategy_fields(strategy, budget, n) == bench._budget_fields(strategy, budget, n)
