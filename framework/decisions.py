@@ -108,7 +108,7 @@ def apply_decisions(slots: Slots, hidden: torch.Tensor, decisions: list[Decision
         vis = slots.visual_slots(b)
         n = int(vis.numel())
         keep = torch.as_tensor(d.keep, device=dev).long().flatten().unique(sorted=True)
-        if keep.numel() < 1 or int(keep.min()) < 0 or int(keep.max()) >= n:
+        if keep.numel() < 1 or bool((keep[0] < 0) | (keep[-1] >= n)):  # sorted: one host round trip for both
             raise ConfigError(
                 f"decision for sample {b} keeps {keep.numel()} tokens with indices outside "
                 f"0..{n - 1}; a decision must keep at least 1 of the {n} visual tokens"
