@@ -284,8 +284,12 @@ def accounting(model, reducer, inputs) -> dict:
         acc = account(engine)
         shape = engine.adapter.shape()
     per_token = 2 * shape["kv_heads"] * shape["head_dim"] * next(model.parameters()).element_size()
+    d, m = shape["hidden"], shape["ffn"]
+    causal = sum(4 * n * d * d + n * n * d + 3 * n * d * m for a in acc for n in a.tokens_per_layer)
     return {
         "tflops": sum(a.flops for a in acc) * 1e-12,
+        # the paper's formula with the attention term halved, as causal kernels compute it
+        "tflops_causal": causal * 1e-12,
         "kv_mib": sum(a.kv_bytes for a in acc) / 2**20,
         "kv_visual_mb": sum(per_token * sum(a.visual_per_layer) for a in acc) / 1e6,
         "equivalent_tokens": statistics.fmean(a.equivalent_tokens for a in acc),
@@ -332,6 +336,7 @@ RATIO_KEYS = (
     "kv_visual_mb",
     "peak_mb",
     "tflops",
+    "tflops_causal",
     "prefill_tok_s",
     "decode_tok_s",
 )

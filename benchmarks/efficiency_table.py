@@ -44,22 +44,24 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
         "",
         *(["- **incomplete**: --stop-after cut the run short", ""] if meta.get("complete") is False else []),
         "Ratios are to no reduction (none) at the same shape and batch size, measured in the same process. "
-        "lat/FLOPs = prefill latency ratio / FLOPs ratio - 1. KV MiB: every token every layer holds; "
+        "lat/FLOPs = prefill latency ratio / FLOPs ratio - 1 (the paper's formula; causal FLOPs halves its "
+        "attention term, as causal kernels compute it). KV MiB: every token every layer holds; "
         "KV MB (paper): visual tokens only, 1e6 bytes, as the paper's 302.4 -> 100.8 MB. own % = the "
         "strategy's own work (raters, scoring with its rows-only attention, recycling) / prefill.",
         "",
     ]
     head = (
         "| shape | batch | strategy | budget | eq. tok | prefill ms | prefill × | decoder × | TFLOPs | FLOPs × "
-        "| lat/FLOPs | own % | decode ms/tok | decode × | decode tok/s | KV MiB | KV MB (paper) | KV × "
-        "| peak MB | peak × |"
+        "| causal FLOPs × | lat/FLOPs | own % | decode ms/tok | decode × | decode tok/s | KV MiB | KV MB (paper) "
+        "| KV × | peak MB | peak × |"
     )
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r['shape']} | {r['batch']} | {r['strategy']} | {r['budget'] or '-'} | {r['equivalent_tokens']:.1f} "
             f"| {r['prefill_ms']:.2f} | {_f(r['prefill_ms_ratio'])} | {_f(r['decoder_ms_ratio'])} "
-            f"| {r['tflops']:.4g} | {_f(r['tflops_ratio'])} | {100 * r['latency_vs_flops']:+.1f} % "
+            f"| {r['tflops']:.4g} | {_f(r['tflops_ratio'])} | {_f(r['tflops_causal_ratio'])} "
+            f"| {100 * r['latency_vs_flops']:+.1f} % "
             f"| {100 * r['own_share']:.2f} | {r['decode_ms']:.2f} | {_f(r['decode_ms_ratio'])} "
             f"| {r['decode_tok_s']:.1f} | {r['kv_mib']:.1f} | {r['kv_visual_mb']:.1f} | {_f(r['kv_mib_ratio'])} "
             f"| {_f(r['peak_mb'], '.1f')} | {_f(r['peak_mb_ratio'])} |"
