@@ -102,7 +102,7 @@ def test_ratios_are_measured_over_the_same_runs_baseline(written):
             assert r["decoder_ms_ratio"] == pytest.approx(r["decoder_ms"] / r["interleaved_base_decoder_ms"])
         else:
             assert r["prefill_ms_ratio"] == pytest.approx(r["prefill_ms"] / b["prefill_ms"])
-        for k in ("decode_ms", "kv_mib", "kv_visual_mb", "tflops", "decode_tok_s"):
+        for k in ("decode_ms", "kv_mib", "kv_visual_mb", "tflops", "tflops_causal", "decode_tok_s"):
             assert r[f"base_{k}"] == pytest.approx(b[k])
             assert r[f"{k}_ratio"] == pytest.approx(r[k] / b[k])
         assert r["decode_tok_s"] == pytest.approx(r["batch"] / (r["decode_ms"] / 1e3))
