@@ -302,7 +302,7 @@ def _median(xs) -> float:
 
 # ---------------------------------------------------------------------------------------- one row
 def measure(
-    model, reducer, inputs, clock: Clock, repeats: int, new_tokens: int, decode_repeats: int, base: dict | None = None
+    model, reducer, inputs, clock: Clock, repeats: int, new_tokens: int, decode_repeats: int, base=None
 ) -> dict:
     """One row's raw figures. With `base` (the no-reduction reducer), prefill is interleaved with it and the
     row carries its own baseline prefill; otherwise the baseline is measured separately by the caller."""
@@ -361,103 +361,80 @@ def finish(row: dict, base: dict, batch: int, prompt_tokens: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- a shape
-def run_shape(
-    name: str,
-    device: str,
-    strategies,
-    budgets,
-    batches,
-    batch_budgets,
+class Backbone:
+    """One shape's random-weight model on the device, its clock, visual-token count and baseline reducer."""
+
+    def __init__(self, name: str, device: str, strategies, budgets, log):
+        t0 = time.perf_counter()
+        self.name, self.model = name, build_model(name, device)
+        self.clock = Clock(next(self.model.parameters()).device)
+        self.n_visual = image_tokens(self.model, name)
+        for s in strategies:  # fail on a bad strategy / budget before timing anything
+            for bu in budgets:
+                reducer_for(s, bu, self.n_visual)
+        self.none = reducer_for("none", None, self.n_visual)
+        text = SHAPES[name]["text"]
+        log(
+            f"[{name}] built in {time.perf_counter() - t0:.0f} s: {self.n_visual} visual tokens, "
+            f"{text['layers']} x {text['hidden']}, {self.model.dtype}, {self.clock.name}"
+        )
+
+
+def run_group(
+    bb: Backbone,
+    batch: int,
+    runs: list[tuple[str, int]],
     repeats: int,
-    batch_repeats: int,
     new_tokens: int,
     decode_repeats: int,
     log,
-    on_group,
     deadline: float | None = None,
-) -> list[dict]:
+) -> list[dict] | None:
+    """No reduction and every (strategy, budget) of `runs` at one shape and batch size -> finished rows
+    (None when no reduction does not fit in memory)."""
     t0 = time.perf_counter()
-    model = build_model(name, device)
-    dev = next(model.parameters()).device
-    clock = Clock(dev)
-    n_visual = image_tokens(model, name)
-    log(
-        f"[{name}] built in {time.perf_counter() - t0:.0f} s: {n_visual} visual tokens, "
-        f"{SHAPES[name]['text']['layers']} x {SHAPES[name]['text']['hidden']}, {model.dtype}, {clock.name}"
-    )
-    for s in strategies:  # fail on a bad strategy / budget before timing anything
-        for bu in budgets:
-            reducer_for(s, bu, n_visual)
-    none = reducer_for("none", None, n_visual)
-    rows: list[dict] = []
-    for batch in batches:
-        if deadline is not None and time.perf_counter() > deadline:
-            log(f"[{name}] --stop-after reached: batch {batch} not measured")
-            break
-        inputs = make_inputs(model, name, batch)
-        prompt = inputs["input_ids"].shape[1]
-        reps = repeats if batch == 1 else batch_repeats
-        dreps = decode_repeats if batch == 1 else max(1, decode_repeats - 1)
-        try:
-            base = measure(model, none, inputs, clock, reps, new_tokens, dreps)
-        except torch.OutOfMemoryError:
-            log(f"[{name}] batch {batch}: out of memory without reduction; larger batches skipped")
-            torch.cuda.empty_cache()
-            break
-        base.update(strategy="none", budget=None)
-        runs = [(s, bu) for s in strategies for bu in (budgets if batch == 1 else batch_budgets)]
-        group = [("none", None, base)]
-        for i, (s, bu) in enumerate(runs):
-            if deadline is not None and time.perf_counter() > deadline:
-                log(f"[{name} b{batch}] --stop-after reached: {len(runs) - i} row(s) not measured")
-                break
-            t1 = time.perf_counter()
-            try:
-                row = measure(
-                    model,
-                    reducer_for(s, bu, n_visual),
-                    inputs,
-                    clock,
-                    reps,
-                    new_tokens,
-                    dreps,
-                    base=none if batch == 1 else None,
-                )
-            except torch.OutOfMemoryError:
-                log(f"[{name} b{batch}] {s} {bu}: out of memory; row skipped")
-                torch.cuda.empty_cache()
-                continue
-            row.update(strategy=s, budget=bu)
-            group.append((s, bu, row))
-            log(
-                f"[{name} b{batch}] {i + 1}/{len(runs)} {s} {bu}: prefill {row['prefill_ms']:.1f} ms, "
-                f"decode {row['decode_ms']:.2f} ms/tok ({time.perf_counter() - t1:.1f} s; "
-                f"{time.perf_counter() - t0:.0f} s on this shape)"
-            )
-        if batch == 1:  # the baseline row's prefill: the median over every interleaved pairing
-            pair = [r["interleaved_base_prefill_ms"] for _, _, r in group[1:]]
-            base["interleaved_base_prefill_ms"] = _median(pair) if pair else base["prefill_ms"]
-            base["prefill_ms"] = base["interleaved_base_prefill_ms"]
-            base["interleaved_base_decoder_ms"] = _median(
-                [r["interleaved_base_decoder_ms"] for _, _, r in group[1:]] or [base["decoder_ms"]]
-            )
-            base["decoder_ms"] = base["interleaved_base_decoder_ms"]
-        for s, bu, row in group:
-            rows.append(
-                {
-                    "shape": name,
-                    "batch": batch,
-                    "visual": n_visual,
-                    "prompt_tokens": prompt,
-                    "scaled_budget": None if bu is None else scaled_budget(bu, n_visual),
-                    **finish(row, dict(base), batch, prompt),
-                }
-            )
-        on_group(rows)
-    del model
-    if dev.type == "cuda":
+    model, clock, name = bb.model, bb.clock, bb.name
+    inputs = make_inputs(model, name, batch)
+    prompt = inputs["input_ids"].shape[1]
+    try:
+        base = measure(model, bb.none, inputs, clock, repeats, new_tokens, decode_repeats)
+    except torch.OutOfMemoryError:
+        log(f"[{name} b{batch}] out of memory without reduction: batch skipped")
         torch.cuda.empty_cache()
-    return rows
+        return None
+    base.update(strategy="none", budget=None)
+    group = [("none", None, base)]
+    for i, (s, bu) in enumerate(runs):
+        if deadline is not None and time.perf_counter() > deadline:
+            log(f"[{name} b{batch}] --stop-after reached: {len(runs) - i} row(s) not measured")
+            break
+        t1 = time.perf_counter()
+        paired = bb.none if batch == 1 else None
+        try:
+            row = measure(
+                model, reducer_for(s, bu, bb.n_visual), inputs, clock, repeats, new_tokens, decode_repeats, paired
+            )
+        except torch.OutOfMemoryError:
+            log(f"[{name} b{batch}] {s} {bu}: out of memory; row skipped")
+            torch.cuda.empty_cache()
+            continue
+        row.update(strategy=s, budget=bu)
+        group.append((s, bu, row))
+        log(
+            f"[{name} b{batch}] {i + 1}/{len(runs)} {s} {bu}: prefill {row['prefill_ms']:.1f} ms, "
+            f"decode {row['decode_ms']:.2f} ms/tok ({time.perf_counter() - t1:.1f} s; "
+            f"{time.perf_counter() - t0:.0f} s on this group)"
+        )
+    if batch == 1:  # the baseline row's prefill: the median over every interleaved pairing
+        for key in ("prefill_ms", "decoder_ms"):
+            pair = [r[f"interleaved_base_{key}"] for _, _, r in group[1:]] or [base[key]]
+            base[key] = base[f"interleaved_base_{key}"] = _median(pair)
+    out = []
+    for s, bu, row in group:
+        fields = {"shape": name, "batch": batch, "visual": bb.n_visual, "prompt_tokens": prompt}
+        fields["scaled_budget"] = None if bu is None else scaled_budget(bu, bb.n_visual)
+        out.append({**fields, **finish(row, dict(base), batch, prompt)})
+    return out
 
 
 def metadata(args, device: torch.device, clock_name: str, argv: list[str]) -> dict:
@@ -538,9 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, flush=True))
     done: list[dict] = []
 
-    def write(rows):
+    def write():
         meta["load_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-        all_rows = done + rows
+        all_rows = done
         stem.with_suffix(".json").write_text(
             json.dumps(
                 {
@@ -555,25 +532,24 @@ def main(argv: list[str] | None = None) -> int:
         stem.with_suffix(".md").write_text(to_markdown(meta, all_rows))
 
     deadline = None if args.stop_after is None else time.perf_counter() + args.stop_after
-    for name in shapes:
-        done += run_shape(
-            name,
-            args.device,
-            strategies,
-            budgets,
-            batches,
-            batch_budgets,
-            args.repeats,
-            args.batch_repeats,
-            args.new_tokens,
-            args.decode_repeats,
-            log,
-            write,
-            deadline,
-        )
+    backbones = [Backbone(name, args.device, strategies, budgets, log) for name in shapes]
+    skipped: set[str] = set()  # shapes whose baseline ran out of memory at a smaller batch
+    for batch in batches:  # every shape at batch 1 first, so a cut-short run still has both tables
+        for bb in backbones:
+            if bb.name in skipped or (deadline is not None and time.perf_counter() > deadline):
+                continue
+            runs = [(s, bu) for s in strategies for bu in (budgets if batch == 1 else batch_budgets)]
+            reps = args.repeats if batch == 1 else args.batch_repeats
+            dreps = args.decode_repeats if batch == 1 else max(1, args.decode_repeats - 1)
+            rows = run_group(bb, batch, runs, reps, args.new_tokens, dreps, log, deadline)
+            if rows is None:
+                skipped.add(bb.name)
+                continue
+            done.extend(rows)
+            write()
     expected = len(shapes) * sum(1 + len(strategies) * len(budgets if b == 1 else batch_budgets) for b in batches)
-    meta["complete"] = len(done) == expected  # False when --stop-after cut the run short
-    write([])
+    meta["complete"] = len(done) == expected  # False when --stop-after or memory cut the run short
+    write()
     print(stem.with_suffix(".md").read_text())
     print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.json')}")
     return 0
