@@ -18,19 +18,26 @@ Per shape and batch size, for none and every strategy x budget:
     GPU (thread CPU time on a 1-thread CPU), after a warm-up, median of `--repeats`; at batch 1 interleaved
     with no reduction (none, run, none, run, ...), whose median is that row's baseline; at larger batches
     no reduction is timed once per batch size;
-  * decoder-stack latency (the language model's forward: the scope of the paper's FLOPs formula);
-  * the strategy's own work (its `begin` / `decide`, rows-only attention and recycling included; separate
-    runs, so the synchronisation it needs does not touch the latency);
+  * in the same runs, the decoder-stack latency (the language model's forward: the scope of the paper's
+    FLOPs formula) and the strategy's own work (time inside its `begin` / `decide`, rows-only attention
+    and recycling included); on a GPU these are CUDA events read after the forward, so no extra sync;
   * decode: median ms per new token of greedy `generate`, and decode throughput (new tokens / s);
   * KV cache: MiB of every token every layer holds (accounting), and the paper's convention (MB = 1e6
-    bytes of the visual tokens alone); peak memory over one prefill; prefill TFLOPs (paper formula);
-  * every one also as a ratio to none; batch throughput at the same per-sample budget.
+    bytes of the visual tokens alone); peak memory over one prefill; prefill TFLOPs (paper formula, and
+    with its attention term halved as causal kernels compute it);
+  * every one also as a ratio to none; batch throughput at the same per-sample budget (batch sizes > 1
+    at `--batch-budgets`); SparseVLM's figures against the issue's targets (`efficiency_table.targets`).
 
 Writes `benchmarks/results/efficiency_<device>.{md,json}` (device name, versions, the exact command) after
-every batch group, so an interrupted run keeps what it measured.
+every group; all shapes run at batch 1 before any larger batch, and `--stop-after SECONDS` starts no new
+row after that time, so a run cut short keeps what it measured (and says so).
 
-  python -m benchmarks.efficiency --device cpu --shapes small                      # CPU table
-  python -m benchmarks.efficiency --device cuda --shapes llava15,llavanext         # GPU table (~7 min, H100/H200)
+  python -m benchmarks.efficiency --device cpu --shapes small         # CPU table, ~6 min on 1 core
+  python -m benchmarks.efficiency --device cuda --stop-after 450      # GPU table: llava15 + llavanext,
+                                                                      # batches 1/8/32, <= ~8 min
+On the lent H200 (transformers 5.17 installed there), carry a transformers 5.24 wheel (`pip download
+--no-deps transformers==5.24.0 -d .whl`), install it with `--target /tmp/site`, put that on PYTHONPATH, and
+pass `--out $OUT/efficiency_cuda`; then copy the two files to benchmarks/results/.
 """
 
 from __future__ import annotations
