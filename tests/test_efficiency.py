@@ -197,3 +197,14 @@ def test_strategy_fields_are_the_benchs(strategy):
 
     for budget, n in ((192, 576), (64, 576), (976, 2928), (325, 2928)):
         assert eff.strategy_fields(strategy, budget, n) == bench._budget_fields(strategy, budget, n)
+
+
+def test_stop_after_writes_the_table_and_says_it_is_incomplete(tmp_path):
+    stem = tmp_path / "cut"
+    eff.main(["--device", "cpu", "--shapes", "tiny", "--strategies", "fastv", "--budgets", "64", "--batches", "1,2",
+              "--repeats", "1", "--new-tokens", "2", "--decode-repeats", "1", "--quiet", "--stop-after", "0",
+              "--out", str(stem)])  # fmt: skip
+    data = json.loads(stem.with_suffix(".json").read_text())
+    assert data["meta"]["complete"] is False
+    assert data["rows"] == []  # the time was up before the first group
+    assert "incomplete" in stem.with_suffix(".md").read_text()
