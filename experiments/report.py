@@ -21,7 +21,9 @@ from framework.errors import ConfigError
 from .logging_utils import ResultsFile, write_csv
 
 
-def load_rows(results: str | Path, sweep: str | None = None) -> list[dict]:
+def load_rows(results: str | Path, sweep: str | None = None, bad_lines: list[int] | None = None) -> list[dict]:
+    """The result rows (one per run key); the numbers of lines that are not rows are reported on stderr and
+    added to ``bad_lines``."""
     path = Path(results)
     if path.is_dir():
         path = path / "results.jsonl"
@@ -30,6 +32,8 @@ def load_rows(results: str | Path, sweep: str | None = None) -> list[dict]:
     results = ResultsFile(path)
     rows = results.rows()
     results.warn_bad_lines()
+    if bad_lines is not None:
+        bad_lines.extend(results.bad_lines)
     if sweep:
         rows = [r for r in rows if r.get("sweep") == sweep]
     if not rows:
@@ -327,7 +331,8 @@ def make_report(results: str | Path, out_dir: str | Path | None = None, sweep: s
                 plots: bool = True, echo: bool = True, keys: list[str] | None = None) -> dict:
     """Table (printed + table.md + table.csv) and plots. Returns {"columns", "rows", "text", "files"}.
     `keys`: only these run keys (e.g. the runs of the sweep just finished, not older configs' rows)."""
-    rows = load_rows(results, sweep)
+    bad_lines: list[int] = []
+    rows = load_rows(results, sweep, bad_lines)
     if keys is not None:
         rows = [r for r in rows if r["run_key"] in set(keys)]
     out = Path(out_dir) if out_dir else (Path(results) if Path(results).is_dir() else Path(results).parent)
@@ -353,4 +358,4 @@ def make_report(results: str | Path, out_dir: str | Path | None = None, sweep: s
         print(title)
         print(text)
         print("wrote: " + ", ".join(str(f) for f in files))
-    return {"columns": cols, "rows": trows, "text": text, "files": files, "results": rows}
+    return {"columns": cols, "rows": trows, "text": text, "files": files, "results": rows, "bad_lines": bad_lines}
