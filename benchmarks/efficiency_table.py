@@ -41,6 +41,11 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
         f"- clock: {meta['clock']}; prefill medians of {meta['repeats']} (batch 1, interleaved with none) / "
         f"{meta['batch_repeats']} (larger batches); decode: {meta['new_tokens']} new tokens, median gap, "
         f"median of {meta['decode_repeats']} runs",
+        *(
+            [f"- load average (1 min) at start / end: {meta['load']:.1f} / {meta['load_end']:.1f}"]
+            if meta.get("load")
+            else []
+        ),
         "",
         *(["- **incomplete**: --stop-after cut the run short", ""] if meta.get("complete") is False else []),
         "Ratios are to no reduction (none) at the same shape and batch size, measured in the same process. "
