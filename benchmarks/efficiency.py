@@ -33,11 +33,12 @@ every group; all shapes run at batch 1 before any larger batch, and `--stop-afte
 row after that time, so a run cut short keeps what it measured (and says so).
 
   python -m benchmarks.efficiency --device cpu --shapes small         # CPU table, ~6 min on 1 core
-  python -m benchmarks.efficiency --device cuda --stop-after 450      # GPU table: llava15 + llavanext,
+  python -m benchmarks.efficiency --device cuda --stop-after 420      # GPU table: llava15 + llavanext,
                                                                       # batches 1/8/32, <= ~8 min
 On the lent H200 (transformers 5.17 installed there), carry a transformers 5.24 wheel (`pip download
---no-deps transformers==5.24.0 -d .whl`), install it with `--target /tmp/site`, put that on PYTHONPATH, and
-pass `--out $OUT/efficiency_cuda`; then copy the two files to benchmarks/results/.
+--no-deps --only-binary=:all: --python-version 3.12 transformers==5.24.0 -d .whl`; if its import asks for
+a newer regex or huggingface-hub, carry those too), install it with `--target /tmp/site`, put that on
+PYTHONPATH, and pass `--out $OUT/efficiency_cuda`; then copy the two files to benchmarks/results/.
 """
 
 from __future__ import annotations
