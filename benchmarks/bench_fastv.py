@@ -3,6 +3,7 @@
 ~100M-parameter random LLaMA-shaped decoder, 576 visual + 64 text tokens, 1 thread, sdpa.
 Goal: the latency ratio within 10 % of the FLOPs ratio.  Run: python -m benchmarks.bench_fastv
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,10 @@ def main() -> None:
     print(f"{'setting':<26}{'prefill ms':>11}{'TFLOPs':>9}{'equiv tok':>10}")
     print(f"{'no reduction':<26}{base_t * 1e3:>11.0f}{base.flops * 1e-12:>9.3f}{base.equivalent_tokens:>10.1f}")
     print(f"{'fastv K=2 keep 192':<26}{fast_t * 1e3:>11.0f}{fast.flops * 1e-12:>9.3f}{fast.equivalent_tokens:>10.1f}")
-    print(f"latency ratio {lat_ratio:.3f}  FLOPs ratio {flops_ratio:.3f}  "
-          f"relative gap {abs(lat_ratio / flops_ratio - 1):.1%} (goal < 10 %)")
+    print(
+        f"latency ratio {lat_ratio:.3f}  FLOPs ratio {flops_ratio:.3f}  "
+        f"relative gap {abs(lat_ratio / flops_ratio - 1):.1%} (goal < 10 %)"
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ pruning layers [1, 2, 4]; keep counts unchanged since there are 576 visual token
 grid 24 -> 576 visual tokens + 64 text tokens, 1 thread, sdpa, median of several runs.
 Goal: SparseVLM's own work < 3 % of the prefill.  Run: python -m benchmarks.bench_sparsevlm
 """
+
 from __future__ import annotations
 
 import sys
@@ -37,6 +38,7 @@ class Timer:
                 return fn(*a, **k)
             finally:
                 self.t[label] = self.t.get(label, 0.0) + CLOCK() - t0
+
         return inner
 
 
@@ -81,21 +83,30 @@ def main() -> None:
         base = account(engine)[0]
     print(f"clock: {'wall' if CLOCK is time.perf_counter else 'thread CPU time'}")
     print(f"no reduction: {base.flops * 1e-9:.1f} GFLOPs, tokens per layer {base.tokens_per_layer}")
-    hdr = (f"{'setting':<22}{'base ms':>8}{'prefill ms':>11}{'raters ms':>10}{'score ms':>10}{'recycle ms':>11}"
-           f"{'own %':>7}{'equiv':>8}{'lat ratio':>10}{'FLOPs ratio':>12}")
+    hdr = (
+        f"{'setting':<22}{'base ms':>8}{'prefill ms':>11}{'raters ms':>10}{'score ms':>10}{'recycle ms':>11}"
+        f"{'own %':>7}{'equiv':>8}{'lat ratio':>10}{'FLOPs ratio':>12}"
+    )
     print(hdr)
     for preset in ("192", "128", "64"):
-        for label, cfg in ((f"sparsevlm {preset}", {"name": "sparsevlm", "preset": preset}),
-                           (f"  rank_v1 {preset}", {"name": "sparsevlm", "preset": preset, "budget": "rank_v1"})):
+        for label, cfg in (
+            (f"sparsevlm {preset}", {"name": "sparsevlm", "preset": preset}),
+            (f"  rank_v1 {preset}", {"name": "sparsevlm", "preset": preset, "budget": "rank_v1"}),
+        ):
             m = measure(model, x, cfg)
             acc = m["acc"]
             score = m["decide"] - m["recycling"]
-            print(f"{label:<22}{m['base'] * 1e3:>8.0f}{m['prefill'] * 1e3:>11.0f}{m['raters'] * 1e3:>10.2f}{score * 1e3:>10.2f}"
-                  f"{m['recycling'] * 1e3:>11.2f}{m['own_share'] * 100:>7.2f}{acc.equivalent_tokens:>8.1f}"
-                  f"{m['prefill'] / m['base']:>10.3f}{acc.flops / base.flops:>12.3f}")
-    print("own % = (raters + scoring incl. rows-only attention and rank + recycling) / prefill, median of "
-          f"{REPEATS};\n  goal < 3 %. score ms = rows-only attention + scores + keep selection (+ rank). "
-          "lat ratio = median reduced / median unreduced prefill, interleaved runs.")
+            print(
+                f"{label:<22}{m['base'] * 1e3:>8.0f}{m['prefill'] * 1e3:>11.0f}{m['raters'] * 1e3:>10.2f}"
+                f"{score * 1e3:>10.2f}"
+                f"{m['recycling'] * 1e3:>11.2f}{m['own_share'] * 100:>7.2f}{acc.equivalent_tokens:>8.1f}"
+                f"{m['prefill'] / m['base']:>10.3f}{acc.flops / base.flops:>12.3f}"
+            )
+    print(
+        "own % = (raters + scoring incl. rows-only attention and rank + recycling) / prefill, median of "
+        f"{REPEATS};\n  goal < 3 %. score ms = rows-only attention + scores + keep selection (+ rank). "
+        "lat ratio = median reduced / median unreduced prefill, interleaved runs."
+    )
 
 
 if __name__ == "__main__":

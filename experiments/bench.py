@@ -15,6 +15,7 @@ engine's per-layer token counts), peak memory; every one also as a ratio to no r
 and without reduction and the strategy's own overhead (time inside the reducer's `begin`/`decide`,
 the rows-only attention it asks for included), as a table and `scaling.png`.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,7 +42,9 @@ def make_inputs(model, batch: int, images: int = 1, text_tokens: int = 64, seed:
     for _ in range(batch):
         text = torch.randint(3, vocab - 2, (max(0, text_tokens - 1),), generator=g)
         cut = min(len(text), 8)  # a short system prefix before the image, the question after
-        rows.append(torch.cat([torch.tensor([1]), text[:cut], torch.full((n_img * images,), cfg.image_token_id), text[cut:]]))
+        rows.append(
+            torch.cat([torch.tensor([1]), text[:cut], torch.full((n_img * images,), cfg.image_token_id), text[cut:]])
+        )
     ids = torch.stack(rows)
     size = cfg.vision_config.image_size
     dev = next(model.parameters()).device
@@ -126,9 +129,17 @@ def _budget_fields(strategy: str, budget: int | None, n_visual: int, images: int
     return fields
 
 
-def bench(backbone: str = "bench_cpu", strategies: list[str] = ("sparsevlm",), budgets: list[int] = (64,),
-          batches: list[int] = (1, 8), repeats: int = 3, decode_tokens: int = 8, device: str = "cpu",
-          overrides: list[str] = (), progress: bool = True) -> list[dict]:
+def bench(
+    backbone: str = "bench_cpu",
+    strategies: list[str] = ("sparsevlm",),
+    budgets: list[int] = (64,),
+    batches: list[int] = (1, 8),
+    repeats: int = 3,
+    decode_tokens: int = 8,
+    device: str = "cpu",
+    overrides: list[str] = (),
+    progress: bool = True,
+) -> list[dict]:
     from tqdm.auto import tqdm
 
     cfg = runner.compose([f"backbone={backbone}", *overrides])
@@ -150,23 +161,50 @@ def bench(backbone: str = "bench_cpu", strategies: list[str] = ("sparsevlm",), b
             # interleave: base, run, base, run ... (median of repeats each)
             reps = repeats if batch == 1 else max(1, (repeats + 1) // 2)  # big batches: fewer, longer repeats
             tm = _interleaved(model, none, reducer, inputs, reps)
-            t = metrics.measure_pair(model, [inputs], {"base": none, "run": reducer}, repeats=max(1, repeats // 2 + 1),
-                                     new_tokens=decode_tokens, memory=True, warmup=0)
+            t = metrics.measure_pair(
+                model,
+                [inputs],
+                {"base": none, "run": reducer},
+                repeats=max(1, repeats // 2 + 1),
+                new_tokens=decode_tokens,
+                memory=True,
+                warmup=0,
+            )
             acc_b, acc_r = tm["base"]["acc"], tm["run"]["acc"]
-            row = {"strategy": s, "budget": bu, "batch": batch, "visual": n_visual,
-                   "prefill_ms": _median_ms(tm["run_s"]), "base_prefill_ms": _median_ms(tm["base_s"]),
-                   "decoder_ms": _median_ms(tm["run_decoder_s"]), "base_decoder_ms": _median_ms(tm["base_decoder_s"]),
-                   "overhead_ms": _median_ms(tm["overhead_s"]),
-                   "decode_ms": t["run"]["decode_ms"], "base_decode_ms": t["base"]["decode_ms"],
-                   "peak_mb": t["run"]["peak_mb"], "base_peak_mb": t["base"]["peak_mb"],
-                   "tflops": sum(a.flops for a in acc_r) * 1e-12, "base_tflops": sum(a.flops for a in acc_b) * 1e-12,
-                   "kv_mb": sum(a.kv_bytes for a in acc_r) / 2**20, "base_kv_mb": sum(a.kv_bytes for a in acc_b) / 2**20,
-                   "equivalent_tokens": statistics.fmean(a.equivalent_tokens for a in acc_r)}
+            row = {
+                "strategy": s,
+                "budget": bu,
+                "batch": batch,
+                "visual": n_visual,
+                "prefill_ms": _median_ms(tm["run_s"]),
+                "base_prefill_ms": _median_ms(tm["base_s"]),
+                "decoder_ms": _median_ms(tm["run_decoder_s"]),
+                "base_decoder_ms": _median_ms(tm["base_decoder_s"]),
+                "overhead_ms": _median_ms(tm["overhead_s"]),
+                "decode_ms": t["run"]["decode_ms"],
+                "base_decode_ms": t["base"]["decode_ms"],
+                "peak_mb": t["run"]["peak_mb"],
+                "base_peak_mb": t["base"]["peak_mb"],
+                "tflops": sum(a.flops for a in acc_r) * 1e-12,
+                "base_tflops": sum(a.flops for a in acc_b) * 1e-12,
+                "kv_mb": sum(a.kv_bytes for a in acc_r) / 2**20,
+                "base_kv_mb": sum(a.kv_bytes for a in acc_b) / 2**20,
+                "equivalent_tokens": statistics.fmean(a.equivalent_tokens for a in acc_r),
+            }
             row["prefill_tput"] = batch / (row["prefill_ms"] / 1e3)
             row["base_prefill_tput"] = batch / (row["base_prefill_ms"] / 1e3)
             row["decode_tput"] = batch / (row["decode_ms"] / 1e3) if row["decode_ms"] else None
             row["base_decode_tput"] = batch / (row["base_decode_ms"] / 1e3) if row["base_decode_ms"] else None
-            for k in ("prefill_ms", "decoder_ms", "decode_ms", "peak_mb", "tflops", "kv_mb", "prefill_tput", "decode_tput"):
+            for k in (
+                "prefill_ms",
+                "decoder_ms",
+                "decode_ms",
+                "peak_mb",
+                "tflops",
+                "kv_mb",
+                "prefill_tput",
+                "decode_tput",
+            ):
                 row[f"{k}_ratio"] = metrics.ratio(row[k], row[f"base_{k}"])
             rows.append(row)
             bar.update(1)
@@ -174,9 +212,16 @@ def bench(backbone: str = "bench_cpu", strategies: list[str] = ("sparsevlm",), b
     return rows
 
 
-def scaling(backbone: str = "bench_cpu", strategy: str = "sparsevlm", budget: int = 64,
-            visual: list[int] = (576, 1152, 2304, 4608), repeats: int = 2, device: str = "cpu",
-            overrides: list[str] = (), progress: bool = True) -> list[dict]:
+def scaling(
+    backbone: str = "bench_cpu",
+    strategy: str = "sparsevlm",
+    budget: int = 64,
+    visual: list[int] = (576, 1152, 2304, 4608),
+    repeats: int = 2,
+    device: str = "cpu",
+    overrides: list[str] = (),
+    progress: bool = True,
+) -> list[dict]:
     from tqdm.auto import tqdm
 
     cfg = runner.compose([f"backbone={backbone}", *overrides])
@@ -193,11 +238,17 @@ def scaling(backbone: str = "bench_cpu", strategy: str = "sparsevlm", budget: in
         reducer = runner.build_reducer(_budget_fields(strategy, budget, per_image, images))
         tm = _interleaved(model, none, reducer, inputs, repeats)
         sb, sr = tm["base"], tm["run"]
-        row = {"visual": v, "strategy": strategy, "budget": budget,
-               "base_prefill_ms": _median_ms(tm["base_s"]), "prefill_ms": _median_ms(tm["run_s"]),
-               "overhead_ms": _median_ms(tm["overhead_s"]),
-               "base_tflops": sb["acc"][0].flops * 1e-12, "tflops": sr["acc"][0].flops * 1e-12,
-               "equivalent_tokens": sr["acc"][0].equivalent_tokens}
+        row = {
+            "visual": v,
+            "strategy": strategy,
+            "budget": budget,
+            "base_prefill_ms": _median_ms(tm["base_s"]),
+            "prefill_ms": _median_ms(tm["run_s"]),
+            "overhead_ms": _median_ms(tm["overhead_s"]),
+            "base_tflops": sb["acc"][0].flops * 1e-12,
+            "tflops": sr["acc"][0].flops * 1e-12,
+            "equivalent_tokens": sr["acc"][0].equivalent_tokens,
+        }
         row["prefill_ms_ratio"] = row["prefill_ms"] / row["base_prefill_ms"]
         row["tflops_ratio"] = row["tflops"] / row["base_tflops"]
         row["overhead_share"] = row["overhead_ms"] / row["prefill_ms"]
@@ -211,9 +262,11 @@ def _f(v, spec=".1f"):
 
 
 def format_bench(rows: list[dict]) -> str:
-    head = ("| strategy | budget | batch | eq. tok | prefill ms (none) | prefill % | decoder ms (none) | decoder % "
-            "| TFLOPs (none) | FLOPs % | overhead ms | decode ms/tok (none) | decode % | prefill samples/s "
-            "| decode tok/s | KV MB (none) | peak MB (none) |")
+    head = (
+        "| strategy | budget | batch | eq. tok | prefill ms (none) | prefill % | decoder ms (none) | decoder % "
+        "| TFLOPs (none) | FLOPs % | overhead ms | decode ms/tok (none) | decode % | prefill samples/s "
+        "| decode tok/s | KV MB (none) | peak MB (none) |"
+    )
     lines = [head, "|" + "|".join("---" for _ in range(17)) + "|"]
     for r in rows:
         lines.append(
@@ -225,7 +278,8 @@ def format_bench(rows: list[dict]) -> str:
             f"| {_f(None if r['decode_ms_ratio'] is None else 100 * r['decode_ms_ratio'])} "
             f"| {_f(r['prefill_tput'], '.2f')} ({_f(r['base_prefill_tput'], '.2f')}) "
             f"| {_f(r['decode_tput'])} ({_f(r['base_decode_tput'])}) "
-            f"| {_f(r['kv_mb'])} ({_f(r['base_kv_mb'])}) | {_f(r['peak_mb'])} ({_f(r['base_peak_mb'])}) |")
+            f"| {_f(r['kv_mb'])} ({_f(r['base_kv_mb'])}) | {_f(r['peak_mb'])} ({_f(r['base_peak_mb'])}) |"
+        )
     by = {}
     for r in rows:
         by.setdefault((r["strategy"], r["budget"]), {})[r["batch"]] = r
@@ -235,21 +289,28 @@ def format_bench(rows: list[dict]) -> str:
             for bsz, r in sorted(d.items()):
                 if bsz == 1:
                     continue
-                notes.append(f"{s} {bu}: batch {bsz} vs batch 1 prefill throughput x{r['prefill_tput'] / d[1]['prefill_tput']:.2f} "
-                             f"(none x{r['base_prefill_tput'] / d[1]['base_prefill_tput']:.2f}); decode throughput "
-                             f"x{_ratio_str(r['decode_tput'], d[1]['decode_tput'])} "
-                             f"(none x{_ratio_str(r['base_decode_tput'], d[1]['base_decode_tput'])})")
+                notes.append(
+                    f"{s} {bu}: batch {bsz} vs batch 1 prefill throughput "
+                    f"x{r['prefill_tput'] / d[1]['prefill_tput']:.2f} "
+                    f"(none x{r['base_prefill_tput'] / d[1]['base_prefill_tput']:.2f}); decode throughput "
+                    f"x{_ratio_str(r['decode_tput'], d[1]['decode_tput'])} "
+                    f"(none x{_ratio_str(r['base_decode_tput'], d[1]['base_decode_tput'])})"
+                )
     for r in rows:
         if r["batch"] == 1:
             gap = lambda ratio: f"{100 * (ratio / r['tflops_ratio'] - 1):+.1f} %"  # noqa: E731
-            notes.append(f"{r['strategy']} {r['budget']} batch 1: FLOPs ratio {r['tflops_ratio']:.3f}; latency ratio "
-                         f"of the decoder stack (the FLOPs formula's scope) {r['decoder_ms_ratio']:.3f} "
-                         f"({gap(r['decoder_ms_ratio'])}), of the whole prefill {r['prefill_ms_ratio']:.3f} "
-                         f"({gap(r['prefill_ms_ratio'])})")
+            notes.append(
+                f"{r['strategy']} {r['budget']} batch 1: FLOPs ratio {r['tflops_ratio']:.3f}; latency ratio "
+                f"of the decoder stack (the FLOPs formula's scope) {r['decoder_ms_ratio']:.3f} "
+                f"({gap(r['decoder_ms_ratio'])}), of the whole prefill {r['prefill_ms_ratio']:.3f} "
+                f"({gap(r['prefill_ms_ratio'])})"
+            )
     if rows:
-        notes.append("decoder = the language model's forward (engine hooks and the strategy's own work included; "
-                     "vision tower, projector and lm_head excluded, as in the paper's FLOPs formula, which also "
-                     "counts the full n^2 attention the causal kernels halve)")
+        notes.append(
+            "decoder = the language model's forward (engine hooks and the strategy's own work included; "
+            "vision tower, projector and lm_head excluded, as in the paper's FLOPs formula, which also "
+            "counts the full n^2 attention the causal kernels halve)"
+        )
     return "\n".join(lines + [""] + notes)
 
 
@@ -258,11 +319,16 @@ def _ratio_str(a, b):
 
 
 def format_scaling(rows: list[dict]) -> str:
-    lines = ["| visual tokens | prefill ms none | prefill ms reduced | latency % | FLOPs % | strategy overhead ms | overhead % of prefill |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| visual tokens | prefill ms none | prefill ms reduced | latency % | FLOPs % | strategy overhead ms "
+        "| overhead % of prefill |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['visual']} | {r['base_prefill_ms']:.1f} | {r['prefill_ms']:.1f} | {100 * r['prefill_ms_ratio']:.1f} "
-                     f"| {100 * r['tflops_ratio']:.1f} | {r['overhead_ms']:.1f} | {100 * r['overhead_share']:.1f} |")
+        lines.append(
+            f"| {r['visual']} | {r['base_prefill_ms']:.1f} | {r['prefill_ms']:.1f} | {100 * r['prefill_ms_ratio']:.1f} "
+            f"| {100 * r['tflops_ratio']:.1f} | {r['overhead_ms']:.1f} | {100 * r['overhead_share']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -300,19 +366,38 @@ def main(args) -> int:
     budgets = [int(x) for x in args.budgets.split(",") if x]
     batches = [int(x) for x in args.batches.split(",") if x]
     if not args.scaling_only:
-        rows = bench(backbone, strategies, budgets, batches, args.repeats, args.decode_tokens, device,
-                     args.overrides, progress=not args.quiet)
+        rows = bench(
+            backbone,
+            strategies,
+            budgets,
+            batches,
+            args.repeats,
+            args.decode_tokens,
+            device,
+            args.overrides,
+            progress=not args.quiet,
+        )
         text = format_bench(rows)
-        print(f"backbone {backbone} on {device}, {torch.get_num_threads()} thread(s); medians of {args.repeats} "
-              f"(batch 1) / {max(1, (args.repeats + 1) // 2)} (larger) interleaved repeats; "
-              f"(none) = no reduction measured in the same run")
+        print(
+            f"backbone {backbone} on {device}, {torch.get_num_threads()} thread(s); medians of {args.repeats} "
+            f"(batch 1) / {max(1, (args.repeats + 1) // 2)} (larger) interleaved repeats; "
+            f"(none) = no reduction measured in the same run"
+        )
         print(text)
         (out / "bench.md").write_text(text + "\n")
         (out / "bench.json").write_text(json.dumps(rows, indent=1))
     if args.scaling or args.scaling_only:
         visual = [int(x) for x in args.visual.split(",") if x]
-        srows = scaling(backbone, strategies[0], budgets[0], visual, max(1, args.repeats - 1), device,
-                        args.overrides, progress=not args.quiet)
+        srows = scaling(
+            backbone,
+            strategies[0],
+            budgets[0],
+            visual,
+            max(1, args.repeats - 1),
+            device,
+            args.overrides,
+            progress=not args.quiet,
+        )
         text = format_scaling(srows)
         print(f"\nscaling: {strategies[0]} {budgets[0]} (same ratio of the visual tokens), batch 1")
         print(text)

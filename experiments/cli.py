@@ -1,4 +1,5 @@
 """The `sparsevlm` console command. Sub-commands register themselves in COMMANDS."""
+
 from __future__ import annotations
 
 import argparse
@@ -50,12 +51,20 @@ def cmd_flops(args) -> int:
     head_dim = args.hidden // args.heads
     kv = kv_cache_bytes(tokens, args.kv_heads or args.heads, head_dim, 2)
     base = prefill_flops([args.visual + args.text] * args.layers, args.hidden, args.ffn)
-    out = {"tflops": flops * 1e-12, "flops_ratio": flops / base, "equivalent_tokens": equivalent_tokens(visual),
-           "tokens_per_layer": tokens, "visual_per_layer": visual, "kv_cache_mb_fp16": kv / 2**20}
+    out = {
+        "tflops": flops * 1e-12,
+        "flops_ratio": flops / base,
+        "equivalent_tokens": equivalent_tokens(visual),
+        "tokens_per_layer": tokens,
+        "visual_per_layer": visual,
+        "kv_cache_mb_fp16": kv / 2**20,
+    }
     if args.json:
         print(json.dumps(out))
         return 0
-    print(f"decoder: {args.layers} layers, d={args.hidden}, m={args.ffn}; {args.visual} visual + {args.text} other tokens")
+    print(
+        f"decoder: {args.layers} layers, d={args.hidden}, m={args.ffn}; {args.visual} visual + {args.text} other tokens"
+    )
     print(f"{'layers':<10}{'visual in':>10}{'tokens in':>10}")
     start = 0
     for i in range(1, args.layers + 1):
@@ -104,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # a sweep says how far it got; elsewhere nothing was written yet
-        print(str(err) or "interrupted before the first run finished; rerun the same command to resume",
-              file=sys.stderr)
+        print(
+            str(err) or "interrupted before the first run finished; rerun the same command to resume", file=sys.stderr
+        )
         return 130
 
 

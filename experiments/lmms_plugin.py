@@ -21,6 +21,7 @@ Real checkpoints are prompted through their processor's chat template (`_prompt`
 not implemented (NotImplementedError naming the class). Accounting of every request is kept in
 `self.records` (visual tokens per layer, equivalent tokens, FLOPs).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -82,17 +83,30 @@ def fixed_tokens_per_image(adapter) -> int | None:
 class SparseVLMLmms(_LmmsBase):
     """lmms-eval `simple` model: a supported VLM + a token-reduction strategy (see module docstring)."""
 
-    def __init__(self, pretrained: str = "toy-llava", strategy: str = "none", budget: int | str | None = None,
-                 strategy_args: str | dict | None = None, adapter_args: str | dict | None = None,
-                 device: str = "cpu", dtype: str = "float32",
-                 attn_implementation: str = "sdpa", max_new_tokens: int = 16, batch_size: int | str = 1,
-                 model=None, processor=None, **kwargs) -> None:
+    def __init__(
+        self,
+        pretrained: str = "toy-llava",
+        strategy: str = "none",
+        budget: int | str | None = None,
+        strategy_args: str | dict | None = None,
+        adapter_args: str | dict | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        attn_implementation: str = "sdpa",
+        max_new_tokens: int = 16,
+        batch_size: int | str = 1,
+        model=None,
+        processor=None,
+        **kwargs,
+    ) -> None:
         super().__init__()
         kwargs = {k: v for k, v in kwargs.items() if k not in ("device_map",)}  # harmless lmms-eval extras
         if kwargs:
-            raise ConfigError(f"SparseVLMLmms: unknown argument(s) {sorted(kwargs)}; allowed: pretrained, strategy, "
-                              "budget, strategy_args, adapter_args, device, dtype, attn_implementation, "
-                              "max_new_tokens, batch_size")
+            raise ConfigError(
+                f"SparseVLMLmms: unknown argument(s) {sorted(kwargs)}; allowed: pretrained, strategy, "
+                "budget, strategy_args, adapter_args, device, dtype, attn_implementation, "
+                "max_new_tokens, batch_size"
+            )
         if int(batch_size) < 1:
             raise ConfigError(f"SparseVLMLmms: batch_size={batch_size}; allowed: an int >= 1")
         self.batch_size = int(batch_size)
@@ -189,8 +203,9 @@ class SparseVLMLmms(_LmmsBase):
         proc = self._processor
         if getattr(proc, "chat_template", None):
             content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": context}]
-            return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                            tokenize=False)
+            return proc.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+            )
         image_tok = getattr(proc, "image_token", "<image>")
         return context if image_tok in context else " ".join([image_tok] * n_images + [context])
 
@@ -216,8 +231,9 @@ class SparseVLMLmms(_LmmsBase):
         from framework.accounting import account
 
         out: list[str] = [""] * len(requests)
-        for chunk in tqdm(self._chunks(requests), desc="sparsevlm generate",
-                          disable=self.rank != 0 or len(requests) < 8):
+        for chunk in tqdm(
+            self._chunks(requests), desc="sparsevlm generate", disable=self.rank != 0 or len(requests) < 8
+        ):
             contexts, visuals, untils, max_new = [], [], [], 1
             for i in chunk:
                 context, gen_kwargs, doc_to_visual, doc_id, task, split = requests[i].args
@@ -230,8 +246,9 @@ class SparseVLMLmms(_LmmsBase):
                 visuals.append([v for v in (vs or []) if v is not None])
             inputs = self._encode(contexts, visuals)
             with attach(self._model, self.reducer, adapter=self.adapter) as engine:
-                ids = self._model.generate(**inputs, max_new_tokens=max_new, do_sample=False,
-                                           pad_token_id=self.tokenizer.pad_token_id)
+                ids = self._model.generate(
+                    **inputs, max_new_tokens=max_new, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
+                )
                 acc = account(engine) if engine.last_record else []
             prompt_len = inputs["input_ids"].shape[1]
             for b, i in enumerate(chunk):
@@ -240,8 +257,9 @@ class SparseVLMLmms(_LmmsBase):
                     if stop and stop in text:
                         text = text.split(stop)[0]
                 _, _, _, doc_id, task, _ = requests[i].args
-                self.records.append({"doc_id": doc_id, "task": task,
-                                     **({"accounting": acc[b].to_dict()} if acc else {})})
+                self.records.append(
+                    {"doc_id": doc_id, "task": task, **({"accounting": acc[b].to_dict()} if acc else {})}
+                )
                 out[i] = text.strip()
         return out
 

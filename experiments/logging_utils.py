@@ -7,6 +7,7 @@ in `bad_lines`, which callers report), and
 `repair()` cuts a truncated tail before the next append so it can never glue onto a new row.
 Each row carries `run_key` (a hash of the resolved run config); finished keys are skipped on resume.
 """
+
 from __future__ import annotations
 
 import csv
@@ -54,8 +55,11 @@ class ResultsFile:
         import sys
 
         if getattr(self, "bad_lines", None):
-            print(f"warning: {self.path}: line(s) {', '.join(map(str, self.bad_lines))} are not result rows "
-                  "(not JSON objects with a run_key); skipped, the other rows kept", file=file or sys.stderr)
+            print(
+                f"warning: {self.path}: line(s) {', '.join(map(str, self.bad_lines))} are not result rows "
+                "(not JSON objects with a run_key); skipped, the other rows kept",
+                file=file or sys.stderr,
+            )
 
     def keys(self) -> set[str]:
         return {r["run_key"] for r in self.rows()}
@@ -134,9 +138,17 @@ def wandb_run_id(project: str, group: str, key: str) -> str:
     return hashlib.sha1(f"{project}/{group}/{key}".encode()).hexdigest()[:20]
 
 
-def log_wandb(row: dict, config: dict, out_dir: str | os.PathLike, group: str, name: str,
-              project: str = WANDB_PROJECT, samples: list[dict] | None = None, key: str | None = None,
-              tags: list[str] | None = None) -> str | None:
+def log_wandb(
+    row: dict,
+    config: dict,
+    out_dir: str | os.PathLike,
+    group: str,
+    name: str,
+    project: str = WANDB_PROJECT,
+    samples: list[dict] | None = None,
+    key: str | None = None,
+    tags: list[str] | None = None,
+) -> str | None:
     """One W&B run for one finished evaluation: config, summary metrics, per-layer series, a samples table.
     `key` (the run key) fixes the W&B run id. Returns the run directory (offline) or None without wandb."""
     try:
@@ -145,10 +157,20 @@ def log_wandb(row: dict, config: dict, out_dir: str | os.PathLike, group: str, n
         return None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = wandb.init(project=project, dir=str(out_dir), group=group, name=name, job_type="eval", tags=tags,
-                     id=wandb_run_id(project, group, key or name), resume="allow",
-                     config=config, mode=wandb_mode(), reinit="finish_previous",
-                     settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+    run = wandb.init(
+        project=project,
+        dir=str(out_dir),
+        group=group,
+        name=name,
+        job_type="eval",
+        tags=tags,
+        id=wandb_run_id(project, group, key or name),
+        resume="allow",
+        config=config,
+        mode=wandb_mode(),
+        reinit="finish_previous",
+        settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
+    )
     try:
         for i, (v, t) in enumerate(zip(row.get("visual_per_layer", []), row.get("tokens_per_layer", []))):
             run.log({"layer": i, "visual_tokens_in": v, "tokens_in": t})
@@ -156,8 +178,10 @@ def log_wandb(row: dict, config: dict, out_dir: str | os.PathLike, group: str, n
         run.summary.update(summary)
         if samples:
             cols = ["index", "qtype", "answer", "pred", "correct", "equivalent_tokens", "visual_per_layer"]
-            table = wandb.Table(columns=cols, data=[[s.get(c) if c != "visual_per_layer" else
-                                                     json.dumps(s.get(c)) for c in cols] for s in samples])
+            table = wandb.Table(
+                columns=cols,
+                data=[[s.get(c) if c != "visual_per_layer" else json.dumps(s.get(c)) for c in cols] for s in samples],
+            )
             run.log({"samples": table})
         path = run.dir
     finally:

@@ -12,6 +12,7 @@ and the ratios are what we report. Medians of `repeats`.
 * peak memory: CUDA allocator peak over the prefill on GPU; on CPU the peak of live tensor bytes over
   the prefill, replayed from the PyTorch profiler's allocation events (`profile_memory=True`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -63,7 +64,9 @@ def time_generate(model, inputs: Mapping[str, torch.Tensor], new_tokens: int = 8
     clock = _Clock()
     _sync(dev)
     t0 = time.perf_counter()
-    model.generate(**inputs, generation_config=_generation_config(model, max(1, new_tokens)), streamer=_SyncClock(clock, dev))
+    model.generate(
+        **inputs, generation_config=_generation_config(model, max(1, new_tokens)), streamer=_SyncClock(clock, dev)
+    )
     s = clock.stamps
     # s[0] = prompt put (before prefill), s[1] = first token, s[2..] = later tokens, last = end()
     prefill = s[1] - t0 if len(s) > 1 else float("nan")
@@ -117,8 +120,10 @@ class DecoderTimer:
     def __enter__(self) -> "DecoderTimer":
         self._device = next(self.module.parameters()).device
         # prepend: start before the engine's own language-model hook, so its work is inside the window
-        self._handles = [self.module.register_forward_pre_hook(self._start, prepend=True),
-                         self.module.register_forward_hook(self._stop)]
+        self._handles = [
+            self.module.register_forward_pre_hook(self._start, prepend=True),
+            self.module.register_forward_hook(self._stop),
+        ]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -143,8 +148,7 @@ def peak_memory_mb(model, inputs: Mapping[str, torch.Tensor]) -> float | None:
 
         with _silent_fd(2), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             model(**inputs, use_cache=True)  # (the profiler's C++ side prints "USDT ... profiler_start/stop")
-        events = sorted((e.time_range.start, e.self_cpu_memory_usage)
-                        for e in prof.events() if e.self_cpu_memory_usage)
+        events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
     except RuntimeError:  # profiler unavailable: no number rather than a wrong one
         return None
     cur = peak = 0
@@ -173,9 +177,16 @@ def _silent_fd(fd: int):
         os.close(null)
 
 
-def measure_pair(model, inputs_list: list[Mapping[str, torch.Tensor]], reducers: Mapping[str, object],
-                 repeats: int = 3, new_tokens: int = 8, memory: bool = True, warmup: int = 1,
-                 progress: Callable | None = None) -> dict[str, dict]:
+def measure_pair(
+    model,
+    inputs_list: list[Mapping[str, torch.Tensor]],
+    reducers: Mapping[str, object],
+    repeats: int = 3,
+    new_tokens: int = 8,
+    memory: bool = True,
+    warmup: int = 1,
+    progress: Callable | None = None,
+) -> dict[str, dict]:
     """Time each reducer (name -> reducer) on each input, interleaved; medians over repeats of the
     mean over inputs. Returns name -> {prefill_ms, decode_ms, peak_mb}."""
     names = list(reducers)
@@ -203,9 +214,11 @@ def measure_pair(model, inputs_list: list[Mapping[str, torch.Tensor]], reducers:
         if memory:
             with attach(model, reducers[n]):
                 peak = peak_memory_mb(model, inputs_list[0])
-        out[n] = {"prefill_ms": 1e3 * statistics.median(raw[n]["prefill"]),
-                  "decode_ms": 1e3 * statistics.median(raw[n]["decode"]) if new_tokens > 1 else None,
-                  "peak_mb": peak}
+        out[n] = {
+            "prefill_ms": 1e3 * statistics.median(raw[n]["prefill"]),
+            "decode_ms": 1e3 * statistics.median(raw[n]["decode"]) if new_tokens > 1 else None,
+            "peak_mb": peak,
+        }
     return out
 
 
@@ -221,5 +234,3 @@ def ratio(a, b) -> float | None:
     except TypeError:
         return None
     return a / b
-
-

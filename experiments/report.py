@@ -10,6 +10,7 @@ line per strategy and combination of the ablation fields that vary, legend outsi
 `overlays.png`, `overlays-2.png`, ... (at most 8 runs a page: each sample's question above its column, the
 cells it asks about outlined, kept tokens outlined, dropped cells dimmed, merged groups in one colour each).
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,9 @@ def order_rows(rows: list[dict]) -> list[dict]:
     for r in rows:
         seen.setdefault(r["strategy"], len(seen))
     idx = {id(r): i for i, r in enumerate(rows)}
-    return sorted(rows, key=lambda r: (r["strategy"] != "none", seen[r["strategy"]],
-                                       -(r.get("budget") or 10**9), idx[id(r)]))
+    return sorted(
+        rows, key=lambda r: (r["strategy"] != "none", seen[r["strategy"]], -(r.get("budget") or 10**9), idx[id(r)])
+    )
 
 
 def qtypes_of(rows: list[dict]) -> list[str]:
@@ -64,9 +66,23 @@ def qtypes_of(rows: list[dict]) -> list[str]:
 def table_rows(rows: list[dict]) -> tuple[list[str], list[dict]]:
     """Columns and one dict per row, numbers in display units (the values of the results, scaled)."""
     qt = qtypes_of(rows)
-    cols = (["method", "budget"] + [f"{q} %" for q in qt] +
-            ["avg %", "% of none", "eq. tokens kept", "TFLOPs", "FLOPs %", "prefill ms", "prefill %",
-             "decode ms/tok", "decode %", "KV MB", "peak MB"])
+    cols = (
+        ["method", "budget"]
+        + [f"{q} %" for q in qt]
+        + [
+            "avg %",
+            "% of none",
+            "eq. tokens kept",
+            "TFLOPs",
+            "FLOPs %",
+            "prefill ms",
+            "prefill %",
+            "decode ms/tok",
+            "decode %",
+            "KV MB",
+            "peak MB",
+        ]
+    )
     refs = baseline_reference(rows)
     out = []
     for r in rows:
@@ -105,8 +121,11 @@ def baseline_reference(rows: list[dict]) -> dict[tuple, dict]:
             v = r.get(f"base_{k}")
             if v is not None and not (isinstance(v, float) and math.isnan(v)):
                 g[k].append(v)
-    return {key: {k: (statistics.median(v) if v else None) for k, v in g.items() if k != "n"}
-                 | {"timings": len(g["prefill_ms"])} for key, g in groups.items()}
+    return {
+        key: {k: (statistics.median(v) if v else None) for k, v in g.items() if k != "n"}
+        | {"timings": len(g["prefill_ms"])}
+        for key, g in groups.items()
+    }
 
 
 def ratio(a, b):
@@ -134,7 +153,10 @@ def _fmt(v, col: str) -> str:
 def format_table(cols: list[str], rows: list[dict]) -> str:
     cells = [[_fmt(r.get(c), c) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    line = lambda xs: "| " + " | ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(xs, widths))) + " |"  # noqa: E731
+
+    def line(xs):
+        return "| " + " | ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(xs, widths))) + " |"
+
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(cols), sep] + [line(r) for r in cells])
 
@@ -196,13 +218,22 @@ def plot_accuracy(rows: list[dict], out: Path) -> list[Path]:
     markers = "osD^v<>pP*Xh"
     ref = baseline_reference(rows)
     files = []
-    for fname, xkey, xlabel in (("acc_vs_tokens.png", "equivalent_tokens", "equivalent visual tokens kept"),
-                                ("acc_vs_latency.png", "prefill_ms", "prefill latency (ms, batch 1)")):
+    for fname, xkey, xlabel in (
+        ("acc_vs_tokens.png", "equivalent_tokens", "equivalent visual tokens kept"),
+        ("acc_vs_latency.png", "prefill_ms", "prefill latency (ms, batch 1)"),
+    ):
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         for i, (label, rs) in enumerate(lines.items()):
             rs = sorted(rs, key=lambda r: r.get(xkey) or 0)
-            ax.plot([r.get(xkey) for r in rs], [100 * r["accuracy"] for r in rs], marker=markers[i % len(markers)],
-                    color=colours(i % colours.N), lw=1.2, ms=5, label=label)
+            ax.plot(
+                [r.get(xkey) for r in rs],
+                [100 * r["accuracy"] for r in rs],
+                marker=markers[i % len(markers)],
+                color=colours(i % colours.N),
+                lw=1.2,
+                ms=5,
+                label=label,
+            )
         for b in base[:1]:
             acc = 100 * b["accuracy"]
             ax.axhline(acc, color="k", ls="--", lw=1, label=f"no reduction ({acc:.1f} %)")
@@ -251,7 +282,7 @@ def plot_overlays(rows: list[dict], out: Path, max_samples: int = 4, per_page: i
         return []
     indices = sorted({o["index"] for r in runs for o in r["overlays"]})[:max_samples]
     samples = _task_images(runs[0], indices)
-    pages = [runs[i:i + per_page] for i in range(0, len(runs), per_page)]
+    pages = [runs[i : i + per_page] for i in range(0, len(runs), per_page)]
     files = []
     for p, page in enumerate(pages, 1):
         path = out / ("overlays.png" if p == 1 else f"overlays-{p}.png")
@@ -309,15 +340,20 @@ def _overlay_page(runs: list[dict], indices: list[int], samples: dict, path: Pat
                 relevant = list(s.relevant) if s is not None else []
                 kept = sum(bool(alive[t]) for t in relevant)
                 mark = "right" if o.get("correct") else "wrong"
-                ax.set_xlabel(f"{mark}; {len(o['groups'])} tok ({len(merged)} merged)"
-                              + (f"; {kept}/{len(relevant)} asked-about kept" if relevant else ""), fontsize=6)
-            for t in (s.relevant if s is not None else []):
+                ax.set_xlabel(
+                    f"{mark}; {len(o['groups'])} tok ({len(merged)} merged)"
+                    + (f"; {kept}/{len(relevant)} asked-about kept" if relevant else ""),
+                    fontsize=6,
+                )
+            for t in s.relevant if s is not None else []:
                 box(t, ec="yellow", lw=1.6, ls=":")
             if j == 0:
                 label = "\n".join(textwrap.wrap(r["name"].replace("-", " "), 18))
                 ax.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center", labelpad=6)
-    fig.suptitle(f"{page}asked-about cells (yellow dotted), kept (white), dropped (dim), merged groups "
-                 "(dashed colours)", fontsize=8)
+    fig.suptitle(
+        f"{page}asked-about cells (yellow dotted), kept (white), dropped (dim), merged groups (dashed colours)",
+        fontsize=8,
+    )
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the title above the questions
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -327,8 +363,14 @@ def _repeats(rows: list[dict]) -> object:
     return (((rows[0].get("config") or {}).get("run") or {}).get("latency") or {}).get("repeats", "?")
 
 
-def make_report(results: str | Path, out_dir: str | Path | None = None, sweep: str | None = None,
-                plots: bool = True, echo: bool = True, keys: list[str] | None = None) -> dict:
+def make_report(
+    results: str | Path,
+    out_dir: str | Path | None = None,
+    sweep: str | None = None,
+    plots: bool = True,
+    echo: bool = True,
+    keys: list[str] | None = None,
+) -> dict:
     """Table (printed + table.md + table.csv) and plots. Returns {"columns", "rows", "text", "files"}.
     `keys`: only these run keys (e.g. the runs of the sweep just finished, not older configs' rows)."""
     bad_lines: list[int] = []
@@ -340,11 +382,13 @@ def make_report(results: str | Path, out_dir: str | Path | None = None, sweep: s
     cols, trows = table_rows(rows)
     text = format_table(cols, trows)
     timings = max((v["timings"] for v in baseline_reference(rows).values()), default=0)
-    title = (f"{rows[0].get('backbone')} on {rows[0].get('task')} ({rows[0].get('n')} questions/run); "
-             f"{len(rows)} runs; budget: the visual tokens asked for ('own': the strategy sets its count), "
-             f"eq. tokens kept: what it kept (layer mean); prefill % and decode %: of one no-reduction reference "
-             f"per backbone, the median of its {timings} timings interleaved with the runs "
-             f"(each a median of {_repeats(rows)} repeats), shown in the none row")
+    title = (
+        f"{rows[0].get('backbone')} on {rows[0].get('task')} ({rows[0].get('n')} questions/run); "
+        f"{len(rows)} runs; budget: the visual tokens asked for ('own': the strategy sets its count), "
+        f"eq. tokens kept: what it kept (layer mean); prefill % and decode %: of one no-reduction reference "
+        f"per backbone, the median of its {timings} timings interleaved with the runs "
+        f"(each a median of {_repeats(rows)} repeats), shown in the none row"
+    )
     c = chance(rows)
     if c is not None:
         title += f"; chance {100 * c:.1f} %"

@@ -10,6 +10,7 @@
   (each rank evaluates a disjoint shard; the records are gathered on rank 0);
 * `evaluate(...)`: Trainer.test over the task + interleaved latency/memory against no reduction.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,8 +76,12 @@ def _explain(err: Exception, overrides) -> str:
         if key in GROUPS and value and value not in options(key):
             return f"unknown {key} option {value!r}; available: {', '.join(options(key))}"
         root = key.split(".")[0]
-        if "." not in key and key not in GROUPS and ("not in struct" in msg or "Could not override" in msg
-                                                       or "Key" in msg) and root in msg:
+        if (
+            "." not in key
+            and key not in GROUPS
+            and ("not in struct" in msg or "Could not override" in msg or "Key" in msg)
+            and root in msg
+        ):
             return f"unknown config key {key!r}: {msg}; groups: {', '.join(GROUPS)}"
     if "not in struct" in msg or "Could not override" in msg:
         for o in overrides:
@@ -152,16 +157,26 @@ def load_backbone(bcfg) -> Backbone:
         from experiments.toy.model import load_toy
 
         try:
-            model, tok = load_toy(b.get("path", "toy-llava"), attn_implementation=b.get("attn_implementation", "sdpa"),
-                                  dtype=_dtype(b.get("dtype", "float32")))
+            model, tok = load_toy(
+                b.get("path", "toy-llava"),
+                attn_implementation=b.get("attn_implementation", "sdpa"),
+                dtype=_dtype(b.get("dtype", "float32")),
+            )
         except FileNotFoundError as err:
-            raise ConfigError(f"{err}; train it with `python -m experiments.toy.train` or use backbone=toy_random") from None
+            raise ConfigError(
+                f"{err}; train it with `python -m experiments.toy.train` or use backbone=toy_random"
+            ) from None
         name = str(b.get("path", "toy-llava"))
     elif loader == "toy_random":
         from experiments.toy.model import build_toy_model
 
-        model, tok = build_toy_model({**b.get("model", {}), "attn_implementation": b.get("attn_implementation", "sdpa"),
-                                      "seed": b.get("seed", 0)})
+        model, tok = build_toy_model(
+            {
+                **b.get("model", {}),
+                "attn_implementation": b.get("attn_implementation", "sdpa"),
+                "seed": b.get("seed", 0),
+            }
+        )
         model = model.to(_dtype(b.get("dtype", "float32"))).eval()
         name = "toy-random"
     elif loader == "random_llava":
@@ -180,9 +195,13 @@ def random_llava(b: dict):
     encoder layer's features, CLS dropped (grid x grid tokens per image)."""
     from models.random import random_backbone
 
-    return random_backbone("llava", {"text": b["text"], "vision": b["vision"], "feature_layer": -1},
-                           attn=b.get("attn_implementation", "sdpa"), dtype=_dtype(b.get("dtype", "float32")),
-                           seed=int(b.get("seed", 0)))
+    return random_backbone(
+        "llava",
+        {"text": b["text"], "vision": b["vision"], "feature_layer": -1},
+        attn=b.get("attn_implementation", "sdpa"),
+        dtype=_dtype(b.get("dtype", "float32")),
+        seed=int(b.get("seed", 0)),
+    )
 
 
 # ---------------------------------------------------------------------------------------- task
@@ -194,15 +213,19 @@ def load_task(tcfg) -> list:
 
     for key in ("n", "seed", "batch_size"):
         if key in t and (isinstance(t[key], bool) or not isinstance(t[key], int)):
-            raise ConfigError(f"task.{key}={t[key]!r} ({type(t[key]).__name__}); allowed: an integer"
-                              + (" >= 1" if key != "seed" else ""))
+            raise ConfigError(
+                f"task.{key}={t[key]!r} ({type(t[key]).__name__}); allowed: an integer"
+                + (" >= 1" if key != "seed" else "")
+            )
     if not isinstance(t.get("qtypes") or [], list):
         raise ConfigError(f"task.qtypes={t.get('qtypes')!r}; allowed: a list of question types {task.QTYPES}")
     n = int(t.get("n") or 0)
     qtypes = list(t.get("qtypes") or [])
     if n < 1 or not qtypes:
-        raise ConfigError(f"task {t['name']!r} has no questions (n={n}, qtypes={qtypes}); need n >= 1 and "
-                          f"at least one of {task.QTYPES}")
+        raise ConfigError(
+            f"task {t['name']!r} has no questions (n={n}, qtypes={qtypes}); need n >= 1 and "
+            f"at least one of {task.QTYPES}"
+        )
     bad = sorted(set(qtypes) - set(task.QTYPES))
     if bad:
         raise ConfigError(f"unknown question type(s) {bad}; allowed: {task.QTYPES}")
@@ -259,11 +282,13 @@ def check_overrides(cfg, overrides) -> None:
         raise ConfigError(
             f"strategy={cfg.strategy.name} was given, but sweep {sw.name!r} runs its own list "
             f"{list(sw.strategies)}; run one strategy with `sweep=single strategy={cfg.strategy.name} budget=N`, "
-            f"or set the list: `sweep.strategies=[none,{cfg.strategy.name}]`")
+            f"or set the list: `sweep.strategies=[none,{cfg.strategy.name}]`"
+        )
     if "budget" in given and sw.get("budgets"):
         raise ConfigError(
             f"budget={cfg.budget} was given, but sweep {sw.name!r} runs its own budgets {list(sw.budgets)}; "
-            f"use `sweep=single ... budget={cfg.budget}` or `sweep.budgets=[{cfg.budget}]`")
+            f"use `sweep=single ... budget={cfg.budget}` or `sweep.budgets=[{cfg.budget}]`"
+        )
 
 
 def check_run(rcfg, reference=None, prefix: str = "run") -> None:
@@ -281,8 +306,10 @@ def check_run(rcfg, reference=None, prefix: str = "run") -> None:
             ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
             if not ok:
                 article = "an" if kind.__name__[0] in "aeiou" else "a"
-                raise ConfigError(f"{prefix}.{key}={value!r} ({type(value).__name__}); allowed: {article} "
-                                  f"{kind.__name__}, like the default {want!r}")
+                raise ConfigError(
+                    f"{prefix}.{key}={value!r} ({type(value).__name__}); allowed: {article} "
+                    f"{kind.__name__}, like the default {want!r}"
+                )
 
 
 def check_strategy_fields(cfg) -> None:
@@ -341,15 +368,26 @@ class _Collate:
 
 def make_loader(samples, tokenizer, batch_size: int):
     ds = list(range(len(samples)))
-    return torch.utils.data.DataLoader(ds, batch_sampler=torch.utils.data.BatchSampler(
-        ShardSampler(len(ds)), batch_size, drop_last=False), collate_fn=_Collate(tokenizer, samples))
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_sampler=torch.utils.data.BatchSampler(ShardSampler(len(ds)), batch_size, drop_last=False),
+        collate_fn=_Collate(tokenizer, samples),
+    )
 
 
 class EvalModule(pl.LightningModule):
     """Evaluate a backbone with a reducer attached: next-token answer accuracy + per-sample records."""
 
-    def __init__(self, model, tokenizer, reducer, samples_meta: list[dict], overlays: int = 0,
-                 result_path: str | None = None, adapter=None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        reducer,
+        samples_meta: list[dict],
+        overlays: int = 0,
+        result_path: str | None = None,
+        adapter=None,
+    ):
         super().__init__()
         self.model = model
         self.adapter = adapter
@@ -375,8 +413,13 @@ class EvalModule(pl.LightningModule):
             self._engine = None
 
     def test_step(self, batch, batch_idx):
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         pixel_values=batch["pixel_values"].to(self.model.dtype), use_cache=False, logits_to_keep=1)
+        out = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"].to(self.model.dtype),
+            use_cache=False,
+            logits_to_keep=1,
+        )
         pred = out.logits[:, -1].argmax(-1)
         correct = (pred == batch["answer_ids"]).tolist()
         shape = self._shape
@@ -385,12 +428,20 @@ class EvalModule(pl.LightningModule):
         for b, (i, rec) in enumerate(zip(batch["index"].tolist(), self._engine.last_record)):
             acc = Accounting.from_counts(rec["visual_per_layer"], rec["tokens_per_layer"], shape, bytes_per)
             base_tokens = [rec["tokens_in"]] * len(rec["tokens_per_layer"])
-            r = {"index": i, "qtype": self.meta[i]["qtype"], "answer": self.meta[i]["answer"],
-                 "pred": words[b], "correct": bool(correct[b]),
-                 "visual_per_layer": acc.visual_per_layer, "tokens_per_layer": acc.tokens_per_layer,
-                 "equivalent_tokens": acc.equivalent_tokens, "flops": acc.flops,
-                 "flops_base": prefill_flops(base_tokens, shape["hidden"], shape["ffn"]),
-                 "kv_bytes": acc.kv_bytes, "rank": self.global_rank}
+            r = {
+                "index": i,
+                "qtype": self.meta[i]["qtype"],
+                "answer": self.meta[i]["answer"],
+                "pred": words[b],
+                "correct": bool(correct[b]),
+                "visual_per_layer": acc.visual_per_layer,
+                "tokens_per_layer": acc.tokens_per_layer,
+                "equivalent_tokens": acc.equivalent_tokens,
+                "flops": acc.flops,
+                "flops_base": prefill_flops(base_tokens, shape["hidden"], shape["ffn"]),
+                "kv_bytes": acc.kv_bytes,
+                "rank": self.global_rank,
+            }
             if i < self.overlays:
                 r["groups"] = final_groups(rec)
             self.records.append(r)
@@ -438,8 +489,11 @@ def summarize(records: list[dict]) -> dict:
         "tflops_base": mean(r["flops_base"] for r in records) * 1e-12,
         "flops_ratio": mean(r["flops"] / r["flops_base"] for r in records),
         "kv_cache_mb": mean(r["kv_bytes"] for r in records) / 2**20,
-        "overlays": [{"index": r["index"], "groups": r["groups"], "qtype": r["qtype"], "correct": r["correct"]}
-                     for r in records if "groups" in r],
+        "overlays": [
+            {"index": r["index"], "groups": r["groups"], "qtype": r["qtype"], "correct": r["correct"]}
+            for r in records
+            if "groups" in r
+        ],
         "records": records,
     }
 
@@ -481,13 +535,22 @@ def run_test(backbone: Backbone, samples: list, reducer, run_cfg, batch_size: in
     meta = [{"qtype": s.qtype, "answer": s.answer} for s in samples]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "result.json")
-        module = EvalModule(backbone.model, backbone.tokenizer, reducer, meta, int(r.get("overlays", 0)), path,
-                            adapter=backbone.adapter)
-        trainer = pl.Trainer(accelerator=r.get("accelerator", "cpu"), devices=devices,
-                             strategy="auto" if devices == 1 else r.get("ddp", "ddp_spawn"),
-                             logger=False, enable_checkpointing=False, enable_model_summary=False,
-                             enable_progress_bar=False, use_distributed_sampler=False, callbacks=callbacks,
-                             inference_mode=True, default_root_dir=tmp)
+        module = EvalModule(
+            backbone.model, backbone.tokenizer, reducer, meta, int(r.get("overlays", 0)), path, adapter=backbone.adapter
+        )
+        trainer = pl.Trainer(
+            accelerator=r.get("accelerator", "cpu"),
+            devices=devices,
+            strategy="auto" if devices == 1 else r.get("ddp", "ddp_spawn"),
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=False,
+            use_distributed_sampler=False,
+            callbacks=callbacks,
+            inference_mode=True,
+            default_root_dir=tmp,
+        )
         try:
             trainer.test(module, dataloaders=make_loader(samples, backbone.tokenizer, batch_size), verbose=False)
         except SystemExit:
@@ -507,7 +570,7 @@ def latency_inputs(backbone: Backbone, samples: list, k: int) -> list[dict]:
 
     dev = next(backbone.model.parameters()).device
     out = []
-    for s in samples[:max(1, k)]:
+    for s in samples[: max(1, k)]:
         enc = encode_batch([s], backbone.tokenizer)
         enc["pixel_values"] = enc["pixel_values"].to(backbone.model.dtype)
         out.append({k2: v.to(dev) for k2, v in enc.items()})

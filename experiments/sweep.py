@@ -11,6 +11,7 @@ Resume: each run has a `run_key` (hash of backbone, task, strategy fields and bu
 the results file are skipped; a run interrupted before its row is appended is simply run again.
 Latency ratios are always measured against a baseline timed in the same process (interleaved).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,17 +52,21 @@ def expand(cfg, n_visual: int | None, adapter=None) -> list[RunSpec]:
     for key in ("strategies", "budgets"):
         value = runner.to_dict(sw.get(key))
         if value is not None and not isinstance(value, list):
-            raise ConfigError(f"sweep.{key}={value!r}; allowed: a list, e.g. sweep.{key}="
-                              + ("[none,fastv]" if key == "strategies" else "[48,16]"))
+            raise ConfigError(
+                f"sweep.{key}={value!r}; allowed: a list, e.g. sweep.{key}="
+                + ("[none,fastv]" if key == "strategies" else "[48,16]")
+            )
     strategies = list(sw.strategies) if sw.get("strategies") else [cfg.strategy.name]
     budgets = list(sw.budgets) if sw.get("budgets") else [cfg.get("budget")]
     for b in budgets:  # the type before any weights load; the range once the backbone says its visual tokens
         if b is not None and (isinstance(b, bool) or not isinstance(b, int)):
-            raise ConfigError(f"budget must be a count of visual tokens (an int, 1..the backbone's visual tokens), "
-                              f"got {b!r}")
+            raise ConfigError(
+                f"budget must be a count of visual tokens (an int, 1..the backbone's visual tokens), got {b!r}"
+            )
         if b is not None and b < 1:
-            raise ConfigError(f"budget {b} is not allowed: a count of visual tokens kept; allowed 1..the backbone's "
-                              "visual tokens")
+            raise ConfigError(
+                f"budget {b} is not allowed: a count of visual tokens kept; allowed 1..the backbone's visual tokens"
+            )
     if n_visual is None:
         budgets = [None]
     ablations = _flatten_axes(runner.to_dict(sw.get("ablations") or {}))
@@ -84,8 +89,10 @@ def expand(cfg, n_visual: int | None, adapter=None) -> list[RunSpec]:
             if t not in fields_of:
                 raise ConfigError(f"ablation {key!r} names strategy {t!r}, not in this sweep ({strategies})")
             if fname not in fields_of[t]:
-                raise ConfigError(f"unknown ablation key {key!r}: strategy {t!r} has no field {fname!r}; "
-                                  f"allowed: {sorted(fields_of[t] - {'name'})}")
+                raise ConfigError(
+                    f"unknown ablation key {key!r}: strategy {t!r} has no field {fname!r}; "
+                    f"allowed: {sorted(fields_of[t] - {'name'})}"
+                )
         if not targets:
             raise ConfigError(f"ablation {key!r}: no strategy in {strategies} has a field {fname!r}")
         for t in targets:
@@ -127,8 +134,10 @@ def _check_budget_given(strategy: str, node: dict) -> None:
     except ConfigError:
         takes = False
     if takes:
-        raise ConfigError(f"strategy {strategy!r} needs a budget: add budget=N (a count of visual tokens, 1..the "
-                          f"backbone's visual tokens), or set its own fields (strategy.<field>=...)")
+        raise ConfigError(
+            f"strategy {strategy!r} needs a budget: add budget=N (a count of visual tokens, 1..the "
+            f"backbone's visual tokens), or set its own fields (strategy.<field>=...)"
+        )
 
 
 def changed(strategy: str, node: dict) -> dict:
@@ -156,13 +165,16 @@ def check_unique_names(specs: list[RunSpec], sweep: str) -> None:
         other = seen.setdefault(sp.name, sp)
         if other is not sp:
             diff = sorted(k for k in {*sp.fields, *other.fields} if sp.fields.get(k) != other.fields.get(k))
-            raise ConfigError(f"sweep {sweep!r}: two runs would both be named {sp.name!r} (they differ in "
-                              f"{diff or ['budget']}); make the differing field an ablation axis "
-                              "(sweep.ablations.<strategy>.<field>=[...]) so it names the runs")
+            raise ConfigError(
+                f"sweep {sweep!r}: two runs would both be named {sp.name!r} (they differ in "
+                f"{diff or ['budget']}); make the differing field an ablation axis "
+                "(sweep.ablations.<strategy>.<field>=[...]) so it names the runs"
+            )
 
 
 def _flatten_axes(d: dict, prefix: str = "") -> dict:
-    """{"<strategy>": {"<field>": [..]}} (from +sweep.ablations.<strategy>.<field>=[..]) -> {"<strategy>.<field>": [..]}"""
+    """{"<strategy>": {"<field>": [..]}} (from +sweep.ablations.<strategy>.<field>=[..])
+    -> {"<strategy>.<field>": [..]}"""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
@@ -189,18 +201,37 @@ def _evaluate(cfg, bb: runner.Backbone, samples, spec: RunSpec, base_row: dict |
     lat = run.get("latency", {})
     inputs = runner.latency_inputs(bb, samples, int(lat.get("samples", 4)))
     reducers = {"run": reducer} if spec.strategy == BASELINE else {"base": registry.build(BASELINE), "run": reducer}
-    timing = metrics.measure_pair(bb.model, inputs, reducers, repeats=int(lat.get("repeats", 3)),
-                                  new_tokens=int(lat.get("decode_tokens", 8)), memory=bool(lat.get("memory", True)))
+    timing = metrics.measure_pair(
+        bb.model,
+        inputs,
+        reducers,
+        repeats=int(lat.get("repeats", 3)),
+        new_tokens=int(lat.get("decode_tokens", 8)),
+        memory=bool(lat.get("memory", True)),
+    )
     base_t = timing.get("base", timing["run"])
     records = res.pop("records")
     row = {
-        "run_key": spec.key, "sweep": cfg.sweep.name, "name": spec.name, "strategy": spec.strategy,
-        "budget": spec.budget, "ablation": spec.ablation, "fields": spec.fields, "reducer": repr(reducer),
-        "backbone": bb.name, "task": cfg.task.name, "n_visual": bb.n_visual, **res,
-        "prefill_ms": timing["run"]["prefill_ms"], "decode_ms": timing["run"]["decode_ms"],
+        "run_key": spec.key,
+        "sweep": cfg.sweep.name,
+        "name": spec.name,
+        "strategy": spec.strategy,
+        "budget": spec.budget,
+        "ablation": spec.ablation,
+        "fields": spec.fields,
+        "reducer": repr(reducer),
+        "backbone": bb.name,
+        "task": cfg.task.name,
+        "n_visual": bb.n_visual,
+        **res,
+        "prefill_ms": timing["run"]["prefill_ms"],
+        "decode_ms": timing["run"]["decode_ms"],
         "peak_mb": timing["run"]["peak_mb"],
-        "base_prefill_ms": base_t["prefill_ms"], "base_decode_ms": base_t["decode_ms"], "base_peak_mb": base_t["peak_mb"],
-        "eval_seconds": eval_s, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "base_prefill_ms": base_t["prefill_ms"],
+        "base_decode_ms": base_t["decode_ms"],
+        "base_peak_mb": base_t["peak_mb"],
+        "eval_seconds": eval_s,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "config": runner.to_dict(cfg),
     }
     row["kv_cache_mb_base"] = res["kv_cache_mb"] if base_row is None else base_row["kv_cache_mb"]
@@ -218,9 +249,18 @@ def _evaluate(cfg, bb: runner.Backbone, samples, spec: RunSpec, base_row: dict |
 def wandb_config(cfg, spec: RunSpec) -> dict:
     """The effective config of one run, as W&B should filter and group it: the strategy with every field
     after budget mapping, the budget used, the backbone, task and run settings, the sweep and the run key."""
-    return {"strategy": effective_fields(spec.fields), "budget": spec.budget, "ablation": dict(spec.ablation),
-            "backbone": runner.to_dict(cfg.backbone), "task": runner.to_dict(cfg.task), "run": runner.to_dict(cfg.run),
-            "sweep": cfg.sweep.name, "out_dir": str(cfg.out_dir), "run_key": spec.key, "name": spec.name}
+    return {
+        "strategy": effective_fields(spec.fields),
+        "budget": spec.budget,
+        "ablation": dict(spec.ablation),
+        "backbone": runner.to_dict(cfg.backbone),
+        "task": runner.to_dict(cfg.task),
+        "run": runner.to_dict(cfg.run),
+        "sweep": cfg.sweep.name,
+        "out_dir": str(cfg.out_dir),
+        "run_key": spec.key,
+        "name": spec.name,
+    }
 
 
 def effective_fields(fields: dict) -> dict:
@@ -261,8 +301,14 @@ def run_sweep(cfg, on_row: Callable[[dict, int], None] | None = None, quiet: boo
     if not quiet:
         print(f"sweep {cfg.sweep.name!r}: {len(specs)} runs ({len(specs) - len(todo)} already done) -> {out}")
     base_row = done.get(specs[0].key)
-    bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc=f"sweep {cfg.sweep.name}", unit="run",
-               disable=quiet or not cfg.run.get("progress", True), position=0)
+    bar = tqdm(
+        total=len(specs),
+        initial=len(specs) - len(todo),
+        desc=f"sweep {cfg.sweep.name}",
+        unit="run",
+        disable=quiet or not cfg.run.get("progress", True),
+        position=0,
+    )
     finished = 0
     try:
         for spec in todo:
@@ -271,10 +317,17 @@ def run_sweep(cfg, on_row: Callable[[dict, int], None] | None = None, quiet: boo
             if cfg.run.get("per_sample", True):
                 write_jsonl_atomic(out / "samples" / f"{spec.key}.jsonl", records)
             if cfg.run.get("wandb", True):
-                row["wandb_dir"] = log_wandb(row, wandb_config(cfg, spec), cfg.run.get("wandb_dir") or out,
-                                             group=cfg.sweep.name, name=spec.name, tags=wandb_tags(spec, specs),
-                                             project=cfg.run.get("wandb_project", WANDB_PROJECT), samples=records,
-                                             key=spec.key)
+                row["wandb_dir"] = log_wandb(
+                    row,
+                    wandb_config(cfg, spec),
+                    cfg.run.get("wandb_dir") or out,
+                    group=cfg.sweep.name,
+                    name=spec.name,
+                    tags=wandb_tags(spec, specs),
+                    project=cfg.run.get("wandb_project", WANDB_PROJECT),
+                    samples=records,
+                    key=spec.key,
+                )
             results.append(row)  # the commit point
             done[spec.key] = row
             if spec.strategy == BASELINE:
@@ -285,8 +338,10 @@ def run_sweep(cfg, on_row: Callable[[dict, int], None] | None = None, quiet: boo
                 on_row(row, finished)
     except KeyboardInterrupt:
         bar.close()
-        raise Interrupted(f"interrupted after {sum(s.key in done for s in specs)} of {len(specs)} runs "
-                          f"(results in {results.path}); rerun the same command to resume") from None
+        raise Interrupted(
+            f"interrupted after {sum(s.key in done for s in specs)} of {len(specs)} runs "
+            f"(results in {results.path}); rerun the same command to resume"
+        ) from None
     bar.close()
     return [done[s.key] for s in specs]
 

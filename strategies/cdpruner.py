@@ -98,7 +98,7 @@ def dpp_greedy_map(L: torch.Tensor, k: int, tol: float = 1e-10) -> torch.Tensor:
 @register("cdpruner")
 @dataclass
 class CDPruner(CountBudget, TokenReducer):
-    """CDPruner (NeurIPS 2025): instruction-conditioned DPP (greedy MAP) over the projected visual tokens, before the LLM.
+    """CDPruner (NeurIPS 2025): instruction-conditioned DPP (greedy MAP) over projected visual tokens, before the LLM.
 
     keep: a count (int) or ratio (float) of the sample's visual tokens; preset: 192 / 128 / 64 (for 576
     tokens, scaled). relevance: embeds (the instruction's language-model embeddings) | none (r = 1);

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random backbones built from configs (no downloads), one thread."""
+
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -9,7 +10,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from tests.tiny import make_llava, llava_inputs  # noqa: E402,F401
+from tests.tiny import llava_inputs, make_llava  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ identity == stock exactly; none/random/fastv at batch 1 and on a left-padded bat
 cached == no-cache recompute, exact counts); Qwen keep-mode positions equal the original 3-D ones;
 repack refused on M-RoPE; video and multi-image prompts with per-span budgets; loading resolution.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -73,15 +74,18 @@ def test_identity_is_stock(name, attn):
 
 
 # ------------------------------------------------------------------------------- strategies
-SPECS = [({"name": "none"}, lambda n: n),
-         ({"name": "random", "layer": 0, "keep": 0.5}, lambda n: round(n * 0.5)),
-         ({"name": "random", "layer": 2, "keep": 3}, lambda n: 3),
-         ({"name": "fastv", "layer": 2, "keep": 0.5}, lambda n: round(n * 0.5)),
-         ({"name": "fastv", "layer": 1, "keep": 0.25, "budget_scope": "per_span"}, lambda n: round(n * 0.25))]
+SPECS = [
+    ({"name": "none"}, lambda n: n),
+    ({"name": "random", "layer": 0, "keep": 0.5}, lambda n: round(n * 0.5)),
+    ({"name": "random", "layer": 2, "keep": 3}, lambda n: 3),
+    ({"name": "fastv", "layer": 2, "keep": 0.5}, lambda n: round(n * 0.5)),
+    ({"name": "fastv", "layer": 1, "keep": 0.25, "budget_scope": "per_span"}, lambda n: round(n * 0.25)),
+]
 
 
-@pytest.mark.parametrize("spec,count", SPECS, ids=[f"{s['name']}-{s.get('layer', '')}-{s.get('keep', '')}"
-                                                    for s, _ in SPECS])
+@pytest.mark.parametrize(
+    "spec,count", SPECS, ids=[f"{s['name']}-{s.get('layer', '')}-{s.get('keep', '')}" for s, _ in SPECS]
+)
 @pytest.mark.parametrize("name", ["llava_next", "qwen2_vl", "qwen2_5_vl"])
 @torch.no_grad()
 def test_strategy_on_backbone(name, spec, count):
@@ -117,8 +121,9 @@ def test_strategy_on_backbone(name, spec, count):
 def test_qwen_keep_mode_keeps_3d_positions(name, layer):
     m = model_for(name)
     x = tb.collate(tb.qwen_examples(m))
-    pos3, _ = m.model.get_rope_index(x["input_ids"], x["mm_token_type_ids"], x["image_grid_thw"],
-                                     attention_mask=x["attention_mask"])
+    pos3, _ = m.model.get_rope_index(
+        x["input_ids"], x["mm_token_type_ids"], x["image_grid_thw"], attention_mask=x["attention_mask"]
+    )
     lm = m.model.language_model
     cos_ref, sin_ref = lm.rotary_emb(torch.zeros(1, 1, 64), pos3)  # the stock (B, L, hd) M-RoPE cos/sin
     seen = {}
@@ -164,8 +169,10 @@ def test_qwen_repack_is_refused(name):
 
 # ------------------------------------------------------------------------------- video / multi-image
 def _video_batch(m):
-    return [tb.qwen_video_sample(m, frames=3, seed=0),
-            tb.qwen_sample(m, [("text", 1), ("video", (2, 4, 8)), ("text", 3)], seed=1)]
+    return [
+        tb.qwen_video_sample(m, frames=3, seed=0),
+        tb.qwen_sample(m, [("text", 1), ("video", (2, 4, 8)), ("text", 3)], seed=1),
+    ]
 
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
@@ -202,12 +209,16 @@ def test_qwen_video_frames_are_spans(name):
 
 def _two_image(name, m):
     if name == "llava_next":
-        return [tb.llava_next_sample(m, 2, 3, ((70, 90), (56, 56)), seed=0),
-                tb.llava_next_sample(m, 1, 2, ((100, 50), (60, 60)), seed=1)]
+        return [
+            tb.llava_next_sample(m, 2, 3, ((70, 90), (56, 56)), seed=0),
+            tb.llava_next_sample(m, 1, 2, ((100, 50), (60, 60)), seed=1),
+        ]
     if name == "llava":
         return [tb.llava_frames_sample(m, 2, 3, 3, seed=0), tb.llava_frames_sample(m, 1, 2, 2, seed=1, between=0)]
-    return [tb.qwen_two_image_sample(m, seed=0),
-            tb.qwen_sample(m, [("image", (1, 8, 8)), ("text", 1), ("image", (1, 4, 4)), ("text", 2)], seed=1)]
+    return [
+        tb.qwen_two_image_sample(m, seed=0),
+        tb.qwen_sample(m, [("image", (1, 8, 8)), ("text", 1), ("image", (1, 4, 4)), ("text", 2)], seed=1),
+    ]
 
 
 @pytest.mark.parametrize("name", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
@@ -240,6 +251,7 @@ def test_multi_image_per_span_budgets(name):
 
 def _has_sparsevlm() -> bool:
     from framework.registry import available
+
     return "sparsevlm" in available()
 
 
@@ -249,8 +261,11 @@ def _has_sparsevlm() -> bool:
 @torch.no_grad()
 def test_sparsevlm_on_video_and_multi_image(name, prompt):
     if prompt == "video" and name != "qwen2_vl":
-        samples = (_two_image(name, model_for(name)) if name == "llava_next"
-                   else [tb.llava_frames_sample(model_for(name), 2, 4, 3, seed=2)])
+        samples = (
+            _two_image(name, model_for(name))
+            if name == "llava_next"
+            else [tb.llava_frames_sample(model_for(name), 2, 4, 3, seed=2)]
+        )
     else:
         samples = _video_batch(model_for(name)) if prompt == "video" else _two_image(name, model_for(name))
     m = model_for(name)

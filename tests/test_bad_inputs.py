@@ -34,10 +34,14 @@ BAD = [
     (["sweep.budgets=48"], r"sweep.budgets=48; allowed: a list"),
     (["run.devices=abc"], r"run.devices='abc' \(str\); allowed: an int, like the default 1"),
     (["run.latency.repeats=2.5"], r"run.latency.repeats=2.5 \(float\); allowed: an int, like the default 3"),
-    (["sweep=single", "strategy=sparsevlm", "budget=16", "strategy.budget=rank"],
-     r"sparsevlm budget='rank'; allowed: \['fixed', 'rank_v1', 'rank_paper'\]"),
-    (["sweep=single", "strategy=sparsevlm", "budget=16", "strategy.recycling=maybe"],
-     r"field 'recycling' got 'maybe' \(str\); expected bool \| None"),
+    (
+        ["sweep=single", "strategy=sparsevlm", "budget=16", "strategy.budget=rank"],
+        r"sparsevlm budget='rank'; allowed: \['fixed', 'rank_v1', 'rank_paper'\]",
+    ),
+    (
+        ["sweep=single", "strategy=sparsevlm", "budget=16", "strategy.recycling=maybe"],
+        r"field 'recycling' got 'maybe' \(str\); expected bool \| None",
+    ),
     (["backbone=toy_llava", "backbone.path=/nonexistent"], r"no toy checkpoint at /nonexistent.*backbone=toy_random"),
     (["sweep=recyling"], r"unknown sweep option 'recyling'; available: .*recycling"),
     (SINGLE, r"strategy 'fastv' needs a budget: add budget=N"),
@@ -48,8 +52,12 @@ BAD = [
 def results(tmp_path):
     """An out_dir holding two finished rows: a refused command must leave them byte for byte."""
     path = tmp_path / "results.jsonl"
-    path.write_text("".join(json.dumps({"run_key": k, "name": k, "strategy": "none", "sweep": "single",
-                                        "accuracy": 0.5}) + "\n" for k in ("a1", "b2")))
+    path.write_text(
+        "".join(
+            json.dumps({"run_key": k, "name": k, "strategy": "none", "sweep": "single", "accuracy": 0.5}) + "\n"
+            for k in ("a1", "b2")
+        )
+    )
     return path
 
 
@@ -65,15 +73,29 @@ def test_bad_input_is_one_line_exit_2(overrides, match, results, capsys):
     assert results.read_bytes() == before
 
 
-@pytest.mark.parametrize("bad, match", [("budget=abc", "budget must be a count"), ("budget=0", "budget 0 is not"),
-                                        ("strategy.recycling=maybe", "field 'recycling'"),
-                                        ("task.n=abc", "task.n='abc'")])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ("budget=abc", "budget must be a count"),
+        ("budget=0", "budget 0 is not"),
+        ("strategy.recycling=maybe", "field 'recycling'"),
+        ("task.n=abc", "task.n='abc'"),
+    ],
+)
 def test_bad_values_fail_before_any_weights_load(bad, match, capsys):
     """A checkpoint that does not exist would fail the load: these errors come first."""
     from experiments.cli import main
 
-    args = ["run", *BASE, "backbone=toy_llava", "backbone.path=/nonexistent", "sweep=single", "strategy=sparsevlm",
-            "budget=16", bad]
+    args = [
+        "run",
+        *BASE,
+        "backbone=toy_llava",
+        "backbone.path=/nonexistent",
+        "sweep=single",
+        "strategy=sparsevlm",
+        "budget=16",
+        bad,
+    ]
     assert main(args) == 2
     assert match in capsys.readouterr().err
 
@@ -112,8 +134,14 @@ def model():
 
 def test_image_tokens_without_pixel_values(model):
     x = llava_inputs(model, [(2, 3)])
-    with attach(model, build("fastv")), pytest.raises(ConfigError, match=r"holds 16 image/video tokens .* but no "
-                                                                         r"pixel values were given"):
+    with (
+        attach(model, build("fastv")),
+        pytest.raises(
+            ConfigError,
+            match=r"holds 16 image/video tokens .* but no "
+            r"pixel values were given",
+        ),
+    ):
         model(input_ids=x["input_ids"], attention_mask=x["attention_mask"])
 
 
@@ -146,11 +174,25 @@ def test_text_only_prompt_runs_the_stock_model_with_one_warning(model):
 def test_ctrl_c_says_how_far_the_sweep_got(tmp_path):
     """SIGINT after the first finished run: one line, exit 130, the finished rows kept; rerunning resumes."""
     out = tmp_path / "out"
-    cmd = [os.path.join(os.path.dirname(sys.executable), "sparsevlm"), "run", "backbone=toy_random", "task.n=120",
-           "task.batch_size=4", "run.wandb=false", "run.report=false", f"out_dir={out}"]
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "sparsevlm"),
+        "run",
+        "backbone=toy_random",
+        "task.n=120",
+        "task.batch_size=4",
+        "run.wandb=false",
+        "run.report=false",
+        f"out_dir={out}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     rows = out / "results.jsonl"
     try:
         while proc.poll() is None and not (rows.exists() and rows.stat().st_size):

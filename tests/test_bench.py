@@ -1,17 +1,43 @@
 """`sparsevlm bench` on a small random-weight LLaVA-shaped model (the real shapes are too slow for tests)."""
+
 import json
 
 import pytest
 
-SMALL = ["backbone.text.hidden=64", "backbone.text.ffn=128", "backbone.text.layers=4", "backbone.text.heads=4",
-         "backbone.text.kv_heads=4", "backbone.text.vocab=128", "backbone.vision.grid=8", "backbone.text_tokens=16"]
+SMALL = [
+    "backbone.text.hidden=64",
+    "backbone.text.ffn=128",
+    "backbone.text.layers=4",
+    "backbone.text.heads=4",
+    "backbone.text.kv_heads=4",
+    "backbone.text.vocab=128",
+    "backbone.vision.grid=8",
+    "backbone.text_tokens=16",
+]
 
 
 def test_bench_table_ratios_and_throughput(tmp_path, capsys):
     from experiments.cli import main
 
-    rc = main(["bench", "--strategies", "sparsevlm,fastv", "--budgets", "16", "--batches", "1,2", "--repeats", "1",
-               "--decode-tokens", "2", "--out", str(tmp_path), "--quiet", *SMALL])
+    rc = main(
+        [
+            "bench",
+            "--strategies",
+            "sparsevlm,fastv",
+            "--budgets",
+            "16",
+            "--batches",
+            "1,2",
+            "--repeats",
+            "1",
+            "--decode-tokens",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--quiet",
+            *SMALL,
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "| sparsevlm | 16 | 1 |" in text and "| fastv | 16 | 2 |" in text
@@ -33,8 +59,24 @@ def test_bench_table_ratios_and_throughput(tmp_path, capsys):
 def test_bench_scaling(tmp_path, capsys):
     from experiments.cli import main
 
-    rc = main(["bench", "--scaling-only", "--strategies", "fastv", "--budgets", "16", "--visual", "64,128",
-               "--repeats", "2", "--out", str(tmp_path), "--quiet", *SMALL])
+    rc = main(
+        [
+            "bench",
+            "--scaling-only",
+            "--strategies",
+            "fastv",
+            "--budgets",
+            "16",
+            "--visual",
+            "64,128",
+            "--repeats",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--quiet",
+            *SMALL,
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "| 64 |" in text and "| 128 |" in text
@@ -70,8 +112,11 @@ def test_decoder_timer_covers_the_strategys_work_and_only_the_decoder():
     reducer.begin = lambda ctx: time.sleep(0.05)
     slow_vision = model.model.vision_tower.register_forward_hook(lambda *a: time.sleep(0.2))
     try:
-        with torch.no_grad(), attach(model, reducer) as engine, \
-                metrics.DecoderTimer(engine.adapter.language_model) as dec:
+        with (
+            torch.no_grad(),
+            attach(model, reducer) as engine,
+            metrics.DecoderTimer(engine.adapter.language_model) as dec,
+        ):
             whole = metrics.time_prefill(model, {**inputs, "logits_to_keep": 1})
     finally:
         slow_vision.remove()

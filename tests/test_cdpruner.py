@@ -1,5 +1,6 @@
 """CDPruner: fast greedy DPP MAP == naive log-det greedy, the conditional kernel, relevance, exact budgets,
 batch == alone on a tiny LLaVA."""
+
 import math
 
 import pytest
@@ -58,8 +59,10 @@ def test_kernel_and_relevance_worked_example():
     assert torch.allclose(instruction_relevance(v, t, negate=True), (-a + 1 + 1e-6) / 1.0)
     assert torch.equal(instruction_relevance(v, t[:0]), torch.ones(3, dtype=torch.float64))
     r = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
-    S = torch.tensor([[1.0, 0.0, 1 / math.sqrt(2)], [0.0, 1.0, 1 / math.sqrt(2)],
-                      [1 / math.sqrt(2), 1 / math.sqrt(2), 1.0]], dtype=torch.float64)
+    S = torch.tensor(
+        [[1.0, 0.0, 1 / math.sqrt(2)], [0.0, 1.0, 1 / math.sqrt(2)], [1 / math.sqrt(2), 1 / math.sqrt(2), 1.0]],
+        dtype=torch.float64,
+    )
     assert torch.allclose(conditional_kernel(v, r), r[:, None] * S * r[None, :])
 
 
@@ -77,8 +80,12 @@ def test_budget_exact_on_a_singular_kernel():
 
 
 def test_config_errors():
-    for cfg, message in [({"relevance": "clip"}, "relevance='clip'"), ({"theta": 1.0}, "theta=1.0"),
-                         ({"preset": 100}, "preset=100"), ({"keep": 0}, "keep")]:
+    for cfg, message in [
+        ({"relevance": "clip"}, "relevance='clip'"),
+        ({"theta": 1.0}, "theta=1.0"),
+        ({"preset": 100}, "preset=100"),
+        ({"keep": 0}, "keep"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             build({"name": "cdpruner", **cfg})
 
@@ -92,9 +99,16 @@ def llava8():
     return make_llava(layers=4, grid=8)
 
 
-@pytest.mark.parametrize("cfg,kept", [({"keep": 10}, 10), ({"preset": 64}, 7), ({"keep": 0.5}, 32),
-                                      ({"keep": 12, "relevance": "none"}, 12),
-                                      ({"keep": 9, "negate": True, "theta": 0.5}, 9)])
+@pytest.mark.parametrize(
+    "cfg,kept",
+    [
+        ({"keep": 10}, 10),
+        ({"preset": 64}, 7),
+        ({"keep": 0.5}, 32),
+        ({"keep": 12, "relevance": "none"}, 12),
+        ({"keep": 9, "negate": True, "theta": 0.5}, 9),
+    ],
+)
 def test_batch_equals_alone_and_budget(llava8, cfg, kept):
     x = llava_inputs(llava8, PROMPTS)
     reducer = build({"name": "cdpruner", **cfg})
@@ -106,8 +120,11 @@ def test_batch_equals_alone_and_budget(llava8, cfg, kept):
     assert [r["stages"][0]["no_instruction"] for r in rec] == [False, False, cfg.get("relevance") != "none"]
     for b in range(len(PROMPTS)):
         cols = x["attention_mask"][b].bool()
-        xa = {"input_ids": x["input_ids"][b:b + 1, cols], "attention_mask": x["attention_mask"][b:b + 1, cols],
-              "pixel_values": x["pixel_values"][b:b + 1]}
+        xa = {
+            "input_ids": x["input_ids"][b : b + 1, cols],
+            "attention_mask": x["attention_mask"][b : b + 1, cols],
+            "pixel_values": x["pixel_values"][b : b + 1],
+        }
         with torch.no_grad(), attach(llava8, build({"name": "cdpruner", **cfg})) as eng1:
             o = llava8(**xa)
         assert (o.logits[0, -1] - out.logits[b, -1]).abs().max() < 1e-5

@@ -1,4 +1,5 @@
 """`sparsevlm flops` reproduces the paper's TFLOPs and equivalent tokens; `sparsevlm list` lists things."""
+
 import json
 
 import pytest
@@ -20,8 +21,10 @@ def test_flops_no_reduction(capsys):
     assert out["tokens_per_layer"] == [694] * 32
 
 
-@pytest.mark.parametrize("keep,tflops,equiv", [
-    ("2:309,6:204,15:113", 2.14, 192.03), ("2:312,6:117,15:39", 1.72, 128.6), ("2:82,6:32,15:18", 1.30, 64.8)])
+@pytest.mark.parametrize(
+    "keep,tflops,equiv",
+    [("2:309,6:204,15:113", 2.14, 192.03), ("2:312,6:117,15:39", 1.72, 128.6), ("2:82,6:32,15:18", 1.30, 64.8)],
+)
 def test_flops_paper_schedules(capsys, keep, tflops, equiv):
     out = run_json(capsys, "--keep", keep)
     assert out["tflops"] == pytest.approx(tflops, rel=0.015)

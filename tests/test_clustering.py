@@ -1,4 +1,5 @@
 """DPC-kNN recycling: distances that do not depend on a common offset, and the official cluster order."""
+
 import pytest
 import torch
 

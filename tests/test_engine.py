@@ -1,4 +1,5 @@
 """The engine on tiny random LLaVA: identity == stock, rows-only attention, cache/decode, batching."""
+
 from dataclasses import dataclass
 
 import pytest
@@ -19,8 +20,11 @@ def model(request):
 
 def _alone(x, b):
     cols = x["attention_mask"][b].bool()
-    return {"input_ids": x["input_ids"][b:b + 1, cols], "attention_mask": x["attention_mask"][b:b + 1, cols],
-            "pixel_values": x["pixel_values"][b:b + 1]}
+    return {
+        "input_ids": x["input_ids"][b : b + 1, cols],
+        "attention_mask": x["attention_mask"][b : b + 1, cols],
+        "pixel_values": x["pixel_values"][b : b + 1],
+    }
 
 
 @register("test_per_sample")
@@ -82,8 +86,14 @@ def test_rows_only_attention_equals_eager_rows():
 
 
 @pytest.mark.parametrize("positions_mode", ["keep", "repack"])
-@pytest.mark.parametrize("reducer", [{"name": "fastv", "layer": 2, "keep": 5}, {"name": "test_per_sample"},
-                                     {"name": "random", "layer": 1, "keep": 0.5, "seed": 3}])
+@pytest.mark.parametrize(
+    "reducer",
+    [
+        {"name": "fastv", "layer": 2, "keep": 5},
+        {"name": "test_per_sample"},
+        {"name": "random", "layer": 1, "keep": 0.5, "seed": 3},
+    ],
+)
 def test_cached_decode_equals_no_cache_recompute(model, reducer, positions_mode):
     x = llava_inputs(model, PROMPTS)
     r = build({**reducer, "positions": positions_mode})
@@ -108,13 +118,16 @@ def test_per_layer_cache_lengths_and_keep_positions():
     L = x["input_ids"].shape[1]
     seen = {}
     with torch.no_grad(), attach(model, build({"name": "fastv", "layer": 2, "keep": 6})) as engine:
+
         def spy(i):
             def hook(module, args, kwargs):
                 seen.setdefault(i, kwargs["position_embeddings"])
+
             return hook
 
-        hooks = [model.model.language_model.layers[i].register_forward_pre_hook(spy(i), with_kwargs=True)
-                 for i in (0, 3)]
+        hooks = [
+            model.model.language_model.layers[i].register_forward_pre_hook(spy(i), with_kwargs=True) for i in (0, 3)
+        ]
         out = model.generate(**x, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
         for h in hooks:
             h.remove()
@@ -158,8 +171,11 @@ def test_projector_drop_equals_stock_on_shortened_input():
         embeds[0, is_img] = feats.to(embeds.dtype)
         vis_pos = torch.nonzero(is_img).flatten()
         keep_pos = torch.cat([torch.nonzero(~is_img).flatten(), vis_pos[kept]]).sort().values
-        ref = model(inputs_embeds=embeds[:, keep_pos], position_ids=keep_pos[None],
-                    attention_mask=torch.ones(1, len(keep_pos), dtype=torch.long)).logits[:, -1]
+        ref = model(
+            inputs_embeds=embeds[:, keep_pos],
+            position_ids=keep_pos[None],
+            attention_mask=torch.ones(1, len(keep_pos), dtype=torch.long),
+        ).logits[:, -1]
     assert len(kept) == 6
     assert torch.allclose(pruned, ref, atol=1e-6)
 
@@ -175,7 +191,7 @@ def test_accounting_counts_tokens_per_layer():
         assert a.visual_per_layer == [16, 16, 4, 4]
         assert a.tokens_per_layer == [16 + t, 16 + t, 4 + t, 4 + t]
         assert a.equivalent_tokens == (16 + 4 + 4 + 4) / 4
-        assert a.flops == sum(4 * n * 64 ** 2 + 2 * n * n * 64 + 3 * n * 64 * 128 for n in a.tokens_per_layer)
+        assert a.flops == sum(4 * n * 64**2 + 2 * n * n * 64 + 3 * n * 64 * 128 for n in a.tokens_per_layer)
 
 
 @pytest.mark.parametrize("positions_mode", ["keep", "repack"])
@@ -187,9 +203,16 @@ def test_manual_decode_loop_after_projector_reduction(positions_mode):
     with torch.no_grad(), attach(model, r, replay=True):
         out = model(**x, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
-        cached = model(input_ids=nxt, cache=out.past_key_values, attention_mask=torch.ones(1, x["input_ids"].shape[1] + 1, dtype=torch.long)).logits[:, -1]
-        full = {**x, "input_ids": torch.cat([x["input_ids"], nxt], 1),
-                "attention_mask": torch.ones(1, x["input_ids"].shape[1] + 1, dtype=torch.long)}
+        cached = model(
+            input_ids=nxt,
+            cache=out.past_key_values,
+            attention_mask=torch.ones(1, x["input_ids"].shape[1] + 1, dtype=torch.long),
+        ).logits[:, -1]
+        full = {
+            **x,
+            "input_ids": torch.cat([x["input_ids"], nxt], 1),
+            "attention_mask": torch.ones(1, x["input_ids"].shape[1] + 1, dtype=torch.long),
+        }
         recomputed = model(**full).logits[:, -1]
     # keep: the recompute numbers the prompt 0..L-1 and the new token L; repack: both renumber 0..L'
     assert torch.allclose(cached, recomputed, atol=1e-5)

@@ -1,4 +1,5 @@
 """Bad input: one clear ConfigError naming the problem and what is allowed; detaching leaves the model stock."""
+
 import dataclasses
 
 import pytest

@@ -1,5 +1,6 @@
 """Experiments layer: configs, the Lightning runner (incl. DDP), resumable sweeps with W&B offline,
 the `sparsevlm run` main job (reduced, on an untrained toy-shaped model), the lmms-eval plugin."""
+
 import json
 import os
 from pathlib import Path
@@ -11,8 +12,15 @@ from framework.errors import ConfigError
 FAST = ["backbone=toy_random", "run=fast", "task.batch_size=20"]
 
 
-TINY_TOY = {"vision_hidden": 32, "vision_layers": 1, "vision_heads": 2, "text_hidden": 32, "text_layers": 4,
-            "text_heads": 2, "mlp_ratio": 2}
+TINY_TOY = {
+    "vision_hidden": 32,
+    "vision_layers": 1,
+    "vision_heads": 2,
+    "text_hidden": 32,
+    "text_layers": 4,
+    "text_heads": 2,
+    "mlp_ratio": 2,
+}
 
 
 def _compose(*overrides):
@@ -33,26 +41,35 @@ def test_compose_defaults_and_overrides():
     assert cfg.strategy.layer == 3 and cfg.task.n == 7
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (["strategy=bogus"], "unknown strategy option 'bogus'"),
-    (["backbone=nope"], "unknown backbone option"),
-    (["foo=1"], "unknown config key 'foo'"),
-    (["strategy=fastv", "strategy.nope=1"], "unknown config key"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["strategy=bogus"], "unknown strategy option 'bogus'"),
+        (["backbone=nope"], "unknown backbone option"),
+        (["foo=1"], "unknown config key 'foo'"),
+        (["strategy=fastv", "strategy.nope=1"], "unknown config key"),
+    ],
+)
 def test_bad_config_is_config_error(overrides, match):
     with pytest.raises(ConfigError, match=match):
         _compose(*overrides)
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (["sweep=single", "strategy=fastv", "budget=145"], "budget 145 is not allowed: the backbone has 144 visual tokens"),
-    (["task.n=0"], "has no questions"),
-    (["task.qtypes=[]"], "has no questions"),
-    (["task.qtypes=[colour_at,weather]"], "unknown question type"),
-    (["sweep.strategies=[none,nosuch]"], "unknown strategy 'nosuch'"),
-    (["+sweep.ablations.sparsevlm.bogus=[1,2]", "sweep.strategies=[sparsevlm]"], "has no field 'bogus'"),
-    (["sweep=single", "strategy=fastv", "+strategy.bogus=3", "budget=4"], r"unknown config key\(s\) \['bogus'\]"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (
+            ["sweep=single", "strategy=fastv", "budget=145"],
+            "budget 145 is not allowed: the backbone has 144 visual tokens",
+        ),
+        (["task.n=0"], "has no questions"),
+        (["task.qtypes=[]"], "has no questions"),
+        (["task.qtypes=[colour_at,weather]"], "unknown question type"),
+        (["sweep.strategies=[none,nosuch]"], "unknown strategy 'nosuch'"),
+        (["+sweep.ablations.sparsevlm.bogus=[1,2]", "sweep.strategies=[sparsevlm]"], "has no field 'bogus'"),
+        (["sweep=single", "strategy=fastv", "+strategy.bogus=3", "budget=4"], r"unknown config key\(s\) \['bogus'\]"),
+    ],
+)
 def test_bad_run_config_fails_before_any_run(tmp_path, overrides, match):
     from experiments import sweep
 
@@ -78,7 +95,9 @@ def test_budget_mapping():
     assert apply_budget({"name": "sparsevlm"}, 7, 64)[0]["preset"] == "64"
     assert apply_budget({"name": "sparsevlm", "budget": "rank_v1"}, 14, 64)[0]["preset"] == "128"
     assert apply_budget({"name": "sparsevlm", "budget": "rank_paper"}, 7, 64) == (
-        {"name": "sparsevlm", "budget": "rank_paper"}, None)
+        {"name": "sparsevlm", "budget": "rank_paper"},
+        None,
+    )
     assert apply_budget({"name": "none"}, 7, 64) == ({"name": "none"}, None)
     with pytest.raises(ConfigError, match="allowed 1..64"):
         apply_budget({"name": "random"}, 100, 64)
@@ -130,9 +149,16 @@ def test_sweep_grid_wandb_and_resume(tmp_path):
     from experiments import sweep
     from experiments.logging_utils import ResultsFile
 
-    overrides = ["task.n=8", f"out_dir={tmp_path}", "sweep.name=grid", "sweep.strategies=[none,sparsevlm,fastv]",
-                 "sweep.budgets=[48,16]", "+sweep.ablations.sparsevlm.recycling=[true,false]",
-                 "+sweep.ablations.fastv.positions=[keep,repack]", "run.per_sample=true"]
+    overrides = [
+        "task.n=8",
+        f"out_dir={tmp_path}",
+        "sweep.name=grid",
+        "sweep.strategies=[none,sparsevlm,fastv]",
+        "sweep.budgets=[48,16]",
+        "+sweep.ablations.sparsevlm.recycling=[true,false]",
+        "+sweep.ablations.fastv.positions=[keep,repack]",
+        "run.per_sample=true",
+    ]
     cfg = _compose(*overrides)
 
     class Boom(Exception):
@@ -159,9 +185,11 @@ def test_sweep_grid_wandb_and_resume(tmp_path):
     reduced = [r for r in stored if r["strategy"] != "none"]
     assert len(reduced) == 8
     assert {(r["strategy"], r["budget"], json.dumps(r["ablation"])) for r in reduced} == {
-        (s, b, json.dumps({k: v})) for s, k, vs in (("sparsevlm", "recycling", (True, False)),
-                                                    ("fastv", "positions", ("keep", "repack")))
-        for b in (48, 16) for v in vs}
+        (s, b, json.dumps({k: v}))
+        for s, k, vs in (("sparsevlm", "recycling", (True, False)), ("fastv", "positions", ("keep", "repack")))
+        for b in (48, 16)
+        for v in vs
+    }
     assert len(_wandb_runs(tmp_path)) == 9
     # a third invocation does nothing
     assert len(sweep.run_sweep(_compose(*overrides), quiet=True)) == 9
@@ -190,8 +218,17 @@ def test_main_job_reduced(tmp_path, capsys):
     rc = main(["run", *FAST, "task.n=8", "run.wandb=false", f"out_dir={tmp_path}"])
     assert rc == 0
     out = capsys.readouterr().out
-    for name in ("none", "random-48", "random-16", "fastv-48", "fastv-16", "tome-48", "tome-16",
-                 "sparsevlm-48", "sparsevlm-16"):
+    for name in (
+        "none",
+        "random-48",
+        "random-16",
+        "fastv-48",
+        "fastv-16",
+        "tome-48",
+        "tome-16",
+        "sparsevlm-48",
+        "sparsevlm-16",
+    ):
         assert f"| {name} " in out
     for f in ("acc_vs_tokens.png", "acc_vs_latency.png", "overlays.png", "table.md", "table.csv"):
         assert (tmp_path / f).stat().st_size > 0
@@ -222,13 +259,20 @@ def test_lmms_plugin_fake_task():
         SparseVLMLmms(model=model, processor=proc, strategy="fastv", budget=8, nonsense=1)
     with pytest.raises(ConfigError, match="llava adapter: unknown option"):
         SparseVLMLmms(model=model, processor=proc, strategy="fastv", budget=8, adapter_args="newline=text")
-    lm = SparseVLMLmms(model=model, processor=proc, strategy="sparsevlm", budget="48",
-                       strategy_args="recycling=false", max_new_tokens=3)
+    lm = SparseVLMLmms(
+        model=model,
+        processor=proc,
+        strategy="sparsevlm",
+        budget="48",
+        strategy_args="recycling=false",
+        max_new_tokens=3,
+    )
     assert lm.reducer.recycling is False and lm.reducer.preset == "192"
     sample = toy_task.generate(0, 1)[0]
     lm.task_dict = {"fake": {"test": {0: {"image": sample.image}}}}
-    req = SimpleNamespace(args=(sample.question, {"until": ["\n"], "max_new_tokens": 3},
-                                lambda doc: [doc["image"]], 0, "fake", "test"))
+    req = SimpleNamespace(
+        args=(sample.question, {"until": ["\n"], "max_new_tokens": 3}, lambda doc: [doc["image"]], 0, "fake", "test")
+    )
     out = lm.generate_until([req])
     assert len(out) == 1 and isinstance(out[0], str)
     acc = lm.records[0]["accounting"]
@@ -236,12 +280,17 @@ def test_lmms_plugin_fake_task():
     # batch_size=2 over 3 prompts (a padded batch, then one alone) answers exactly as one at a time
     samples = toy_task.generate(1, 3, ["colour_of", "relation", "exists"])  # prompts of different lengths
     docs = {i: {"image": s.image} for i, s in enumerate(samples)}
-    reqs = [SimpleNamespace(args=(s.question, {"until": ["\n"], "max_new_tokens": 3}, lambda doc: [doc["image"]],
-                                  i, "fake", "test")) for i, s in enumerate(samples)]
+    reqs = [
+        SimpleNamespace(
+            args=(s.question, {"until": ["\n"], "max_new_tokens": 3}, lambda doc: [doc["image"]], i, "fake", "test")
+        )
+        for i, s in enumerate(samples)
+    ]
     answers = {}
     for bs in (1, 2):
-        lm2 = SparseVLMLmms(model=model, processor=proc, strategy="sparsevlm", budget="48", batch_size=bs,
-                            max_new_tokens=3)
+        lm2 = SparseVLMLmms(
+            model=model, processor=proc, strategy="sparsevlm", budget="48", batch_size=bs, max_new_tokens=3
+        )
         lm2.task_dict = {"fake": {"test": docs}}
         answers[bs] = (lm2.generate_until(reqs), [r["accounting"]["visual_per_layer"] for r in lm2.records])
     assert answers[1] == answers[2] and len(answers[2][0]) == 3
@@ -253,8 +302,13 @@ def test_killed_between_wandb_and_results_row_reuses_the_wandb_run(tmp_path, mon
     from experiments import sweep
     from experiments.logging_utils import ResultsFile
 
-    overrides = ["task.n=4", f"out_dir={tmp_path}", "sweep.name=kill", "sweep.strategies=[none,fastv]",
-                 "sweep.budgets=[7]"]
+    overrides = [
+        "task.n=4",
+        f"out_dir={tmp_path}",
+        "sweep.name=kill",
+        "sweep.strategies=[none,fastv]",
+        "sweep.budgets=[7]",
+    ]
     real = ResultsFile.append
 
     def killed(self, row):
@@ -278,9 +332,26 @@ def test_hydra_multirun_shares_results(tmp_path):
     from experiments.logging_utils import ResultsFile
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.run([sys.executable, "-m", "experiments.sweep", "-m", *FAST, "task.n=6", "sweep=single",
-                           "strategy=fastv,random", "budget=21,7", f"out_dir={tmp_path}", "run.report=false",
-                           "run.wandb=false"], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.sweep",
+            "-m",
+            *FAST,
+            "task.n=6",
+            "sweep=single",
+            "strategy=fastv,random",
+            "budget=21,7",
+            f"out_dir={tmp_path}",
+            "run.report=false",
+            "run.wandb=false",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = ResultsFile(tmp_path / "results.jsonl").rows()
     assert sorted(r["name"] for r in rows) == ["fastv-21", "fastv-7", "none", "random-21", "random-7"]
@@ -293,11 +364,19 @@ def test_lmms_plugin_prompts_real_processors_with_their_chat_template():
     from experiments.toy.model import build_toy_model
 
     model, tok = build_toy_model(TINY_TOY)
-    template = ("{% for m in messages %}{{ m['role'].upper() + ': ' }}{% for c in m['content'] %}"
-                "{% if c['type'] == 'image' %}{{ '<image>\\n' }}{% else %}{{ c['text'] + ' ' }}{% endif %}"
-                "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
-    proc = LlavaProcessor(image_processor=CLIPImageProcessor(), tokenizer=tok, chat_template=template,
-                          patch_size=8, num_additional_image_tokens=1, vision_feature_select_strategy="default")
+    template = (
+        "{% for m in messages %}{{ m['role'].upper() + ': ' }}{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}{{ '<image>\\n' }}{% else %}{{ c['text'] + ' ' }}{% endif %}"
+        "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+    )
+    proc = LlavaProcessor(
+        image_processor=CLIPImageProcessor(),
+        tokenizer=tok,
+        chat_template=template,
+        patch_size=8,
+        num_additional_image_tokens=1,
+        vision_feature_select_strategy="default",
+    )
     lm = SparseVLMLmms(model=model, processor=proc, strategy="none")
     assert lm._prompt("what colour ?", 2) == "USER: <image>\n<image>\nwhat colour ? ASSISTANT:"
     proc.chat_template = None

@@ -37,9 +37,11 @@ def test_adapter_manifest_matches_the_classes():
 
 
 def test_list_imports_no_strategy_and_no_torch():
-    code = ("import sys; from experiments.cli import main; assert main(['list']) == 0; "
-            "loaded = [m for m in sys.modules if m == 'torch' or m.startswith('strategies.')]; "
-            "assert not loaded, loaded")
+    code = (
+        "import sys; from experiments.cli import main; assert main(['list']) == 0; "
+        "loaded = [m for m in sys.modules if m == 'torch' or m.startswith('strategies.')]; "
+        "assert not loaded, loaded"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "sparsevlm   [llm] SparseVLM: text raters" in proc.stdout

@@ -7,6 +7,7 @@ configured budget (tests/strategy_defaults.py). A strategy a backbone cannot hos
 with a ConfigError that says why (REFUSED in tests/strategy_defaults.py); nothing is skipped. To add a
 backbone, append a `Backbone` to BACKBONES.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,15 +39,21 @@ class Backbone:
 
 def _llava_alone(x: dict, b: int) -> dict:
     cols = x["attention_mask"][b].bool()
-    return {"input_ids": x["input_ids"][b:b + 1, cols], "attention_mask": x["attention_mask"][b:b + 1, cols],
-            "pixel_values": x["pixel_values"][b:b + 1]}
+    return {
+        "input_ids": x["input_ids"][b : b + 1, cols],
+        "attention_mask": x["attention_mask"][b : b + 1, cols],
+        "pixel_values": x["pixel_values"][b : b + 1],
+    }
 
 
 BACKBONES = [
-    Backbone("llava", lambda: make_llava(),
-             lambda m: llava_inputs(m, [(3, 5), (1, 2), (6, 8)]),
-             lambda m: llava_inputs(m, [(2, 4)], seed=1),
-             _llava_alone),
+    Backbone(
+        "llava",
+        lambda: make_llava(),
+        lambda m: llava_inputs(m, [(3, 5), (1, 2), (6, 8)]),
+        lambda m: llava_inputs(m, [(2, 4)], seed=1),
+        _llava_alone,
+    ),
 ]
 
 
@@ -61,8 +68,14 @@ def _tiny_backbone(name: str) -> Backbone:
         cache[id(m)] = examples(m)
         return tb.collate(cache[id(m)])
 
-    return Backbone(name, make, batch, lambda m: tb.collate([examples(m, seed=1)[0]]),
-                    lambda x, b: tb.split_batch(_MODELS[name], x, b), tb.forward_kwargs)
+    return Backbone(
+        name,
+        make,
+        batch,
+        lambda m: tb.collate([examples(m, seed=1)[0]]),
+        lambda x, b: tb.split_batch(_MODELS[name], x, b),
+        tb.forward_kwargs,
+    )
 
 
 BACKBONES += [_tiny_backbone(n) for n in ("llava_next", "qwen2_vl", "qwen2_5_vl")]
@@ -76,8 +89,12 @@ def _model(bb: Backbone):
     return _MODELS[bb.name]
 
 
-PARAMS = [pytest.param(bb, name, i, id=f"{bb.name}-{name}-{i}")
-          for bb in BACKBONES for name in available() for i in range(len(cases(name)))]
+PARAMS = [
+    pytest.param(bb, name, i, id=f"{bb.name}-{name}-{i}")
+    for bb in BACKBONES
+    for name in available()
+    for i in range(len(cases(name)))
+]
 
 
 def _n_hooks(model) -> int:

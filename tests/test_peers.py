@@ -2,14 +2,24 @@
 
 Pure-function checks on hand-built tokens, then each strategy's rule and budget on tiny LLaVA.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from framework import attach, build
-from framework.merging import (bipartite_soft_matching, contextual_merge, farthest_point_selection, grid_pool,
-                               grid_shape, merge_source, merge_to, merge_wavg, scaled)
+from framework.merging import (
+    bipartite_soft_matching,
+    contextual_merge,
+    farthest_point_selection,
+    grid_pool,
+    grid_shape,
+    merge_source,
+    merge_to,
+    merge_wavg,
+    scaled,
+)
 from models import adapter_for
 from strategies.dart import dart_select
 from strategies.tome import layer_schedule, prop_attn_mask
@@ -88,9 +98,15 @@ def test_tome_r0_and_unit_sizes_are_the_stock_model(model):
     assert (a - c).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("cfg,n", [({"name": "tome", "keep": 6}, 6), ({"name": "tome", "keep": 0.5}, 8),
-                                   ({"name": "tome", "keep": 5, "placement": "projector"}, 5),
-                                   ({"name": "tome", "preset": 192}, scaled(192, 16))])
+@pytest.mark.parametrize(
+    "cfg,n",
+    [
+        ({"name": "tome", "keep": 6}, 6),
+        ({"name": "tome", "keep": 0.5}, 8),
+        ({"name": "tome", "keep": 5, "placement": "projector"}, 5),
+        ({"name": "tome", "preset": 192}, scaled(192, 16)),
+    ],
+)
 def test_tome_budget_and_groups_partition_patches(model, cfg, n):
     _, rec, _ = _run(model, cfg)
     for r in rec:
@@ -119,7 +135,8 @@ def _run_seen(model, adapter, cfg, x):
     seen = {}
     with torch.no_grad(), attach(model, build(cfg)) as eng:
         hook = adapter.language_model.register_forward_pre_hook(
-            lambda m, a, kw: seen.update(e=kw["inputs_embeds"]), with_kwargs=True)
+            lambda m, a, kw: seen.update(e=kw["inputs_embeds"]), with_kwargs=True
+        )
         try:
             model(**x, position_ids=positions(x["attention_mask"]))
         finally:
@@ -212,7 +229,9 @@ def test_pooling_cells():
     pooled, cells = grid_pool(x, 4, 4, 2, 2)
     assert [c.tolist() for c in cells] == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
     assert pooled.flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
-    assert grid_shape(192, 24, 24) == (12, 16) and grid_shape(128, 24, 24) == (8, 16) and grid_shape(64, 24, 24) == (8, 8)
+    assert (
+        grid_shape(192, 24, 24) == (12, 16) and grid_shape(128, 24, 24) == (8, 16) and grid_shape(64, 24, 24) == (8, 8)
+    )
 
 
 def test_pooling_averages_projected_cells(model):

@@ -34,8 +34,9 @@ def test_readme_python_blocks_run_as_written(tmp_path):
     assert script, "README.md has no Python block to run"
     (tmp_path / "readme.py").write_text("\n".join(script))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "readme.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "readme.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = [line for line in proc.stdout.splitlines() if line.strip()]
     assert len(printed) == 4 and printed[0].startswith("none [144.0, 144.0]"), proc.stdout
@@ -56,10 +57,26 @@ def test_wheel_ships_every_checkpoint_and_config(tmp_path):
     import shutil
 
     src = tmp_path / "src"  # a copy: setuptools writes build/ next to the sources
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".*", "build", "outputs", "runs", "wandb", "*.egg-info",
-                                                             "__pycache__"))
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
-                           "-q", "-w", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    shutil.copytree(
+        ROOT, src, ignore=shutil.ignore_patterns(".*", "build", "outputs", "runs", "wandb", "*.egg-info", "__pycache__")
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(src),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = tmp_path.glob("sparsevlm-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())

@@ -1,4 +1,5 @@
 """`sparsevlm report`: rows, columns, files, and numbers equal to the results they come from."""
+
 import csv
 import json
 
@@ -9,26 +10,61 @@ from framework.errors import ConfigError
 QT = ["colour_of", "shape_of", "relation", "count"]
 
 
-def _row(name, strategy, budget, acc, by_type, eq, tflops, prefill, ratio=None, overlays=None, ablation=None,
-         base=10.0):
-    return {"run_key": name, "sweep": "s", "name": name, "strategy": strategy, "budget": budget,
-            "base_prefill_ms": base, "base_decode_ms": base / 5,
-            "ablation": ablation or {}, "backbone": "toy", "task": "toy_vqa", "n": 40, "n_visual": 144,
-            "accuracy": acc, "acc_by_type": dict(zip(QT, by_type)), "equivalent_tokens": eq, "tflops": tflops,
-            "flops_ratio": tflops / 2e-5, "prefill_ms": prefill, "prefill_ms_ratio": prefill / 10.0,
-            "decode_ms": 1.5, "kv_cache_mb": eq / 100, "peak_mb": 3.0, "accuracy_ratio": ratio,
-            "overlays": overlays or [], "config": {"task": {"name": "toy_vqa", "seed": 3, "n": 40, "qtypes": QT}}}
+def _row(
+    name, strategy, budget, acc, by_type, eq, tflops, prefill, ratio=None, overlays=None, ablation=None, base=10.0
+):
+    return {
+        "run_key": name,
+        "sweep": "s",
+        "name": name,
+        "strategy": strategy,
+        "budget": budget,
+        "base_prefill_ms": base,
+        "base_decode_ms": base / 5,
+        "ablation": ablation or {},
+        "backbone": "toy",
+        "task": "toy_vqa",
+        "n": 40,
+        "n_visual": 144,
+        "accuracy": acc,
+        "acc_by_type": dict(zip(QT, by_type)),
+        "equivalent_tokens": eq,
+        "tflops": tflops,
+        "flops_ratio": tflops / 2e-5,
+        "prefill_ms": prefill,
+        "prefill_ms_ratio": prefill / 10.0,
+        "decode_ms": 1.5,
+        "kv_cache_mb": eq / 100,
+        "peak_mb": 3.0,
+        "accuracy_ratio": ratio,
+        "overlays": overlays or [],
+        "config": {"task": {"name": "toy_vqa", "seed": 3, "n": 40, "qtypes": QT}},
+    }
 
 
 @pytest.fixture
 def results(tmp_path):
-    ov = [{"index": 0, "qtype": "relation", "correct": True, "groups": [[0], [5], [9, 10, 11]]},
-          {"index": 1, "qtype": "relation", "correct": False, "groups": [[3], [4]]}]
+    ov = [
+        {"index": 0, "qtype": "relation", "correct": True, "groups": [[0], [5], [9, 10, 11]]},
+        {"index": 1, "qtype": "relation", "correct": False, "groups": [[3], [4]]},
+    ]
     rows = [
         _row("fastv-21", "fastv", 21, 0.5, [0.6, 0.5, 0.4, 0.5], 31.8, 1.4e-5, 7.0, 0.625, ov, base=12.0),
         _row("none", "none", None, 0.8, [0.9, 0.8, 0.7, 0.8], 64.0, 2e-5, 9.0, 1.0, base=9.0),
-        _row("sparsevlm-7-recycling=off", "sparsevlm", 7, 0.55, [0.6, 0.6, 0.5, 0.5], 5.0, 0.9e-5, 6.0, 0.6875, ov,
-             {"recycling": False}, base=10.0),
+        _row(
+            "sparsevlm-7-recycling=off",
+            "sparsevlm",
+            7,
+            0.55,
+            [0.6, 0.6, 0.5, 0.5],
+            5.0,
+            0.9e-5,
+            6.0,
+            0.6875,
+            ov,
+            {"recycling": False},
+            base=10.0,
+        ),
         _row("fastv-7", "fastv", 7, 0.3, [0.3, 0.3, 0.3, 0.3], 21.2, 1.2e-5, 6.5, 0.375, ov, base=11.0),
     ]
     path = tmp_path / "results.jsonl"
@@ -39,6 +75,7 @@ def results(tmp_path):
                 f.write("{not json\n")  # a corrupted line (line 3): reported, the other rows kept
         f.write('{"run_key": "trunc')  # an interrupted write (line 6) is ignored
     return tmp_path, rows
+
 
 # the one no-reduction reference: the median of the four interleaved baseline timings (9, 10, 11, 12)
 REF = 10.5
@@ -56,8 +93,17 @@ def test_report_table_and_files(results, capsys):
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header[:2] == ["method", "budget"]
     assert header[2:6] == [f"{q} %" for q in QT]
-    for col in ("avg %", "% of none", "eq. tokens kept", "TFLOPs", "FLOPs %", "prefill ms", "prefill %",
-                "decode ms/tok", "decode %"):
+    for col in (
+        "avg %",
+        "% of none",
+        "eq. tokens kept",
+        "TFLOPs",
+        "FLOPs %",
+        "prefill ms",
+        "prefill %",
+        "decode ms/tok",
+        "decode %",
+    ):
         assert col in header
     body = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[1:]]
     # baseline first, then strategies in first-seen order, budgets descending
@@ -104,9 +150,11 @@ def test_report_holds_every_row_of_the_results(tmp_path):
     are both in the table; a run key logged twice counts once (its last row)."""
     from experiments.report import make_report
 
-    rows = [_row("none", "none", None, 0.8, [0.9] * 4, 144.0, 2e-5, 9.0),
-            _row("sparsevlm", "sparsevlm", None, 0.5, [0.5] * 4, 40.0, 1e-5, 6.0, ablation={"recycling": True}),
-            _row("sparsevlm", "sparsevlm", None, 0.4, [0.4] * 4, 38.0, 1e-5, 6.0, ablation={"recycling": False})]
+    rows = [
+        _row("none", "none", None, 0.8, [0.9] * 4, 144.0, 2e-5, 9.0),
+        _row("sparsevlm", "sparsevlm", None, 0.5, [0.5] * 4, 40.0, 1e-5, 6.0, ablation={"recycling": True}),
+        _row("sparsevlm", "sparsevlm", None, 0.4, [0.4] * 4, 38.0, 1e-5, 6.0, ablation={"recycling": False}),
+    ]
     rows[2]["run_key"] = "other"
     again = dict(rows[1], accuracy=0.55)
     with open(tmp_path / "results.jsonl", "w") as f:
@@ -128,13 +176,16 @@ def test_plots_hold_every_run_at_sweep_size(tmp_path):
 
     from experiments.report import make_report, series
 
-    ov = [{"index": i, "qtype": "relation", "correct": i % 2 == 0, "groups": [[j] for j in range(0, 144, 3)]}
-          for i in range(3)]
+    ov = [
+        {"index": i, "qtype": "relation", "correct": i % 2 == 0, "groups": [[j] for j in range(0, 144, 3)]}
+        for i in range(3)
+    ]
     rows = [_row("none", "none", None, 0.8, [0.8] * 4, 144.0, 2e-5, 9.0, 1.0)]
-    for variant, rec, mode, pos in itertools.product(["v1.5", "plus"], [True, False],
-                                                     ["fixed", "rank_v1", "rank_paper"], ["repack", "keep"]):
+    for variant, rec, mode, pos in itertools.product(
+        ["v1.5", "plus"], [True, False], ["fixed", "rank_v1", "rank_paper"], ["repack", "keep"]
+    ):
         ab = {"variant": variant, "recycling": rec, "budget": mode, "positions": pos}
-        for budget in ([None] if mode == "rank_paper" else [48, 16]):
+        for budget in [None] if mode == "rank_paper" else [48, 16]:
             name = "-".join(["sparsevlm"] + ([str(budget)] if budget else []) + [f"{k}={v}" for k, v in ab.items()])
             rows.append(_row(name, "sparsevlm", budget, 0.5, [0.5] * 4, budget or 30.0, 1e-5, 6.0, 0.6, ov, ab))
     assert len(rows) == 41

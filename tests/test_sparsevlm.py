@@ -1,5 +1,6 @@
 """SparseVLM: raters, DPC-kNN recycling, budgets, schedules on a LLaVA-1.5-7B-shaped random model,
 rows-only scores vs eager attentions, batching and cached decoding."""
+
 import math
 
 import pytest
@@ -107,10 +108,12 @@ def test_config_and_schedule():
     with pytest.raises(ConfigError):
         build({"name": "sparsevlm", "budget": "rank_v1", "preset": "96"})
     assert build("sparsevlm").positions == "repack"
-    bad = [({"keep": [100, 50]}, "2 counts for 3 pruning layers"),
-           ({"layers": [2, 2, 5], "keep": [9, 8, 7]}, "strictly increasing"),
-           ({"layers": [-1, 3], "keep": [9, 8]}, "strictly increasing"),
-           ({"budget": "rank_v1", "scale": 2.0}, "give both")]
+    bad = [
+        ({"keep": [100, 50]}, "2 counts for 3 pruning layers"),
+        ({"layers": [2, 2, 5], "keep": [9, 8, 7]}, "strictly increasing"),
+        ({"layers": [-1, 3], "keep": [9, 8]}, "strictly increasing"),
+        ({"budget": "rank_v1", "scale": 2.0}, "give both"),
+    ]
     for fields, message in bad:
         with pytest.raises(ConfigError, match=message):
             build({"name": "sparsevlm", **fields})
@@ -129,9 +132,10 @@ def llava32():
     return make_llava(layers=32, grid=24)
 
 
-@pytest.mark.parametrize("preset,traj,equal", [
-    ("192", [576, 309, 204, 113], 192.03), ("128", [576, 312, 117, 39], 128.62),
-    ("64", [576, 82, 32, 18], 64.81)])
+@pytest.mark.parametrize(
+    "preset,traj,equal",
+    [("192", [576, 309, 204, 113], 192.03), ("128", [576, 312, 117, 39], 128.62), ("64", [576, 82, 32, 18], 64.81)],
+)
 def test_presets_on_llava7b_shape(llava32, preset, traj, equal):
     x = llava_inputs(llava32, [(3, 12), (1, 9)])
     _, rec = run(llava32, build({"name": "sparsevlm", "preset": preset}), x)
@@ -179,17 +183,25 @@ def llava8():
 PROMPTS = [(3, 7), (1, 4), (6, 10)]
 
 
-@pytest.mark.parametrize("cfg", BUDGETS + [
-    {"budget": "fixed", "raters": "all_text", "merge": "sum", "assign": "cosine"},
-    {"budget": "fixed", "raters": "last_token", "positions": "keep"},
-    {"budget": "fixed", "raters": "all_tokens", "recycling": False}])
+@pytest.mark.parametrize(
+    "cfg",
+    BUDGETS
+    + [
+        {"budget": "fixed", "raters": "all_text", "merge": "sum", "assign": "cosine"},
+        {"budget": "fixed", "raters": "last_token", "positions": "keep"},
+        {"budget": "fixed", "raters": "all_tokens", "recycling": False},
+    ],
+)
 def test_batch_equals_alone(llava8, cfg):
     x = llava_inputs(llava8, PROMPTS)
     out, rec = run(llava8, build({"name": "sparsevlm", **cfg}), x)
     for b in range(len(PROMPTS)):
         cols = x["attention_mask"][b].bool()
-        xa = {"input_ids": x["input_ids"][b:b + 1, cols], "attention_mask": x["attention_mask"][b:b + 1, cols],
-              "pixel_values": x["pixel_values"][b:b + 1]}
+        xa = {
+            "input_ids": x["input_ids"][b : b + 1, cols],
+            "attention_mask": x["attention_mask"][b : b + 1, cols],
+            "pixel_values": x["pixel_values"][b : b + 1],
+        }
         o, ra = run(llava8, build({"name": "sparsevlm", **cfg}), xa)
         assert (o.logits[0, -1] - out.logits[b, -1]).abs().max() < 1e-5
         assert rec[b]["visual_per_layer"] == ra[0]["visual_per_layer"]
@@ -222,8 +234,9 @@ def test_scaled_presets_and_explicit_fields(llava8):
     _, rec = run(llava8, build({"name": "sparsevlm", "layers": [1, 3], "keep": [10, 5], "recycling": False}), x)
     assert rec[0]["visual_per_layer"] == [64, 64, 10, 10, 5, 5, 5, 5]
     # rank_v1 with explicit scale/bias: keep = int(0 * rank + 7) = 7 at the first layer, then Nv-1
-    _, rec = run(llava8, build({"name": "sparsevlm", "budget": "rank_v1", "scale": 0.0, "bias": 7.0,
-                                "recycling": False}), x)
+    _, rec = run(
+        llava8, build({"name": "sparsevlm", "budget": "rank_v1", "scale": 0.0, "bias": 7.0, "recycling": False}), x
+    )
     assert rec[0]["visual_per_layer"][:4] == [64, 64, 7, 6]
 
 

@@ -1,5 +1,6 @@
 """SparseVLM+ (official main branch, USE_VERSION=2_0): the RoPE gravity term, per-sample priority heads,
 its keep tables on a LLaVA-1.5-7B-shaped model, and batching."""
+
 import math
 
 import pytest
@@ -62,12 +63,14 @@ def test_config():
     assert SparseVLM.preset_table({"budget": "fixed"})["192"] == [300, 200, 110]
     assert SparseVLM.preset_table({"variant": "plus"}) is PLUS_PRESETS
     assert SparseVLMPlus.preset_table({}) is PLUS_PRESETS
-    bad = [({"name": "sparsevlm", "variant": "v2"}, "variant='v2'"),
-           ({"name": "sparsevlm", "priority_heads": 4}, "only with variant='plus'"),
-           ({"name": "sparsevlm_plus", "priority_heads": 0}, "a head count >= 1"),
-           ({"name": "sparsevlm_plus", "gravity_floor": 0.0}, "gravity_floor"),
-           ({"name": "sparsevlm_plus", "variant": "v1.5"}, "use strategy 'sparsevlm'"),
-           ({"name": "sparsevlm_plus", "preset": "100"}, "allowed: \\['128', '192', '64', '96'\\]")]
+    bad = [
+        ({"name": "sparsevlm", "variant": "v2"}, "variant='v2'"),
+        ({"name": "sparsevlm", "priority_heads": 4}, "only with variant='plus'"),
+        ({"name": "sparsevlm_plus", "priority_heads": 0}, "a head count >= 1"),
+        ({"name": "sparsevlm_plus", "gravity_floor": 0.0}, "gravity_floor"),
+        ({"name": "sparsevlm_plus", "variant": "v1.5"}, "use strategy 'sparsevlm'"),
+        ({"name": "sparsevlm_plus", "preset": "100"}, "allowed: \\['128', '192', '64', '96'\\]"),
+    ]
     for cfg, message in bad:
         with pytest.raises(ConfigError, match=message):
             build(cfg)
@@ -121,8 +124,9 @@ def llava32():
     return make_llava(layers=32, grid=24)
 
 
-@pytest.mark.parametrize("preset,traj", [("192", [576, 300, 200, 118]), ("128", [576, 238, 108, 60]),
-                                         ("64", [576, 66, 34, 20])])
+@pytest.mark.parametrize(
+    "preset,traj", [("192", [576, 300, 200, 118]), ("128", [576, 238, 108, 60]), ("64", [576, 66, 34, 20])]
+)
 def test_plus_presets_on_llava7b_shape(llava32, preset, traj):
     x = llava_inputs(llava32, [(3, 12), (1, 9)])
     _, rec = run(llava32, {"name": "sparsevlm_plus", "preset": preset}, x)
@@ -149,13 +153,21 @@ def llava8():
 
 def _alone(x, b):
     cols = x["attention_mask"][b].bool()
-    return {"input_ids": x["input_ids"][b:b + 1, cols], "attention_mask": x["attention_mask"][b:b + 1, cols],
-            "pixel_values": x["pixel_values"][b:b + 1]}
+    return {
+        "input_ids": x["input_ids"][b : b + 1, cols],
+        "attention_mask": x["attention_mask"][b : b + 1, cols],
+        "pixel_values": x["pixel_values"][b : b + 1],
+    }
 
 
-@pytest.mark.parametrize("cfg", [{"name": "sparsevlm_plus"},
-                                 {"name": "sparsevlm_plus", "budget": "rank_v1", "priority_heads": 1},
-                                 {"name": "sparsevlm", "variant": "plus", "recycling": True, "positions": "repack"}])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"name": "sparsevlm_plus"},
+        {"name": "sparsevlm_plus", "budget": "rank_v1", "priority_heads": 1},
+        {"name": "sparsevlm", "variant": "plus", "recycling": True, "positions": "repack"},
+    ],
+)
 def test_head_selection_per_sample_equals_batch_of_one(llava8, cfg):
     x = llava_inputs(llava8, PROMPTS)
     out, rec = run(llava8, cfg, x)

@@ -7,8 +7,15 @@ import torch
 from experiments.toy import model as toy
 from experiments.toy import relevance, task
 
-TINY = {"vision_hidden": 32, "vision_layers": 1, "vision_heads": 2, "text_hidden": 32, "text_layers": 4,
-        "text_heads": 2, "mlp_ratio": 2}
+TINY = {
+    "vision_hidden": 32,
+    "vision_layers": 1,
+    "vision_heads": 2,
+    "text_hidden": 32,
+    "text_layers": 4,
+    "text_heads": 2,
+    "mlp_ratio": 2,
+}
 
 
 # ------------------------------------------------------------------------------------------ generator
@@ -80,8 +87,12 @@ def test_stock_loading_path_answers_with_no_project_code(tiny, tmp_path):
     loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
     proc = AutoProcessor.from_pretrained(tmp_path)
     samples = task.generate(2, 3, ["colour_of", "relation", "exists"])  # different lengths: left padding
-    inputs = proc(images=[Image.fromarray(s.image) for s in samples],
-                  text=[f"<image> {s.question} {toy.ANSWER_PROMPT}" for s in samples], return_tensors="pt", padding=True)
+    inputs = proc(
+        images=[Image.fromarray(s.image) for s in samples],
+        text=[f"<image> {s.question} {toy.ANSWER_PROMPT}" for s in samples],
+        return_tensors="pt",
+        padding=True,
+    )
     ours = toy.encode_batch(samples, tok)
     assert torch.equal(inputs["input_ids"], ours["input_ids"])
     assert torch.allclose(inputs["pixel_values"], ours["pixel_values"], atol=1e-6)
@@ -102,8 +113,18 @@ def test_packed_question_equals_the_question_asked_alone(tiny, repack):
     keep = np.zeros(toy.N_VISUAL, bool)
     keep[rng.choice(toy.N_VISUAL, 30, replace=False)] = True
     keep[s.relevant + other[2]] = True
-    packed = toy.encode_packed([{"image": s.image, "questions": [(s.question, s.answer), other[:2]],
-                                 "caption": task.caption(s.scene), "keep": keep, "repack": repack}], tok)
+    packed = toy.encode_packed(
+        [
+            {
+                "image": s.image,
+                "questions": [(s.question, s.answer), other[:2]],
+                "caption": task.caption(s.scene),
+                "keep": keep,
+                "repack": repack,
+            }
+        ],
+        tok,
+    )
     alone = toy.encode_packed([{"image": s.image, "questions": [other[:2]], "keep": keep, "repack": repack}], tok)
     with torch.no_grad():
         logits = []
@@ -130,12 +151,17 @@ def test_masking_dropped_tokens_with_kept_positions_equals_removing_them(tiny):
     with torch.no_grad():
         embeds = model.get_input_embeddings()(b["input_ids"])
         feats = model.model.get_image_features(pixel_values=b["pixel_values"])
-        feats = (feats.pooler_output if hasattr(feats, "pooler_output") else feats)
+        feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
         feats = torch.cat(list(feats), 0) if isinstance(feats, (list, tuple)) else feats.reshape(-1, embeds.shape[-1])
         image = b["input_ids"][0] == model.config.image_token_id
         embeds[0, image] = feats.to(embeds.dtype)
-        idx = torch.cat([torch.tensor([0]), 1 + torch.from_numpy(np.flatnonzero(keep)),
-                         torch.arange(1 + toy.N_VISUAL, b["input_ids"].shape[1])])
+        idx = torch.cat(
+            [
+                torch.tensor([0]),
+                1 + torch.from_numpy(np.flatnonzero(keep)),
+                torch.arange(1 + toy.N_VISUAL, b["input_ids"].shape[1]),
+            ]
+        )
         ref = model.model.language_model(inputs_embeds=embeds[:, idx], position_ids=idx[None])[0][:, -1]
         ref = model.lm_head(ref).argmax(-1)
     acc = relevance.accuracy_with_keep(model, tok, [s], keep[None], repack=False)

@@ -2,6 +2,7 @@
 recomputation from the attention probabilities the model itself computes in its last full-attention
 vision block (eager attention, recorded as it runs), and the dominant tokens are exactly the top-scored
 ones of each image / video frame."""
+
 from __future__ import annotations
 
 import importlib
@@ -49,8 +50,10 @@ def test_qwen_dominance_score_and_dominant_tokens(monkeypatch, name):
     visual = model.model.visual
     full = 1 if name == "qwen2_5_vl" else len(visual.blocks) - 1
     probs = _record_block_attention(monkeypatch, model, full)
-    samples = [tb.qwen_two_image_sample(model, seed=0),  # images of 8 and 4 tokens
-               tb.qwen_video_sample(model, frames=3, seed=1)]  # 3 frames of 4 tokens
+    samples = [
+        tb.qwen_two_image_sample(model, seed=0),  # images of 8 and 4 tokens
+        tb.qwen_video_sample(model, frames=3, seed=1),
+    ]  # 3 frames of 4 tokens
     x = tb.collate(samples)
 
     from models.qwen2_vl import QwenTower

@@ -31,8 +31,12 @@ def test_recycling_sweep_names_every_run_apart():
 def test_overridden_fields_name_a_single_run():
     from experiments import sweep
 
-    names = [s.name for s in sweep.expand(_compose("sweep=single", "strategy=sparsevlm", "budget=16",
-                                                   "strategy.budget=rank_v1"), 144)]
+    names = [
+        s.name
+        for s in sweep.expand(
+            _compose("sweep=single", "strategy=sparsevlm", "budget=16", "strategy.budget=rank_v1"), 144
+        )
+    ]
     assert names == ["none", "sparsevlm-16-budget=rank_v1"]
     names = [s.name for s in sweep.expand(_compose("sweep=single", "strategy=fastv", "strategy.keep=10"), 144)]
     assert names == ["none", "fastv-keep=10"]  # no budget given: its own field decides and names it
@@ -43,12 +47,20 @@ def test_wandb_offline_config_is_the_effective_one(tmp_path):
     from experiments import sweep
     from strategies.sparsevlm import SparseVLM
 
-    cfg = _compose(f"out_dir={tmp_path}", "sweep.name=wb", "sweep.strategies=[none,sparsevlm]", "sweep.budgets=[16]",
-                   "+sweep.ablations.sparsevlm.recycling=[true,false]")
+    cfg = _compose(
+        f"out_dir={tmp_path}",
+        "sweep.name=wb",
+        "sweep.strategies=[none,sparsevlm]",
+        "sweep.budgets=[16]",
+        "+sweep.ablations.sparsevlm.recycling=[true,false]",
+    )
     rows = sweep.run_sweep(cfg, quiet=True)
     runs = {r["name"]: r for r in map(read_run, sorted((tmp_path / "wandb").glob("offline-run-*")))}
-    assert sorted(runs) == sorted(r["name"] for r in rows) == [
-        "none", "sparsevlm-16-recycling=off", "sparsevlm-16-recycling=on"]
+    assert (
+        sorted(runs)
+        == sorted(r["name"] for r in rows)
+        == ["none", "sparsevlm-16-recycling=off", "sparsevlm-16-recycling=on"]
+    )
     fields = {f.name for f in dataclasses.fields(SparseVLM) if f.init}
     for name, run in runs.items():
         c = run["config"]

@@ -1,4 +1,5 @@
 """Tiny random models and inputs for tests and examples (no hub access)."""
+
 from __future__ import annotations
 
 import torch
@@ -30,8 +31,8 @@ def llava_inputs(model, prompts: list[tuple[int, int]], seed: int = 0):
     ids = torch.zeros(len(seqs), L, dtype=torch.long)
     mask = torch.zeros(len(seqs), L, dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, L - len(s):] = s
-        mask[i, L - len(s):] = 1
+        ids[i, L - len(s) :] = s
+        mask[i, L - len(s) :] = 1
     size = model.config.vision_config.image_size
     pixels = torch.randn(len(seqs), 3, size, size, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}

@@ -4,6 +4,7 @@ Inputs are built per sample (`*_sample`, unpadded) and left-padded into a batch 
 test can run the same sample alone (`collate([s])`) and inside a batch. Factories share one signature:
 `make_*(layers=4, attn="sdpa", seed=0)`; `BACKBONES` maps a family to (factory, example builder).
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,9 @@ def make_qwen2_vl(layers: int = 4, attn: str = "sdpa", seed: int = 0):
 
 def make_qwen25_vl(layers: int = 4, attn: str = "sdpa", seed: int = 0):
     vision = {**QWEN_VISION, "hidden": 32, "ffn": 64, "window": 56, "fullatt": [1]}
-    return random_backbone("qwen2_5_vl", {"text": {**TEXT, "layers": layers}, "vision": vision, "tokens": TOKENS},
-                           attn=attn, seed=seed)
+    return random_backbone(
+        "qwen2_5_vl", {"text": {**TEXT, "layers": layers}, "vision": vision, "tokens": TOKENS}, attn=attn, seed=seed
+    )
 
 
 # ------------------------------------------------------------------------------- samples
@@ -39,8 +41,9 @@ def _text(n: int, g) -> torch.Tensor:
 
 def llava_next_sample(model, pre: int, post: int, sizes=((70, 90),), seed: int = 0, between: int = 2) -> dict:
     """[bos, text*pre, (image, text*between)..., text*post]; one image per entry of `sizes` (H, W)."""
-    from models.llava_next import LlavaNextAdapter
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    from models.llava_next import LlavaNextAdapter
 
     g = torch.Generator().manual_seed(seed)
     ad = LlavaNextAdapter(model)
@@ -61,8 +64,8 @@ def qwen_sample(model, segments, seed: int = 0) -> dict:
     (h, w even); each visual segment is wrapped in vision-start/end tokens."""
     g = torch.Generator().manual_seed(seed)
     v = model.config.vision_config
-    dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
-    m2 = v.spatial_merge_size ** 2
+    dim = v.in_channels * v.temporal_patch_size * v.patch_size**2
+    m2 = v.spatial_merge_size**2
     parts, images, videos, igrid, vgrid = [torch.tensor([1])], [], [], [], []
     for kind, arg in segments:
         if kind == "text":
@@ -106,8 +109,8 @@ def collate(samples: list[dict]) -> dict:
     mask = torch.zeros(B, L, dtype=torch.long)
     for i, s in enumerate(samples):
         n = s["input_ids"].numel()
-        ids[i, L - n:] = s["input_ids"]
-        mask[i, L - n:] = 1
+        ids[i, L - n :] = s["input_ids"]
+        mask[i, L - n :] = 1
     out = {"input_ids": ids, "attention_mask": mask}
     keys = set().union(*(s.keys() for s in samples)) - {"input_ids"}
     for k in sorted(keys):
@@ -117,7 +120,7 @@ def collate(samples: list[dict]) -> dict:
             parts = [torch.cat([p, p.new_zeros(p.shape[0], P - p.shape[1], *p.shape[2:])], 1) for p in parts]
         out[k] = torch.cat(parts)
     if "image_grid_thw" in out or "video_grid_thw" in out:
-        out["mm_token_type_ids"] = ((ids == IMAGE_TOKEN).int() + 2 * (ids == VIDEO_TOKEN).int())
+        out["mm_token_type_ids"] = (ids == IMAGE_TOKEN).int() + 2 * (ids == VIDEO_TOKEN).int()
     return out
 
 
@@ -129,16 +132,20 @@ def unpad(batch: dict, b: int, samples: list[dict]) -> dict:
 # ------------------------------------------------------------------------------- examples
 def llava_next_examples(model, seed: int = 0) -> list[dict]:
     """Three samples with different AnyRes layouts (and visual counts)."""
-    return [llava_next_sample(model, 3, 5, ((70, 90),), seed),
-            llava_next_sample(model, 1, 2, ((100, 50),), seed + 1),
-            llava_next_sample(model, 6, 8, ((56, 56),), seed + 2)]
+    return [
+        llava_next_sample(model, 3, 5, ((70, 90),), seed),
+        llava_next_sample(model, 1, 2, ((100, 50),), seed + 1),
+        llava_next_sample(model, 6, 8, ((56, 56),), seed + 2),
+    ]
 
 
 def qwen_examples(model, seed: int = 0) -> list[dict]:
     """Three samples with different visual counts (16 / 24 / 20 merged tokens)."""
-    return [qwen_sample(model, [("text", 3), ("image", (1, 8, 8)), ("text", 5)], seed),
-            qwen_sample(model, [("text", 1), ("image", (1, 8, 12)), ("text", 2)], seed + 1),
-            qwen_sample(model, [("text", 6), ("image", (1, 4, 20)), ("text", 8)], seed + 2)]
+    return [
+        qwen_sample(model, [("text", 3), ("image", (1, 8, 8)), ("text", 5)], seed),
+        qwen_sample(model, [("text", 1), ("image", (1, 8, 12)), ("text", 2)], seed + 1),
+        qwen_sample(model, [("text", 6), ("image", (1, 4, 20)), ("text", 8)], seed + 2),
+    ]
 
 
 def qwen_video_sample(model, frames: int = 3, seed: int = 0) -> dict:
@@ -147,8 +154,7 @@ def qwen_video_sample(model, frames: int = 3, seed: int = 0) -> dict:
 
 
 def qwen_two_image_sample(model, seed: int = 0) -> dict:
-    return qwen_sample(model, [("text", 2), ("image", (1, 4, 8)), ("text", 2), ("image", (1, 4, 4)),
-                               ("text", 4)], seed)
+    return qwen_sample(model, [("text", 2), ("image", (1, 4, 8)), ("text", 2), ("image", (1, 4, 4)), ("text", 4)], seed)
 
 
 BACKBONES = {
@@ -160,11 +166,12 @@ BACKBONES = {
 
 def llava_examples(model, seed: int = 0) -> list[dict]:
     from tests.tiny import llava_inputs
+
     x = llava_inputs(model, [(3, 5), (1, 2), (6, 8)], seed)
     out = []
     for b in range(3):
         keep = x["attention_mask"][b].bool()
-        out.append({"input_ids": x["input_ids"][b, keep], "pixel_values": x["pixel_values"][b:b + 1]})
+        out.append({"input_ids": x["input_ids"][b, keep], "pixel_values": x["pixel_values"][b : b + 1]})
     return out
 
 
@@ -177,14 +184,16 @@ def split_batch(model, x: dict, b: int) -> dict:
     from models import adapter_for
 
     cols = x["attention_mask"][b].bool()
-    out = {"input_ids": x["input_ids"][b:b + 1, cols], "attention_mask": x["attention_mask"][b:b + 1, cols]}
+    out = {"input_ids": x["input_ids"][b : b + 1, cols], "attention_mask": x["attention_mask"][b : b + 1, cols]}
     ids = x["input_ids"]
     name = type(model).__name__
     if name.startswith("Qwen"):
-        m2 = model.config.vision_config.spatial_merge_size ** 2
-        out["mm_token_type_ids"] = x["mm_token_type_ids"][b:b + 1, cols]
-        for tok, pix, grid in ((IMAGE_TOKEN, "pixel_values", "image_grid_thw"),
-                               (VIDEO_TOKEN, "pixel_values_videos", "video_grid_thw")):
+        m2 = model.config.vision_config.spatial_merge_size**2
+        out["mm_token_type_ids"] = x["mm_token_type_ids"][b : b + 1, cols]
+        for tok, pix, grid in (
+            (IMAGE_TOKEN, "pixel_values", "image_grid_thw"),
+            (VIDEO_TOKEN, "pixel_values_videos", "video_grid_thw"),
+        ):
             if grid not in x:
                 continue
             need = [int((ids[i] == tok).sum()) for i in range(ids.shape[0])]
@@ -211,7 +220,7 @@ def split_batch(model, x: dict, b: int) -> dict:
     per = model.config.image_seq_length  # LLaVA-1.5: images in batch order
     counts = [int((ids[i] == model.config.image_token_id).sum()) // per for i in range(ids.shape[0])]
     first = sum(counts[:b])
-    out["pixel_values"] = x["pixel_values"][first:first + counts[b]]
+    out["pixel_values"] = x["pixel_values"][first : first + counts[b]]
     return out
 
 
@@ -219,4 +228,5 @@ def forward_kwargs(model, x: dict) -> dict:
     """Extra kwargs for a plain forward that match generate(): Llama-style backbones need
     position_ids = cumsum(mask) - 1 under left padding; Qwen computes its M-RoPE ids from the mask."""
     from tests.tiny import positions
+
     return {} if type(model).__name__.startswith("Qwen") else {"position_ids": positions(x["attention_mask"])}

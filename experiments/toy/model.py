@@ -182,10 +182,14 @@ def prompt_text(question: str) -> str:
 def encode_batch(samples, tokenizer, with_labels: bool = False) -> dict:
     """Left-padded batch: ``input_ids`` (the 144 ``<image>`` tokens in place), ``attention_mask``,
     ``pixel_values``; with ``with_labels`` also ``answer_ids`` (B,), the id of the one-word answer."""
-    enc = tokenizer([prompt_text(s.question) for s in samples], padding=True, return_tensors="pt",
-                    add_special_tokens=False)
-    out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-           "pixel_values": image_to_tensor([s.image for s in samples])}
+    enc = tokenizer(
+        [prompt_text(s.question) for s in samples], padding=True, return_tensors="pt", add_special_tokens=False
+    )
+    out = {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "pixel_values": image_to_tensor([s.image for s in samples]),
+    }
     if with_labels:
         out["answer_ids"] = torch.tensor(tokenizer.convert_tokens_to_ids([s.answer for s in samples]))
     return out
@@ -279,7 +283,8 @@ class override_attention_mask:
         if impl == "eager":
             dtype = next(model.parameters()).dtype
             self.mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-                ~allowed, torch.finfo(dtype).min)
+                ~allowed, torch.finfo(dtype).min
+            )
         else:
             self.mask = allowed
         self.handles = []

@@ -48,8 +48,12 @@ def _query_rows(tokenizer, ids: torch.Tensor, visual: torch.Tensor, embeds: torc
     words = tokenizer.convert_ids_to_tokens(ids[text].tolist())
     n_q = len(words) - len(toy.ANSWER_PROMPT.split())
     content = text[[i for i, w in enumerate(words[:n_q]) if w in CONTENT_WORDS]]
-    return {"last": text[-1:], "content": content, "question": text[:n_q],
-            "raters": text[select_raters(embeds[visual], embeds[text])]}
+    return {
+        "last": text[-1:],
+        "content": content,
+        "question": text[:n_q],
+        "raters": text[select_raters(embeds[visual], embeds[text])],
+    }
 
 
 def _objects(scene: task.Scene) -> list[list[int]]:
@@ -108,10 +112,15 @@ def selection_stats(scores: np.ndarray, samples) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------ pruning at the input
-@torch.no_grad()
 def accuracy_with_keep(model, tokenizer, samples, keep: np.ndarray, repack: bool, batch_size: int = 100) -> float:
     """Accuracy when only the visual tokens in ``keep`` (n, 144) bool reach the language model (no token sees
     the others), with original or re-packed positions."""
+    return float(np.mean(hits_with_keep(model, tokenizer, samples, keep, repack, batch_size)))
+
+
+@torch.no_grad()
+def hits_with_keep(model, tokenizer, samples, keep: np.ndarray, repack: bool, batch_size: int = 100) -> np.ndarray:
+    """Per sample: is the answer right when only the visual tokens in ``keep`` reach the language model?"""
     hits = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
@@ -125,10 +134,11 @@ def accuracy_with_keep(model, tokenizer, samples, keep: np.ndarray, repack: bool
         allowed = torch.ones(L, L, dtype=torch.bool).tril()[None, None] & visible[:, None, None, :]
         allowed = allowed | torch.eye(L, dtype=torch.bool)[None, None]
         with toy.override_attention_mask(model, allowed):
-            logits = model(input_ids=ids, pixel_values=b["pixel_values"], position_ids=position_ids,
-                           logits_to_keep=1).logits[:, -1]
+            logits = model(
+                input_ids=ids, pixel_values=b["pixel_values"], position_ids=position_ids, logits_to_keep=1
+            ).logits[:, -1]
         hits += (logits.argmax(-1) == b["answer_ids"]).tolist()
-    return float(np.mean(hits))
+    return np.asarray(hits, bool)
 
 
 def oracle_keep(rng, samples, k: int) -> np.ndarray:
@@ -156,12 +166,24 @@ def top_keep(scores: np.ndarray, k: int) -> np.ndarray:
 
 def pruning_table(model, tokenizer, samples, scores: dict, stats: dict, seed: int = 0) -> dict:
     """Accuracy (% of all tokens) after pruning at the input: random, oracle (kept / re-packed positions),
-    and the content words' top tokens at their best layer up to the first pruning layer."""
+    and the content words' top tokens at their best layer up to the first pruning layer; overall and per
+    question type (``by_type``)."""
     rng = np.random.default_rng(seed)
-    full = accuracy_with_keep(model, tokenizer, samples, np.ones((len(samples), toy.N_VISUAL), bool), False)
+    types = np.array([s.qtype for s in samples])
+    full = hits_with_keep(model, tokenizer, samples, np.ones((len(samples), toy.N_VISUAL), bool), False)
     upto = first_prune_layer(model.config.text_config.num_hidden_layers)
     best = int(np.argmax(stats["content"]["asked>other"][: upto + 1]))
-    rows = {"full accuracy": full, "content layer": best, "first pruning layer": upto}
+    rows = {
+        "full accuracy": float(full.mean()),
+        "content layer": best,
+        "first pruning layer": upto,
+        "by_type": {t: {"full accuracy": float(full[types == t].mean())} for t in sorted(set(types))},
+    }
+
+    def share(hits, mask=slice(None)):
+        f = full[mask].mean()
+        return 100 * hits[mask].mean() / f if f else float("nan")
+
     for name, f in FRACTIONS.items():
         k = round(f * toy.N_VISUAL)
         oracle = oracle_keep(rng, samples, k)
@@ -171,27 +193,71 @@ def pruning_table(model, tokenizer, samples, scores: dict, stats: dict, seed: in
             ("oracle, positions re-packed", oracle, True),
             ("content words' top tokens", top_keep(scores["content"][:, best], k), False),
         ]:
-            acc = accuracy_with_keep(model, tokenizer, samples, keep, repack)
-            rows[f"{label} @ {name}"] = 100 * acc / full if full else float("nan")
+            hits = hits_with_keep(model, tokenizer, samples, keep, repack)
+            rows[f"{label} @ {name}"] = share(hits)
+            for t, r in rows["by_type"].items():
+                r[f"{label} @ {name}"] = share(hits, types == t)
     return rows
 
 
-def format_tables(stats: dict, pruning: dict) -> str:
+def type_stats(scores: dict, samples, upto: int) -> dict:
+    """Per question type and source: the best relevant-vs-other rate at layers 0..upto, and at which layer."""
+    types = np.array([s.qtype for s in samples])
+    out = {}
+    for t in sorted(set(types)):
+        idx = np.flatnonzero(types == t)
+        sub = [samples[i] for i in idx]
+        out[t] = {}
+        for src, sc in scores.items():
+            wins = selection_stats(sc[idx], sub)["asked>other"][: upto + 1]
+            out[t][src] = (float(wins.max()), int(wins.argmax()))
+    return out
+
+
+def format_tables(stats: dict, pruning: dict, by_type: dict | None = None) -> str:
     n_layers = len(stats["last"]["asked>other"])
     head = " | ".join(SOURCES)
-    lines = ["Recall of the relevant patches in the top 1/9 (top 1/3) of visual tokens, and how often a relevant "
-             "object out-scores another one (chance 0.5):", "",
-             f"| layer | {head} | asked > other: {head} |", "|---" * (2 + len(SOURCES)) + "|"]
+    lines = [
+        "Recall of the relevant patches in the top 1/9 (top 1/3) of visual tokens, and how often a relevant "
+        "object out-scores another one (chance 0.5):",
+        "",
+        f"| layer | {head} | asked > other: {head} |",
+        "|---" * (2 + len(SOURCES)) + "|",
+    ]
     for layer in range(n_layers):
         rec = " | ".join(f"{stats[s]['recall 1/9'][layer]:.2f} ({stats[s]['recall 1/3'][layer]:.2f})" for s in SOURCES)
         win = " / ".join(f"{stats[s]['asked>other'][layer]:.2f}" for s in SOURCES)
         lines.append(f"| {layer} | {rec} | {win} |")
-    lines += ["", f"chance recall: 0.11 (0.33). Pruned at the LM input, % of all tokens "
-              f"({100 * pruning['full accuracy']:.1f} % accuracy); content words at layer {pruning['content layer']} "
-              f"(first pruning layer of the scaled schedule: {pruning['first pruning layer']}):", "",
-              "| keep | " + " | ".join(FRACTIONS) + " |", "|---" * (1 + len(FRACTIONS)) + "|"]
+    lines += [
+        "",
+        f"chance recall: 0.11 (0.33). Pruned at the LM input, % of all tokens "
+        f"({100 * pruning['full accuracy']:.1f} % accuracy); content words at layer {pruning['content layer']} "
+        f"(first pruning layer of the scaled schedule: {pruning['first pruning layer']}):",
+        "",
+        "| keep | " + " | ".join(FRACTIONS) + " |",
+        "|---" * (1 + len(FRACTIONS)) + "|",
+    ]
     for label in ("random", "oracle, positions kept", "oracle, positions re-packed", "content words' top tokens"):
         lines.append(f"| {label} | " + " | ".join(f"{pruning[f'{label} @ {f}']:.1f}" for f in FRACTIONS) + " |")
+    if by_type:
+        upto = pruning["first pruning layer"]
+        lines += [
+            "",
+            f"Per question type: the best relevant-vs-other rate at layers 0-{upto} (layer), and pruning at "
+            "1/9 at the input (% of all tokens):",
+            "",
+            "| type | full % | " + " | ".join(SOURCES) + " | random | oracle re-packed | content words' top |",
+            "|---" * (5 + len(SOURCES)) + "|",
+        ]
+        for t, st in by_type.items():
+            p = pruning["by_type"][t]
+            wins = " | ".join(f"{st[s][0]:.2f} ({st[s][1]})" for s in SOURCES)
+            cells = [
+                p[f"{label} @ 1/9"] for label in ("random", "oracle, positions re-packed", "content words' top tokens")
+            ]
+            lines.append(
+                f"| {t} | {100 * p['full accuracy']:.1f} | {wins} | " + " | ".join(f"{c:.1f}" for c in cells) + " |"
+            )
     return "\n".join(lines)
 
 
@@ -218,7 +284,8 @@ def plot(stats: dict, path: Path) -> None:
 def run(model, tokenizer, samples, seed: int = 0) -> dict:
     scores = attention_scores(model, tokenizer, samples)
     stats = {k: selection_stats(v, samples) for k, v in scores.items()}
-    return {"stats": stats, "pruning": pruning_table(model, tokenizer, samples, scores, stats, seed)}
+    pruning = pruning_table(model, tokenizer, samples, scores, stats, seed)
+    return {"stats": stats, "pruning": pruning, "by_type": type_stats(scores, samples, pruning["first pruning layer"])}
 
 
 def main(argv=None) -> dict:
@@ -233,13 +300,15 @@ def main(argv=None) -> dict:
     model, tok = toy.load_toy(a.model)
     samples = task.generate(a.seed, a.n, [t for t in a.qtypes.split(",") if t])
     result = run(model, tok, samples)
-    text = format_tables(result["stats"], result["pruning"])
+    text = format_tables(result["stats"], result["pruning"], result["by_type"])
     print(text)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "relevance.md").write_text(text + "\n")
     as_lists = {s: {k: v.tolist() for k, v in d.items()} for s, d in result["stats"].items()}
-    (out / "relevance.json").write_text(json.dumps({"stats": as_lists, "pruning": result["pruning"]}, indent=1))
+    (out / "relevance.json").write_text(
+        json.dumps({"stats": as_lists, "pruning": result["pruning"], "by_type": result["by_type"]}, indent=1)
+    )
     plot(result["stats"], out / "relevance.png")
     return result
 

@@ -51,8 +51,30 @@ QTYPES = ["colour_of", "shape_of", "relation", "count", "exists", "position"]
 RELATIONS = {"left of": (0, -1), "above": (-1, 0)}  # block offset of the answer from the named object
 
 ANSWER_WORDS = COLOURS + SHAPES + NUMBERS + YES_NO
-QUESTION_WORDS = ["what", "colour", "shape", "is", "the", "object", "objects", "left", "of", "above", "how",
-                  "many", "there", "any", "at", "row", "column", "?", "answer", ":", "describe", ","]
+QUESTION_WORDS = [
+    "what",
+    "colour",
+    "shape",
+    "is",
+    "the",
+    "object",
+    "objects",
+    "left",
+    "of",
+    "above",
+    "how",
+    "many",
+    "there",
+    "any",
+    "at",
+    "row",
+    "column",
+    "?",
+    "answer",
+    ":",
+    "describe",
+    ",",
+]
 # word-level vocabulary (special tokens are added by the tokenizer)
 VOCAB = QUESTION_WORDS + ANSWER_WORDS + ROWS + COLS
 
@@ -161,8 +183,13 @@ def random_scene(rng: np.random.Generator, n_objects: tuple[int, int] = N_OBJECT
     blocks = np.stack([slots // BLOCKS, slots % BLOCKS], 1)
     colours = rng.permutation(np.repeat(np.arange(len(COLOURS)), _counts(rng, n, len(COLOURS), len(NUMBERS))))
     shapes = rng.permutation(np.repeat(np.arange(len(SHAPES)), _counts(rng, n, len(SHAPES), 5)))
-    return Scene(blocks=blocks, colours=colours, shapes=shapes, texture_seed=int(rng.integers(2**31)),
-                 jitter=rng.uniform(-15, 15, (n, 3)).astype(np.float32))
+    return Scene(
+        blocks=blocks,
+        colours=colours,
+        shapes=shapes,
+        texture_seed=int(rng.integers(2**31)),
+        jitter=rng.uniform(-15, 15, (n, 3)).astype(np.float32),
+    )
 
 
 def _unique(values: np.ndarray, k: int) -> list[int]:
@@ -187,25 +214,41 @@ def candidates(scene: Scene, qtype: str) -> list[tuple[str, str, list[int]]]:
             for rel, (dr, dc) in RELATIONS.items():
                 j = scene.at(int(scene.blocks[i, 0]) + dr, int(scene.blocks[i, 1]) + dc)
                 if j is not None and scene.colours[j] != scene.colours[i]:
-                    out.append((f"what colour is {rel} the {SHAPES[s]} ?", COLOURS[scene.colours[j]],
-                                sorted(scene.patches(i) + scene.patches(j))))
+                    out.append(
+                        (
+                            f"what colour is {rel} the {SHAPES[s]} ?",
+                            COLOURS[scene.colours[j]],
+                            sorted(scene.patches(i) + scene.patches(j)),
+                        )
+                    )
     elif qtype == "count":
         for c in range(len(COLOURS)):
             idx = np.flatnonzero(scene.colours == c)
             if 1 <= len(idx) <= len(NUMBERS):
-                out.append((f"how many {COLOURS[c]} objects ?", NUMBERS[len(idx) - 1],
-                            sorted(p for i in idx for p in scene.patches(int(i)))))
+                out.append(
+                    (
+                        f"how many {COLOURS[c]} objects ?",
+                        NUMBERS[len(idx) - 1],
+                        sorted(p for i in idx for p in scene.patches(int(i))),
+                    )
+                )
     elif qtype == "exists":
         present = {(int(c), int(s)) for c, s in zip(scene.colours, scene.shapes)}
         for c in sorted(set(scene.colours.tolist())):
             for s in sorted(set(scene.shapes.tolist())):
                 idx = np.flatnonzero(scene.colours == c)  # the objects whose shape decides the answer
-                out.append((f"is there any {COLOURS[c]} {SHAPES[s]} ?", "yes" if (c, s) in present else "no",
-                            sorted(p for i in idx for p in scene.patches(int(i)))))
+                out.append(
+                    (
+                        f"is there any {COLOURS[c]} {SHAPES[s]} ?",
+                        "yes" if (c, s) in present else "no",
+                        sorted(p for i in idx for p in scene.patches(int(i))),
+                    )
+                )
     elif qtype == "position":
         for i, (r, c) in enumerate(scene.blocks):
-            out.append((f"what colour is at row {ROWS[r]} column {COLS[c]} ?", COLOURS[scene.colours[i]],
-                        scene.patches(i)))
+            out.append(
+                (f"what colour is at row {ROWS[r]} column {COLS[c]} ?", COLOURS[scene.colours[i]], scene.patches(i))
+            )
     else:
         raise ValueError(f"unknown question type {qtype!r}; allowed: {QTYPES}")
     return out
@@ -227,8 +270,10 @@ def pick(rng: np.random.Generator, scene: Scene, qtype: str) -> tuple[str, str, 
 def caption(scene: Scene) -> str:
     """The alignment caption: every object as "<colour> <shape> <row> <column>", in raster order."""
     order = np.lexsort((scene.blocks[:, 1], scene.blocks[:, 0]))
-    return " , ".join(f"{COLOURS[scene.colours[i]]} {SHAPES[scene.shapes[i]]} {ROWS[scene.blocks[i, 0]]} "
-                      f"{COLS[scene.blocks[i, 1]]}" for i in order)
+    return " , ".join(
+        f"{COLOURS[scene.colours[i]]} {SHAPES[scene.shapes[i]]} {ROWS[scene.blocks[i, 0]]} {COLS[scene.blocks[i, 1]]}"
+        for i in order
+    )
 
 
 def make_sample(rng: np.random.Generator, qtype: str) -> Sample:

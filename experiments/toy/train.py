@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from experiments.toy import task
 from experiments.toy import model as toy
+from experiments.toy import task
 
 LOG_SEED, HELDOUT_SEED = 777, 12345
 
@@ -109,8 +109,11 @@ def evaluate(model, tokenizer, samples, batch_size: int = 100) -> dict:
     by_type: dict[str, list] = {}
     for s, h in zip(samples, hits):
         by_type.setdefault(s.qtype, []).append(h)
-    return {"accuracy": float(np.mean(hits)), "n": len(hits),
-            "by_type": {k: float(np.mean(v)) for k, v in sorted(by_type.items())}}
+    return {
+        "accuracy": float(np.mean(hits)),
+        "n": len(hits),
+        "by_type": {k: float(np.mean(v)) for k, v in sorted(by_type.items())},
+    }
 
 
 def build_module(h):
@@ -138,8 +141,10 @@ def build_module(h):
             logits = self.aux_head(f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + 1e-6))
             sizes = [len(task.COLOURS) + 1, len(task.SHAPES) + 1, task.GRID, task.GRID]
             t = patch_targets(scenes).to(f.device)
-            return sum(F.cross_entropy(p.reshape(-1, p.shape[-1]), t[..., k].reshape(-1))
-                       for k, p in enumerate(logits.split(sizes, -1)))
+            return sum(
+                F.cross_entropy(p.reshape(-1, p.shape[-1]), t[..., k].reshape(-1))
+                for k, p in enumerate(logits.split(sizes, -1))
+            )
 
         def training_step(self, batch, batch_idx):
             step = self.global_step
@@ -152,8 +157,9 @@ def build_module(h):
                 images = make_images(rng, h, step - h.vision_steps)
                 b = toy.encode_packed(images, self.tokenizer)
                 with toy.override_attention_mask(self.model, b["allowed"]):
-                    logits = self.model(input_ids=b["input_ids"], pixel_values=b["pixel_values"],
-                                        position_ids=b["position_ids"]).logits
+                    logits = self.model(
+                        input_ids=b["input_ids"], pixel_values=b["pixel_values"], position_ids=b["position_ids"]
+                    ).logits
                 per = F.cross_entropy(logits[b["target_row"], b["target_pos"]], b["target_ids"], reduction="none")
                 w = torch.where(b["target_is_answer"], 1.0, h.caption_weight)
                 loss = (per * w).sum() / w.sum() + h.aux_weight * self._aux_loss([im["scene"] for im in images])
@@ -165,9 +171,13 @@ def build_module(h):
             if step % h.log_every == 0 or step == h.total_steps:
                 r = evaluate(self.model, self.tokenizer, self.log_samples)
                 self.model.train()
-                row = {"step": step, "minutes": round((time.time() - self._t0) / 60, 2),
-                       "loss": round(float(np.mean(self._losses[-h.log_every:])), 4),
-                       "accuracy": round(r["accuracy"], 4), **{k: round(v, 3) for k, v in r["by_type"].items()}}
+                row = {
+                    "step": step,
+                    "minutes": round((time.time() - self._t0) / 60, 2),
+                    "loss": round(float(np.mean(self._losses[-h.log_every :])), 4),
+                    "accuracy": round(r["accuracy"], 4),
+                    **{k: round(v, 3) for k, v in r["by_type"].items()},
+                }
                 self.rows.append(row)
                 print(json.dumps(row), flush=True)
                 with open(Path(h.out) / "train_log.csv", "a", newline="") as fh:
@@ -185,11 +195,15 @@ def build_module(h):
                 s = step - h.vision_steps
                 warm = min(1.0, (s + 1) / h.warmup)
                 decay_from = int(h.steps * 0.8)
-                tail = 1.0 if s < decay_from else 0.5 * (1 + math.cos(math.pi * (s - decay_from) / (h.steps - decay_from)))
+                tail = (
+                    1.0 if s < decay_from else 0.5 * (1 + math.cos(math.pi * (s - decay_from) / (h.steps - decay_from)))
+                )
                 return warm * max(tail, 0.02)
 
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lr_at),
-                                                       "interval": "step"}}
+            return {
+                "optimizer": opt,
+                "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lr_at), "interval": "step"},
+            }
 
     return ToyTraining()
 
@@ -251,10 +265,18 @@ def main(argv=None) -> dict:
     pl.seed_everything(h.seed, workers=True, verbose=False)
     module = build_module(h)
     trainer = pl.Trainer(
-        accelerator=h.accelerator, devices=1, max_steps=h.total_steps, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, gradient_clip_val=1.0, deterministic=True, num_sanity_val_steps=0,
-        callbacks=[pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=250,
-                                                save_top_k=0)],
+        accelerator=h.accelerator,
+        devices=1,
+        max_steps=h.total_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+        deterministic=True,
+        num_sanity_val_steps=0,
+        callbacks=[
+            pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=250, save_top_k=0)
+        ],
     )
     loader = torch.utils.data.DataLoader(_Steps(h.total_steps), batch_size=None)
     trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
