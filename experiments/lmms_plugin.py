@@ -66,19 +66,6 @@ def _parse_value(v: Any) -> Any:
     return v
 
 
-def fixed_tokens_per_image(adapter) -> int | None:
-    """The backbone's visual tokens per image when every image has the same count (LLaVA-1.5, the toy), else
-    None (LLaVA-NeXT's AnyRes, Qwen2-VL's dynamic resolution). Asked as a method that answers, never
-    inferred from an attribute that exists on every adapter."""
-    ask = getattr(adapter, "fixed_tokens_per_image", None)
-    if callable(ask):
-        return ask()
-    try:
-        return int(adapter.tokens_per_image())
-    except (ConfigError, AttributeError, NotImplementedError):
-        return None
-
-
 @_register_model("sparsevlm")
 class SparseVLMLmms(_LmmsBase):
     """lmms-eval `simple` model: a supported VLM + a token-reduction strategy (see module docstring)."""
@@ -127,7 +114,7 @@ class SparseVLMLmms(_LmmsBase):
         budget = _parse_value(budget)
         # a count budget is read against the backbone's tokens per image, or (AnyRes, dynamic resolution) against
         # the papers' 576 of LLaVA-1.5, the scale their presets are quoted in
-        n_visual = fixed_tokens_per_image(self.adapter) or REFERENCE_VISUAL_TOKENS
+        n_visual = self.adapter.fixed_tokens_per_image() or REFERENCE_VISUAL_TOKENS
         fields, _ = apply_budget({**runner.strategy_node(strategy), **extra}, budget, n_visual)
         self.reducer = runner.build_reducer(fields)
         self.strategy_fields = fields

@@ -49,6 +49,11 @@ class BackboneAdapter:
     def attn_implementation(self) -> str:
         return self.text_config._attn_implementation or "eager"
 
+    def fixed_tokens_per_image(self) -> int | None:
+        """Visual tokens per image when every image has the same count (LLaVA-1.5, the toy); None when the count
+        varies by image (AnyRes, dynamic resolution)."""
+        return None
+
     def shape(self) -> dict:
         """Decoder shape for accounting: hidden d, FFN width m, layers, KV heads and head dim."""
         c = self.text_config
@@ -82,8 +87,8 @@ class BackboneAdapter:
     def visual_spans(self, input_ids: torch.Tensor, kwargs: dict, visual: torch.Tensor) -> torch.Tensor:
         """(B, L) long: the image / frame (0-based per sample, in prompt order) each visual position
         belongs to, -1 elsewhere. Default: runs of consecutive visual positions, cut into chunks of
-        `tokens_per_image()` when the adapter has a fixed count per image (adjacent images)."""
-        per = self.tokens_per_image() if hasattr(self, "tokens_per_image") else None
+        `fixed_tokens_per_image()` when the adapter has a fixed count per image (adjacent images)."""
+        per = self.fixed_tokens_per_image()
         out = torch.full(visual.shape, -1, dtype=torch.long, device=visual.device)
         for b in range(visual.shape[0]):
             pos = torch.nonzero(visual[b]).flatten()

@@ -25,6 +25,9 @@ class LlavaAdapter(BackboneAdapter):
         n = (v.image_size // v.patch_size) ** 2
         return n + (1 if self.model.config.vision_feature_select_strategy == "full" else 0)
 
+    def fixed_tokens_per_image(self) -> int:
+        return self.tokens_per_image()
+
     @property
     def vision_unit_tokens(self) -> int:
         return self.tokens_per_image()
