@@ -187,8 +187,11 @@ def test_relevance_tool_runs_on_a_tiny_model(tiny):
     samples = task.generate(8, 12)
     scores = relevance.attention_scores(model, tok, samples)
     assert set(scores) == set(relevance.SOURCES)
-    for v in scores.values():
-        assert v.shape == (12, 4, toy.N_VISUAL) and np.all(v >= 0)
+    named = np.array([s.qtype != "position" for s in samples])  # position questions name no content
+    assert np.isnan(scores["content"][~named]).all() and not np.isnan(scores["content"][named]).any()
+    for k, v in scores.items():
+        v = v[named] if k == "content" else v
+        assert v.shape[1:] == (4, toy.N_VISUAL) and np.all(v >= 0)
         assert np.all(v.sum(-1) <= 1 + 1e-5)  # attention mass on visual tokens
     assert model.config.text_config._attn_implementation == "sdpa"  # restored after the eager pass
     keep = relevance.oracle_keep(np.random.default_rng(0), samples, 16)

@@ -5,12 +5,13 @@
 * how often a relevant object out-scores another object of the scene (mean attention over its patches;
   all (relevant, other) pairs; chance 0.5);
 
-for the sources ``last`` (the last prompt token: FastV), ``content`` (the question's words that name colours,
-shapes or places), ``question`` (every question token) and ``raters`` (SparseVLM's selected raters). It also
-prunes at the language model's input and reports accuracy as % of all tokens: random, the oracle (relevant
-patches first, random others up to the budget) with positions kept and re-packed, and the content words'
-top tokens at the layer where they pick best (no later than the first pruning layer of SparseVLM's
-depth-scaled schedule).
+for the sources ``last`` (the last prompt token: FastV), ``content`` (the question's words that name a colour
+or a shape; the position control names a place and has none), ``question`` (every question token) and
+``raters`` (SparseVLM's selected raters). It also prunes at the language model's input and reports accuracy
+as % of all tokens: random, the oracle (relevant patches first, random others up to the budget) with
+positions kept and re-packed, and the content words' top tokens at the layer where they pick best (no later
+than the first pruning layer of SparseVLM's depth-scaled schedule; over the questions that have content
+words).
 
     python -m experiments.toy.relevance [toy-llava | path] [--n 600] [--out outputs/relevance]
 """
@@ -30,7 +31,7 @@ from experiments.toy import task
 
 SOURCES = ("last", "content", "question", "raters")
 FRACTIONS = {"1/9": 1 / 9, "1/3": 1 / 3}
-CONTENT_WORDS = set(task.COLOURS) | set(task.SHAPES) | set(task.ROWS) | set(task.COLS)
+CONTENT_WORDS = set(task.COLOURS) | set(task.SHAPES)  # the words that name content (places are not content)
 
 
 def first_prune_layer(n_layers: int) -> int:
@@ -92,7 +93,11 @@ def selection_stats(scores: np.ndarray, samples) -> dict[str, np.ndarray]:
     n, n_layers, nv = scores.shape
     stats = {f"recall {f}": np.zeros(n_layers) for f in FRACTIONS} | {"asked>other": np.zeros(n_layers)}
     counted = np.zeros(n_layers)
+    used = 0
     for s, sc in zip(samples, scores):
+        if np.isnan(sc).any():  # the source has no rows in this question (no content words)
+            continue
+        used += 1
         rel = np.asarray(s.relevant)
         objs = _objects(s.scene)
         rel_objs = [o for o in objs if set(o) <= set(s.relevant)]
@@ -106,8 +111,8 @@ def selection_stats(scores: np.ndarray, samples) -> dict[str, np.ndarray]:
             b = np.stack([sc[:, o].mean(1) for o in other], 1)
             stats["asked>other"] += (a[:, :, None] > b[:, None, :]).mean((1, 2))
             counted += 1
-    out = {k: v / n for k, v in stats.items() if k != "asked>other"}
-    out["asked>other"] = stats["asked>other"] / np.maximum(counted, 1)
+    out = {k: v / used if used else v * np.nan for k, v in stats.items() if k != "asked>other"}
+    out["asked>other"] = stats["asked>other"] / np.maximum(counted, 1) if used else counted * np.nan
     return out
 
 
@@ -180,8 +185,10 @@ def pruning_table(model, tokenizer, samples, scores: dict, stats: dict, seed: in
         "by_type": {t: {"full accuracy": float(full[types == t].mean())} for t in sorted(set(types))},
     }
 
-    def share(hits, mask=slice(None)):
-        f = full[mask].mean()
+    named = ~np.isnan(scores["content"][:, 0, 0])  # questions with content words
+
+    def share(hits, mask):
+        f = full[mask].mean() if mask.any() else 0.0
         return 100 * hits[mask].mean() / f if f else float("nan")
 
     for name, f in FRACTIONS.items():
@@ -191,12 +198,13 @@ def pruning_table(model, tokenizer, samples, scores: dict, stats: dict, seed: in
             ("random", random_keep(rng, len(samples), k), False),
             ("oracle, positions kept", oracle, False),
             ("oracle, positions re-packed", oracle, True),
-            ("content words' top tokens", top_keep(scores["content"][:, best], k), False),
+            ("content words' top tokens", top_keep(np.nan_to_num(scores["content"][:, best], nan=0.0), k), False),
         ]:
             hits = hits_with_keep(model, tokenizer, samples, keep, repack)
-            rows[f"{label} @ {name}"] = share(hits)
+            among = named if label.startswith("content") else np.ones(len(samples), bool)
+            rows[f"{label} @ {name}"] = share(hits, among)
             for t, r in rows["by_type"].items():
-                r[f"{label} @ {name}"] = share(hits, types == t)
+                r[f"{label} @ {name}"] = share(hits, among & (types == t))
     return rows
 
 
@@ -210,7 +218,7 @@ def type_stats(scores: dict, samples, upto: int) -> dict:
         out[t] = {}
         for src, sc in scores.items():
             wins = selection_stats(sc[idx], sub)["asked>other"][: upto + 1]
-            out[t][src] = (float(wins.max()), int(wins.argmax()))
+            out[t][src] = (float(wins.max()), int(wins.argmax())) if not np.isnan(wins).all() else (np.nan, -1)
     return out
 
 
@@ -238,6 +246,7 @@ def format_tables(stats: dict, pruning: dict, by_type: dict | None = None) -> st
         "|---" * (1 + len(FRACTIONS)) + "|",
     ]
     for label in ("random", "oracle, positions kept", "oracle, positions re-packed", "content words' top tokens"):
+        # the content words' row covers the questions that have content words (not the position control)
         lines.append(f"| {label} | " + " | ".join(f"{pruning[f'{label} @ {f}']:.1f}" for f in FRACTIONS) + " |")
     if by_type:
         upto = pruning["first pruning layer"]
@@ -251,13 +260,12 @@ def format_tables(stats: dict, pruning: dict, by_type: dict | None = None) -> st
         ]
         for t, st in by_type.items():
             p = pruning["by_type"][t]
-            wins = " | ".join(f"{st[s][0]:.2f} ({st[s][1]})" for s in SOURCES)
+            wins = " | ".join("-" if np.isnan(st[s][0]) else f"{st[s][0]:.2f} ({st[s][1]})" for s in SOURCES)
             cells = [
                 p[f"{label} @ 1/9"] for label in ("random", "oracle, positions re-packed", "content words' top tokens")
             ]
-            lines.append(
-                f"| {t} | {100 * p['full accuracy']:.1f} | {wins} | " + " | ".join(f"{c:.1f}" for c in cells) + " |"
-            )
+            shown = " | ".join("-" if np.isnan(c) else f"{c:.1f}" for c in cells)
+            lines.append(f"| {t} | {100 * p['full accuracy']:.1f} | {wins} | {shown} |")
     return "\n".join(lines)
 
 
