@@ -1,6 +1,6 @@
 """Train the toy LLaVA the LLaVA way, with PyTorch Lightning, in one command::
 
-    python -m experiments.toy.train --seed 1 --out runs/toy          # CPU: 1 thread, about 45 minutes
+    python -m experiments.toy.train --seed 2 --out runs/toy     # the shipped checkpoint; 1 CPU thread, about 56 minutes
 
 1. **Vision alignment** (``--vision-steps``): the CLIP tower and projector alone, with a throw-away linear head
    on every visual token predicting its object's colour and shape (or background) and the patch's row and
@@ -220,7 +220,7 @@ class _Steps(torch.utils.data.IterableDataset):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=2, help="2: the shipped checkpoint")
     p.add_argument("--out", default="runs/toy")
     p.add_argument("--ckpt-dir", default=None, help="Lightning checkpoints (default <out>/ckpt)")
     p.add_argument("--vision-steps", type=int, default=150)
