@@ -7,8 +7,9 @@ Three kinds of forward pre-hooks, all removed on `detach` (so a detached model i
     consistent with the shortened cache;
   * on every decoder layer: apply `llm`-stage decisions before chosen layers, and substitute the
     reduced mask / positions in later layers, at prefill and at every decode step.
-The parts: `decisions` (slots, applying decisions), `geometry` (masks, positions, decode), `accounting`
-(per-layer records), `attention` (rows-only attention). Samples may keep different numbers of tokens:
+The parts: `stages` (a prefill's state, each stage's context and decisions), `decisions` (slots, applying
+decisions), `geometry` (masks, positions, decode), `accounting` (per-layer records), `attention` (rows-only
+attention). Samples may keep different numbers of tokens:
 they are left-padded with empty slots that no real token attends to, so each decoder layer's KV cache
 holds exactly the slots that layer saw. Prefill only: decode steps never re-decide.
 """
@@ -18,44 +19,27 @@ from __future__ import annotations
 import warnings
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 
 from .accounting import count_per_layer, new_records, record_stage
-from .attention import attention_source
 from .backbones import adapter_for
-from .context import Slots, StageContext
 from .decisions import apply_decisions, initial_slots, read_prompt
 from .errors import ConfigError
 from .geometry import (
     StageGeometry,
     decode_layer_kwargs,
     decode_lm_kwargs,
-    llm_stage_geometry,
     projector_positions,
 )
 from .reducer import Decision, TokenReducer
+from .stages import Prefill, StageRunner
 
 _ATTACHED: "weakref.WeakKeyDictionary[torch.nn.Module, ReductionEngine]" = weakref.WeakKeyDictionary()
 """model -> the engine attached to it: a second reducer on the same model is refused, not silently stacked."""
 
 
-@dataclass
-class _Prefill:
-    slots: Slots
-    n_valid_in: torch.Tensor
-    base_pos: torch.Tensor
-    state: dict
-    embeds: torch.Tensor
-    samples: list[dict]
-    layer0: dict | None = None  # the kwargs layer 0 received (cos/sin, position ids, mask)
-    prev: tuple | None = None  # (layer index, input hidden, effective kwargs) of the last layer run
-    proj: dict = field(default_factory=dict)  # (layer, "q"|"k") -> that layer's q/k_proj output (B, L, H*hd)
-    current: StageGeometry | None = None
-
-
-class ReductionEngine:
+class ReductionEngine(StageRunner):
     """Attach a `TokenReducer` to a loaded model. Use `attach(model, reducer)` as a context manager."""
 
     def __init__(self, model: torch.nn.Module, reducer: TokenReducer, adapter=None, replay: bool = False):
@@ -73,7 +57,7 @@ class ReductionEngine:
         self._decisions: dict[tuple, list[Decision]] = {}
         self._handles: list = []
         self._pending: dict | None = None
-        self._run: _Prefill | None = None
+        self._run: Prefill | None = None
         self._proj: StageGeometry | None = None  # projector-stage geometry, for decode
         self._stages: list[StageGeometry] = []  # llm-stage geometries, for decode
         self._step: dict = {}
@@ -179,7 +163,7 @@ class ReductionEngine:
         slots = initial_slots(pending, valid)
         first = valid.float().argmax(1)
         base = self.adapter.text_positions(pos).gather(1, first[:, None]).squeeze(1)
-        run = _Prefill(
+        run = Prefill(
             slots=slots,
             n_valid_in=valid.sum(1),
             base_pos=base,
@@ -211,25 +195,6 @@ class ReductionEngine:
         self._begin(self._context("projector", 0, new_embeds, new_slots))
         return args, kw
 
-    def _begin(self, ctx: StageContext) -> None:
-        """Start the prefill's LLM part: the reducer's `begin`; the LM input's token counts."""
-        if not self._replaying:
-            self.reducer.begin(ctx)
-        run = self._run
-        run.n_valid_in = run.slots.n_valid()
-        for s, n in zip(run.samples, run.n_valid_in):
-            s["tokens_lm_input"] = int(n)
-
-    def _keep_projection(self, layer: int, kind: str):
-        """Forward hook: during a prefill, remember the layer's q/k projections (a reference, no copy) so the
-        decision after it gets its attention rows without re-projecting (`StageContext.attention`)."""
-
-        def hook(module, args, out):
-            if self._run is not None:
-                self._run.proj[(layer, kind)] = out
-
-        return hook
-
     def _layer_hook(self, i: int):
         def hook(module, args, kwargs):
             run = self._run
@@ -252,25 +217,6 @@ class ReductionEngine:
 
         return hook
 
-    def _llm_decision(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        run = self._run
-        decisions = self._decide(("llm", i), self._context("llm", i, h, run.slots))
-        new_slots, new_h = apply_decisions(run.slots, h, decisions)
-        record_stage(run.samples, i, "llm", run.slots, new_slots, decisions)
-        run.slots = new_slots
-        run.current = llm_stage_geometry(
-            self.adapter,
-            self.reducer.positions,
-            i,
-            new_slots,
-            new_h,
-            run.layer0,
-            run.base_pos,
-            run.n_valid_in - new_slots.n_valid(),
-        )
-        self._stages.append(run.current)
-        return new_h
-
     def _layer_decode(self, i: int, h, args, kwargs):
         geo = next((g for g in reversed(self._stages) if g.layer <= i), None)
         if geo is None:
@@ -278,33 +224,6 @@ class ReductionEngine:
         if geo.layer not in self._step:  # once per step for all layers sharing a geometry
             self._step[geo.layer] = decode_layer_kwargs(self.adapter, self.reducer.positions, i, h, kwargs, geo)
         return (h, *args[1:]) if args else (), {**kwargs, **self._step[geo.layer]}
-
-    # ------------------------------------------------------------------ decisions
-    def _context(self, stage: str, layer: int, hidden, slots) -> StageContext:
-        run = self._run
-        return StageContext(
-            stage=stage,
-            layer=layer,
-            hidden=hidden,
-            slots=slots,
-            adapter=self.adapter,
-            state=run.state,
-            embeds=run.embeds,
-            _attn_source=attention_source(self.adapter, run, layer, hidden),
-        )
-
-    def _decide(self, key: tuple, ctx: StageContext) -> list[Decision]:
-        if self.replay and key in self._decisions:
-            return self._decisions[key]
-        decisions = self.reducer.decide(ctx)
-        if len(decisions) != ctx.batch_size:
-            raise RuntimeError(
-                f"{type(self.reducer).__name__}.decide returned {len(decisions)} decisions "
-                f"for a batch of {ctx.batch_size}"
-            )
-        if self.replay:
-            self._decisions[key] = decisions
-        return decisions
 
 
 @contextmanager
