@@ -8,19 +8,9 @@ from pathlib import Path
 import pytest
 
 from framework.errors import ConfigError
+from tests.tiny import TINY_TOY
 
 FAST = ["backbone=toy_random", "run=fast", "task.batch_size=20"]
-
-
-TINY_TOY = {
-    "vision_hidden": 32,
-    "vision_layers": 1,
-    "vision_heads": 2,
-    "text_hidden": 32,
-    "text_layers": 4,
-    "text_heads": 2,
-    "mlp_ratio": 2,
-}
 
 
 def _compose(*overrides):

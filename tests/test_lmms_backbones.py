@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.tiny import TINY_TOY
+
 TEXT = {"hidden": 64, "ffn": 128, "heads": 4, "kv_heads": 2, "layers": 4, "max_positions": 4096}
 VISION = {"hidden": 32, "ffn": 64, "layers": 2, "heads": 4, "patch": 14}
 
@@ -33,17 +35,7 @@ def _ids(tok, image: str) -> dict:
 def toy_llava():
     from experiments.toy.model import build_processor, build_toy_model
 
-    model, tok = build_toy_model(
-        {
-            "vision_hidden": 32,
-            "vision_layers": 1,
-            "vision_heads": 2,
-            "text_hidden": 32,
-            "text_layers": 4,
-            "text_heads": 2,
-            "mlp_ratio": 2,
-        }
-    )
+    model, tok = build_toy_model(TINY_TOY)
     return model, build_processor(tok)
 
 

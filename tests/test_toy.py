@@ -6,16 +6,7 @@ import torch
 
 from experiments.toy import model as toy
 from experiments.toy import relevance, task
-
-TINY = {
-    "vision_hidden": 32,
-    "vision_layers": 1,
-    "vision_heads": 2,
-    "text_hidden": 32,
-    "text_layers": 4,
-    "text_heads": 2,
-    "mlp_ratio": 2,
-}
+from tests.tiny import TINY_TOY
 
 
 # ------------------------------------------------------------------------------------------ generator
@@ -74,7 +65,7 @@ def test_generation_is_deterministic_per_seed():
 # ------------------------------------------------------------------------------------------ model and inputs
 @pytest.fixture(scope="module")
 def tiny():
-    model, tok = toy.build_toy_model(TINY)
+    model, tok = toy.build_toy_model(TINY_TOY)
     return model.eval(), tok
 
 

@@ -11,6 +11,16 @@ VOCAB, IMAGE_TOKEN = 128, 100
 TEXT = {"hidden": 64, "ffn": 128, "heads": 4, "kv_heads": 2, "vocab": VOCAB, "max_positions": 4096}
 CLIP = {"hidden": 32, "ffn": 64, "layers": 2, "heads": 4, "patch": 14}
 TOKENS = {"image": IMAGE_TOKEN, "video": 101, "vision_start": 102, "vision_end": 103}
+# a tiny untrained toy LLaVA (experiments.toy.model.build_toy_model): the toy's tokenizer, 144 visual tokens
+TINY_TOY = {
+    "vision_hidden": 32,
+    "vision_layers": 1,
+    "vision_heads": 2,
+    "text_hidden": 32,
+    "text_layers": 4,
+    "text_heads": 2,
+    "mlp_ratio": 2,
+}
 
 
 def make_llava(layers: int = 4, attn: str = "sdpa", grid: int = 4, seed: int = 0):
