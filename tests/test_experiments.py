@@ -201,8 +201,7 @@ def test_sweep_grid_wandb_and_resume(tmp_path):
 
 
 def test_main_job_reduced(tmp_path, capsys):
-    """`sparsevlm run` = the default sweep (none/random/fastv/tome/sparsevlm x 48, 16; sparsevlm with positions
-    kept and re-packed) + table + plots;
+    """`sparsevlm run` = the default sweep (none/random/fastv/tome/sparsevlm x 48, 16) + table + plots;
     here on an untrained toy-shaped model with few questions."""
     from experiments.cli import main
 
@@ -217,10 +216,8 @@ def test_main_job_reduced(tmp_path, capsys):
         "fastv-16",
         "tome-48",
         "tome-16",
-        "sparsevlm-48-positions=keep",
-        "sparsevlm-16-positions=keep",
-        "sparsevlm-48-positions=repack",
-        "sparsevlm-16-positions=repack",
+        "sparsevlm-48",
+        "sparsevlm-16",
     ):
         assert f"| {name} " in out
     for f in ("acc_vs_tokens.png", "acc_vs_latency.png", "overlays.png", "table.md", "table.csv"):
