@@ -9,35 +9,23 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from importlib.metadata import entry_points
 from typing import Callable
 
 from .errors import ConfigError
+from .plugins import group_entry_points, load_group
 
 ENTRY_POINT_GROUP = "sparsevlm.adapters"
 
 _ADAPTERS: dict[str, type] = {}
 _DESCRIPTIONS: dict[str, str] = {}
-_loaded = False
 
 
 def _entry_points():
-    found = entry_points(group=ENTRY_POINT_GROUP)
-    if not found:
-        raise ConfigError(
-            f"no entry points in group {ENTRY_POINT_GROUP!r}, so no built-in adapters: install the "
-            "package (`pip install -e .`); a stale *.egg-info in the working directory hides them"
-        )
-    return found
+    return group_entry_points(ENTRY_POINT_GROUP, "adapters")
 
 
 def _load_plugins() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for ep in _entry_points():
-        ep.load()
+    load_group(ENTRY_POINT_GROUP, "adapters")
 
 
 def backbone_catalogue() -> dict[str, tuple[tuple[str, ...], str, list[str]]]:

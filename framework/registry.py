@@ -19,36 +19,24 @@ import importlib
 import importlib.util
 import os
 import sys
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import ConfigError
 from .fields import check_fields
+from .plugins import group_entry_points, load_group
 
 ENTRY_POINT_GROUP = "sparsevlm.strategies"
 
 _REDUCERS: dict[str, type] = {}
-_loaded = False
 
 
 def _entry_points():
-    found = entry_points(group=ENTRY_POINT_GROUP)
-    if not found:
-        raise ConfigError(
-            f"no entry points in group {ENTRY_POINT_GROUP!r}, so no built-in strategies: install the "
-            "package (`pip install -e .`); a stale *.egg-info in the working directory hides them"
-        )
-    return found
+    return group_entry_points(ENTRY_POINT_GROUP, "strategies")
 
 
 def _load_plugins() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for ep in _entry_points():
-        ep.load()
+    load_group(ENTRY_POINT_GROUP, "strategies")
 
 
 def _first_line(cls: type) -> str:
