@@ -59,10 +59,9 @@ def _tokens(shape: Mapping, vocab: int) -> dict[str, int]:
     }
 
 
-def _llama(t: Mapping):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
+def _decoder_fields(t: Mapping) -> dict:
+    """The decoder shape fields Llama and Qwen2 text configs share."""
+    return dict(
         vocab_size=t["vocab"],
         hidden_size=t["hidden"],
         intermediate_size=t["ffn"],
@@ -74,6 +73,12 @@ def _llama(t: Mapping):
         bos_token_id=1,
         eos_token_id=2,
     )
+
+
+def _llama(t: Mapping):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**_decoder_fields(t))
 
 
 def _clip(v: Mapping):
@@ -95,16 +100,7 @@ def _qwen_text(t: Mapping) -> dict:
     t_part = half // 4
     section = t.get("mrope_section") or [t_part, (half - t_part) // 2, half - t_part - (half - t_part) // 2]
     return dict(
-        vocab_size=t["vocab"],
-        hidden_size=t["hidden"],
-        intermediate_size=t["ffn"],
-        num_hidden_layers=t["layers"],
-        num_attention_heads=t["heads"],
-        num_key_value_heads=t.get("kv_heads", t["heads"]),
-        max_position_embeddings=t.get("max_positions", 16384),
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+        **_decoder_fields(t),
         rope_parameters={"rope_type": "default", "mrope_section": list(section), "rope_theta": 10000.0},
     )
 
