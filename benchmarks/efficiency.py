@@ -21,7 +21,12 @@ Per shape and batch size, for none and every strategy x budget:
   * in the same runs, the decoder-stack latency (the language model's forward: the scope of the paper's
     FLOPs formula) and the strategy's own work (time inside its `begin` / `decide`, rows-only attention
     and recycling included); on a GPU these are CUDA events read after the forward, so no extra sync;
-  * decode: median ms per new token of greedy `generate`, and decode throughput (new tokens / s);
+  * the stock floor: the stock decoder (no engine) timed at the row's tokens per layer (`stock_floor`), so
+    the gap between latency and FLOPs splits into what the shape costs beyond FLOPs (the stock model's
+    own fixed per-layer work) and what the reduction adds on top of it;
+  * decode: median ms per new token of greedy `generate` with the KV cache appended in place
+    (`framework.cache.GrowingCache`; `--cache dynamic`: transformers' DynamicCache), and decode
+    throughput (new tokens / s);
   * KV cache: MiB of every token every layer holds (accounting), and the paper's convention (MB = 1e6
     bytes of the visual tokens alone); peak memory over one prefill; prefill TFLOPs (paper formula, and
     with its attention term halved as causal kernels compute it);
@@ -60,7 +65,9 @@ import torch  # noqa: E402
 from experiments import metrics  # noqa: E402
 from framework import attach, build  # noqa: E402
 from framework.accounting import account  # noqa: E402
+from framework.backbones import adapter_for  # noqa: E402
 from framework.budget import REFERENCE_VISUAL_TOKENS, apply_budget  # noqa: E402
+from framework.cache import GrowingCache  # noqa: E402
 from models.random import random_backbone  # noqa: E402
 
 from .efficiency_table import batch_scaling, targets, to_markdown  # noqa: E402
@@ -268,11 +275,17 @@ def prefill_seconds(model, reducer, inputs, clock: Clock) -> tuple[float, float,
 
 
 @torch.no_grad()
-def decode_seconds(model, reducer, inputs, new_tokens: int, clock: Clock) -> float:
-    """Median seconds between consecutive new tokens of one greedy `generate` (the prefill excluded)."""
+def decode_seconds(model, reducer, inputs, new_tokens: int, clock: Clock, cache: str = "growing") -> float:
+    """Median seconds between consecutive new tokens of one greedy `generate` (the prefill excluded), with the
+    in-place KV cache (`framework.cache.GrowingCache`, cache="growing") or transformers' `DynamicCache`."""
     st = _Stamps(clock)
     with attach(model, reducer):
-        model.generate(**inputs, generation_config=metrics._generation_config(model, new_tokens), streamer=st)
+        model.generate(
+            **inputs,
+            generation_config=metrics._generation_config(model, new_tokens),
+            streamer=st,
+            cache=GrowingCache() if cache == "growing" else None,
+        )
     s = st.stamps[1:]  # [0] = the prompt, [1] = the first new token (after the prefill)
     return statistics.median(clock.seconds(a, b) for a, b in zip(s, s[1:]))
 
@@ -301,6 +314,8 @@ def accounting(model, reducer, inputs) -> dict:
         "kv_mib": sum(a.kv_bytes for a in acc) / 2**20,
         "kv_visual_mb": sum(per_token * sum(a.visual_per_layer) for a in acc) / 1e6,
         "equivalent_tokens": statistics.fmean(a.equivalent_tokens for a in acc),
+        # tokens entering each decoder layer, the mean over the samples (what the stock floor is timed at)
+        "tokens_per_layer": [statistics.fmean(n) for n in zip(*(a.tokens_per_layer for a in acc))],
     }
 
 
@@ -308,9 +323,58 @@ def _median(xs) -> float:
     return statistics.median(xs)
 
 
+# ---------------------------------------------------------------------------------------- stock floor
+FLOOR_POINTS = 12
+
+
+@torch.no_grad()
+def stock_decoder_seconds(model, batch: int, n: int, clock: Clock, repeats: int) -> float:
+    """The stock language model's forward (no engine, all layers at n tokens, fused causal attention, a KV
+    cache filled as at prefill) on random embeddings: median seconds."""
+    lm = adapter_for(model).language_model
+    x = torch.randn(batch, n, model.config.text_config.hidden_size, device=model.device, dtype=model.dtype)
+    times = []
+    for _ in range(repeats):
+        a = clock.stamp()
+        lm(inputs_embeds=x, use_cache=True)
+        times.append(clock.seconds(a, clock.stamp()))
+    return _median(times)
+
+
+def stock_floor(model, rows: list[dict], batch: int, clock: Clock, repeats: int) -> None:
+    """Add `floor_ms` to every row: the stock decoder's latency at the row's tokens per layer, i.e. what an
+    ideal reducer that costs nothing would take. Each layer is charged 1/L of the stock forward at its token
+    count, interpolated linearly on a grid of FLOOR_POINTS counts (a 7B layer's time is smooth in n). The
+    row's decoder latency over this floor is the reduction's own overhead (scoring, hooks, masks, padding);
+    the floor over the FLOPs ratio is what the shape itself costs beyond FLOPs (fixed per-layer work)."""
+    counts = [n for r in rows for n in r["tokens_per_layer"]]
+    lo, hi = max(1, int(min(counts))), int(max(counts) + 0.999)
+    grid = sorted({round(lo + (hi - lo) * k / (FLOOR_POINTS - 1)) for k in range(FLOOR_POINTS)})
+    stock_decoder_seconds(model, batch, grid[-1], clock, 1)  # warm-up
+    times = [stock_decoder_seconds(model, batch, n, clock, repeats) for n in grid]
+    g, t = torch.tensor(grid, dtype=torch.float64), torch.tensor(times, dtype=torch.float64)
+
+    def at(n: float) -> float:
+        j = int(torch.searchsorted(g, torch.tensor(n, dtype=torch.float64)).clamp(1, len(grid) - 1))
+        w = 0.0 if g[j] == g[j - 1] else float((n - g[j - 1]) / (g[j] - g[j - 1]))
+        return float(t[j - 1] + w * (t[j] - t[j - 1]))
+
+    for r in rows:
+        layers = r["tokens_per_layer"]
+        r["floor_ms"] = 1e3 * sum(at(n) for n in layers) / len(layers)
+
+
 # ---------------------------------------------------------------------------------------- one row
 def measure(
-    model, reducer, inputs, clock: Clock, repeats: int, new_tokens: int, decode_repeats: int, base=None
+    model,
+    reducer,
+    inputs,
+    clock: Clock,
+    repeats: int,
+    new_tokens: int,
+    decode_repeats: int,
+    base=None,
+    cache: str = "growing",
 ) -> dict:
     """One row's raw figures. With `base` (the no-reduction reducer), prefill is interleaved with it and the
     row carries its own baseline prefill; otherwise the baseline is measured separately by the caller."""
@@ -326,7 +390,7 @@ def measure(
         "own_ms": 1e3 * _median([r[2] for r in runs]),
         "own_share": _median([r[2] / r[0] for r in runs]),
         "decode_ms": 1e3
-        * _median([decode_seconds(model, reducer, inputs, new_tokens, clock) for _ in range(decode_repeats)]),
+        * _median([decode_seconds(model, reducer, inputs, new_tokens, clock, cache) for _ in range(decode_repeats)]),
         "peak_mb": peak_mb(model, reducer, inputs),
         **accounting(model, reducer, inputs),
     }
@@ -365,6 +429,11 @@ def finish(row: dict, base: dict, batch: int, prompt_tokens: int) -> dict:
         row[f"base_{k}"] = base[k]
     row["latency_vs_flops"] = row["prefill_ms_ratio"] / row["tflops_ratio"] - 1
     row["decoder_vs_flops"] = row["decoder_ms_ratio"] / row["tflops_ratio"] - 1
+    # the stock decoder at the row's tokens per layer: its ratio to the unreduced stock decoder, and how far
+    # the row's decoder latency is above it (the reduction's own overhead)
+    row["floor_ratio"] = row["floor_ms"] / base["floor_ms"]
+    row["floor_vs_flops"] = row["floor_ratio"] / row["tflops_ratio"] - 1
+    row["decoder_vs_floor"] = row["decoder_ms"] / row["floor_ms"] - 1
     return row
 
 
@@ -397,6 +466,7 @@ def run_group(
     decode_repeats: int,
     log,
     deadline: float | None = None,
+    cache: str = "growing",
 ) -> list[dict] | None:
     """No reduction and every (strategy, budget) of `runs` at one shape and batch size -> finished rows
     (None when no reduction does not fit in memory)."""
@@ -405,7 +475,7 @@ def run_group(
     inputs = make_inputs(model, name, batch)
     prompt = inputs["input_ids"].shape[1]
     try:
-        base = measure(model, bb.none, inputs, clock, repeats, new_tokens, decode_repeats)
+        base = measure(model, bb.none, inputs, clock, repeats, new_tokens, decode_repeats, cache=cache)
     except torch.OutOfMemoryError:
         log(f"[{name} b{batch}] out of memory without reduction: batch skipped")
         torch.cuda.empty_cache()
@@ -420,7 +490,15 @@ def run_group(
         paired = bb.none if batch == 1 else None
         try:
             row = measure(
-                model, reducer_for(s, bu, bb.n_visual), inputs, clock, repeats, new_tokens, decode_repeats, paired
+                model,
+                reducer_for(s, bu, bb.n_visual),
+                inputs,
+                clock,
+                repeats,
+                new_tokens,
+                decode_repeats,
+                paired,
+                cache=cache,
             )
         except torch.OutOfMemoryError:
             log(f"[{name} b{batch}] {s} {bu}: out of memory; row skipped")
@@ -437,6 +515,7 @@ def run_group(
         for key in ("prefill_ms", "decoder_ms"):
             pair = [r[f"interleaved_base_{key}"] for _, _, r in group[1:]] or [base[key]]
             base[key] = base[f"interleaved_base_{key}"] = _median(pair)
+    stock_floor(model, [row for _, _, row in group], batch, clock, repeats)
     out = []
     for s, bu, row in group:
         fields = {"shape": name, "batch": batch, "visual": bb.n_visual, "prompt_tokens": prompt}
@@ -465,6 +544,7 @@ def metadata(args, device: torch.device, clock_name: str, argv: list[str]) -> di
         "batch_repeats": args.batch_repeats,
         "new_tokens": args.new_tokens,
         "decode_repeats": args.decode_repeats,
+        "decode_cache": args.cache,
         "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 
@@ -487,6 +567,12 @@ def parse(argv):
     p.add_argument("--new-tokens", type=int, default=None, help="decoded tokens per generate (cuda 16, cpu 8)")
     p.add_argument("--decode-repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--cache",
+        choices=("growing", "dynamic"),
+        default="growing",
+        help="decode KV cache: in-place appends (framework.cache.GrowingCache) or transformers' DynamicCache",
+    )
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/efficiency_<device>)")
     p.add_argument(
         "--stop-after",
@@ -549,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = [(s, bu) for s in strategies for bu in (budgets if batch == 1 else batch_budgets)]
             reps = args.repeats if batch == 1 else args.batch_repeats
             dreps = args.decode_repeats if batch == 1 else max(1, args.decode_repeats - 1)
-            rows = run_group(bb, batch, runs, reps, args.new_tokens, dreps, log, deadline)
+            rows = run_group(bb, batch, runs, reps, args.new_tokens, dreps, log, deadline, args.cache)
             if rows is None:
                 skipped.add(bb.name)
                 continue

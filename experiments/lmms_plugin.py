@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from framework.cache import GrowingCache
 from framework.errors import ConfigError
 
 try:  # optional dependency
@@ -234,7 +235,11 @@ class SparseVLMLmms(_LmmsBase):
             inputs = self._encode(contexts, visuals)
             with attach(self._model, self.reducer, adapter=self.adapter) as engine:
                 ids = self._model.generate(
-                    **inputs, max_new_tokens=max_new, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
+                    **inputs,
+                    max_new_tokens=max_new,
+                    do_sample=False,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    cache=GrowingCache(),
                 )
                 acc = account(engine) if engine.last_record else []
             prompt_len = inputs["input_ids"].shape[1]

@@ -24,6 +24,7 @@ from typing import Callable, Mapping
 import torch
 
 from framework import attach
+from framework.cache import GrowingCache
 
 
 class _Clock:
@@ -59,13 +60,17 @@ def _generation_config(model, new_tokens: int):
 
 @torch.no_grad()
 def time_generate(model, inputs: Mapping[str, torch.Tensor], new_tokens: int = 8) -> dict:
-    """One greedy `generate`: prefill seconds and median seconds per decoded token."""
+    """One greedy `generate` (KV cache appended in place: `GrowingCache`): prefill seconds and median seconds
+    per decoded token."""
     dev = next(model.parameters()).device
     clock = _Clock()
     _sync(dev)
     t0 = time.perf_counter()
     model.generate(
-        **inputs, generation_config=_generation_config(model, max(1, new_tokens)), streamer=_SyncClock(clock, dev)
+        **inputs,
+        generation_config=_generation_config(model, max(1, new_tokens)),
+        streamer=_SyncClock(clock, dev),
+        cache=GrowingCache(),
     )
     s = clock.stamps
     # s[0] = prompt put (before prefill), s[1] = first token, s[2..] = later tokens, last = end()

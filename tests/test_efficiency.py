@@ -208,3 +208,23 @@ def test_stop_after_writes_the_table_and_says_it_is_incomplete(tmp_path):
     assert data["meta"]["complete"] is False
     assert data["rows"] == []  # the time was up before the first group
     assert "incomplete" in stem.with_suffix(".md").read_text()
+
+
+def test_stock_floor_charges_each_layer_its_token_count(written, monkeypatch):
+    """The floor is the mean over layers of the stock forward's time at each layer's token count: with a
+    stock time linear in n it is exactly the mean token count (grid interpolation is exact on lines)."""
+    monkeypatch.setattr(eff, "stock_decoder_seconds", lambda model, batch, n, clock, repeats: 1e-3 * n)
+    rows = [
+        {"tokens_per_layer": [100.0, 100.0, 40.0, 40.0]},
+        {"tokens_per_layer": [100.0, 73.5, 52.25, 40.0]},
+        {"tokens_per_layer": [100.0] * 4},
+    ]
+    eff.stock_floor(None, rows, 1, None, 1)
+    assert [r["floor_ms"] for r in rows] == pytest.approx([70.0, 66.4375, 100.0])
+    data, md = written
+    for r in data["rows"]:  # every measured row carries its floor; no reduction is its own floor
+        assert r["floor_ms"] > 0 and len(r["tokens_per_layer"]) == 4
+        assert r["decoder_vs_floor"] == pytest.approx(r["decoder_ms"] / r["floor_ms"] - 1)
+        if r["strategy"] == "none":
+            assert r["floor_ratio"] == 1.0
+    assert "dec/stock" in md and "stock/FLOPs" in md
