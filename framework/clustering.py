@@ -14,9 +14,13 @@ Density-peak clustering (Rodriguez & Laio 2014) with kNN densities, as in TCForm
 Distances do not depend on a common offset: the points are centred and the Gram form |x|^2 + |y|^2 - 2xy
 is taken in float64 (in float32 it cancels catastrophically when the points share a large common component,
 as hidden states do). This matches float64 direct differences to float32 rounding and is ~8x faster than
-`cdist`'s direct-difference mode. Deterministic: the official code adds U(0,1)*1e-6 to rho to break ties; here "denser" means a
-larger rho, or an equal rho at a lower index, and every other tie (centre scores, assignment) goes to the
-lower index. Everything is computed in float32.
+`cdist`'s direct-difference mode. Deterministic: the official code adds U(0,1)*1e-6 to rho to break ties;
+here "denser" means a larger rho, or an equal rho at a lower index, and every other tie (centre scores,
+assignment) goes to the lower index. Everything is computed in float32.
+
+"Denser" is an order: a stable sort by descending rho lists the points densest first, so the points denser
+than the p-th one are exactly the first p; delta is then a running minimum along the rows of the distance
+matrix permuted into that order (one N x N pass instead of building the N x N "denser" mask).
 """
 
 from __future__ import annotations
@@ -57,20 +61,23 @@ def dpc_knn(
     dist = scaled_distances(x)
     knn = torch.topk(dist, k, dim=-1, largest=False).values
     rho = torch.exp(-(knn**2).mean(-1))
-    idx = torch.arange(N, device=x.device)
-    # j is denser than i: larger rho, or equal rho and lower index (replaces the official random noise)
-    denser = (rho[None, :] > rho[:, None]) | ((rho[None, :] == rho[:, None]) & (idx[None, :] < idx[:, None]))
-    dmax = dist.max()
-    delta = dist.masked_fill(~denser, float("inf")).min(-1).values
-    delta = torch.where(denser.any(-1), delta, dmax)
-    score = rho * delta
+    # densest first, equal rho by lower index: the points denser than the p-th are the first p
+    rho_sorted, order = torch.sort(rho, descending=True, stable=True)
+    # delta of the p-th point: min over the first p columns of its row (dist in density order); the
+    # densest point has no denser one and takes the largest distance
+    prefix_min = dist[order[:, None], order].cummin(-1).values
+    delta_sorted = torch.cat([dist.max().reshape(1), prefix_min.diagonal(-1)])
+    score = torch.empty_like(rho).index_put_((order,), rho_sorted * delta_sorted)
     centres = torch.sort(score, descending=True, stable=True).indices[:C]
-    if assign == "euclidean":
-        labels = torch.argmin(dist[:, centres], dim=-1)  # first minimum = lower-index centre
+    if C == 1:  # one cluster: nothing to assign
+        labels = torch.zeros(N, dtype=torch.long, device=x.device)
+    elif assign == "euclidean":
+        labels = torch.argmin(dist.index_select(1, centres), dim=-1)  # first minimum = lower-index centre
     else:
         xn = torch.nn.functional.normalize(x.float(), dim=-1)
         labels = torch.argmax(xn @ xn[centres].T, dim=-1)
-    labels[centres] = torch.arange(C, device=x.device)
+    if C > 1:
+        labels[centres] = torch.arange(C, device=x.device)
     return labels, centres
 
 
@@ -78,24 +85,41 @@ def merge_clusters(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, merge
     """(N, D) rows -> (C, D): the mean (official code) or element-wise sum (paper Eq. 10) of each cluster."""
     if merge not in MERGE_MODES:
         raise ValueError(f"merge={merge!r}; allowed: {list(MERGE_MODES)}")
+    counts = torch.bincount(labels, minlength=n_clusters).clamp(min=1)[:, None] if merge == "mean" else None
+    return _merge(x, labels, n_clusters, merge, counts)
+
+
+def _merge(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, merge: str, counts) -> torch.Tensor:
+    """Row sums per label, in row order; mean: divided by counts ((C, 1) integer tensor, >= 1; float32 /
+    integer divides by the count as a float32, exactly as dividing by the converted count)."""
     out = torch.zeros(n_clusters, x.shape[-1], dtype=torch.float32, device=x.device)
     out.index_add_(0, labels, x.float())
-    if merge == "mean":
-        counts = torch.bincount(labels, minlength=n_clusters).clamp(min=1).to(out.dtype)
-        out = out / counts[:, None]
-    return out
+    return out / counts if merge == "mean" else out
 
 
 def cluster_and_merge(
-    x: torch.Tensor, n_clusters: int, k: int | None = None, merge: str = "mean", assign: str = "euclidean"
+    x: torch.Tensor,
+    n_clusters: int,
+    k: int | None = None,
+    merge: str = "mean",
+    assign: str = "euclidean",
+    ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """DPC-kNN + merge. Returns (merged (C, D) float32, sources: per cluster the row indices of x,
     centres (C,) the row index of each cluster's centre), clusters in the official order (descending
-    rho * delta of their centres)."""
+    rho * delta of their centres). ids (N,), optional: report sources and centres as ids[row] instead."""
+    if merge not in MERGE_MODES:
+        raise ValueError(f"merge={merge!r}; allowed: {list(MERGE_MODES)}")
     labels, centres = dpc_knn(x, n_clusters, k=k, assign=assign)
     C = int(centres.numel())
-    merged = merge_clusters(x, labels, C, merge)
+    if C == 1:  # every row in the one cluster: no counting, no host copy
+        merged = _merge(x, labels, 1, merge, labels.new_full((1, 1), x.shape[0]))
+        rows = torch.arange(x.shape[0], device=x.device) if ids is None else ids
+        return merged, [rows], centres if ids is None else ids[centres]
+    counts = torch.bincount(labels, minlength=C)  # each cluster has its centre: no empty cluster
+    merged = _merge(x, labels, C, merge, counts[:, None])
     # each cluster's rows in ascending order, as nonzero(labels == c) gives them, with one host copy
     order = torch.sort(labels, stable=True).indices
-    sources = list(torch.split(order, torch.bincount(labels, minlength=C).tolist()))
-    return merged, sources, centres
+    if ids is not None:
+        order, centres = ids[order], ids[centres]
+    return merged, list(torch.split(order, counts.tolist())), centres

@@ -57,9 +57,10 @@ class Slots:
     def visual_slots(self, b: int) -> torch.Tensor:
         return torch.nonzero(self.visual[b] & self.valid[b]).flatten()
 
-    def text_slots(self, b: int) -> torch.Tensor:
-        """Valid non-visual slots after the last visual token (the prompt text that follows the image)."""
-        vis = self.visual_slots(b)
+    def text_slots(self, b: int, vis: torch.Tensor | None = None) -> torch.Tensor:
+        """Valid non-visual slots after the last visual token (the prompt text that follows the image).
+        vis: sample b's visual slots when already known."""
+        vis = self.visual_slots(b) if vis is None else vis
         start = int(vis[-1]) + 1 if len(vis) else 0
         pos = torch.arange(self.length, device=self.index.device)
         return torch.nonzero(self.valid[b] & ~self.visual[b] & (pos >= start)).flatten()
@@ -108,13 +109,18 @@ class StageContext:
     @property
     def visual(self) -> list[torch.Tensor]:
         if "visual" not in self._cache:
-            self._cache["visual"] = [self.slots.visual_slots(b) for b in range(self.batch_size)]
+            mask = self.slots.visual & self.slots.valid
+            if self.batch_size == 1:
+                self._cache["visual"] = [torch.nonzero(mask[0]).flatten()]
+            else:  # one nonzero for the batch (row-major: each sample's slots ascending), split per sample
+                cols = torch.nonzero(mask)[:, 1]
+                self._cache["visual"] = list(torch.split(cols, mask.sum(1).tolist()))
         return self._cache["visual"]
 
     @property
     def text(self) -> list[torch.Tensor]:
         if "text" not in self._cache:
-            self._cache["text"] = [self.slots.text_slots(b) for b in range(self.batch_size)]
+            self._cache["text"] = [self.slots.text_slots(b, v) for b, v in enumerate(self.visual)]
         return self._cache["text"]
 
     def span_ids(self, b: int) -> torch.Tensor:
@@ -179,18 +185,26 @@ class StageContext:
         present); which="current": this layer's projections applied to `hidden` (PDrop's rule).
         Rows-only: never materialises the L' x L' map.
         """
+        R = max(1, max(int(r.numel()) for r in rows))
+        if self.batch_size == 1 and int(rows[0].numel()) == R:
+            padded = rows[0][None]
+        else:  # padding rows (slot 0) are computed and dropped
+            padded = torch.zeros(self.batch_size, R, dtype=torch.long, device=self.hidden.device)
+            for b, r in enumerate(rows):
+                padded[b, : r.numel()] = r
+        probs = self.attention_batch(padded, which)
+        return [probs[b, :, : rows[b].numel()] for b in range(self.batch_size)]
+
+    def attention_batch(self, rows: torch.Tensor, which: str = "previous") -> torch.Tensor:
+        """`attention` for one (B, R) tensor of query slots (every sample R rows; pad with any slot and
+        drop those rows): probabilities (B, H, R, L'). A row's values do not depend on the other rows."""
         if self.stage != "llm" or self._attn_source is None:
             raise RuntimeError("attention rows are available only at llm-stage decision points")
         src = self._attn_source(which)
-        R = max(1, max(int(r.numel()) for r in rows))
-        dev = self.hidden.device
-        padded = torch.zeros(self.batch_size, R, dtype=torch.long, device=dev)
-        for b, r in enumerate(rows):
-            padded[b, : r.numel()] = r
-        probs = attention_rows(
+        return attention_rows(
             src["attn"],
             src["hidden"],
-            padded,
+            rows,
             src["cos"],
             src["sin"],
             self.slots.valid,
@@ -199,7 +213,6 @@ class StageContext:
             queries=src.get("queries"),
             keys_proj=src.get("keys_proj"),
         )
-        return [probs[b, :, : rows[b].numel()] for b in range(self.batch_size)]
 
     def rope(self, which: str = "previous") -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin), each (B, L', hd): the rotary tables of the current slots' positions as the layer

@@ -63,7 +63,6 @@ last prompt token had to rate because no text follows the image), `rank` (rank m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -264,7 +263,8 @@ class SparseVLM(TokenReducer):
 
     # ------------------------------------------------------------------ raters
     def begin(self, ctx) -> None:
-        """Choose the raters once per prompt; store their LM-input indices in ctx.state."""
+        """Choose the raters once per prompt; store their LM-input indices in ctx.state (with their host
+        copies for the records, and padded to one (B, R) tensor for the slot look-up at each decision)."""
         raters = []
         for b in range(ctx.batch_size):
             text = ctx.text[b]
@@ -279,31 +279,140 @@ class SparseVLM(TokenReducer):
                 sel = torch.zeros(0, dtype=torch.long, device=text.device)
             raters.append(ctx.slots.index[b, sel])
         ctx.state["sparsevlm_raters"] = raters
+        if self.raters == "all_tokens":
+            return
+        counts = [int(r.numel()) for r in raters]
+        width = max(1, *counts)
+        # padding repeats a sample's first rater; -1 (matches no slot) marks a sample without raters
+        pad = [
+            torch.cat([r, r[:1].expand(width - n)]) if n else torch.full((width,), -1).to(r)
+            for r, n in zip(raters, counts)
+        ]
+        ctx.state["sparsevlm_lookup"] = {
+            "ids": torch.stack(pad) if len(pad) > 1 else pad[0][None],
+            "counts": counts,
+            "host": [r.tolist() for r in raters],
+        }
 
     def rater_slots(self, ctx, b: int) -> torch.Tensor:
         """Current slots of sample b's raters (text tokens are never removed; slots move)."""
-        valid = ctx.slots.valid[b]
         if self.raters == "all_tokens":
-            return torch.nonzero(valid).flatten()
-        idx = ctx.state["sparsevlm_raters"][b]
-        if idx.numel() == 0:  # no text after the image: fall back to the last prompt token
-            return torch.tensor([ctx.last_slot(b)], device=valid.device)
-        cand = torch.nonzero(valid & ~ctx.slots.visual[b]).flatten()
-        n_in = int(ctx.embeds.shape[1]) if ctx.embeds is not None else int(ctx.slots.index.max()) + 1
-        inv = torch.full((n_in,), -1, dtype=torch.long, device=valid.device)
-        inv[ctx.slots.index[b, cand]] = cand
-        slots = inv[idx]
-        if bool((slots < 0).any()):
+            return torch.nonzero(ctx.slots.valid[b]).flatten()
+        rows, counts = self._rater_rows(ctx)
+        return rows[b, : counts[b]]
+
+    def _rater_rows(self, ctx) -> tuple[torch.Tensor, list[int]]:
+        """(B, R) current slots of every sample's raters, padded (by repeating a rater), and the counts R_b.
+        A sample without raters (no text after the image) has its last prompt token, the last valid slot."""
+        look = ctx.state["sparsevlm_lookup"]
+        ids, counts = look["ids"], look["counts"]
+        slots = ctx.slots
+        # the slot holding each rater's LM-input index among the non-visual slots (each index occurs once)
+        match = (slots.index[:, None, :] == ids[:, :, None]) & (slots.valid & ~slots.visual)[:, None, :]
+        found, rows = match.max(-1)
+        if 0 in counts:  # no text after the image: the last prompt token rates instead
+            fallback = torch.tensor([n == 0 for n in counts], device=rows.device)[:, None]
+            pos = torch.arange(slots.length, device=rows.device)
+            last = torch.where(slots.valid, pos, -1).max(-1, keepdim=True).values
+            rows, found = torch.where(fallback, last, rows), found | fallback
+            counts = [max(n, 1) for n in counts]
+        if not bool(found.all()):
             raise RuntimeError("sparsevlm: a rater token is no longer in the sequence")
-        return slots
+        return rows, counts
 
     # ------------------------------------------------------------------ decisions
     def decide(self, ctx) -> list[Decision]:
         stage = self.decision_layers().index(ctx.layer)
-        rows = [self.rater_slots(ctx, b) for b in range(ctx.batch_size)]
-        probs = ctx.attention(rows, which="previous")
+        B = ctx.batch_size
+        if self.raters == "all_tokens":
+            rows = [torch.nonzero(ctx.slots.valid[b]).flatten() for b in range(B)]
+            counts = [int(r.numel()) for r in rows]
+            probs = ctx.attention_batch(torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), which="previous")
+            records = [
+                {"raters": ctx.slots.index[b, rows[b]].tolist(), "n_raters": counts[b], "rater_fallback": False}
+                for b in range(B)
+            ]
+        else:
+            padded, counts = self._rater_rows(ctx)
+            rows = [padded[b, :n] for b, n in enumerate(counts)]
+            probs = ctx.attention_batch(padded, which="previous")
+            look = ctx.state["sparsevlm_lookup"]
+            # no text after the image (or no rater selected): the last prompt token rates instead
+            records = [{"raters": r, "n_raters": n, "rater_fallback": not r} for r, n in zip(look["host"], counts)]
+        vis = ctx.visual
+        nv = [int(v.numel()) for v in vis]
         rope = ctx.rope("previous") if self.variant == "plus" else None
-        return [self._decide_one(ctx, b, stage, rows[b], p, rope) for b, p in enumerate(probs)]
+        # P (R_b, Nv_b) and scores (Nv_b,) per sample; samples of equal shapes share one gather and two means
+        P: list[torch.Tensor] = [None] * B  # type: ignore[list-item]
+        scores: list[torch.Tensor] = [None] * B  # type: ignore[list-item]
+        if rope is None:
+            for bs in _groups([(nv[b], counts[b]) for b in range(B)]):
+                A = _rows(probs, bs)[:, :, : counts[bs[0]]]  # (G, H, R, L')
+                cols = _stack([vis[b] for b in bs])  # (G, Nv)
+                Pg = A.gather(-1, cols[:, None, None, :].expand(*A.shape[:3], cols.shape[-1])).mean(1)
+                sg = Pg.mean(1)
+                for i, b in enumerate(bs):
+                    P[b], scores[b] = Pg[i], sg[i]
+        else:
+            for b in range(B):
+                P[b], heads = self.rater_visual_block(ctx, b, rows[b], probs[b, :, : counts[b]], rope)
+                scores[b] = P[b].mean(0)
+                records[b]["heads"] = heads
+        if self.record_scores:
+            for b in range(B):
+                records[b].update(scores=scores[b].tolist(), rater_slots=rows[b].tolist(), visual_slots=vis[b].tolist())
+        keep_n = [self._keep_count(ctx, b, stage, nv[b], P[b], records[b]) for b in range(B)]
+        for b in range(B):
+            records[b]["skipped"] = keep_n[b] is None
+        out: list[Decision] = [None] * B  # type: ignore[list-item]
+        for b in range(B):
+            if keep_n[b] is None:
+                out[b] = Decision(keep=torch.arange(nv[b], device=vis[b].device), record=records[b])
+        pruned = [b for b in range(B) if keep_n[b] is not None]
+        for bs in _groups([(nv[b], keep_n[b]) for b in pruned], pruned):
+            k, n = keep_n[bs[0]], nv[bs[0]]
+            # one stable sort: the top k are kept, and the best of the rest (deleted tokens by descending
+            # score, ties to the lower index, as a top-k over the deleted ones ranks them) are recycled
+            order = torch.sort(_stack([scores[b] for b in bs]), dim=-1, descending=True, stable=True).indices
+            keep = order[:, :k].sort(-1).values
+            if not self.recycling:
+                for i, b in enumerate(bs):
+                    out[b] = Decision(keep=keep[i], record=records[b])
+                continue
+            n_rec = min(int(self.tau * (n - k)) + 1, n - k)
+            recycled = order[:, k : k + n_rec].sort(-1).values  # ascending visual index
+            n_clusters = int(self.theta * n_rec + 1e-9) + 1
+            cols = _stack([vis[b] for b in bs]).gather(1, recycled)  # (G, n_rec) slots
+            feats = _rows(ctx.hidden, bs)  # the pruning layer's output hidden states
+            feats = feats.gather(1, cols[..., None].expand(*cols.shape, feats.shape[-1]))
+            for i, b in enumerate(bs):
+                merged, sources, anchors = cluster_and_merge(
+                    feats[i], n_clusters, merge=self.merge, assign=self.assign, ids=recycled[i]
+                )
+                out[b] = Decision(
+                    keep=keep[i],
+                    merged=merged.to(ctx.hidden.dtype),
+                    sources=sources,
+                    anchors=anchors,
+                    record=records[b],
+                )
+        return out
+
+    def _keep_count(self, ctx, b: int, stage: int, nv: int, P: torch.Tensor, record: dict) -> int | None:
+        """Visual tokens sample b keeps at this stage (None: the layer is skipped); rank modes record the rank."""
+        if nv <= 1:
+            return None
+        if self.budget == "fixed":
+            n_in = int(ctx.slots.members[b].shape[1])
+            return max(1, min(self._fixed_keep(stage, n_in), nv - 1))
+        if self.budget == "rank_v1":
+            keep_n, rank = rank_keep(P, *self._scale_bias())
+        else:
+            rank = int(torch.linalg.matrix_rank(P))
+            n_del = int(self.lam * (nv - rank))
+            keep_n = None if n_del <= 0 else max(1, min(nv - n_del, nv - 1))
+        record["rank"] = rank
+        return keep_n
 
     def rater_visual_block(
         self, ctx, b: int, rows: torch.Tensor, probs: torch.Tensor, rope
@@ -322,60 +431,24 @@ class SparseVLM(TokenReducer):
         heads = priority_heads(A, n)
         return A[heads].mean(0), heads.tolist()
 
-    def _decide_one(self, ctx, b: int, stage: int, rows: torch.Tensor, probs: torch.Tensor, rope) -> Decision:
-        vis = ctx.visual[b]
-        nv = int(vis.numel())
-        P, heads = self.rater_visual_block(ctx, b, rows, probs, rope)  # (R, Nv)
-        scores = P.mean(0)
-        record: dict[str, Any] = {
-            "raters": (
-                ctx.slots.index[b, rows] if self.raters == "all_tokens" else ctx.state["sparsevlm_raters"][b]
-            ).tolist(),
-            "n_raters": int(rows.numel()),
-            # no text after the image (or no rater selected): the last prompt token rates instead
-            "rater_fallback": self.raters != "all_tokens" and ctx.state["sparsevlm_raters"][b].numel() == 0,
-        }
-        if heads is not None:
-            record["heads"] = heads
-        if self.record_scores:
-            record["scores"] = scores.tolist()
-            record["rater_slots"] = rows.tolist()
-            record["visual_slots"] = vis.tolist()
-        keep_n: int | None
-        if nv <= 1:
-            keep_n = None
-        elif self.budget == "fixed":
-            n_in = int(ctx.slots.members[b].shape[1])
-            keep_n = max(1, min(self._fixed_keep(stage, n_in), nv - 1))
-        else:
-            if self.budget == "rank_v1":
-                keep_n, rank = rank_keep(P, *self._scale_bias())
-            else:
-                rank = int(torch.linalg.matrix_rank(P))
-                n_del = int(self.lam * (nv - rank))
-                keep_n = None if n_del <= 0 else max(1, min(nv - n_del, nv - 1))
-            record["rank"] = rank
-        record["skipped"] = keep_n is None
-        if keep_n is None:
-            return Decision(keep=torch.arange(nv, device=vis.device), record=record)
-        keep = topk_indices(scores, keep_n)
-        if not self.recycling:
-            return Decision(keep=keep, record=record)
-        dropped = torch.ones(nv, dtype=torch.bool, device=vis.device)
-        dropped[keep] = False
-        deleted = torch.nonzero(dropped).flatten()
-        n_rec = min(int(self.tau * deleted.numel()) + 1, int(deleted.numel()))
-        recycled = deleted[topk_indices(scores[deleted], n_rec)]  # ascending visual index
-        n_clusters = int(self.theta * n_rec + 1e-9) + 1
-        feats = ctx.hidden[b, vis[recycled]]  # the pruning layer's output hidden states
-        merged, sources, centres = cluster_and_merge(feats, n_clusters, merge=self.merge, assign=self.assign)
-        return Decision(
-            keep=keep,
-            merged=merged.to(ctx.hidden.dtype),
-            sources=[recycled[s] for s in sources],
-            anchors=recycled[centres],
-            record=record,
-        )
+
+def _groups(keys: list, samples: list[int] | None = None) -> list[list[int]]:
+    """Samples (default 0..len(keys)-1) grouped by equal key, in first-seen order: per-sample work of equal
+    shapes runs as one batched op (every op used is row-wise or a fixed-order reduction, so a sample's
+    values do not depend on its group)."""
+    out: dict = {}
+    for b, key in zip(range(len(keys)) if samples is None else samples, keys):
+        out.setdefault(key, []).append(b)
+    return list(out.values())
+
+
+def _stack(ts: list[torch.Tensor]) -> torch.Tensor:
+    return ts[0][None] if len(ts) == 1 else torch.stack(ts)
+
+
+def _rows(t: torch.Tensor, bs: list[int]) -> torch.Tensor:
+    """t[bs] along the batch dim, as a view when bs is a contiguous run."""
+    return t[bs[0] : bs[-1] + 1] if bs[-1] - bs[0] == len(bs) - 1 else t[bs]
 
 
 @register("sparsevlm_plus")

@@ -88,3 +88,38 @@ def test_centres_are_sorted_by_density_times_distance(assign):
     score = (rho * delta)[centres]
     assert bool((score[:-1] >= score[1:]).all())
     assert labels[centres].tolist() == list(range(6))
+
+
+def _dpc_mask_reference(x: torch.Tensor, C: int):
+    """DPC-kNN with the explicit N x N "denser" mask (larger rho, or equal rho at a lower index)."""
+    N = x.shape[0]
+    dist = scaled_distances(x)
+    rho = torch.exp(-(torch.topk(dist, C, dim=-1, largest=False).values ** 2).mean(-1))
+    idx = torch.arange(N)
+    denser = (rho[None, :] > rho[:, None]) | ((rho[None, :] == rho[:, None]) & (idx[None, :] < idx[:, None]))
+    delta = dist.masked_fill(~denser, float("inf")).min(-1).values
+    delta = torch.where(denser.any(-1), delta, dist.max())
+    centres = torch.sort(rho * delta, descending=True, stable=True).indices[:C]
+    labels = torch.argmin(dist[:, centres], dim=-1)
+    labels[centres] = torch.arange(C)
+    return labels, centres
+
+
+@pytest.mark.parametrize("dup", [False, True])
+def test_density_order_matches_the_denser_mask(dup):
+    """delta from the density-sorted running minimum equals the masked minimum over denser points,
+    ties in rho (duplicated points) included."""
+    g = torch.Generator().manual_seed(1)
+    for n in (1, 2, 5, 17, 60):
+        x = torch.randn(n, 8, generator=g)
+        if dup and n > 2:
+            x[1::3] = x[0]  # equal rows: equal rho, order by index
+        for c in {1, 2, max(1, n // 4)}:
+            labels, centres = dpc_knn(x, c)
+            ref_labels, ref_centres = _dpc_mask_reference(x, min(c, n))
+            assert torch.equal(labels, ref_labels) and torch.equal(centres, ref_centres)
+            merged, sources, cen = cluster_and_merge(x, c, ids=torch.arange(n) + 100)
+            assert torch.equal(cen, ref_centres + 100)
+            assert [s.tolist() for s in sources] == [
+                (torch.nonzero(ref_labels == i).flatten() + 100).tolist() for i in range(min(c, n))
+            ]
