@@ -98,65 +98,111 @@ def _union_rows(members: torch.Tensor, sources: list[torch.Tensor]) -> torch.Ten
     return out.index_add_(0, group, members[rows].int()) > 0
 
 
-def apply_decisions(slots: Slots, hidden: torch.Tensor, decisions: list[Decision]) -> tuple[Slots, torch.Tensor]:
-    """Gather survivors (original order), insert merged tokens after the last kept visual token,
-    drop padding, and left-pad samples to a common length with empty slots."""
-    B = hidden.shape[0]
-    dev = hidden.device
-    seq_idx, seq_hidden, seq_vis, members = [], [], [], []
-    for b, d in enumerate(decisions):
-        vis = slots.visual_slots(b)
-        n = int(vis.numel())
-        keep = torch.as_tensor(d.keep, device=dev).long().flatten().unique(sorted=True)
-        if keep.numel() < 1 or bool((keep[0] < 0) | (keep[-1] >= n)):  # sorted: one host round trip for both
+def _checked_keeps(decisions: list[Decision], n_visual: list[int], dev) -> list[torch.Tensor]:
+    """Each decision's kept visual indices, sorted and unique; every index must lie in 0..n-1 and at least one
+    token must survive (one host round trip for the whole batch)."""
+    keeps = [torch.as_tensor(d.keep, device=dev).long().flatten().unique(sorted=True) for d in decisions]
+    lo = torch.stack([k[0] if k.numel() else k.new_tensor(-1) for k in keeps])
+    hi = torch.stack([k[-1] if k.numel() else k.new_tensor(0) for k in keeps])
+    bad = ((lo < 0) | (hi >= torch.tensor(n_visual, device=dev))).tolist()
+    for b, (k, n) in enumerate(zip(keeps, n_visual)):
+        if bad[b]:
             raise ConfigError(
-                f"decision for sample {b} keeps {keep.numel()} tokens with indices outside "
+                f"decision for sample {b} keeps {k.numel()} tokens with indices outside "
                 f"0..{n - 1}; a decision must keep at least 1 of the {n} visual tokens"
             )
-        drop = torch.ones(n, dtype=torch.bool, device=dev)
-        drop[keep] = False
-        survive = slots.valid[b].clone()
-        survive[vis[drop]] = False
-        order = torch.nonzero(survive).flatten()
-        idx = slots.index[b, order]
-        hid = hidden[b, order]
-        if d.values is not None:  # new values for the kept tokens, at their own slots
+    return keeps
+
+
+def _new_members(slots: Slots, decisions: list[Decision], keeps: list[torch.Tensor], dev) -> list[torch.Tensor]:
+    """Per sample, which input visual tokens each surviving / merged visual token stands for."""
+    members = []
+    for b, (d, keep) in enumerate(zip(decisions, keeps)):
+        m = slots.members[b][keep]
+        sources = [torch.as_tensor(s, device=dev).long() for s in d.sources]
+        if not d.n_merged and len(sources) == keep.numel():  # kept tokens that absorbed others in place
+            m = _union_rows(slots.members[b], sources)
+        if d.n_merged:
+            if len(sources) != d.n_merged:
+                raise ConfigError(f"decision for sample {b}: {d.n_merged} merged tokens but {len(sources)} source sets")
+            m = torch.cat([m, _union_rows(slots.members[b], sources)])
+        members.append(m)
+    return members
+
+
+def apply_decisions(slots: Slots, hidden: torch.Tensor, decisions: list[Decision]) -> tuple[Slots, torch.Tensor]:
+    """Gather survivors (original order), insert merged tokens after the last kept visual token,
+    drop padding, and left-pad samples to a common length with empty slots.
+
+    Batched: one scatter for the whole batch (the per-sample work is only each sample's kept indices and
+    its `members` rows), so the op count and host round trips do not grow with the batch."""
+    B, L = slots.valid.shape
+    dev = hidden.device
+    vis = slots.visual & slots.valid
+    n_visual = vis.sum(1).tolist()
+    keeps = _checked_keeps(decisions, n_visual, dev)
+    members = _new_members(slots, decisions, keeps, dev)
+    # slot_of[b, r]: the slot of sample b's visual token r (flat over the batch: b * R + r)
+    R = max(max(n_visual), 1)
+    flat_vis = vis.flatten().nonzero().squeeze(1)
+    rank = vis.long().cumsum(1) - 1
+    slot_of = torch.zeros(B * R, dtype=torch.long, device=dev)
+    slot_of[(flat_vis // L) * R + rank.flatten()[flat_vis]] = flat_vis % L
+    sizes = [k.numel() for k in keeps]
+    sample_of = torch.repeat_interleave(
+        torch.arange(B, device=dev), torch.tensor(sizes, device=dev), output_size=sum(sizes)
+    )
+    kept_slots = slot_of[sample_of * R + torch.cat(keeps)]
+    kept = torch.zeros(B * L, dtype=torch.bool, device=dev)
+    kept[sample_of * L + kept_slots] = True
+    kept = kept.view(B, L)
+    survive = slots.valid & (~vis | kept)
+
+    if any(d.values is not None for d in decisions):  # new values for kept tokens, at their own slots
+        hidden = hidden.clone()
+        for b, (d, keep) in enumerate(zip(decisions, keeps)):
+            if d.values is None:
+                continue
             if int(d.values.shape[0]) != keep.numel():
                 raise ConfigError(
                     f"decision for sample {b}: {int(d.values.shape[0])} values for {keep.numel()} kept tokens"
                 )
-            hid = hid.index_copy(0, torch.searchsorted(order, vis[keep]), d.values.to(hid.dtype))
-        is_vis = slots.visual[b, order]
-        m = slots.members[b][keep]
-        if not d.n_merged and len(d.sources) == keep.numel():  # kept tokens that absorbed others in place
-            m = _union_rows(slots.members[b], [torch.as_tensor(s, device=dev).long() for s in d.sources])
-        if d.n_merged:
-            sources = [torch.as_tensor(s, device=dev).long() for s in d.sources]
-            if len(sources) != d.n_merged:
-                raise ConfigError(f"decision for sample {b}: {d.n_merged} merged tokens but {len(sources)} source sets")
-            anchors = (
-                torch.as_tensor(d.anchors, device=dev).long()
-                if d.anchors is not None
-                else torch.stack([s.min() for s in sources])
-            )
-            at = int(torch.nonzero(order == vis[keep].max()).flatten()[0]) + 1
-            idx = torch.cat([idx[:at], slots.index[b, vis[anchors]], idx[at:]])
-            hid = torch.cat([hid[:at], d.merged.to(hid.dtype), hid[at:]])
-            is_vis = torch.cat([is_vis[:at], torch.ones(d.n_merged, dtype=torch.bool, device=dev), is_vis[at:]])
-            m = torch.cat([m, _union_rows(slots.members[b], sources)])
-        seq_idx.append(idx)
-        seq_hidden.append(hid)
-        seq_vis.append(is_vis)
-        members.append(m)
-    L = max(int(t.numel()) for t in seq_idx)
-    index = torch.zeros(B, L, dtype=torch.long, device=dev)
-    valid = torch.zeros(B, L, dtype=torch.bool, device=dev)
-    visual = torch.zeros(B, L, dtype=torch.bool, device=dev)
-    out = hidden.new_zeros(B, L, hidden.shape[-1])
-    for b in range(B):
-        n = seq_idx[b].numel()
-        index[b, L - n :] = seq_idx[b]
-        valid[b, L - n :] = True
-        visual[b, L - n :] = seq_vis[b]
-        out[b, L - n :] = seq_hidden[b]
+            hidden[b, slot_of[b * R + keep]] = d.values.to(hidden.dtype)
+
+    n_merged = [d.n_merged for d in decisions]
+    n_new = torch.tensor(n_merged, device=dev)
+    count = survive.long().cumsum(1)  # survivors up to and including each slot
+    # merged tokens go right after the last kept visual token: after `at` survivors
+    last_kept = torch.where(kept, torch.arange(L, device=dev), 0).amax(1, keepdim=True)
+    at = count.gather(1, last_kept).squeeze(1)
+    n_out = count[:, -1] + n_new
+    L_out = int(n_out.max())
+    pad = L_out - n_out
+    src = survive.flatten().nonzero().squeeze(1)  # flat (b * L + slot) of every survivor, in order
+    b_s, c = src // L, count.flatten()[src]
+    dest = b_s * L_out + pad[b_s] + c - 1 + torch.where(c > at[b_s], n_new[b_s], 0)
+
+    index = torch.zeros(B * L_out, dtype=torch.long, device=dev)
+    visual = torch.zeros(B * L_out, dtype=torch.bool, device=dev)
+    out = hidden.new_zeros(B * L_out, hidden.shape[-1])
+    index[dest] = slots.index.flatten()[src]
+    visual[dest] = slots.visual.flatten()[src]
+    out.index_copy_(0, dest, hidden.reshape(B * L, -1).index_select(0, src))
+    if sum(n_merged):
+        merging = [b for b, n in enumerate(n_merged) if n]
+        b_m = torch.repeat_interleave(torch.tensor(merging, device=dev), n_new[merging], output_size=sum(n_merged))
+        dest_m = b_m * L_out + pad[b_m] + at[b_m] + torch.cat([torch.arange(n_merged[b], device=dev) for b in merging])
+        anchors = []
+        for b in merging:
+            d = decisions[b]
+            if d.anchors is not None:
+                anchors.append(torch.as_tensor(d.anchors, device=dev).long().flatten())
+            else:
+                anchors.append(torch.stack([torch.as_tensor(s, device=dev).long().min() for s in d.sources]))
+        anchor_slots = slot_of[b_m * R + torch.cat(anchors)]
+        index[dest_m] = slots.index.flatten()[b_m * L + anchor_slots]
+        visual[dest_m] = True
+        out.index_copy_(0, dest_m, torch.cat([decisions[b].merged.to(hidden.dtype) for b in merging]))
+    index, visual, out = index.view(B, L_out), visual.view(B, L_out), out.view(B, L_out, -1)
+    valid = torch.arange(L_out, device=dev)[None] >= pad[:, None]
     return Slots(index=index, valid=valid, visual=visual, members=members, span=slots.span), out
