@@ -65,7 +65,7 @@ def dpc_knn(
     rho_sorted, order = torch.sort(rho, descending=True, stable=True)
     # delta of the p-th point: min over the first p columns of its row (dist in density order); the
     # densest point has no denser one and takes the largest distance
-    prefix_min = dist[order[:, None], order].cummin(-1).values
+    prefix_min = dist.index_select(0, order).index_select(1, order).cummin(-1).values
     delta_sorted = torch.cat([dist.max().reshape(1), prefix_min.diagonal(-1)])
     score = torch.empty_like(rho).index_put_((order,), rho_sorted * delta_sorted)
     centres = torch.sort(score, descending=True, stable=True).indices[:C]
