@@ -116,11 +116,9 @@ def new_records(n_visual: torch.Tensor, n_tokens: torch.Tensor) -> list[dict]:
 
 def record_stage(records: list[dict], layer: int, stage: str, before, after, decisions) -> None:
     """Append one decision point to each sample's record; `before` / `after` are the Slots around it."""
-    import torch
-
-    for b, (rec, d) in enumerate(zip(records, decisions)):
-        groups = member_groups(after.members[b])
-        n_kept = int(torch.as_tensor(d.keep).unique().numel())  # kept tokens come first, merged ones after
+    for b, (rec, d, m) in enumerate(zip(records, decisions, _members_on_host(after.members))):
+        groups = member_groups(m)
+        n_kept = len(groups) - d.n_merged  # kept tokens come first, merged ones after
         rec["stages"].append(
             {
                 "stage": stage,
@@ -133,6 +131,16 @@ def record_stage(records: list[dict], layer: int, stage: str, before, after, dec
                 **d.record,
             }
         )
+
+
+def _members_on_host(members: list) -> list:
+    """The samples' member matrices on the host, with one copy when they share a width (one sync on a GPU
+    instead of one per sample)."""
+    import torch
+
+    if len({m.shape[1] for m in members}) != 1 or members[0].device.type == "cpu":
+        return [m.cpu() for m in members]
+    return list(torch.cat(members).cpu().split([m.shape[0] for m in members]))
 
 
 def member_groups(members: torch.Tensor) -> list[list[int]]:
