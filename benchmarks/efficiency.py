@@ -431,9 +431,10 @@ def finish(row: dict, base: dict, batch: int, prompt_tokens: int) -> dict:
     row["decoder_vs_flops"] = row["decoder_ms_ratio"] / row["tflops_ratio"] - 1
     # the stock decoder at the row's tokens per layer: its ratio to the unreduced stock decoder, and how far
     # the row's decoder latency is above it (the reduction's own overhead)
-    row["floor_ratio"] = row["floor_ms"] / base["floor_ms"]
-    row["floor_vs_flops"] = row["floor_ratio"] / row["tflops_ratio"] - 1
-    row["decoder_vs_floor"] = row["decoder_ms"] / row["floor_ms"] - 1
+    if "floor_ms" in row:
+        row["floor_ratio"] = row["floor_ms"] / base["floor_ms"]
+        row["floor_vs_flops"] = row["floor_ratio"] / row["tflops_ratio"] - 1
+        row["decoder_vs_floor"] = row["decoder_ms"] / row["floor_ms"] - 1
     return row
 
 
@@ -515,7 +516,10 @@ def run_group(
         for key in ("prefill_ms", "decoder_ms"):
             pair = [r[f"interleaved_base_{key}"] for _, _, r in group[1:]] or [base[key]]
             base[key] = base[f"interleaved_base_{key}"] = _median(pair)
-    stock_floor(model, [row for _, _, row in group], batch, clock, repeats)
+    if deadline is None or time.perf_counter() < deadline:
+        stock_floor(model, [row for _, _, row in group], batch, clock, repeats)
+    else:
+        log(f"[{name} b{batch}] --stop-after reached: stock floor not measured")
     out = []
     for s, bu, row in group:
         fields = {"shape": name, "batch": batch, "visual": bb.n_visual, "prompt_tokens": prompt}
