@@ -15,9 +15,9 @@ Budgets are the paper's 192 / 128 / 64 of LLaVA-1.5's 576 tokens, scaled to the 
 
 Per shape and batch size, for none and every strategy x budget:
   * prefill latency: one forward (`logits_to_keep=1`, vision tower included) timed with CUDA events on a
-    GPU (thread CPU time on a 1-thread CPU), after a warm-up, median of `--repeats`; at batch 1 interleaved
-    with no reduction (none, run, none, run, ...), whose median is that row's baseline; at larger batches
-    no reduction is timed once per batch size;
+    GPU (thread CPU time on a 1-thread CPU), after a warm-up, median of `--repeats` (`--batch-repeats` at
+    batch sizes > 1), interleaved with no reduction (none, run, none, run, ...), whose median is that row's
+    baseline;
   * in the same runs, the decoder-stack latency (the language model's forward: the scope of the paper's
     FLOPs formula) and the strategy's own work (time inside its `begin` / `decide`, rows-only attention
     and recycling included); on a GPU these are CUDA events read after the forward, so no extra sync;
@@ -344,14 +344,18 @@ def stock_decoder_seconds(model, batch: int, n: int, clock: Clock, repeats: int)
 def stock_floor(model, rows: list[dict], batch: int, clock: Clock, repeats: int) -> None:
     """Add `floor_ms` to every row: the stock decoder's latency at the row's tokens per layer, i.e. what an
     ideal reducer that costs nothing would take. Each layer is charged 1/L of the stock forward at its token
-    count, interpolated linearly on a grid of FLOOR_POINTS counts (a 7B layer's time is smooth in n). The
-    row's decoder latency over this floor is the reduction's own overhead (scoring, hooks, masks, padding);
-    the floor over the FLOPs ratio is what the shape itself costs beyond FLOPs (fixed per-layer work)."""
+    count, interpolated linearly on a grid of FLOOR_POINTS counts (a 7B layer's time is smooth in n); the
+    grid spans every row's counts, no reduction's included. Over no reduction's floor this gives the ratio
+    an ideal reducer would reach: the row's decoder ratio above it is the reduction's own overhead (scoring,
+    hooks, masks, padding); the floor's ratio over the FLOPs ratio is what the shape itself costs beyond
+    FLOPs (fixed per-layer work)."""
     counts = [n for r in rows for n in r["tokens_per_layer"]]
     lo, hi = max(1, int(min(counts))), int(max(counts) + 0.999)
     grid = sorted({round(lo + (hi - lo) * k / (FLOOR_POINTS - 1)) for k in range(FLOOR_POINTS)})
     stock_decoder_seconds(model, batch, grid[-1], clock, 1)  # warm-up
-    times = [stock_decoder_seconds(model, batch, n, clock, repeats) for n in grid]
+    # round robin over the grid, so a drift of the machine's speed spreads over every point alike
+    runs = [[stock_decoder_seconds(model, batch, n, clock, 1) for n in grid] for _ in range(repeats)]
+    times = [_median(ts) for ts in zip(*runs)]
     g, t = torch.tensor(grid, dtype=torch.float64), torch.tensor(times, dtype=torch.float64)
 
     def at(n: float) -> float:
@@ -419,7 +423,7 @@ def finish(row: dict, base: dict, batch: int, prompt_tokens: int) -> dict:
     for r in (row, base):
         r["prefill_tok_s"] = batch * prompt_tokens / (r["prefill_ms"] / 1e3)
         r["decode_tok_s"] = batch / (r["decode_ms"] / 1e3)
-    if "interleaved_base_prefill_ms" in row:  # batch 1: the paired baseline
+    if "interleaved_base_prefill_ms" in row:  # the paired baseline
         b_prefill = row["interleaved_base_prefill_ms"]
         row["prefill_ms_ratio"] = row["prefill_ms"] / b_prefill
         row["prefill_tok_s_ratio"] = b_prefill / row["prefill_ms"]
@@ -430,11 +434,12 @@ def finish(row: dict, base: dict, batch: int, prompt_tokens: int) -> dict:
     row["latency_vs_flops"] = row["prefill_ms_ratio"] / row["tflops_ratio"] - 1
     row["decoder_vs_flops"] = row["decoder_ms_ratio"] / row["tflops_ratio"] - 1
     # the stock decoder at the row's tokens per layer: its ratio to the unreduced stock decoder, and how far
-    # the row's decoder latency is above it (the reduction's own overhead)
+    # the row's decoder ratio is above it (the reduction's own overhead). Ratios of ratios: the floor grid
+    # is timed minutes after the rows, and a machine's speed drifts by more than the overheads measured
     if "floor_ms" in row:
         row["floor_ratio"] = row["floor_ms"] / base["floor_ms"]
         row["floor_vs_flops"] = row["floor_ratio"] / row["tflops_ratio"] - 1
-        row["decoder_vs_floor"] = row["decoder_ms"] / row["floor_ms"] - 1
+        row["decoder_vs_floor"] = row["decoder_ms_ratio"] / row["floor_ratio"] - 1
     return row
 
 
@@ -488,7 +493,7 @@ def run_group(
             log(f"[{name} b{batch}] --stop-after reached: {len(runs) - i} row(s) not measured")
             break
         t1 = time.perf_counter()
-        paired = bb.none if batch == 1 else None
+        paired = bb.none  # interleaved with no reduction: a CPU's speed drifts by more than the gaps measured
         try:
             row = measure(
                 model,
@@ -512,10 +517,9 @@ def run_group(
             f"decode {row['decode_ms']:.2f} ms/tok ({time.perf_counter() - t1:.1f} s; "
             f"{time.perf_counter() - t0:.0f} s on this group)"
         )
-    if batch == 1:  # the baseline row's prefill: the median over every interleaved pairing
-        for key in ("prefill_ms", "decoder_ms"):
-            pair = [r[f"interleaved_base_{key}"] for _, _, r in group[1:]] or [base[key]]
-            base[key] = base[f"interleaved_base_{key}"] = _median(pair)
+    for key in ("prefill_ms", "decoder_ms"):  # the baseline row's prefill: the median over every pairing
+        pair = [r[f"interleaved_base_{key}"] for _, _, r in group[1:]] or [base[key]]
+        base[key] = base[f"interleaved_base_{key}"] = _median(pair)
     if deadline is None or time.perf_counter() < deadline:
         stock_floor(model, [row for _, _, row in group], batch, clock, repeats)
     else:

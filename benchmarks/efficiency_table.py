@@ -42,8 +42,9 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
         f"- command: `{meta['command']}`",
         f"- versions: torch {meta['torch']}, transformers {meta['transformers']}, python {meta['python']}"
         + (f", CUDA {meta['cuda']}" if meta.get("cuda") else ""),
-        f"- clock: {meta['clock']}; prefill medians of {meta['repeats']} (batch 1, interleaved with none) / "
-        f"{meta['batch_repeats']} (larger batches); decode: {meta['new_tokens']} new tokens, median gap, "
+        f"- clock: {meta['clock']}; prefill medians of {meta['repeats']} (batch 1) / "
+        f"{meta['batch_repeats']} (larger batches), interleaved with none; decode: {meta['new_tokens']} new "
+        "tokens, median gap, "
         f"median of {meta['decode_repeats']} runs, KV cache "
         + ("appended in place (GrowingCache)" if meta.get("decode_cache", "growing") == "growing" else "DynamicCache"),
         *(
@@ -60,8 +61,8 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
         "strategy's own work (raters, scoring with its rows-only attention, recycling) / prefill. "
         "stock × = the stock decoder (no engine) timed at the row's tokens per layer, over the unreduced stock "
         "decoder: what an ideal reducer that costs nothing would reach; stock/FLOPs = how far the shape itself "
-        "is from its FLOPs ratio (fixed per-layer work); dec/stock = the row's decoder latency over that "
-        "floor - 1: the reduction's whole overhead (its own work, hooks, masks, padding).",
+        "is from its FLOPs ratio (fixed per-layer work); dec/stock = decoder × / stock × - 1: the "
+        "reduction's whole overhead over that floor (its own work, hooks, masks, padding).",
         "",
     ]
     head = (
