@@ -129,6 +129,16 @@ def _budget_fields(strategy: str, budget: int | None, n_visual: int, images: int
     return fields
 
 
+def _random_backbone(backbone: str, device: str, overrides) -> tuple:
+    """The random-weight model of a `random_llava` backbone config (timings do not depend on weights), and
+    the config as a dict."""
+    cfg = runner.compose([f"backbone={backbone}", *overrides])
+    b = runner.to_dict(cfg.backbone)
+    if b.get("loader") != "random_llava":
+        raise ConfigError(f"bench needs a random_llava backbone (bench_cpu, llava7b_shape), got {backbone!r}")
+    return runner.random_llava(b).to(device), b
+
+
 def bench(
     backbone: str = "bench_cpu",
     strategies: list[str] = ("sparsevlm",),
@@ -142,11 +152,7 @@ def bench(
 ) -> list[dict]:
     from tqdm.auto import tqdm
 
-    cfg = runner.compose([f"backbone={backbone}", *overrides])
-    b = runner.to_dict(cfg.backbone)
-    if b.get("loader") != "random_llava":
-        raise ConfigError(f"bench needs a random_llava backbone (bench_cpu, llava7b_shape), got {backbone!r}")
-    model = runner.random_llava(b).to(device)
+    model, b = _random_backbone(backbone, device, overrides)
     n_visual = int(b["vision"]["grid"]) ** 2
     runs = [(s, bu) for s in strategies if s != BASELINE for bu in budgets]
     for s, bu in runs:  # validate everything first
@@ -224,9 +230,7 @@ def scaling(
 ) -> list[dict]:
     from tqdm.auto import tqdm
 
-    cfg = runner.compose([f"backbone={backbone}", *overrides])
-    b = runner.to_dict(cfg.backbone)
-    model = runner.random_llava(b).to(device)
+    model, b = _random_backbone(backbone, device, overrides)
     per_image = int(b["vision"]["grid"]) ** 2
     none = runner.build_reducer({"name": BASELINE})
     rows = []
