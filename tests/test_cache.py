@@ -78,3 +78,27 @@ def test_appends_in_place_until_the_reserve_is_used():
     keys, values = layer.update(s, -s)
     want = torch.cat([want[1:], s], dim=-2)
     assert torch.equal(keys, want) and torch.equal(values, -want)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_next"])
+def test_generate_equals_dynamic_cache_on_other_backbones(family):
+    """M-RoPE (Qwen2-VL) and AnyRes (LLaVA-NeXT) decode through the in-place cache, SparseVLM pruning."""
+    from tests.tiny_backbones import collate, llava_next_examples, make_llava_next, make_qwen2_vl, qwen_sample
+
+    if family == "qwen2_vl":
+        model = make_qwen2_vl()
+        samples = [
+            qwen_sample(model, [("text", 3), ("image", (1, 8, 8)), ("text", 5)], seed=0),
+            qwen_sample(model, [("text", 1), ("image", (1, 8, 6)), ("text", 2)], seed=1),
+        ]
+    else:
+        model = make_llava_next()
+        samples = llava_next_examples(model)[:2]
+    inputs = collate(samples)
+    strategy = {"name": "sparsevlm", "layers": [1], "keep": [3], "positions": "keep"}  # M-RoPE: keep
+    with torch.no_grad(), attach(model, build(strategy)) as engine:
+        seq_d, scores_d = _generate(model, inputs, None)
+        assert engine.last_record[0]["stages"][0]["visual_after"] < engine.last_record[0]["n_visual_input"]
+        seq_g, scores_g = _generate(model, inputs, GrowingCache())
+    assert torch.equal(seq_g, seq_d)
+    assert torch.equal(scores_g, scores_d)
