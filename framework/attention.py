@@ -24,6 +24,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """t (B|1, L, ...) gathered along dim 1 at idx (B, R) -> (B, R, ...)."""
+    if t.shape[0] == 1:  # one table for every row of idx: a single index_select
+        return t.index_select(1, idx.view(-1)).view(*idx.shape, *t.shape[2:])
     if t.shape[0] != idx.shape[0]:
         t = t.expand(idx.shape[0], *t.shape[1:])
     view = idx.view(*idx.shape, *([1] * (t.dim() - 2)))
@@ -67,19 +69,21 @@ def attention_rows(
     Returns (B, H, R, L) float32 probabilities; causal: row r sees keys with slot index <= rows[r].
     Masked keys get exactly 0; a row with no visible key (a padding row) is meaningless.
     """
-    L = hidden.shape[1]
+    (B, R), L, hd = rows.shape, hidden.shape[1], attn.head_dim
     norm = norm if norm is not None else torch.nn.Identity()
     q_rows = attn.q_proj(norm(gather_rows(hidden, rows))) if queries is None else gather_rows(queries, rows)
-    q = rearrange(q_rows, "b r (h d) -> b h r d", d=attn.head_dim)
+    q = q_rows.view(B, R, -1, hd).transpose(1, 2)  # (B, H, R, hd)
     if hasattr(attn, "q_norm"):
         q = attn.q_norm(q)
-    q = apply_rope(q, gather_rows(cos, rows), gather_rows(sin, rows))
+    q = q * gather_rows(cos, rows)[:, None] + rotate_half(q) * gather_rows(sin, rows)[:, None]  # apply_rope
     if keys is None:
         keys = project_keys(attn, norm(hidden) if keys_proj is None else None, cos, sin, keys_proj)
-    groups = q.shape[1] // keys.shape[1]
+    H, groups = q.shape[1], q.shape[1] // keys.shape[1]
     keys = keys.repeat_interleave(groups, dim=1) if groups > 1 else keys
-    logits = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * attn.scaling
-    allowed = (torch.arange(L, device=rows.device)[None, None] <= rows[..., None]) & key_valid[:, None]
+    # the batched product torch.matmul would run, without its broadcasting steps
+    logits = torch.bmm(q.float().reshape(B * H, R, hd), keys.float().reshape(B * H, L, hd).transpose(1, 2))
+    logits = logits.view(B, H, R, L) * attn.scaling
+    allowed = (torch.arange(L, device=rows.device) <= rows[..., None]) & key_valid[:, None]
     logits.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
     return torch.softmax(logits, dim=-1)
 

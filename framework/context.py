@@ -61,9 +61,11 @@ class Slots:
         """Valid non-visual slots after the last visual token (the prompt text that follows the image).
         vis: sample b's visual slots when already known."""
         vis = self.visual_slots(b) if vis is None else vis
-        start = int(vis[-1]) + 1 if len(vis) else 0
+        if not len(vis):
+            return torch.nonzero(self.valid[b] & ~self.visual[b]).flatten()
+        # every slot after the last visual one is non-visual (compared on the device: no host copy)
         pos = torch.arange(self.length, device=self.index.device)
-        return torch.nonzero(self.valid[b] & ~self.visual[b] & (pos >= start)).flatten()
+        return torch.nonzero(self.valid[b] & (pos > vis[-1])).flatten()
 
     def n_valid(self) -> torch.Tensor:
         return self.valid.sum(1)

@@ -66,7 +66,7 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.attention import rotate_half
+from framework.attention import gather_rows, rotate_half
 from framework.budget import REFERENCE_VISUAL_TOKENS, nearest_preset, scale_to_depth
 from framework.clustering import ASSIGN_MODES, MERGE_MODES, cluster_and_merge
 from framework.errors import ConfigError
@@ -270,14 +270,15 @@ class SparseVLM(TokenReducer):
             text = ctx.text[b]
             if self.raters == "selected":
                 emb = ctx.embeds[b]
-                sel = text[select_raters(emb[ctx.visual[b]], emb[text])]
+                rated = select_raters(emb.index_select(0, ctx.visual[b]), emb.index_select(0, text))
+                sel = text.index_select(0, rated)
             elif self.raters == "all_text":
                 sel = text
             elif self.raters == "last_token":
                 sel = torch.tensor([ctx.last_slot(b)], device=text.device)
             else:  # all_tokens: resolved at each decision point
                 sel = torch.zeros(0, dtype=torch.long, device=text.device)
-            raters.append(ctx.slots.index[b, sel])
+            raters.append(ctx.slots.index[b].index_select(0, sel))
         ctx.state["sparsevlm_raters"] = raters
         if self.raters == "all_tokens":
             return
@@ -285,7 +286,7 @@ class SparseVLM(TokenReducer):
         width = max(1, *counts)
         # padding repeats a sample's first rater; -1 (matches no slot) marks a sample without raters
         pad = [
-            torch.cat([r, r[:1].expand(width - n)]) if n else torch.full((width,), -1).to(r)
+            r if n == width else torch.cat([r, r[:1].expand(width - n)]) if n else torch.full((width,), -1).to(r)
             for r, n in zip(raters, counts)
         ]
         ctx.state["sparsevlm_lookup"] = {
@@ -348,8 +349,7 @@ class SparseVLM(TokenReducer):
         if rope is None:
             for bs in _groups([(nv[b], counts[b]) for b in range(B)]):
                 A = _rows(probs, bs)[:, :, : counts[bs[0]]]  # (G, H, R, L')
-                cols = _stack([vis[b] for b in bs])  # (G, Nv)
-                Pg = A.gather(-1, cols[:, None, None, :].expand(*A.shape[:3], cols.shape[-1])).mean(1)
+                Pg = _columns(A, [vis[b] for b in bs]).mean(1)
                 sg = Pg.mean(1)
                 for i, b in enumerate(bs):
                     P[b], scores[b] = Pg[i], sg[i]
@@ -383,8 +383,7 @@ class SparseVLM(TokenReducer):
             recycled = order[:, k : k + n_rec].sort(-1).values  # ascending visual index
             n_clusters = int(self.theta * n_rec + 1e-9) + 1
             cols = _stack([vis[b] for b in bs]).gather(1, recycled)  # (G, n_rec) slots
-            feats = _rows(ctx.hidden, bs)  # the pruning layer's output hidden states
-            feats = feats.gather(1, cols[..., None].expand(*cols.shape, feats.shape[-1]))
+            feats = gather_rows(_rows(ctx.hidden, bs), cols)  # the pruning layer's output hidden states
             for i, b in enumerate(bs):
                 merged, sources, anchors = cluster_and_merge(
                     feats[i], n_clusters, merge=self.merge, assign=self.assign, ids=recycled[i]
@@ -440,6 +439,14 @@ def _groups(keys: list, samples: list[int] | None = None) -> list[list[int]]:
     for b, key in zip(range(len(keys)) if samples is None else samples, keys):
         out.setdefault(key, []).append(b)
     return list(out.values())
+
+
+def _columns(A: torch.Tensor, cols: list[torch.Tensor]) -> torch.Tensor:
+    """A (G, ..., L) at each sample's columns (G tensors (N,)) -> (G, ..., N); one index_select when G is 1."""
+    if len(cols) == 1:
+        return A.index_select(-1, cols[0])
+    c = torch.stack(cols)
+    return A.gather(-1, c.view(c.shape[0], *[1] * (A.dim() - 2), c.shape[1]).expand(*A.shape[:-1], c.shape[1]))
 
 
 def _stack(ts: list[torch.Tensor]) -> torch.Tensor:

@@ -123,3 +123,16 @@ def test_density_order_matches_the_denser_mask(dup):
             assert [s.tolist() for s in sources] == [
                 (torch.nonzero(ref_labels == i).flatten() + 100).tolist() for i in range(min(c, n))
             ]
+
+
+@pytest.mark.parametrize("n", [5, 40, 154])
+def test_k_smallest_equals_topk(n):
+    """The CPU path (numpy's sort past a few dozen columns) returns topk's values in topk's order,
+    ties (duplicate points, zero distances) included."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 24, generator=g).round()  # coarse values: many equal distances
+    x[1] = x[0]
+    dist = scaled_distances(x)
+    for k in (1, 2, n // 3 + 1, n):
+        ref = torch.topk(dist, k, dim=-1, largest=False).values
+        assert torch.equal(clustering.k_smallest(dist, k), ref)
