@@ -125,11 +125,11 @@ def cluster_and_merge(
     if C == 1:  # every row in the one cluster: no counting, no host copy
         merged = _merge(x, labels, 1, merge, labels.new_full((1, 1), x.shape[0]))
         rows = torch.arange(x.shape[0], device=x.device) if ids is None else ids
-        return merged, [rows], centres if ids is None else ids[centres]
+        return merged, [rows], centres if ids is None else ids.index_select(0, centres)
     counts = torch.bincount(labels, minlength=C)  # each cluster has its centre: no empty cluster
     merged = _merge(x, labels, C, merge, counts[:, None])
     # each cluster's rows in ascending order, as nonzero(labels == c) gives them, with one host copy
     order = torch.sort(labels, stable=True).indices
     if ids is not None:
-        order, centres = ids[order], ids[centres]
+        order, centres = ids.index_select(0, order), ids.index_select(0, centres)
     return merged, list(torch.split(order, counts.tolist())), centres
