@@ -274,8 +274,8 @@ class SparseVLM(TokenReducer):
                 sel = text.index_select(0, rated)
             elif self.raters == "all_text":
                 sel = text
-            elif self.raters == "last_token":
-                sel = torch.tensor([ctx.last_slot(b)], device=text.device)
+            elif self.raters == "last_token":  # the last prompt token when it is text, else the fallback
+                sel = text[-1:]
             else:  # all_tokens: resolved at each decision point
                 sel = torch.zeros(0, dtype=torch.long, device=text.device)
             raters.append(ctx.slots.index[b].index_select(0, sel))

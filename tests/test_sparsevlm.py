@@ -248,3 +248,11 @@ def test_rater_fallback_is_recorded():
         model(**x)
     flags = [s["stages"][0]["rater_fallback"] for s in engine.last_record]
     assert flags == [True, False]
+    # raters=last_token: the same fallback when the last prompt token is visual (once refused as "a rater
+    # token is no longer in the sequence"); otherwise the last text token rates alone
+    strategy = {"name": "sparsevlm", "layers": [1], "keep": [4], "raters": "last_token"}
+    with torch.no_grad(), attach(model, build(strategy)) as engine:
+        model(**x)
+    stages = [s["stages"][0] for s in engine.last_record]
+    assert [st["rater_fallback"] for st in stages] == [True, False]
+    assert stages[1]["raters"] == [int(x["input_ids"].shape[1]) - 1] and stages[1]["n_raters"] == 1
