@@ -17,7 +17,7 @@ Per shape and batch size, for none and every strategy x budget:
   * prefill latency: one forward (`logits_to_keep=1`, vision tower included) timed with CUDA events on a
     GPU (thread CPU time on a 1-thread CPU), after a warm-up, median of `--repeats` (`--batch-repeats` at
     batch sizes > 1), interleaved with no reduction (none, run, none, run, ...), whose median is that row's
-    baseline;
+    baseline (decode likewise);
   * in the same runs, the decoder-stack latency (the language model's forward: the scope of the paper's
     FLOPs formula) and the strategy's own work (time inside its `begin` / `decide`, rows-only attention
     and recycling included); on a GPU these are CUDA events read after the forward, so no extra sync;
@@ -388,19 +388,24 @@ def measure(
         if base is not None:
             bases.append(prefill_seconds(model, base, inputs, clock))
         runs.append(prefill_seconds(model, reducer, inputs, clock))
+    decodes, base_decodes = [], []
+    for _ in range(decode_repeats):
+        if base is not None:
+            base_decodes.append(decode_seconds(model, base, inputs, new_tokens, clock, cache))
+        decodes.append(decode_seconds(model, reducer, inputs, new_tokens, clock, cache))
     row = {
         "prefill_ms": 1e3 * _median([r[0] for r in runs]),
         "decoder_ms": 1e3 * _median([r[1] for r in runs]),
         "own_ms": 1e3 * _median([r[2] for r in runs]),
         "own_share": _median([r[2] / r[0] for r in runs]),
-        "decode_ms": 1e3
-        * _median([decode_seconds(model, reducer, inputs, new_tokens, clock, cache) for _ in range(decode_repeats)]),
+        "decode_ms": 1e3 * _median(decodes),
         "peak_mb": peak_mb(model, reducer, inputs),
         **accounting(model, reducer, inputs),
     }
     if bases:
         row["interleaved_base_prefill_ms"] = 1e3 * _median([b[0] for b in bases])
         row["interleaved_base_decoder_ms"] = 1e3 * _median([b[1] for b in bases])
+        row["interleaved_base_decode_ms"] = 1e3 * _median(base_decodes)
     return row
 
 
@@ -428,6 +433,8 @@ def finish(row: dict, base: dict, batch: int, prompt_tokens: int) -> dict:
         row["prefill_ms_ratio"] = row["prefill_ms"] / b_prefill
         row["prefill_tok_s_ratio"] = b_prefill / row["prefill_ms"]
         row["decoder_ms_ratio"] = row["decoder_ms"] / row["interleaved_base_decoder_ms"]
+        row["decode_ms_ratio"] = row["decode_ms"] / row["interleaved_base_decode_ms"]
+        row["decode_tok_s_ratio"] = row["interleaved_base_decode_ms"] / row["decode_ms"]
     for k in RATIO_KEYS:
         row.setdefault(f"{k}_ratio", metrics.ratio(row[k], base[k]))
         row[f"base_{k}"] = base[k]
@@ -517,7 +524,7 @@ def run_group(
             f"decode {row['decode_ms']:.2f} ms/tok ({time.perf_counter() - t1:.1f} s; "
             f"{time.perf_counter() - t0:.0f} s on this group)"
         )
-    for key in ("prefill_ms", "decoder_ms"):  # the baseline row's prefill: the median over every pairing
+    for key in ("prefill_ms", "decoder_ms", "decode_ms"):  # the baseline row's: the median over every pairing
         pair = [r[f"interleaved_base_{key}"] for _, _, r in group[1:]] or [base[key]]
         base[key] = base[f"interleaved_base_{key}"] = _median(pair)
     if deadline is None or time.perf_counter() < deadline:

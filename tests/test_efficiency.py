@@ -100,7 +100,9 @@ def test_ratios_are_measured_over_the_same_runs_baseline(written):
         # interleaved with none: the row's own paired baseline; none's is the median over every pairing
         assert r["prefill_ms_ratio"] == pytest.approx(r["prefill_ms"] / r["interleaved_base_prefill_ms"])
         assert r["decoder_ms_ratio"] == pytest.approx(r["decoder_ms"] / r["interleaved_base_decoder_ms"])
-        for k in ("decode_ms", "kv_mib", "kv_visual_mb", "tflops", "tflops_causal", "decode_tok_s"):
+        assert r["decode_ms_ratio"] == pytest.approx(r["decode_ms"] / r["interleaved_base_decode_ms"])
+        assert r["decode_tok_s_ratio"] == pytest.approx(r["interleaved_base_decode_ms"] / r["decode_ms"])
+        for k in ("kv_mib", "kv_visual_mb", "tflops", "tflops_causal"):
             assert r[f"base_{k}"] == pytest.approx(b[k])
             assert r[f"{k}_ratio"] == pytest.approx(r[k] / b[k])
         assert r["decode_tok_s"] == pytest.approx(r["batch"] / (r["decode_ms"] / 1e3))
