@@ -37,7 +37,7 @@ Writes `benchmarks/results/efficiency_<device>.{md,json}` (device name, versions
 every group; all shapes run at batch 1 before any larger batch, and `--stop-after SECONDS` starts no new
 row after that time, so a run cut short keeps what it measured (and says so).
 
-  python -m benchmarks.efficiency --device cpu --shapes small         # CPU table, ~6 min on 1 core
+  python -m benchmarks.efficiency --device cpu --shapes small         # CPU table, 7-9 min on 1 core
   python -m benchmarks.efficiency --device cuda --stop-after 420      # GPU table: llava15 + llavanext,
                                                                       # batches 1/8/32, <= ~8 min
 On the lent H200 (transformers 5.17 installed there), carry a transformers 5.24 wheel (`pip download
