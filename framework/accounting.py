@@ -138,7 +138,7 @@ def _members_on_host(members: list) -> list:
     instead of one per sample)."""
     import torch
 
-    if len({m.shape[1] for m in members}) != 1 or members[0].device.type == "cpu":
+    if len({m.shape[1] for m in members}) != 1:
         return [m.cpu() for m in members]
     return list(torch.cat(members).cpu().split([m.shape[0] for m in members]))
 
