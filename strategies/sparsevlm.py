@@ -325,76 +325,99 @@ class SparseVLM(TokenReducer):
     def decide(self, ctx) -> list[Decision]:
         stage = self.decision_layers().index(ctx.layer)
         B = ctx.batch_size
-        if self.raters == "all_tokens":
-            rows = [torch.nonzero(ctx.slots.valid[b]).flatten() for b in range(B)]
-            counts = [int(r.numel()) for r in rows]
-            probs = ctx.attention_batch(torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), which="previous")
-            records = [
-                {"raters": ctx.slots.index[b, rows[b]].tolist(), "n_raters": counts[b], "rater_fallback": False}
-                for b in range(B)
-            ]
-        else:
-            padded, counts = self._rater_rows(ctx)
-            rows = [padded[b, :n] for b, n in enumerate(counts)]
-            probs = ctx.attention_batch(padded, which="previous")
-            look = ctx.state["sparsevlm_lookup"]
-            # no text after the image (or no rater selected): the last prompt token rates instead
-            records = [{"raters": r, "n_raters": n, "rater_fallback": not r} for r, n in zip(look["host"], counts)]
+        rows, probs, records = self._rater_attention(ctx)
         vis = ctx.visual
         nv = [int(v.numel()) for v in vis]
-        rope = ctx.rope("previous") if self.variant == "plus" else None
-        # P (R_b, Nv_b) and scores (Nv_b,) per sample; samples of equal shapes share one gather and two means
+        P, scores = self._scores(ctx, rows, probs, records)
+        if self.record_scores:
+            for b in range(B):
+                records[b].update(scores=scores[b].tolist(), rater_slots=rows[b].tolist(), visual_slots=vis[b].tolist())
+        keep_n = [self._keep_count(ctx, b, stage, nv[b], P[b], records[b]) for b in range(B)]
+        out: list[Decision] = [None] * B  # type: ignore[list-item]
+        for b in range(B):
+            records[b]["skipped"] = keep_n[b] is None
+            if keep_n[b] is None:
+                out[b] = Decision(keep=torch.arange(nv[b], device=vis[b].device), record=records[b])
+        pruned = [b for b in range(B) if keep_n[b] is not None]
+        for bs in _groups([(nv[b], keep_n[b]) for b in pruned], pruned):  # equal shapes: one sort
+            for b, decision in zip(bs, self._prune(ctx, bs, keep_n[bs[0]], [scores[b] for b in bs], records)):
+                out[b] = decision
+        return out
+
+    def _rater_attention(self, ctx) -> tuple[list[torch.Tensor], torch.Tensor, list[dict]]:
+        """Per sample the raters' current slots, their attention rows (B, H, R, L') over the previous layer,
+        and the start of the sample's record (raters, their count, whether the fallback rated)."""
+        B = ctx.batch_size
+        if self.raters == "all_tokens":
+            rows = [torch.nonzero(ctx.slots.valid[b]).flatten() for b in range(B)]
+            probs = ctx.attention_batch(torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), which="previous")
+            records = [
+                {
+                    "raters": ctx.slots.index[b, rows[b]].tolist(),
+                    "n_raters": int(rows[b].numel()),
+                    "rater_fallback": False,
+                }
+                for b in range(B)
+            ]
+            return rows, probs, records
+        padded, counts = self._rater_rows(ctx)
+        probs = ctx.attention_batch(padded, which="previous")
+        # no text after the image (or no rater selected): the last prompt token rates instead
+        look = ctx.state["sparsevlm_lookup"]
+        records = [{"raters": r, "n_raters": n, "rater_fallback": not r} for r, n in zip(look["host"], counts)]
+        return [padded[b, :n] for b, n in enumerate(counts)], probs, records
+
+    def _scores(self, ctx, rows, probs, records) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per sample P (R_b, Nv_b), the rater x visual block, and the visual tokens' scores (Nv_b,);
+        samples of equal shapes share one gather and two means."""
+        B, vis = ctx.batch_size, ctx.visual
+        counts = [int(r.numel()) for r in rows]
         P: list[torch.Tensor] = [None] * B  # type: ignore[list-item]
         scores: list[torch.Tensor] = [None] * B  # type: ignore[list-item]
-        if rope is None:
-            for bs in _groups([(nv[b], counts[b]) for b in range(B)]):
+        if self.variant != "plus":
+            for bs in _groups([(int(vis[b].numel()), counts[b]) for b in range(B)]):
                 A = _rows(probs, bs)[:, :, : counts[bs[0]]]  # (G, H, R, L')
                 Pg = _columns(A, [vis[b] for b in bs]).mean(1)
                 sg = Pg.mean(1)
                 for i, b in enumerate(bs):
                     P[b], scores[b] = Pg[i], sg[i]
-        else:
-            for b in range(B):
-                P[b], heads = self.rater_visual_block(ctx, b, rows[b], probs[b, :, : counts[b]], rope)
-                scores[b] = P[b].mean(0)
-                records[b]["heads"] = heads
-        if self.record_scores:
-            for b in range(B):
-                records[b].update(scores=scores[b].tolist(), rater_slots=rows[b].tolist(), visual_slots=vis[b].tolist())
-        keep_n = [self._keep_count(ctx, b, stage, nv[b], P[b], records[b]) for b in range(B)]
+            return P, scores
+        rope = ctx.rope("previous")
         for b in range(B):
-            records[b]["skipped"] = keep_n[b] is None
-        out: list[Decision] = [None] * B  # type: ignore[list-item]
-        for b in range(B):
-            if keep_n[b] is None:
-                out[b] = Decision(keep=torch.arange(nv[b], device=vis[b].device), record=records[b])
-        pruned = [b for b in range(B) if keep_n[b] is not None]
-        for bs in _groups([(nv[b], keep_n[b]) for b in pruned], pruned):
-            k, n = keep_n[bs[0]], nv[bs[0]]
-            # one stable sort: the top k are kept, and the best of the rest (deleted tokens by descending
-            # score, ties to the lower index, as a top-k over the deleted ones ranks them) are recycled
-            order = torch.sort(_stack([scores[b] for b in bs]), dim=-1, descending=True, stable=True).indices
-            keep = order[:, :k].sort(-1).values
-            if not self.recycling:
-                for i, b in enumerate(bs):
-                    out[b] = Decision(keep=keep[i], record=records[b])
-                continue
-            n_rec = min(int(self.tau * (n - k)) + 1, n - k)
-            recycled = order[:, k : k + n_rec].sort(-1).values  # ascending visual index
-            n_clusters = int(self.theta * n_rec + 1e-9) + 1
-            cols = _stack([vis[b] for b in bs]).gather(1, recycled)  # (G, n_rec) slots
-            feats = gather_rows(_rows(ctx.hidden, bs), cols)  # the pruning layer's output hidden states
-            for i, b in enumerate(bs):
-                merged, sources, anchors = cluster_and_merge(
-                    feats[i], n_clusters, merge=self.merge, assign=self.assign, ids=recycled[i]
-                )
-                out[b] = Decision(
+            P[b], heads = self.rater_visual_block(ctx, b, rows[b], probs[b, :, : counts[b]], rope)
+            scores[b] = P[b].mean(0)
+            records[b]["heads"] = heads
+        return P, scores
+
+    def _prune(self, ctx, bs: list[int], k: int, scores: list[torch.Tensor], records) -> list[Decision]:
+        """Decisions for samples `bs` that keep `k` of the same number of visual tokens."""
+        vis = ctx.visual
+        n = int(vis[bs[0]].numel())
+        # one stable sort: the top k are kept, and the best of the rest (deleted tokens by descending
+        # score, ties to the lower index, as a top-k over the deleted ones ranks them) are recycled
+        order = torch.sort(_stack(scores), dim=-1, descending=True, stable=True).indices
+        keep = order[:, :k].sort(-1).values
+        if not self.recycling:
+            return [Decision(keep=keep[i], record=records[b]) for i, b in enumerate(bs)]
+        n_rec = min(int(self.tau * (n - k)) + 1, n - k)
+        recycled = order[:, k : k + n_rec].sort(-1).values  # ascending visual index
+        n_clusters = int(self.theta * n_rec + 1e-9) + 1
+        cols = _stack([vis[b] for b in bs]).gather(1, recycled)  # (G, n_rec) slots
+        feats = gather_rows(_rows(ctx.hidden, bs), cols)  # the pruning layer's output hidden states
+        out = []
+        for i, b in enumerate(bs):
+            merged, sources, anchors = cluster_and_merge(
+                feats[i], n_clusters, merge=self.merge, assign=self.assign, ids=recycled[i]
+            )
+            out.append(
+                Decision(
                     keep=keep[i],
                     merged=merged.to(ctx.hidden.dtype),
                     sources=sources,
                     anchors=anchors,
                     record=records[b],
                 )
+            )
         return out
 
     def _keep_count(self, ctx, b: int, stage: int, nv: int, P: torch.Tensor, record: dict) -> int | None:
