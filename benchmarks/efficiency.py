@@ -60,6 +60,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from experiments import metrics  # noqa: E402
@@ -328,17 +329,14 @@ FLOOR_POINTS = 12
 
 
 @torch.no_grad()
-def stock_decoder_seconds(model, batch: int, n: int, clock: Clock, repeats: int) -> float:
-    """The stock language model's forward (no engine, all layers at n tokens, fused causal attention, a KV
-    cache filled as at prefill) on random embeddings: median seconds."""
+def stock_decoder_seconds(model, batch: int, n: int, clock: Clock) -> float:
+    """Seconds of one stock language-model forward (no engine, all layers at n tokens, fused causal
+    attention, a KV cache filled as at prefill) on random embeddings."""
     lm = adapter_for(model).language_model
     x = torch.randn(batch, n, model.config.text_config.hidden_size, device=model.device, dtype=model.dtype)
-    times = []
-    for _ in range(repeats):
-        a = clock.stamp()
-        lm(inputs_embeds=x, use_cache=True)
-        times.append(clock.seconds(a, clock.stamp()))
-    return _median(times)
+    a = clock.stamp()
+    lm(inputs_embeds=x, use_cache=True)
+    return clock.seconds(a, clock.stamp())
 
 
 def stock_floor(model, rows: list[dict], batch: int, clock: Clock, repeats: int) -> None:
@@ -352,20 +350,12 @@ def stock_floor(model, rows: list[dict], batch: int, clock: Clock, repeats: int)
     counts = [n for r in rows for n in r["tokens_per_layer"]]
     lo, hi = max(1, int(min(counts))), int(max(counts) + 0.999)
     grid = sorted({round(lo + (hi - lo) * k / (FLOOR_POINTS - 1)) for k in range(FLOOR_POINTS)})
-    stock_decoder_seconds(model, batch, grid[-1], clock, 1)  # warm-up
+    stock_decoder_seconds(model, batch, grid[-1], clock)  # warm-up
     # round robin over the grid, so a drift of the machine's speed spreads over every point alike
-    runs = [[stock_decoder_seconds(model, batch, n, clock, 1) for n in grid] for _ in range(repeats)]
+    runs = [[stock_decoder_seconds(model, batch, n, clock) for n in grid] for _ in range(repeats)]
     times = [_median(ts) for ts in zip(*runs)]
-    g, t = torch.tensor(grid, dtype=torch.float64), torch.tensor(times, dtype=torch.float64)
-
-    def at(n: float) -> float:
-        j = int(torch.searchsorted(g, torch.tensor(n, dtype=torch.float64)).clamp(1, len(grid) - 1))
-        w = 0.0 if g[j] == g[j - 1] else float((n - g[j - 1]) / (g[j] - g[j - 1]))
-        return float(t[j - 1] + w * (t[j] - t[j - 1]))
-
     for r in rows:
-        layers = r["tokens_per_layer"]
-        r["floor_ms"] = 1e3 * sum(at(n) for n in layers) / len(layers)
+        r["floor_ms"] = 1e3 * float(np.interp(r["tokens_per_layer"], grid, times).mean())
 
 
 # ---------------------------------------------------------------------------------------- one row

@@ -75,7 +75,7 @@ def attention_rows(
     q = q_rows.view(B, R, -1, hd).transpose(1, 2)  # (B, H, R, hd)
     if hasattr(attn, "q_norm"):
         q = attn.q_norm(q)
-    q = q * gather_rows(cos, rows)[:, None] + rotate_half(q) * gather_rows(sin, rows)[:, None]  # apply_rope
+    q = apply_rope(q, gather_rows(cos, rows), gather_rows(sin, rows))
     if keys is None:
         keys = project_keys(attn, norm(hidden) if keys_proj is None else None, cos, sin, keys_proj)
     H, groups = q.shape[1], q.shape[1] // keys.shape[1]

@@ -1,4 +1,4 @@
-"""A KV cache that appends in place: `generate(..., past_key_values=GrowingCache())`.
+"""A KV cache that appends in place: `generate(..., cache=GrowingCache())`.
 
 transformers' `DynamicCache` concatenates every layer's whole cache with each new token, so a decode step
 copies the cache once per layer: O(cached tokens x batch) bytes per step, which dominates CPU decode at

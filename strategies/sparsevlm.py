@@ -279,7 +279,6 @@ class SparseVLM(TokenReducer):
             else:  # all_tokens: resolved at each decision point
                 sel = torch.zeros(0, dtype=torch.long, device=text.device)
             raters.append(ctx.slots.index[b].index_select(0, sel))
-        ctx.state["sparsevlm_raters"] = raters
         if self.raters == "all_tokens":
             return
         counts = [int(r.numel()) for r in raters]
@@ -294,13 +293,6 @@ class SparseVLM(TokenReducer):
             "counts": counts,
             "host": [r.tolist() for r in raters],
         }
-
-    def rater_slots(self, ctx, b: int) -> torch.Tensor:
-        """Current slots of sample b's raters (text tokens are never removed; slots move)."""
-        if self.raters == "all_tokens":
-            return torch.nonzero(ctx.slots.valid[b]).flatten()
-        rows, counts = self._rater_rows(ctx)
-        return rows[b, : counts[b]]
 
     def _rater_rows(self, ctx) -> tuple[torch.Tensor, list[int]]:
         """(B, R) current slots of every sample's raters, padded (by repeating a rater), and the counts R_b.

@@ -213,7 +213,7 @@ def test_stop_after_writes_the_table_and_says_it_is_incomplete(tmp_path):
 def test_stock_floor_charges_each_layer_its_token_count(written, monkeypatch):
     """The floor is the mean over layers of the stock forward's time at each layer's token count: with a
     stock time linear in n it is exactly the mean token count (grid interpolation is exact on lines)."""
-    monkeypatch.setattr(eff, "stock_decoder_seconds", lambda model, batch, n, clock, repeats: 1e-3 * n)
+    monkeypatch.setattr(eff, "stock_decoder_seconds", lambda model, batch, n, clock: 1e-3 * n)
     rows = [
         {"tokens_per_layer": [100.0, 100.0, 40.0, 40.0]},
         {"tokens_per_layer": [100.0, 73.5, 52.25, 40.0]},
