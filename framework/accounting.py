@@ -17,10 +17,8 @@ own record), `count_per_layer` at its end (visual and all tokens entering each d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
+import numpy as np
 
 
 def layer_flops(n: int, d: int, m: int) -> int:
@@ -109,7 +107,7 @@ def account(engine, bytes_per_elem: int | None = None) -> list[Accounting]:
 
 
 # ---------------------------------------------------------------------------------------- per-layer records
-def new_records(n_visual: torch.Tensor, n_tokens: torch.Tensor) -> list[dict]:
+def new_records(n_visual: list[int], n_tokens: list[int]) -> list[dict]:
     """One record per sample at the start of a prefill: its visual and all tokens at the input."""
     return [{"n_visual_input": int(n), "stages": [], "tokens_in": int(v)} for n, v in zip(n_visual, n_tokens)]
 
@@ -134,27 +132,23 @@ def record_stage(records: list[dict], layer: int, stage: str, before, after, dec
 
 
 def _members_on_host(members: list) -> list:
-    """The samples' member matrices on the host, with one copy when they share a width (one sync on a GPU
-    instead of one per sample)."""
+    """The samples' member matrices as host arrays, with one copy when they share a width (one sync on a GPU
+    instead of one per sample); the rest of the bookkeeping is host work (numpy), never device ops."""
     import torch
 
     if len({m.shape[1] for m in members}) != 1:
-        return [m.cpu() for m in members]
-    return list(torch.cat(members).cpu().split([m.shape[0] for m in members]))
+        return [m.cpu().numpy() for m in members]
+    return np.split(torch.cat(members).cpu().numpy(), np.cumsum([m.shape[0] for m in members])[:-1])
 
 
-def member_groups(members: torch.Tensor) -> list[list[int]]:
-    """Per row of a (n, n_in) bool matrix, its True columns in ascending order, from one copy to the host
-    (a nonzero per row would synchronise a GPU once per visual token)."""
-    import torch
-
-    m = members.cpu()
-    rows, cols = torch.nonzero(m, as_tuple=True)  # row-major: rows ascending, columns ascending within a row
-    flat, out, i = cols.tolist(), [], 0
-    for n in torch.bincount(rows, minlength=m.shape[0]).tolist():
-        out.append(flat[i : i + n])
-        i += n
-    return out
+def member_groups(members) -> list[list[int]]:
+    """Per row of a (n, n_in) bool matrix (a tensor, or an array already on the host), its True columns in
+    ascending order, from one copy to the host (a nonzero per row would synchronise a GPU once per visual
+    token)."""
+    m = members if isinstance(members, np.ndarray) else members.cpu().numpy()
+    rows, cols = np.nonzero(m)  # row-major: rows ascending, columns ascending within a row
+    flat, ends = cols.tolist(), np.cumsum(np.bincount(rows, minlength=m.shape[0])).tolist()
+    return [flat[i:j] for i, j in zip([0, *ends[:-1]], ends)]
 
 
 def count_per_layer(records: list[dict], n_layers: int) -> None:

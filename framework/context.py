@@ -49,23 +49,36 @@ class Slots:
     grids: list[list[Grid]] | None = None  # per sample, the input visual tokens' grids (until a reduction)
     cls: list[torch.Tensor] | None = None  # per sample, visual-token indices of class tokens (CLIP 'full')
     vision_map: list[torch.Tensor] | None = None  # per sample, (n_visual_at_input,) encoder feature or -1
+    _counts: tuple[list[int], list[int]] | None = field(default=None, repr=False, compare=False)
+    _n_spans: list[int] | None = field(default=None, repr=False, compare=False)
 
     @property
     def length(self) -> int:
         return int(self.index.shape[1])
 
-    def visual_slots(self, b: int) -> torch.Tensor:
-        return torch.nonzero(self.visual[b] & self.valid[b]).flatten()
+    def counts(self) -> tuple[list[int], list[int]]:
+        """Per sample (valid slots, visual tokens) on the host. One copy for the batch when first asked
+        (a GPU synchronises for it); `apply_decisions` gives the Slots it returns theirs without a copy."""
+        if self._counts is None:
+            n = torch.stack([self.valid.sum(1), (self.visual & self.valid).sum(1)]).tolist()
+            self._counts = (n[0], n[1])
+        return self._counts
 
-    def text_slots(self, b: int, vis: torch.Tensor | None = None) -> torch.Tensor:
-        """Valid non-visual slots after the last visual token (the prompt text that follows the image).
-        vis: sample b's visual slots when already known."""
-        vis = self.visual_slots(b) if vis is None else vis
-        if not len(vis):
-            return torch.nonzero(self.valid[b] & ~self.visual[b]).flatten()
-        # every slot after the last visual one is non-visual (compared on the device: no host copy)
+    def all_valid(self) -> bool:
+        """No padding or empty slot (from the host counts)."""
+        return all(n == self.length for n in self.counts()[0])
+
+    def last_slots(self) -> torch.Tensor:
+        """(B,) each sample's last valid slot: its last prompt token (left padding puts it at the end)."""
         pos = torch.arange(self.length, device=self.index.device)
-        return torch.nonzero(self.valid[b] & (pos > vis[-1])).flatten()
+        return torch.where(self.valid, pos, -1).amax(1)
+
+    def text_mask(self) -> torch.Tensor:
+        """(B, L') valid non-visual slots after each sample's last visual token (the prompt text that follows
+        the image); without visual tokens, every valid non-visual slot."""
+        pos = torch.arange(self.length, device=self.index.device)
+        last_visual = torch.where(self.visual & self.valid, pos, -1).amax(1, keepdim=True)
+        return self.valid & ~self.visual & (pos > last_visual)
 
     def n_valid(self) -> torch.Tensor:
         return self.valid.sum(1)
@@ -79,9 +92,13 @@ class Slots:
         return self.span[b][m.float().argmax(1)]
 
     def n_spans(self, b: int) -> int:
-        if self.span is None or self.span[b].numel() == 0:
+        """Input spans (images / frames) of sample b, at least 1; read for the whole batch in one copy."""
+        if self.span is None:
             return 1
-        return int(self.span[b].max()) + 1
+        if self._n_spans is None:
+            top = torch.stack([s.max() if s.numel() else s.new_tensor(0) for s in self.span])
+            self._n_spans = [t + 1 for t in top.tolist()]
+        return self._n_spans[b]
 
 
 @dataclass
@@ -111,18 +128,15 @@ class StageContext:
     @property
     def visual(self) -> list[torch.Tensor]:
         if "visual" not in self._cache:
-            mask = self.slots.visual & self.slots.valid
-            if self.batch_size == 1:
-                self._cache["visual"] = [torch.nonzero(mask[0]).flatten()]
-            else:  # one nonzero for the batch (row-major: each sample's slots ascending), split per sample
-                cols = torch.nonzero(mask)[:, 1]
-                self._cache["visual"] = list(torch.split(cols, mask.sum(1).tolist()))
+            self._cache["visual"] = split_rows(self.slots.visual & self.slots.valid, self.slots.counts()[1])
         return self._cache["visual"]
 
     @property
     def text(self) -> list[torch.Tensor]:
+        """Per sample, the slots of the prompt text after the image (`Slots.text_mask`)."""
         if "text" not in self._cache:
-            self._cache["text"] = [self.slots.text_slots(b, v) for b, v in enumerate(self.visual)]
+            mask = self.slots.text_mask()
+            self._cache["text"] = split_rows(mask, mask.sum(1).tolist())
         return self._cache["text"]
 
     def span_ids(self, b: int) -> torch.Tensor:
@@ -178,7 +192,7 @@ class StageContext:
 
     def last_slot(self, b: int) -> int:
         """The last valid slot: the last prompt token (left padding puts it at the end)."""
-        return int(torch.nonzero(self.slots.valid[b]).max())
+        return int(self.slots.last_slots()[b])
 
     def attention(self, rows: list[torch.Tensor], which: str = "previous") -> list[torch.Tensor]:
         """Attention probabilities (H, R_b, L') of the given query slots, per sample.
@@ -235,3 +249,10 @@ class StageContext:
         if src.get("keys_proj") is not None:
             return project_keys(src["attn"], None, src["cos"], src["sin"], src["keys_proj"])
         return project_keys(src["attn"], src["norm"](src["hidden"]), src["cos"], src["sin"])
+
+
+def split_rows(mask: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    """Per row of a (B, L) bool mask with `counts` True entries per row (known on the host), its True
+    columns in ascending order: one static-size nonzero for the batch, so no host round trip."""
+    cols = torch.nonzero_static(mask, size=sum(counts))[:, 1]
+    return list(torch.split(cols, counts))

@@ -48,40 +48,46 @@ def initial_slots(pending: dict, valid: torch.Tensor) -> Slots:
     B, L = valid.shape
     dev = valid.device
     visual = pending["visual"] & valid
-    members = [torch.eye(int(n), dtype=torch.bool, device=dev) for n in visual.sum(1)]
-    spans = pending.get("spans")
-    slots = Slots(
-        index=torch.arange(L, device=dev)[None].expand(B, L).clone(),
-        valid=valid,
-        visual=visual,
-        members=members,
-        span=None if spans is None else [sp[v] for sp, v in zip(spans, visual)],
-    )
+    slots = Slots(index=torch.arange(L, device=dev)[None].expand(B, L).clone(), valid=valid, visual=visual, members=[])
+    n_visual = slots.counts()[1]
+    slots.members = [torch.eye(n, dtype=torch.bool, device=dev) for n in n_visual]
+    # each sample's visual positions, from one static-size nonzero (no host round trip per sample)
+    at = torch.split(torch.nonzero_static(visual, size=sum(n_visual))[:, 1], n_visual)
+    spans, vmap = pending.get("spans"), pending.get("vision_map")
+    slots.span = None if spans is None else [spans[b].index_select(0, at[b]) for b in range(B)]
+    slots.vision_map = None if vmap is None else [vmap[b].index_select(0, at[b]) for b in range(B)]
     slots.grids, slots.cls = visual_grids(pending.get("grids"), visual)
-    vmap = pending.get("vision_map")
-    slots.vision_map = None if vmap is None else [vmap[b][visual[b]] for b in range(B)]
     return slots
 
 
 def visual_grids(grids, visual: torch.Tensor):
     """Adapter grids (sequence positions) -> grids of visual-token indices; a `row_end` that is not
-    visual (LLaVA-NeXT newline='keep') is dropped; returns (grids, class-token indices) per sample."""
+    visual (LLaVA-NeXT newline='keep') is dropped; returns (grids, class-token indices) per sample.
+    Whether each grid, row end and class token is visual is read in one host copy for the batch."""
     if grids is None:
         return None, None
+    dev = visual.device
+    entries = [(b, g) for b, (sample, _) in enumerate(grids) for g in sample]
+    ended = [(b, g) for b, g in entries if g.row_end is not None]
+    cls_at = [c.to(dev) for _, c in grids]
+    flags = [visual[b, g.index.to(dev)].all().reshape(1) for b, g in entries]
+    flags += [visual[b, g.row_end.to(dev)].all().reshape(1) for b, g in ended]
+    flags += [visual[b, c] for b, c in enumerate(cls_at)]  # which class-token positions are visual
+    flags = torch.cat(flags).tolist() if flags else []
+    if not all(flags[: len(entries)]):
+        raise RuntimeError("adapter grid covers non-visual positions")
+    ends_visual = iter(flags[len(entries) : len(entries) + len(ended)])
+    cls_visual = iter(flags[len(entries) + len(ended) :])
     out, cls = [], []
-    for b, (sample, cls_pos) in enumerate(grids):
+    for b, (sample, _) in enumerate(grids):
         vidx = visual[b].long().cumsum(0) - 1
         mine = []
         for g in sample:
-            index = g.index.to(visual.device)
-            if not bool(visual[b, index].all()):
-                raise RuntimeError("adapter grid covers non-visual positions")
-            ends = g.row_end.to(visual.device) if g.row_end is not None else None
-            ends = vidx[ends] if ends is not None and bool(visual[b, ends].all()) else None
-            mine.append(Grid(index=vidx[index], row_end=ends))
-        cls_pos = cls_pos.to(visual.device)
+            ends = g.row_end.to(dev) if g.row_end is not None and next(ends_visual) else None
+            mine.append(Grid(index=vidx[g.index.to(dev)], row_end=None if ends is None else vidx[ends]))
         out.append(mine)
-        cls.append(vidx[cls_pos[visual[b, cls_pos]]])
+        kept = [j for j in range(int(cls_at[b].numel())) if next(cls_visual)]
+        cls.append(vidx[cls_at[b][torch.tensor(kept, dtype=torch.long, device=dev)]])
     return out, cls
 
 
@@ -100,17 +106,26 @@ def _union_rows(members: torch.Tensor, sources: list[torch.Tensor]) -> torch.Ten
 
 def _checked_keeps(decisions: list[Decision], n_visual: list[int], dev) -> list[torch.Tensor]:
     """Each decision's kept visual indices, sorted and unique; every index must lie in 0..n-1 and at least one
-    token must survive (one host round trip for the whole batch)."""
-    keeps = [torch.as_tensor(d.keep, device=dev).long().flatten().unique(sorted=True) for d in decisions]
+    token must survive. One host round trip for the whole batch: the keeps are sorted (one sort when they
+    have equal lengths), and `unique` (whose size the host must learn) runs only on a keep with repeats."""
+    keeps = [torch.as_tensor(d.keep, device=dev).long().flatten() for d in decisions]
+    if len({k.numel() for k in keeps}) == 1:
+        keeps = list(torch.stack(keeps).sort(-1).values.unbind(0))
+    else:
+        keeps = [k.sort().values for k in keeps]
+    none = torch.zeros((), dtype=torch.bool, device=dev)
     lo = torch.stack([k[0] if k.numel() else k.new_tensor(-1) for k in keeps])
     hi = torch.stack([k[-1] if k.numel() else k.new_tensor(0) for k in keeps])
-    bad = ((lo < 0) | (hi >= torch.tensor(n_visual, device=dev))).tolist()
-    for b, (k, n) in enumerate(zip(keeps, n_visual)):
-        if bad[b]:
+    repeats = torch.stack([(k[1:] == k[:-1]).any() if k.numel() > 1 else none for k in keeps])
+    bad = (lo < 0) | (hi >= torch.tensor(n_visual, device=dev))
+    for b, (is_bad, repeated) in enumerate(torch.stack([bad, repeats]).T.tolist()):
+        if is_bad:
             raise ConfigError(
-                f"decision for sample {b} keeps {k.numel()} tokens with indices outside "
-                f"0..{n - 1}; a decision must keep at least 1 of the {n} visual tokens"
+                f"decision for sample {b} keeps {keeps[b].unique().numel()} tokens with indices outside "
+                f"0..{n_visual[b] - 1}; a decision must keep at least 1 of the {n_visual[b]} visual tokens"
             )
+        if repeated:
+            keeps[b] = keeps[b].unique(sorted=True)
     return keeps
 
 
@@ -139,12 +154,12 @@ def apply_decisions(slots: Slots, hidden: torch.Tensor, decisions: list[Decision
     B, L = slots.valid.shape
     dev = hidden.device
     vis = slots.visual & slots.valid
-    n_visual = vis.sum(1).tolist()
+    n_valid, n_visual = slots.counts()
     keeps = _checked_keeps(decisions, n_visual, dev)
     members = _new_members(slots, decisions, keeps, dev)
     # slot_of[b, r]: the slot of sample b's visual token r (flat over the batch: b * R + r)
     R = max(max(n_visual), 1)
-    flat_vis = vis.flatten().nonzero().squeeze(1)
+    flat_vis = torch.nonzero_static(vis.flatten(), size=sum(n_visual)).squeeze(1)
     rank = vis.long().cumsum(1) - 1
     slot_of = torch.zeros(B * R, dtype=torch.long, device=dev)
     slot_of[(flat_vis // L) * R + rank.flatten()[flat_vis]] = flat_vis % L
@@ -176,9 +191,13 @@ def apply_decisions(slots: Slots, hidden: torch.Tensor, decisions: list[Decision
     last_kept = torch.where(kept, torch.arange(L, device=dev), 0).amax(1, keepdim=True)
     at = count.gather(1, last_kept).squeeze(1)
     n_out = count[:, -1] + n_new
-    L_out = int(n_out.max())
+    # the new counts on the host, from the old ones and the decisions (no copy from the device)
+    n_survive = [v - n + s for v, n, s in zip(n_valid, n_visual, sizes)]
+    n_out_host = [s + m for s, m in zip(n_survive, n_merged)]
+    L_out = max(n_out_host)
     pad = L_out - n_out
-    src = survive.flatten().nonzero().squeeze(1)  # flat (b * L + slot) of every survivor, in order
+    # flat (b * L + slot) of every survivor, in order
+    src = torch.nonzero_static(survive.flatten(), size=sum(n_survive)).squeeze(1)
     b_s, c = src // L, count.flatten()[src]
     dest = b_s * L_out + pad[b_s] + c - 1 + torch.where(c > at[b_s], n_new[b_s], 0)
 
@@ -205,4 +224,7 @@ def apply_decisions(slots: Slots, hidden: torch.Tensor, decisions: list[Decision
         out.index_copy_(0, dest_m, torch.cat([decisions[b].merged.to(hidden.dtype) for b in merging]))
     index, visual, out = index.view(B, L_out), visual.view(B, L_out), out.view(B, L_out, -1)
     valid = torch.arange(L_out, device=dev)[None] >= pad[:, None]
-    return Slots(index=index, valid=valid, visual=visual, members=members, span=slots.span), out
+    counts = (n_out_host, [s + m for s, m in zip(sizes, n_merged)])
+    new = Slots(index=index, valid=valid, visual=visual, members=members, span=slots.span, _counts=counts)
+    new._n_spans = slots._n_spans  # the input spans do not change
+    return new, out

@@ -163,13 +163,14 @@ class ReductionEngine(StageRunner):
         slots = initial_slots(pending, valid)
         first = valid.float().argmax(1)
         base = self.adapter.text_positions(pos).gather(1, first[:, None]).squeeze(1)
+        n_valid, n_visual = slots.counts()
         run = Prefill(
             slots=slots,
             n_valid_in=valid.sum(1),
             base_pos=base,
             state=dict(self._forward_state),
             embeds=embeds,
-            samples=new_records(slots.visual.sum(1), valid.sum(1)),
+            samples=new_records(n_visual, n_valid),
         )
         self._forward_state.clear()
         self._run = run
@@ -190,7 +191,9 @@ class ReductionEngine(StageRunner):
         # The reduced sequence is now the language model's input: later (llm) stages index into it.
         new_slots.index = torch.arange(new_slots.length, device=embeds.device)[None].expand_as(new_slots.index).clone()
         run.slots, run.embeds = new_slots, new_embeds
-        self._proj = StageGeometry(0, new_slots.valid, run.n_valid_in - new_slots.n_valid(), {"orig_len": L})
+        self._proj = StageGeometry(
+            0, new_slots.valid, run.n_valid_in - new_slots.n_valid(), {"orig_len": L}, _all_valid=new_slots.all_valid()
+        )
         # LLM-stage members of a chain see the language model's (reduced) input from here on
         self._begin(self._context("projector", 0, new_embeds, new_slots))
         return args, kw

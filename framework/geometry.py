@@ -48,10 +48,12 @@ def mask_kind(allowed: torch.Tensor, attn_implementation: str, dtype: torch.dtyp
     return allowed
 
 
-def prefill_mask(valid: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor | None:
-    """(B, 1, L', L') causal mask over valid slots; None when nothing is hidden and sdpa can run its fused
-    causal kernel (as the stock model does without padding)."""
-    if attn_implementation == "sdpa" and bool(valid.all()):
+def prefill_mask(
+    valid: torch.Tensor, attn_implementation: str, dtype: torch.dtype, all_valid: bool
+) -> torch.Tensor | None:
+    """(B, 1, L', L') causal mask over valid slots; None when nothing is hidden (`all_valid`, known on the
+    host) and sdpa can run its fused causal kernel (as the stock model does without padding)."""
+    if attn_implementation == "sdpa" and all_valid:
         return None
     L = valid.shape[1]
     causal = torch.ones(L, L, dtype=torch.bool, device=valid.device).tril()
@@ -79,8 +81,8 @@ def llm_stage_geometry(
 ) -> StageGeometry:
     """The mask, RoPE and position ids layers >= `layer` receive after a decision before `layer`;
     `layer0` holds the kwargs decoder layer 0 received in this prefill, `hidden` the reduced states."""
-    geo = StageGeometry(layer, slots.valid, removed)
-    geo.kwargs["attention_mask"] = prefill_mask(slots.valid, adapter.attn_implementation, hidden.dtype)
+    geo = StageGeometry(layer, slots.valid, removed, _all_valid=slots.all_valid())
+    geo.kwargs["attention_mask"] = prefill_mask(slots.valid, adapter.attn_implementation, hidden.dtype, geo.all_valid)
     if positions == "keep":
         pos0 = layer0.get("position_ids")
         if pos0 is None:  # layer 0's length

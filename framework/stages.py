@@ -42,8 +42,8 @@ class StageRunner:
             self.reducer.begin(ctx)
         run = self._run
         run.n_valid_in = run.slots.n_valid()
-        for s, n in zip(run.samples, run.n_valid_in):
-            s["tokens_lm_input"] = int(n)
+        for s, n in zip(run.samples, run.slots.counts()[0]):
+            s["tokens_lm_input"] = n
 
     def _keep_projection(self, layer: int, kind: str):
         """Forward hook: during a prefill, remember the layer's q/k projections (a reference, no copy) so the

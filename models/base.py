@@ -89,17 +89,13 @@ class BackboneAdapter:
         belongs to, -1 elsewhere. Default: runs of consecutive visual positions, cut into chunks of
         `fixed_tokens_per_image()` when the adapter has a fixed count per image (adjacent images)."""
         per = self.fixed_tokens_per_image()
-        out = torch.full(visual.shape, -1, dtype=torch.long, device=visual.device)
-        for b in range(visual.shape[0]):
-            pos = torch.nonzero(visual[b]).flatten()
-            if pos.numel() == 0:
-                continue
-            new_run = torch.ones(pos.numel(), dtype=torch.long, device=pos.device)
-            new_run[1:] = (pos[1:] != pos[:-1] + 1).long()
-            if per:
-                new_run[torch.arange(pos.numel(), device=pos.device) % per == 0] = 1
-            out[b, pos] = new_run.cumsum(0) - 1
-        return out
+        # a run starts at a visual position whose left neighbour is not visual (or, with a fixed count
+        # per image, at every per-th visual token of the sample); batched, so no per-sample host copy
+        starts = visual.clone()
+        starts[:, 1:] &= ~visual[:, :-1]
+        if per:
+            starts |= visual & ((visual.long().cumsum(1) - 1) % per == 0)
+        return torch.where(visual, starts.long().cumsum(1) - 1, -1)
 
     def hooks(self) -> list:
         """Adapter-side hooks the engine attaches (and removes on detach); handles with `.remove()`."""

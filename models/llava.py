@@ -50,9 +50,9 @@ class LlavaAdapter(BackboneAdapter):
         per = self.tokens_per_image()
         c = 1 if self.model.config.vision_feature_select_strategy == "full" else 0
         side = int(round((per - c) ** 0.5))
+        is_image = input_ids == self.image_token_id
         out = []
-        for ids in input_ids:
-            pos = torch.nonzero(ids == self.image_token_id).flatten()
+        for pos in torch.split(torch.nonzero(is_image)[:, 1], is_image.sum(1).tolist()):
             grids, cls = [], []
             for j in range(0, pos.numel() - per + 1, per):
                 chunk = pos[j : j + per]
@@ -76,17 +76,17 @@ class LlavaAdapter(BackboneAdapter):
         return input_ids == self.image_token_id
 
     def check_inputs(self, input_ids: torch.Tensor, kwargs: dict) -> None:
-        per_sample = (input_ids == self.image_token_id).sum(1)
+        per_sample = (input_ids == self.image_token_id).sum(1).tolist()  # one host copy for the checks
         per_image = self.tokens_per_image()
         n_images = self.n_images(kwargs)
         require(
-            bool((per_sample > 0).all()),
+            all(n > 0 for n in per_sample),
             f"a prompt has no image tokens (id {self.image_token_id}) but pixel_values were given; "
             f"every sample needs {per_image} image tokens per image",
         )
         require(
-            int(per_sample.sum()) == n_images * per_image and bool((per_sample % per_image == 0).all()),
-            f"image tokens per sample {per_sample.tolist()} do not match {n_images} image(s) x "
+            sum(per_sample) == n_images * per_image and all(n % per_image == 0 for n in per_sample),
+            f"image tokens per sample {per_sample} do not match {n_images} image(s) x "
             f"{per_image} tokens per image; allowed: a multiple of {per_image} per sample, "
             f"{n_images * per_image} in all",
         )

@@ -21,5 +21,5 @@ class FastV(ScoringReducer):
     keep: int | float = 0.5
 
     def scores(self, ctx) -> list[torch.Tensor]:
-        last = [torch.tensor([ctx.last_slot(b)], device=ctx.hidden.device) for b in range(ctx.batch_size)]
-        return [p.mean(0)[0, ctx.visual[b]] for b, p in enumerate(ctx.attention(last))]
+        probs = ctx.attention_batch(ctx.slots.last_slots()[:, None])  # (B, H, 1, L')
+        return [p.mean(0)[0, ctx.visual[b]] for b, p in enumerate(probs)]

@@ -3,8 +3,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import torch
-
 from framework.budget import REFERENCE_LAYERS, nearest_preset, scale_to_depth
 from framework.errors import ConfigError
 from framework.reducer import Decision, TokenReducer, topk_indices
@@ -65,9 +63,7 @@ class PyramidDrop(TokenReducer):
 
     def decide(self, ctx) -> list[Decision]:
         s = self.layers.index(ctx.layer)
-        dev = ctx.hidden.device
-        rows = [torch.tensor([ctx.last_slot(b)], device=dev) for b in range(ctx.batch_size)]
-        probs = ctx.attention(rows, which="current")
+        probs = ctx.attention_batch(ctx.slots.last_slots()[:, None], which="current")  # (B, H, 1, L')
         out = []
         for b, p in enumerate(probs):
             n0 = int(ctx.slots.members[b].shape[1])

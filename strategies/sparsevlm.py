@@ -68,7 +68,8 @@ import torch
 
 from framework.attention import gather_rows, rotate_half
 from framework.budget import REFERENCE_VISUAL_TOKENS, nearest_preset, scale_to_depth
-from framework.clustering import ASSIGN_MODES, MERGE_MODES, cluster_and_merge
+from framework.clustering import ASSIGN_MODES, MERGE_MODES, cluster
+from framework.context import split_rows
 from framework.errors import ConfigError
 from framework.reducer import Decision, TokenReducer, topk_indices
 from framework.registry import register
@@ -85,13 +86,18 @@ PLUS_PRESETS = {"192": [300, 200, 118], "128": [238, 108, 60], "96": [246, 54, 2
 REF_HEADS, PLUS_HEADS = 32, 14  # SparseVLM+ averages 14 of LLaVA-1.5-7B's 32 heads
 
 
-def select_raters(visual_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-    """Eq. 5-6 (code form): indices of the text tokens with r > mean(r), where
+def rater_mask(visual_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """Eq. 5-6 (code form) as a mask over the text tokens: r > mean(r), where
     r = mean over visual tokens of softmax over text of (H_v H_q^T). fp32."""
     if text_embeds.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.long, device=text_embeds.device)
+        return torch.zeros(0, dtype=torch.bool, device=text_embeds.device)
     r = (visual_embeds.float() @ text_embeds.float().T).softmax(dim=-1).mean(0)
-    return torch.nonzero(r > r.mean()).flatten()
+    return r > r.mean()
+
+
+def select_raters(visual_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """Eq. 5-6: indices of the text tokens `rater_mask` selects."""
+    return torch.nonzero(rater_mask(visual_embeds, text_embeds)).flatten()
 
 
 def rank_keep(P: torch.Tensor, scale: float, bias: float) -> tuple[int | None, int]:
@@ -263,35 +269,35 @@ class SparseVLM(TokenReducer):
 
     # ------------------------------------------------------------------ raters
     def begin(self, ctx) -> None:
-        """Choose the raters once per prompt; store their LM-input indices in ctx.state (with their host
-        copies for the records, and padded to one (B, R) tensor for the slot look-up at each decision)."""
-        raters = []
-        for b in range(ctx.batch_size):
-            text = ctx.text[b]
+        """Choose the raters once per prompt; store their LM-input indices in ctx.state (on the host for the
+        records, and padded to one (B, R) tensor for the slot look-up at each decision). Every sample's
+        choice reaches the host in one copy."""
+        if self.raters == "all_tokens":  # resolved at each decision point
+            return
+        candidates, chosen = [], []  # per sample: the text's LM-input indices, and which of them rate
+        for b, text in enumerate(ctx.text):
+            candidates.append(ctx.slots.index[b].index_select(0, text))
             if self.raters == "selected":
                 emb = ctx.embeds[b]
-                rated = select_raters(emb.index_select(0, ctx.visual[b]), emb.index_select(0, text))
-                sel = text.index_select(0, rated)
-            elif self.raters == "all_text":
-                sel = text
-            elif self.raters == "last_token":  # the last prompt token when it is text, else the fallback
-                sel = text[-1:]
-            else:  # all_tokens: resolved at each decision point
-                sel = torch.zeros(0, dtype=torch.long, device=text.device)
-            raters.append(ctx.slots.index[b].index_select(0, sel))
-        if self.raters == "all_tokens":
-            return
-        counts = [int(r.numel()) for r in raters]
+                chosen.append(rater_mask(emb.index_select(0, ctx.visual[b]), emb.index_select(0, text)))
+            else:  # all_text; last_token: the last prompt token when it is text, else the fallback
+                n = int(text.numel())
+                keep = torch.ones(n, dtype=torch.bool) if self.raters == "all_text" else torch.arange(n) == n - 1
+                chosen.append(keep.to(text.device))
+        index, rates = torch.stack([torch.cat(candidates), torch.cat(chosen).long()]).tolist()
+        raters, i = [], 0
+        for text in ctx.text:
+            n = int(text.numel())
+            raters.append([j for j, r in zip(index[i : i + n], rates[i : i + n]) if r])
+            i += n
+        counts = [len(r) for r in raters]
         width = max(1, *counts)
         # padding repeats a sample's first rater; -1 (matches no slot) marks a sample without raters
-        pad = [
-            r if n == width else torch.cat([r, r[:1].expand(width - n)]) if n else torch.full((width,), -1).to(r)
-            for r, n in zip(raters, counts)
-        ]
+        pad = [r + r[:1] * (width - len(r)) if r else [-1] * width for r in raters]
         ctx.state["sparsevlm_lookup"] = {
-            "ids": torch.stack(pad) if len(pad) > 1 else pad[0][None],
+            "ids": torch.tensor(pad, dtype=torch.long, device=ctx.hidden.device),
             "counts": counts,
-            "host": [r.tolist() for r in raters],
+            "host": raters,
         }
 
     def _rater_rows(self, ctx) -> tuple[torch.Tensor, list[int]]:
@@ -341,15 +347,13 @@ class SparseVLM(TokenReducer):
         and the start of the sample's record (raters, their count, whether the fallback rated)."""
         B = ctx.batch_size
         if self.raters == "all_tokens":
-            rows = [torch.nonzero(ctx.slots.valid[b]).flatten() for b in range(B)]
+            n_valid = ctx.slots.counts()[0]
+            rows = split_rows(ctx.slots.valid, n_valid)
             probs = ctx.attention_batch(torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), which="previous")
+            index = torch.cat([ctx.slots.index[b, rows[b]] for b in range(B)]).tolist()  # one host copy
+            starts = [sum(n_valid[:b]) for b in range(B)]
             records = [
-                {
-                    "raters": ctx.slots.index[b, rows[b]].tolist(),
-                    "n_raters": int(rows[b].numel()),
-                    "rater_fallback": False,
-                }
-                for b in range(B)
+                {"raters": index[i : i + n], "n_raters": n, "rater_fallback": False} for i, n in zip(starts, n_valid)
             ]
             return rows, probs, records
         padded, counts = self._rater_rows(ctx)
@@ -375,10 +379,13 @@ class SparseVLM(TokenReducer):
                     P[b], scores[b] = Pg[i], sg[i]
             return P, scores
         rope = ctx.rope("previous")
+        heads = []
         for b in range(B):
-            P[b], heads = self.rater_visual_block(ctx, b, rows[b], probs[b, :, : counts[b]], rope)
+            P[b], h = self.rater_visual_block(ctx, b, rows[b], probs[b, :, : counts[b]], rope)
             scores[b] = P[b].mean(0)
-            records[b]["heads"] = heads
+            heads.append(h)
+        for b, h in enumerate(torch.stack(heads).tolist()):  # every sample's heads in one host copy
+            records[b]["heads"] = h
         return P, scores
 
     def _prune(self, ctx, bs: list[int], k: int, scores: list[torch.Tensor], records) -> list[Decision]:
@@ -396,11 +403,13 @@ class SparseVLM(TokenReducer):
         n_clusters = int(self.theta * n_rec + 1e-9) + 1
         cols = _stack([vis[b] for b in bs]).gather(1, recycled)  # (G, n_rec) slots
         feats = gather_rows(_rows(ctx.hidden, bs), cols)  # the pruning layer's output hidden states
+        parts = [
+            cluster(feats[i], n_clusters, merge=self.merge, assign=self.assign, ids=recycled[i]) for i in range(len(bs))
+        ]
+        sizes = iter(torch.cat([p[2] for p in parts]).tolist())  # every sample's cluster sizes, one host copy
         out = []
-        for i, b in enumerate(bs):
-            merged, sources, anchors = cluster_and_merge(
-                feats[i], n_clusters, merge=self.merge, assign=self.assign, ids=recycled[i]
-            )
+        for i, (b, (merged, order, counts, anchors)) in enumerate(zip(bs, parts)):
+            sources = list(torch.split(order, [next(sizes) for _ in range(counts.numel())]))
             out.append(
                 Decision(
                     keep=keep[i],
@@ -430,9 +439,9 @@ class SparseVLM(TokenReducer):
 
     def rater_visual_block(
         self, ctx, b: int, rows: torch.Tensor, probs: torch.Tensor, rope
-    ) -> tuple[torch.Tensor, list[int] | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """P (R, Nv): the head-mean rater x visual probabilities; SparseVLM+: gravity-corrected and
-        averaged over this sample's priority heads (returned as the second value)."""
+        averaged over this sample's priority heads (their indices, ascending, are the second value)."""
         vis = ctx.visual[b]
         A = probs[:, :, vis].float()  # (H, R, Nv)
         if rope is None:
@@ -443,7 +452,7 @@ class SparseVLM(TokenReducer):
         A = A / G.clamp(min=self.gravity_floor * cos.shape[-1] ** 0.5)
         n = self.priority_heads or max(1, int(PLUS_HEADS * A.shape[0] / REF_HEADS + 0.5))
         heads = priority_heads(A, n)
-        return A[heads].mean(0), heads.tolist()
+        return A[heads].mean(0), heads
 
 
 def _groups(keys: list, samples: list[int] | None = None) -> list[list[int]]:

@@ -1,0 +1,109 @@
+"""Count host-device synchronisations, so per-sample or per-token round trips show up on any machine.
+
+On a GPU every value the host reads from a device tensor (`int(t)`, `bool(t)`, `.item()`, `.tolist()`,
+`.cpu()`) and every op whose output size depends on the data (`nonzero`, `unique`, `bincount`,
+`masked_select`, boolean-mask indexing, `repeat_interleave` without `output_size`) waits for the queue to
+drain: the host stops running ahead, and every small op after it costs its full launch time. A reduction
+that reads once per token or per sample pays this many times per prefill. `SyncCounter` counts these calls
+on whatever device the model runs, CPU included (where they cost nothing), so a test or a benchmark can
+check that the count does not grow with the batch or the token count.
+
+    with SyncCounter(sites=True) as syncs:
+        model(**inputs)
+    print(syncs.count, syncs.sites.most_common(5))
+
+Host-side work on an array already copied (numpy, Python lists) is not counted: copy once, then work there.
+"""
+
+from __future__ import annotations
+
+import collections
+import traceback
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# ops whose output size depends on the data, or that return a host scalar
+_DATA_DEPENDENT = {
+    "_local_scalar_dense",
+    "nonzero",
+    "unique_consecutive",
+    "_unique",
+    "_unique2",
+    "unique_dim",
+    "bincount",
+    "masked_select",
+}
+# Tensor methods that bring values to the host (`.numpy()` needs a host tensor already: its `.cpu()` counts)
+_HOST_COPIES = {"tolist", "cpu", "item"}
+
+
+class SyncCounter:
+    """Context manager counting host-device synchronisation points (see the module docstring).
+    count: the number; sites (with sites=True): a Counter of "file:line" of the calling code."""
+
+    def __init__(self, sites: bool = False):
+        self.count = 0
+        self.sites: collections.Counter = collections.Counter()
+        self._trace = sites
+        self._depth = 0  # inside a counted host copy: its own dispatcher-level ops are not counted again
+        self._modes = (_FunctionLevel(self), _DispatchLevel(self))
+
+    def __enter__(self) -> "SyncCounter":
+        for m in self._modes:
+            m.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m in reversed(self._modes):
+            m.__exit__(*exc)
+
+    def _hit(self) -> None:
+        self.count += 1
+        if self._trace:
+            frames = [f for f in traceback.extract_stack() if "/torch/" not in f.filename and f.filename != __file__]
+            if frames:
+                f = frames[-1]
+                self.sites[f"{f.filename}:{f.lineno}"] += 1
+
+
+class _FunctionLevel(TorchFunctionMode):
+    def __init__(self, counter: SyncCounter):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in _HOST_COPIES and args and isinstance(args[0], torch.Tensor):
+            self.counter._hit()
+            self.counter._depth += 1
+            try:
+                return func(*args, **(kwargs or {}))
+            finally:
+                self.counter._depth -= 1
+        return func(*args, **(kwargs or {}))
+
+
+class _DispatchLevel(TorchDispatchMode):
+    def __init__(self, counter: SyncCounter):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.counter._depth == 0 and _synchronises(func, args, kwargs):
+            self.counter._hit()
+        return func(*args, **kwargs)
+
+
+def _synchronises(func, args, kwargs) -> bool:
+    name = func.overloadpacket.__name__
+    if name in _DATA_DEPENDENT:
+        return True
+    if name == "repeat_interleave":  # tensor repeats: the output size must be read unless it is given
+        return func._overloadname in ("Tensor", "self_Tensor") and kwargs.get("output_size") is None
+    if name in ("index", "index_put", "index_put_"):  # boolean-mask indexing runs a nonzero
+        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices if i is not None)
+    return False

@@ -1,0 +1,75 @@
+"""Host-device synchronisations: the counter itself, and a prefill's count not growing with the batch.
+
+On a GPU each sync drains the queue, so a reduction that reads a value per sample (or per token) stalls
+the prefill that many times. The counter sees the same calls on the CPU, so these checks run anywhere.
+"""
+
+import pytest
+import torch
+
+from framework import attach, build
+from framework.syncs import SyncCounter
+from tests.tiny import llava_inputs, make_llava, positions
+
+
+def test_counter_counts_host_reads_and_data_dependent_shapes():
+    t = torch.arange(6)
+    with SyncCounter(sites=True) as syncs:
+        int(t[0])
+        bool((t > 2).any())
+        t.tolist()
+        t.cpu()
+        torch.nonzero(t)
+        t[t > 2]  # boolean-mask indexing runs a nonzero
+        torch.repeat_interleave(t, t)  # the output size is read from the data
+        torch.bincount(t)
+        t.unique()
+    assert syncs.count == 9
+    assert sum(syncs.sites.values()) == 9 and all("test_syncs.py" in s for s in syncs.sites)
+
+
+def test_counter_ignores_static_shapes_and_host_arrays():
+    t = torch.arange(6)
+    with SyncCounter() as syncs:
+        torch.nonzero_static(t, size=5)
+        torch.repeat_interleave(t, t, output_size=15)
+        t[torch.tensor([0, 2])]
+        t.sort()
+        (t + 1).sum()
+        t.numpy().sum()  # a host tensor's array: only its `.cpu()` (none here) would copy
+    assert syncs.count == 0
+
+
+CONFIGS = [
+    {"name": "none"},
+    {"name": "fastv"},
+    {"name": "pdrop", "layers": [2, 4, 6]},
+    {"name": "sparsevlm", "layers": [1, 3, 5], "keep": [30, 12, 6]},  # recycling with several clusters
+    {"name": "sparsevlm", "raters": "all_tokens", "layers": [1, 3], "keep": [30, 12]},
+    {"name": "sparsevlm_plus", "layers": [1, 3], "keep": [30, 12]},
+    {"name": "random", "keep": 20},
+    {"name": "visionzip", "dominant": 12, "contextual": 4},
+    {"name": "tome", "keep": 20},
+    {"name": "divprune", "keep": 20},
+    {"name": "cdpruner", "keep": 20},
+]
+
+
+def _prefill_syncs(model, cfg: dict, prompts) -> int:
+    x = llava_inputs(model, prompts)
+    with torch.no_grad(), attach(model, build(dict(cfg))):
+        model(**x, position_ids=positions(x["attention_mask"]))  # warm-up: lazy set-up is not per prefill
+        with SyncCounter() as syncs:
+            model(**x, position_ids=positions(x["attention_mask"]))
+    return syncs.count
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_prefill_syncs_do_not_grow_with_the_batch(cfg):
+    """The engine and these strategies read the host a fixed number of times per prefill: batch 4 (equal
+    prompt lengths, different content) syncs exactly as often as batch 1."""
+    model = make_llava(layers=8, grid=8)
+    one = _prefill_syncs(model, cfg, [(3, 7)])
+    four = _prefill_syncs(model, cfg, [(3, 7)] * 4)
+    assert four == one, f"{cfg['name']}: {one} syncs at batch 1, {four} at batch 4"
+    assert one <= 30
