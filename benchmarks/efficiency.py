@@ -69,6 +69,7 @@ from framework.accounting import account  # noqa: E402
 from framework.backbones import adapter_for  # noqa: E402
 from framework.budget import REFERENCE_VISUAL_TOKENS, apply_budget  # noqa: E402
 from framework.cache import GrowingCache  # noqa: E402
+from framework.syncs import SyncCounter  # noqa: E402
 from models.random import random_backbone  # noqa: E402
 
 from .efficiency_table import batch_scaling, targets, to_markdown  # noqa: E402
@@ -292,6 +293,16 @@ def decode_seconds(model, reducer, inputs, new_tokens: int, clock: Clock, cache:
 
 
 @torch.no_grad()
+def prefill_syncs(model, reducer, inputs) -> int:
+    """Host-device synchronisation points in one prefill (`framework.syncs.SyncCounter`): on a GPU each one
+    drains the queue, so the host's launch time of the ops after it is no longer hidden."""
+    with attach(model, reducer):
+        with SyncCounter() as syncs:
+            model(**inputs, logits_to_keep=1)
+    return syncs.count
+
+
+@torch.no_grad()
 def peak_mb(model, reducer, inputs) -> float | None:
     with attach(model, reducer):
         return metrics.peak_memory_mb(model, {**inputs, "logits_to_keep": 1})
@@ -390,6 +401,7 @@ def measure(
         "own_share": _median([r[2] / r[0] for r in runs]),
         "decode_ms": 1e3 * _median(decodes),
         "peak_mb": peak_mb(model, reducer, inputs),
+        "syncs": prefill_syncs(model, reducer, inputs),
         **accounting(model, reducer, inputs),
     }
     if bases:

@@ -66,6 +66,11 @@ def test_rows_and_metadata(written):
         for k in eff.RATIO_KEYS:
             assert f"{k}_ratio" in r and f"base_{k}" in r
         assert r["prefill_ms"] > 0 and r["decode_ms"] > 0 and 0 <= r["own_share"] < 1
+    # host-device syncs per prefill: the same at batch 2 as at batch 1, and more with decisions than without
+    syncs = {(r["batch"], r["strategy"], r["budget"]): r["syncs"] for r in rows}
+    for key in (("none", None), ("fastv", 64), ("sparsevlm", 64)):
+        assert syncs[(2, *key)] == syncs[(1, *key)]
+    assert syncs[(1, "none", None)] < syncs[(1, "fastv", 64)] < syncs[(1, "sparsevlm", 64)]
     assert [s["batch"] for s in data["batch_scaling"]] == [2, 2, 2]
     # one Markdown line per row, with the table's columns, and the batch table
     for col in (
@@ -74,6 +79,7 @@ def test_rows_and_metadata(written):
         "FLOPs ×",
         "lat/FLOPs",
         "own %",
+        "syncs",
         "decode ms/tok",
         "decode tok/s",
         "KV MiB",
