@@ -19,10 +19,10 @@ signals, each computed on demand from what the encoder itself computes:
 Strategies that merge or select inside the encoder (ToMe, VisionZip) then work like this, since the
 image-token count in `input_ids` is fixed:
 
-1. their hooks compute, per encoder unit, a *plan*: the representative slots that survive (`reps`,
-   sorted, i.e. spatial order) and the original slots each stands for (`groups`); they write each
-   surviving token's value into all of its group's slots of a full-size projector input
-   (`broadcast_groups`), so the backbone's own packing and image-token scatter still match;
+1. their hooks compute the encoder units' *plans* (`UnitPlans`): per feature slot, the group (one
+   surviving token) it belongs to; they write each surviving token's value into all of its group's
+   slots of a full-size projector input (`broadcast_groups`), so the backbone's own packing and
+   image-token scatter still match;
 2. at the engine's projector-stage decision, `plan_decisions` turns the plans into one `Decision` per
    sample through the adapter's visual-token -> encoder-feature map (`ctx.vision_map`): one kept token
    per group, sources = the group's tokens (the engine records them).
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from itertools import islice
 from typing import Callable, ClassVar
 
 import torch
@@ -114,80 +115,107 @@ class VisionTower(ABC):
 
 
 @dataclass
-class ImagePlan:
-    """One image's surviving tokens: `reps` (K,) sorted slot indices into the image's visual tokens,
-    `groups[i]` the original slots that reps[i] stands for (reps[i] is its smallest member)."""
+class UnitPlans:
+    """The surviving tokens of every encoder unit: `group` (n_units, unit_tokens) long gives, per feature
+    slot, the group it belongs to (0..n_groups-1 within its unit; -1: in no group, dropped). One group
+    becomes one token. Tensors rather than lists per group, so that no step reads the device per token."""
 
-    reps: torch.Tensor
-    groups: list[torch.Tensor]
-
-
-def plans_from_source(source: torch.Tensor, drop_cls: bool) -> list[ImagePlan]:
-    """source (n_img, N', N0) in spatial order, CLIP token space (CLS = 0) -> per-image plans in
-    feature-slot space (minus 1 when CLS is dropped from the features)."""
-    plans = []
-    for s in source.bool():
-        groups = [torch.nonzero(row).flatten() for row in s]
-        if drop_cls:
-            groups = [g - 1 for g in groups if not (g.numel() == 1 and int(g[0]) == 0)]
-        reps = torch.stack([g.min() for g in groups])
-        plans.append(ImagePlan(reps=reps, groups=groups))
-    return plans
+    group: torch.Tensor
+    n_groups: int
 
 
-def broadcast_groups(values: torch.Tensor, plans: list[ImagePlan], n_slots: int) -> torch.Tensor:
-    """values (n_units, K, D), value k of unit i standing for plans[i].groups[k] -> (n_units, n_slots, D)
+def plans_from_source(source: torch.Tensor, drop_cls: bool) -> UnitPlans:
+    """source (n_img, N', N0) in spatial order, CLIP token space (CLS = 0) -> the images' plans in
+    feature-slot space (minus 1 when CLS is dropped from the features): group k is source row k."""
+    # source is a partition (one 1 per column), so each original token's row is its column's argmax
+    group = source.argmax(dim=1)
+    if not drop_cls:
+        return UnitPlans(group, source.shape[1])
+    # CLS is protected, so row 0 holds it alone: drop that slot and that row
+    return UnitPlans(group[:, 1:] - 1, source.shape[1] - 1)
+
+
+def broadcast_groups(values: torch.Tensor, plans: UnitPlans) -> torch.Tensor:
+    """values (n_units, K, D), value k of unit i standing for group k of plans -> (n_units, unit_tokens, D)
     with each group's value at every slot of the group (zeros at slots in no group): whichever of its
     slots survives the backbone's packing (LLaVA-NeXT unpads crops) carries the merged value."""
-    n, _, d = values.shape
-    out = values.new_zeros(n, n_slots, d)
-    for i, p in enumerate(plans):
-        for k, g in enumerate(p.groups):
-            out[i, g.to(values.device)] = values[i, k]
-    return out
+    group = plans.group.to(values.device)
+    out = values.gather(1, group.clamp(min=0)[..., None].expand(-1, -1, values.shape[-1]))
+    return out.masked_fill((group < 0)[..., None], 0)
 
 
-def plan_decisions(ctx, plans: list[ImagePlan] | None, per_unit: int, name: str) -> list[Decision]:
+def plan_decisions(ctx, plans: UnitPlans | None, per_unit: int, name: str) -> list[Decision]:
     """Per-sample decisions from per-unit plans (one per vision-encoder batch row, `per_unit` feature
     slots each), through the adapter's map from visual tokens to encoder features (`ctx.vision_map`).
 
     The visual tokens that come from one group's features form one token: the first of them is kept
     (it carries the group's value, see `broadcast_groups`), the others are its sources. Tokens from
-    features in no group are dropped; tokens from no feature (LLaVA-NeXT newlines) are kept as is."""
+    features in no group are dropped; tokens from no feature (LLaVA-NeXT newlines) are kept as is.
+    The whole batch is grouped on the device; the host reads the group sizes once."""
     if plans is None:
         raise RuntimeError(
             f"{name}: no vision-side plan for this forward (were pixel_values given and the vision hooks attached?)"
         )
-    gid, offset = [], 0
-    for p in plans:
-        a = torch.full((per_unit,), -1, dtype=torch.long)
-        for k, g in enumerate(p.groups):
-            a[g.cpu()] = offset + k
-        offset += len(p.groups)
-        gid.append(a)
-    gid = torch.cat(gid) if gid else torch.zeros(0, dtype=torch.long)
-    out = []
-    for b in range(ctx.batch_size):
-        m = ctx.vision_map(b).cpu()
-        if int(m.max()) >= gid.numel():
-            raise RuntimeError(f"{name}: {len(plans)} encoder plans but the prompts hold tokens of more units")
-        key = torch.where(m >= 0, gid[m.clamp(min=0)], -1)
-        own = torch.nonzero(m < 0).flatten()
-        key[own] = offset + own  # tokens from no feature: a group each
-        groups: dict[int, list[int]] = {}
-        for t, k in enumerate(key.tolist()):
-            if k >= 0:
-                groups.setdefault(k, []).append(t)
-        members = sorted(groups.values(), key=lambda g: g[0])
-        dev = ctx.hidden.device
-        out.append(
-            Decision(
-                keep=torch.tensor([g[0] for g in members], device=dev),
-                sources=[torch.tensor(g, device=dev) for g in members],
-                record={"sizes": [len(g) for g in members]},
-            )
-        )
-    return out
+    if plans.group.shape[1] != per_unit:
+        raise RuntimeError(f"{name}: plans of {plans.group.shape[1]} slots per unit, the tower has {per_unit}")
+    dev = ctx.hidden.device
+    maps = [ctx.vision_map(b).to(dev) for b in range(ctx.batch_size)]
+    lens = [int(m.numel()) for m in maps]
+    m = torch.cat(maps)
+    sample = torch.cat([torch.full_like(mb, b) for b, mb in enumerate(maps)])
+    key, n_keys = _group_keys(plans, m)
+    first = _first_tokens(key, n_keys)
+    n = first.numel()
+    size = torch.zeros(n + 1, dtype=torch.long, device=dev).index_add_(0, first, torch.ones_like(first))
+    # a unit's features belong to one sample (its image), so a group never spans two samples
+    shared = (first < n) & (sample[first.clamp(max=n - 1)] != sample)
+    # the one host copy: each group's size at its first token, and the two checks
+    host = torch.cat([size[:n], (m >= plans.group.numel()).any().reshape(1), shared.any().reshape(1)]).tolist()
+    if host[n]:
+        raise RuntimeError(f"{name}: {len(plans.group)} encoder plans but the prompts hold tokens of more units")
+    if host[n + 1]:
+        raise RuntimeError(f"{name}: the prompts share an encoder unit's tokens between samples")
+    at = iter(host)
+    sizes = [[c for c in islice(at, k) if c] for k in lens]  # per sample, its groups' sizes by first token
+    return _decisions(first, lens, sizes)
+
+
+def _group_keys(plans: UnitPlans, m: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Encoder features `m` (n,) of the batch's visual tokens (-1: none) -> (each token's group key in
+    0..n_keys-1, n_keys when it is dropped; n_keys): the unit group of its feature, or for a token from
+    no feature a group of its own."""
+    n_units, per_unit = plans.group.shape
+    n_feat, groups = n_units * per_unit, n_units * plans.n_groups
+    group = plans.group.to(m.device)
+    gid = torch.where(group >= 0, group + torch.arange(n_units, device=m.device)[:, None] * plans.n_groups, -1)
+    gid = torch.cat([gid.flatten(), gid.new_full((1,), -1)])  # the last entry: a feature beyond the plans
+    g = gid[torch.where((m >= 0) & (m < n_feat), m, n_feat)]
+    n_keys = groups + m.numel()
+    key = torch.where(g >= 0, g, n_keys)
+    return torch.where(m < 0, groups + torch.arange(m.numel(), device=m.device), key), n_keys
+
+
+def _first_tokens(key: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """Group keys (n,) in 0..n_keys (n_keys: dropped) -> each token's group's first token (n: dropped)."""
+    n = key.numel()
+    tok = torch.arange(n, device=key.device)
+    first = torch.full((n_keys + 1,), n, device=key.device).scatter_reduce_(0, key, tok, "amin")
+    first[n_keys] = n
+    return first[key]
+
+
+def _decisions(first: torch.Tensor, lens: list[int], sizes: list[list[int]]) -> list[Decision]:
+    """Per sample (`lens` tokens each, concatenated), the decision keeping each group's first token with
+    the group's tokens as its sources; `first` (n,) each token's group's first token (n: dropped),
+    `sizes` per sample its groups' sizes in order of first token, read on the host."""
+    n, dev = first.numel(), first.device
+    kept = [sum(s) for s in sizes]
+    local = torch.cat([torch.arange(k, device=dev) for k in lens])  # token index within its sample
+    # all groups' members, group after group (stable sort: members ascending), dropped tokens last
+    members = local[first.argsort(stable=True)].split([*kept, n - sum(kept)])
+    firsts = torch.nonzero_static(first == torch.arange(n, device=dev), size=sum(map(len, sizes))).flatten()
+    keeps = local[firsts].split([len(s) for s in sizes])
+    return [Decision(keep=k, sources=list(m.split(s)), record={"sizes": s}) for k, m, s in zip(keeps, members, sizes)]
 
 
 def token_signal_hooks(adapter, tower: VisionTower, state: dict, key: str) -> list:

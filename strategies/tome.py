@@ -93,7 +93,7 @@ class ToMe(CountBudget, TokenReducer):
             return []
         tower = adapter.vision_tower()
         hooks = [tower.before_layer(i, self._layer_hook(tower, i, state)) for i in range(tower.n_layers)]
-        hooks.append(tower.on_features(self._scatter_hook(state, tower.unit_tokens, tower.cls_in_features)))
+        hooks.append(tower.on_features(self._scatter_hook(state, tower.cls_in_features)))
         return hooks
 
     def _layer_hook(self, tower, i: int, state: dict):
@@ -108,6 +108,7 @@ class ToMe(CountBudget, TokenReducer):
                     "size": h.new_ones(n, N),
                     "schedule": sched,
                     "source": torch.eye(N, device=h.device)[None].expand(n, N, N),
+                    "merged": False,  # sizes are all 1 until a merge: known on the host, no device read
                 }
             st = state.get("tome_merge")
             if st is None:
@@ -115,7 +116,7 @@ class ToMe(CountBudget, TokenReducer):
             if i < depth and st["schedule"][i] > 0:
                 h = self._merge(tower.keys(i, h), h, st, st["schedule"][i])
             mask = None
-            if self.prop_attn and bool((st["size"] != 1).any()):
+            if self.prop_attn and st["merged"]:
                 mask = prop_attn_mask(st["size"], h.dtype)
             return h, mask
 
@@ -132,26 +133,26 @@ class ToMe(CountBudget, TokenReducer):
             h, size2 = merge_wavg(merge, h, size)
             source = merge_source(merge, source)
             size = size2
+            st["merged"] = True
             r = r - done if self.r is None else 0  # paper mode: one clamped round per layer
         perm = spatial_order(source)
         st["size"], st["source"] = size.gather(1, perm), gather_tokens(source, perm)
         return gather_tokens(h, perm)
 
     @staticmethod
-    def _scatter_hook(state: dict, per_unit: int, cls_kept: bool):
+    def _scatter_hook(state: dict, cls_kept: bool):
         def hook(feats):
             st = state.pop("tome_merge", None)
             if st is None:
                 return None
             plans = plans_from_source(st["source"], drop_cls=not cls_kept)
-            reps = torch.stack([p.reps for p in plans])
-            if feats.shape[1] != reps.shape[1]:
+            if feats.shape[1] != plans.n_groups:
                 raise RuntimeError(
-                    f"tome: the projector got {feats.shape[1]} tokens per image but {reps.shape[1]} "
+                    f"tome: the projector got {feats.shape[1]} tokens per image but {plans.n_groups} "
                     f"merged tokens were tracked"
                 )
             state["tome_plans"] = plans
-            return broadcast_groups(feats, plans, per_unit)
+            return broadcast_groups(feats, plans)
 
         return hook
 

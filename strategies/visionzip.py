@@ -10,7 +10,7 @@ from framework.errors import ConfigError
 from framework.merging import contextual_merge, scaled
 from framework.reducer import TokenReducer, groups_decision
 from framework.registry import register
-from framework.vision import ImagePlan, plan_decisions, token_signal_hooks, token_signals
+from framework.vision import UnitPlans, plan_decisions, token_signal_hooks, token_signals
 
 PRESETS = {192: (162, 30), 128: (108, 20), 64: (54, 10)}
 
@@ -21,8 +21,9 @@ def zip_tokens(score: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n_
     merge into `n_ctx` contextual tokens (`contextual_merge`: uniform-stride targets, each other token
     joins its most key-similar target; value = target + mean of its members).
 
-    Returns (dominant (k,) sorted indices, targets (m,) indices, groups: m index tensors, the members of
-    each contextual token, its target included, values (m, D))."""
+    Returns (dominant (k,) sorted indices, the rest (r,) sorted indices, targets (m,) indices, assign
+    (r,): which contextual token each of the rest joins (0..m-1; a target its own), values (m, D)); as
+    tensors, so that no step reads the device per token."""
     n = int(score.numel())
     n_dom = min(n_dom, n)
     n_ctx = min(n_ctx, n - n_dom)  # a preset on a tiny image / frame
@@ -30,9 +31,9 @@ def zip_tokens(score: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n_
     dom = order[:n_dom].sort().values
     rem = order[n_dom:].sort().values
     if not n_ctx or not rem.numel():
-        return dom, rem[:0], [], values[:0]
+        return dom, rem, rem[:0], rem[:0], values[:0]
     tok, targets, assign = contextual_merge(values[rem], keys[rem], n_ctx)
-    return dom, rem[targets], [rem[assign == j] for j in range(len(targets))], tok
+    return dom, rem, rem[targets], assign, tok
 
 
 @register("visionzip")
@@ -144,23 +145,19 @@ class VisionZip(TokenReducer):
         CLIP token space (n, N0, d) -> (new input with contextual values broadcast, per-unit plans).
         A kept CLS counts as one of the dominant tokens, as in the official code."""
         c = 1 if cls_kept else 0
-        n_dom, n_ctx = self.counts(feats.shape[1] - c)
-        new, plans = feats.clone(), []
-        for i in range(feats.shape[0]):
-            dom, targets, members, tok = zip_tokens(cls_attn[i], keys[i, 1:], feats[i, c:], n_dom - c, n_ctx)
-            groups = {int(p) + c: torch.tensor([int(p) + c]) for p in dom}
-            if c:
-                groups[0] = torch.tensor([0])
-            for t, g, v in zip(targets.tolist(), members, tok):
-                new[i, g + c] = v.to(feats.dtype)  # every member slot (see broadcast_groups)
-                groups[t + c] = g + c
-            reps = sorted(groups)
-            plans.append(
-                ImagePlan(
-                    reps=torch.tensor(reps, device=feats.device), groups=[groups[s].to(feats.device) for s in reps]
-                )
-            )
-        return new, plans
+        n, slots, _ = feats.shape
+        n_dom, n_ctx = self.counts(slots - c)
+        new = feats.clone()
+        # a group per surviving token, numbered by its token's slot; slots in none stay -1 (dropped)
+        group = torch.full((n, slots), -1, dtype=torch.long, device=feats.device)
+        group[:, :c] = 0  # a kept CLS: a dominant token of its own
+        for i in range(n):
+            dom, rem, targets, assign, tok = zip_tokens(cls_attn[i], keys[i, 1:], feats[i, c:], n_dom - c, n_ctx)
+            group[i, dom + c] = dom + c
+            if targets.numel():
+                group[i, rem + c] = targets[assign] + c
+                new[i, rem + c] = tok[assign].to(feats.dtype)  # every member slot (see broadcast_groups)
+        return new, UnitPlans(group, slots)
 
     def decide(self, ctx):
         if self._per_token(ctx.adapter):
@@ -179,7 +176,8 @@ class VisionZip(TokenReducer):
         reps, groups, values, dominant, contextual = [], [], [], [], []
         for s in spans.unique():
             idx = torch.nonzero(spans == s).flatten()
-            dom, targets, members, tok = zip_tokens(score[idx], keys[idx], x[idx], *self.counts(int(idx.numel())))
+            dom, rem, targets, assign, tok = zip_tokens(score[idx], keys[idx], x[idx], *self.counts(int(idx.numel())))
+            members = [rem[assign == j] for j in range(len(targets))]
             for i in idx[dom]:
                 reps.append(i)
                 groups.append(i[None])
