@@ -4,7 +4,7 @@ Tokens are `[batch, tokens, channels]` unless stated. ToMe-style: matching is co
 returned as a closure that is then applied to features, sizes and source maps alike.
   * `bipartite_soft_matching(metric, r, protected)` -> `merge(x, mode)` (ToMe, Bolya et al. ICLR 2023)
   * `merge_wavg` (size-weighted average, sizes add), `merge_source` (provenance), `spatial_order`
-  * `farthest_point_selection` (DivPrune's max-min diversity on cosine distance)
+  * `farthest_point_selection` / `farthest_points` (DivPrune's max-min diversity on cosine distance)
   * `grid_shape`, `grid_pool` (spatial average pooling of a visual grid to a target count)
   * `contextual_merge` (VisionZip's contextual tokens)
   * `scaled` (a budget quoted for 576 tokens, scaled to another token count)
@@ -127,30 +127,43 @@ def merge_to(
     return gather_tokens(x, perm), size.gather(1, perm), gather_tokens(source, perm)
 
 
+def cosine_distance(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, D) -> (N, N) float32 cosine distances 1 - cos(x_i, x_j) (written into `out` when given)."""
+    xn = x.float() / x.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return torch.mm(xn, xn.T, out=out).neg_().add_(1.0)  # -s + 1 == 1 - s exactly
+
+
 def farthest_point_selection(x: torch.Tensor, k: int) -> torch.Tensor:
     """DivPrune's greedy max-min diversity selection on cosine distance; x (N, D) -> k indices (sorted).
 
     First pick: the token farthest from its nearest neighbour; then repeatedly the token whose
     minimum distance to the selected set is largest (ties -> lower index)."""
-    N = x.shape[0]
-    k = min(k, N)
-    xn = x.float() / x.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    dist = 1.0 - xn @ xn.T
-    if N == 1:
-        return torch.zeros(1, dtype=torch.long, device=x.device)
-    off = dist + torch.diag(torch.full((N,), math.inf, device=x.device))
-    first = int(torch.argmax(off.min(dim=1).values))
-    chosen = [first]
-    mind = dist[first].clone()
-    taken = torch.zeros(N, dtype=torch.bool, device=x.device)
-    taken[first] = True
-    for _ in range(k - 1):
-        score = mind.masked_fill(taken, -math.inf)
-        i = int(torch.argmax(score))
-        chosen.append(i)
-        taken[i] = True
-        mind = torch.minimum(mind, dist[i])
-    return torch.tensor(sorted(chosen), dtype=torch.long, device=x.device)
+    return farthest_points([x], k)[0]
+
+
+def farthest_points(xs: list[torch.Tensor], k: int) -> torch.Tensor:
+    """`farthest_point_selection` for G samples of N tokens at once: xs G tensors (N, D) -> (G, min(k, N))
+    indices, each row sorted (at least one pick). Distances are computed per sample; every loop step
+    is row-wise (masked_fill, argmax, minimum within one sample's row), so a sample's picks are those
+    it gets alone. The picks stay on the device: no host read per step."""
+    G, N = len(xs), int(xs[0].shape[0])
+    dist = torch.empty(G, N, N, dtype=torch.float32, device=xs[0].device)
+    for g, x in enumerate(xs):
+        cosine_distance(x, out=dist[g])
+    # a token's distance to itself never counts: not for its nearest neighbour, and once picked it is
+    # masked out of the scores below
+    dist.diagonal(dim1=1, dim2=2).fill_(math.inf)
+    rows = torch.arange(G, device=dist.device)
+    i = dist.min(dim=2).values.argmax(dim=1)  # (G,) first picks
+    picks = [i]
+    mind = dist[rows, i]  # (G, N) each token's distance to the nearest selected one
+    taken = torch.zeros(G, N, dtype=torch.bool, device=dist.device)
+    for _ in range(min(k, N) - 1):
+        taken[rows, i] = True
+        i = mind.masked_fill_(taken, -math.inf).argmax(dim=1)
+        picks.append(i)
+        mind = torch.minimum(mind, dist[rows, i])
+    return torch.stack(picks, dim=1).sort(dim=1).values
 
 
 def grid_shape(target: int, rows: int, cols: int) -> tuple[int, int]:
@@ -202,7 +215,8 @@ def contextual_merge(
     m = metric.float() / metric.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
     is_t = torch.zeros(R, dtype=torch.bool, device=hidden.device)
     is_t[targets] = True
-    others = torch.nonzero(~is_t).flatten()
+    # the R - n_ctx non-targets in order (a stable sort puts them first): no host read, unlike nonzero
+    others = is_t.to(torch.uint8).argsort(stable=True)[: R - n_ctx]
     assign = torch.empty(R, dtype=torch.long, device=hidden.device)
     assign[targets] = torch.arange(n_ctx, device=hidden.device)
     out = hidden[targets].clone()
@@ -210,7 +224,8 @@ def contextual_merge(
         sim = m[others] @ m[targets].T
         a = sim.argmax(dim=1)
         assign[others] = a
-        onehot = torch.nn.functional.one_hot(a, n_ctx).to(hidden.dtype)  # (O, n_ctx)
+        # one-hot (O, n_ctx) by scatter: one_hot reads a's range on the host
+        onehot = torch.zeros(a.numel(), n_ctx, dtype=hidden.dtype, device=hidden.device).scatter_(1, a[:, None], 1.0)
         counts = onehot.sum(0).clamp(min=1)[:, None]
         out = out + (onehot.T @ hidden[others]) / counts
     return out, targets, assign

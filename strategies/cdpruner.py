@@ -51,48 +51,71 @@ def instruction_relevance(visual: torch.Tensor, text: torch.Tensor, negate: bool
     a = (v @ t.T).mean(-1)
     a = -a if negate else a
     span = a.max() - a.min()
-    if span <= 1e-12:
-        return torch.ones(n, dtype=torch.float64, device=visual.device)
-    return (a - a.min() + 1e-6) / span
+    # chosen on the device (no host read); a NaN span takes the division, as a host `if` would
+    return torch.where(span <= 1e-12, 1.0, (a - a.min() + 1e-6) / span)
 
 
-def conditional_kernel(features: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
-    """L = diag(r) S diag(r), S the cosine similarity of the rows of `features` (N, D); float64."""
+def conditional_kernel(
+    features: torch.Tensor, relevance: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """L = diag(r) S diag(r), S the cosine similarity of the rows of `features` (N, D); float64 (written
+    into `out` when given)."""
     x = torch.nn.functional.normalize(features.double(), dim=-1)
     r = relevance.double()
-    return r[:, None] * (x @ x.T) * r[None, :]
+    return torch.mul(r[:, None] * (x @ x.T), r[None, :], out=out)
 
 
 def dpp_greedy_map(L: torch.Tensor, k: int, tol: float = 1e-10) -> torch.Tensor:
     """Fast greedy MAP for a DPP with kernel L (N, N): k indices in pick order, each maximising the
     log-determinant gain log d_j^2 = log(L_jj - |c_j|^2) (Chen et al. 2018; ties -> lower index).
-    Once every remaining gain d_j^2 <= tol * max_i L_ii, the rest go by the largest L_jj."""
+    Once every remaining gain d_j^2 <= tol * max_i L_ii, the rest go by the largest L_jj.
+
+    L (G, N, N): G samples at once -> (G, k), each row what its sample gets alone (every step is
+    row-wise; the one matrix product runs per sample). No host read: the picks stay on the device, the
+    loop always runs k steps, and the stop is applied afterwards (the picks after it are replaced)."""
+    if L.dim() == 2:
+        return dpp_greedy_map(L[None], k, tol)[0]
     L = L.double()
-    n = int(L.shape[0])
+    G, n = int(L.shape[0]), int(L.shape[-1])
     k = min(int(k), n)
-    diag = torch.diagonal(L).clone()
-    d2 = diag.clone()
-    cis = torch.zeros(k, n, dtype=L.dtype, device=L.device)
-    taken = torch.zeros(n, dtype=torch.bool, device=L.device)
-    floor = tol * float(diag.max().clamp(min=0.0)) if n else 0.0
-    picks: list[int] = []
-    degenerate = False
+    dev = L.device
+    if k == 0:
+        return torch.zeros(G, 0, dtype=torch.long, device=dev)
+    flat_L = L.reshape(G * n, n)  # row g * n + j: row j of sample g
+    first_row = torch.arange(G, device=dev)[:, None] * n
+    diag = L.diagonal(dim1=1, dim2=2).clone()  # (G, n)
+    d2 = diag.clone()  # the gains d_j^2; -inf once taken
+    cis = torch.zeros(G, k, n, dtype=L.dtype, device=dev)  # per sample C: one row per pick
+    cols = torch.zeros(G, n, k, dtype=L.dtype, device=dev)  # the same transposed: cols[g, j] = c_j
+    flat_cols = cols.view(G * n, k)
+    cc = torch.zeros(G, n, dtype=L.dtype, device=dev)  # c_j . C of each sample's pick
+    cis_of, cc_of = cis.unbind(0), cc.split(1)  # per sample: its C, its cc row (views made once)
+    taken = torch.zeros(G, n, dtype=torch.bool, device=dev)
+    picks, gains = [], []
     for i in range(k):
-        gains = d2.masked_fill(taken, -math.inf)
-        j = int(torch.argmax(gains))
-        if not degenerate and float(gains[j]) <= floor:
-            degenerate = True  # no volume left to gain: fill by quality
-        if degenerate:
-            j = int(torch.argmax(diag.masked_fill(taken, -math.inf)))
-            picks.append(j)
-            taken[j] = True
-            continue
-        e = (L[j] - cis[:i, j] @ cis[:i]) / math.sqrt(float(d2[j]))
-        cis[i] = e
-        d2 = d2 - e * e
+        j = d2.argmax(dim=1, keepdim=True)  # (G, 1)
+        dj = d2.gather(1, j)
+        row = (first_row + j).view(G)
+        c = flat_cols.index_select(0, row)  # (G, k) c_j (zero from column i on)
+        for g in range(G):  # the product a sample gets alone (a batched matmul may sum in another order)
+            torch.mm(c[g : g + 1, :i], cis_of[g][:i], out=cc_of[g])
+        e = torch.div(flat_L.index_select(0, row) - cc, dj.sqrt(), out=cis[:, i])
+        cols[:, :, i] = e
+        taken.scatter_(1, j, True)
+        d2 = (d2 - e * e).masked_fill_(taken, -math.inf)  # masked after every update: NaN stays out
         picks.append(j)
-        taken[j] = True
-    return torch.tensor(picks, dtype=torch.long, device=L.device)
+        gains.append(dj)
+    picks, gain = torch.cat(picks, dim=1), torch.cat(gains, dim=1)  # (G, k)
+    # From the first pick without volume to gain (d_j^2 <= floor: L singular, duplicate tokens,
+    # k > rank), the rest of the budget goes to the largest L_jj among the tokens not picked before.
+    floor = tol * diag.max(dim=1, keepdim=True).values.clamp(min=0.0)
+    good = (gain <= floor).cumsum(dim=1) == 0  # the picks before the stop
+    # tokens picked before the stop (scatter_add: the discarded picks after it may repeat an index)
+    before = torch.zeros(G, n, dtype=torch.long, device=dev).scatter_add_(1, picks, good.long()) > 0
+    # repeated argmax of L_jj over the tokens not yet picked == a stable descending sort
+    by_quality = torch.sort(diag.masked_fill(before, -math.inf), dim=1, descending=True, stable=True).indices
+    slot = (torch.arange(k, device=dev) - good.sum(dim=1, keepdim=True)).clamp(min=0)
+    return torch.where(good, picks, by_quality.gather(1, slot))
 
 
 @register("cdpruner")
@@ -140,11 +163,18 @@ class CDPruner(CountBudget, TokenReducer):
         return r
 
     def decide(self, ctx) -> list[Decision]:
-        out = []
+        # samples with the same visual-token count share one greedy loop (row-wise: picks as alone)
+        by_count: dict[int, list[int]] = {}
         for b in range(ctx.batch_size):
-            r = self.relevance_of(ctx, b)
-            L = conditional_kernel(ctx.visual_hidden(b), r)
-            picks = dpp_greedy_map(L, self.target(ctx.n_visual(b)))
-            record = {"no_instruction": self.relevance == "embeds" and int(ctx.text[b].numel()) == 0}
-            out.append(Decision(keep=picks.sort().values, record=record))
-        return out
+            by_count.setdefault(ctx.n_visual(b), []).append(b)
+        keep: list = [None] * ctx.batch_size
+        for n, group in by_count.items():
+            L = torch.empty(len(group), n, n, dtype=torch.float64, device=ctx.hidden.device)
+            for g, b in enumerate(group):
+                conditional_kernel(ctx.visual_hidden(b), self.relevance_of(ctx, b), out=L[g])
+            for b, picks in zip(group, dpp_greedy_map(L, self.target(n))):
+                keep[b] = picks.sort().values
+        return [
+            Decision(keep=keep[b], record={"no_instruction": self.relevance == "embeds" and ctx.text[b].numel() == 0})
+            for b in range(ctx.batch_size)
+        ]

@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from framework.merging import farthest_point_selection
+from framework.merging import farthest_points
 from framework.reducer import CountBudget, Decision, TokenReducer
 from framework.registry import register
 
@@ -26,7 +26,13 @@ class DivPrune(CountBudget, TokenReducer):
     stage: ClassVar[str] = "projector"
 
     def decide(self, ctx):
-        return [
-            Decision(keep=farthest_point_selection(ctx.visual_hidden(b), self.target(ctx.n_visual(b))))
-            for b in range(ctx.batch_size)
-        ]
+        # samples with the same visual-token count share one greedy loop (row-wise: picks as alone)
+        by_count: dict[int, list[int]] = {}
+        for b in range(ctx.batch_size):
+            by_count.setdefault(ctx.n_visual(b), []).append(b)
+        keep: list = [None] * ctx.batch_size
+        for n, group in by_count.items():
+            picks_of = farthest_points([ctx.visual_hidden(b) for b in group], self.target(n))
+            for b, picks in zip(group, picks_of):
+                keep[b] = picks
+        return [Decision(keep=k) for k in keep]

@@ -1,5 +1,6 @@
-"""CDPruner: fast greedy DPP MAP == naive log-det greedy, the conditional kernel, relevance, exact budgets,
-batch == alone on a tiny LLaVA."""
+"""CDPruner: fast greedy DPP MAP == naive log-det greedy == the host loop it replaced (stop and fill included,
+batched == alone, no host reads), the conditional kernel, relevance, exact budgets, batch == alone on a tiny
+LLaVA."""
 
 import math
 
@@ -8,6 +9,7 @@ import torch
 
 from framework import ConfigError, attach, build
 from framework.accounting import account
+from framework.syncs import SyncCounter
 from strategies.cdpruner import conditional_kernel, dpp_greedy_map, instruction_relevance
 from tests.tiny import llava_inputs, make_llava, positions
 
@@ -77,6 +79,68 @@ def test_budget_exact_on_a_singular_kernel():
         assert picks.numel() == k and picks.unique().numel() == k
     first4 = dpp_greedy_map(conditional_kernel(x, r), 4).tolist()
     assert sorted(first4) == [0, 1, 2, 3]  # one of each distinct token before any duplicate
+
+
+def host_loop_greedy(L: torch.Tensor, k: int, tol: float = 1e-10) -> list[int]:
+    """The former `dpp_greedy_map`: reads each pick on the host and stops the gain loop there."""
+    L = L.double()
+    n = L.shape[0]
+    diag = torch.diagonal(L).clone()
+    d2 = diag.clone()
+    cis = torch.zeros(k, n, dtype=L.dtype)
+    taken = torch.zeros(n, dtype=torch.bool)
+    floor = tol * float(diag.max().clamp(min=0.0))
+    picks, degenerate = [], False
+    for i in range(k):
+        gains = d2.masked_fill(taken, -math.inf)
+        j = int(torch.argmax(gains))
+        degenerate = degenerate or float(gains[j]) <= floor
+        if degenerate:  # no volume left to gain: fill by quality
+            j = int(torch.argmax(diag.masked_fill(taken, -math.inf)))
+        else:
+            cis[i] = (L[j] - cis[:i, j] @ cis[:i]) / math.sqrt(float(d2[j]))
+            d2 = d2 - cis[i] * cis[i]
+        picks.append(j)
+        taken[j] = True
+    return picks
+
+
+def _kernels(seed: int, n: int = 24, samples: int = 5) -> torch.Tensor:
+    """Kernels with duplicate tokens (sample s has rank n - 3s - 1: the gain loop stops after 23, 20, 17, 14
+    picks), tied relevances, a zero token and a NaN relevance (the last sample), stacked (samples, n, n)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for s in range(samples):
+        x = torch.randn(n, 32, generator=g).round()
+        x[n - 3 * s - 1 :] = x[: 3 * s + 1].clone()  # rank <= n - 3s - 1
+        x[s] = 0.0
+        r = (torch.rand(n, generator=g, dtype=torch.float64) + 0.05).round(decimals=1)
+        if s == samples - 1:
+            r[2] = math.nan
+        out.append(conditional_kernel(x, r))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_device_loop_equals_the_host_loop_batched_or_alone(seed):
+    L = _kernels(seed)
+    for k in (1, 5, 18, 24):
+        batched = dpp_greedy_map(L, k)
+        assert batched.shape == (L.shape[0], k)
+        for s in range(L.shape[0]):
+            assert dpp_greedy_map(L[s], k).tolist() == batched[s].tolist() == host_loop_greedy(L[s], k)
+
+
+def test_greedy_map_reads_nothing_on_the_host():
+    L = _kernels(0)
+    v, t = torch.randn(10, 4), torch.randn(3, 4)
+    with SyncCounter(sites=True) as syncs:
+        dpp_greedy_map(L, 20)  # the gain loop stops inside the budget on three of the samples
+        dpp_greedy_map(L[0], 3)
+        instruction_relevance(v, t)
+        flat = instruction_relevance(torch.ones(10, 4), t)  # every token equally relevant
+    assert syncs.count == 0, syncs.sites
+    assert torch.equal(flat, torch.ones(10, dtype=torch.float64))
 
 
 def test_config_errors():
