@@ -8,6 +8,7 @@ a common length with empty slots.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .context import Grid, Slots
@@ -91,139 +92,226 @@ def visual_grids(grids, visual: torch.Tensor):
     return out, cls
 
 
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat, without a copy (an op) for a single part."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _starts(sizes) -> np.ndarray:
+    """Where each of consecutive blocks of these sizes starts (exclusive cumulative sum)."""
+    return np.cumsum([0, *sizes])[:-1]
+
+
+def _to_device(dev, arrays: dict) -> dict[str, torch.Tensor]:
+    """Host ints -> long tensors on `dev`, all in one copy: a separate `torch.tensor(..., device=dev)` each
+    would be one launch each and, blocking, a wait for the queue to drain. Non-blocking is safe from a
+    pageable source: it is staged before the call returns."""
+    if not arrays:
+        return {}
+    parts = [np.asarray(a, dtype=np.int64).reshape(-1) for a in arrays.values()]
+    flat = torch.from_numpy(np.concatenate(parts)).to(dev, non_blocking=True)
+    return dict(zip(arrays, flat.split([len(p) for p in parts])))
+
+
+def _gather_union(table: torch.Tensor, rows: torch.Tensor, group: torch.Tensor | None, n_out: int) -> torch.Tensor:
+    """(n_out, width) bool: new row group[i] is the union of the `table` rows rows[i] (one gather, and one
+    scatter for all unions); without `group`, the rows as gathered."""
+    got = table[rows]
+    if group is None:
+        return got
+    out = torch.zeros(n_out, table.shape[1], dtype=torch.int32, device=table.device)
+    return out.index_add_(0, group, got.int()) > 0
+
+
 def _union_rows(members: torch.Tensor, sources: list[torch.Tensor]) -> torch.Tensor:
-    """(len(sources), n_in) bool: per source set, the union of those rows of `members` (one gather and
-    one scatter for all sets, instead of a few small ops per set)."""
-    dev = members.device
+    """(len(sources), n_in) bool: per source set, the union of those rows of `members`."""
+    if not sources:
+        return torch.zeros(0, members.shape[1], dtype=torch.bool, device=members.device)
     sizes = [int(s.numel()) for s in sources]
-    group = torch.repeat_interleave(
-        torch.arange(len(sources), device=dev), torch.tensor(sizes, device=dev), output_size=sum(sizes)
-    )
-    rows = torch.cat([s.reshape(-1) for s in sources]) if sources else torch.zeros(0, dtype=torch.long, device=dev)
-    out = torch.zeros(len(sources), members.shape[1], dtype=torch.int32, device=dev)
-    return out.index_add_(0, group, members[rows].int()) > 0
+    group = _to_device(members.device, {"group": np.repeat(np.arange(len(sizes)), sizes)})["group"]
+    return _gather_union(members, _cat([s.flatten() for s in sources]), group, len(sources))
+
+
+def _keep_flags(k: torch.Tensor) -> torch.Tensor:
+    """(first, last, has repeats) of a sorted keep; an empty keep reads as out of range."""
+    if not k.numel():
+        return k.new_tensor([-1, 0, 0])
+    return torch.stack([k[0], k[-1], (k[1:] == k[:-1]).any()])
 
 
 def _checked_keeps(decisions: list[Decision], n_visual: list[int], dev) -> list[torch.Tensor]:
     """Each decision's kept visual indices, sorted and unique; every index must lie in 0..n-1 and at least one
-    token must survive. One host round trip for the whole batch: the keeps are sorted (one sort when they
-    have equal lengths), and `unique` (whose size the host must learn) runs only on a keep with repeats."""
+    token must survive. One host round trip for the whole batch: the keeps are sorted and checked (one sort
+    and one set of checks when they have equal lengths), and `unique` (whose size the host must learn) runs
+    only on a keep with repeats."""
     keeps = [torch.as_tensor(d.keep, device=dev).long().flatten() for d in decisions]
-    if len({k.numel() for k in keeps}) == 1:
-        keeps = list(torch.stack(keeps).sort(-1).values.unbind(0))
+    if len({k.numel() for k in keeps}) == 1 and keeps[0].numel():
+        s = (keeps[0][None] if len(keeps) == 1 else torch.stack(keeps)).sort(-1).values
+        keeps = list(s.unbind(0))
+        flags = torch.stack([s[:, 0], s[:, -1], (s[:, 1:] == s[:, :-1]).any(1)])
     else:
         keeps = [k.sort().values for k in keeps]
-    none = torch.zeros((), dtype=torch.bool, device=dev)
-    lo = torch.stack([k[0] if k.numel() else k.new_tensor(-1) for k in keeps])
-    hi = torch.stack([k[-1] if k.numel() else k.new_tensor(0) for k in keeps])
-    repeats = torch.stack([(k[1:] == k[:-1]).any() if k.numel() > 1 else none for k in keeps])
-    bad = (lo < 0) | (hi >= torch.tensor(n_visual, device=dev))
-    for b, (is_bad, repeated) in enumerate(torch.stack([bad, repeats]).T.tolist()):
-        if is_bad:
+        flags = torch.stack([_keep_flags(k) for k in keeps], 1)
+    lo, hi, repeats = flags.tolist()
+    for b in range(len(keeps)):
+        if lo[b] < 0 or hi[b] >= n_visual[b]:
             raise ConfigError(
                 f"decision for sample {b} keeps {keeps[b].unique().numel()} tokens with indices outside "
                 f"0..{n_visual[b] - 1}; a decision must keep at least 1 of the {n_visual[b]} visual tokens"
             )
-        if repeated:
+        if repeats[b]:
             keeps[b] = keeps[b].unique(sorted=True)
     return keeps
 
 
-def _new_members(slots: Slots, decisions: list[Decision], keeps: list[torch.Tensor], dev) -> list[torch.Tensor]:
-    """Per sample, which input visual tokens each surviving / merged visual token stands for."""
-    members = []
+def _member_rows(decisions: list[Decision], keeps: list[torch.Tensor], dev) -> list[tuple[list, list]]:
+    """Per sample, (rows kept as they are, source sets to union): the kept tokens' `members` rows, then one
+    union per merged token; kept tokens that absorbed others in place are their source sets instead."""
+    plan = []
     for b, (d, keep) in enumerate(zip(decisions, keeps)):
-        m = slots.members[b][keep]
-        sources = [torch.as_tensor(s, device=dev).long() for s in d.sources]
+        sources = [torch.as_tensor(s, device=dev).long().flatten() for s in d.sources]
         if not d.n_merged and len(sources) == keep.numel():  # kept tokens that absorbed others in place
-            m = _union_rows(slots.members[b], sources)
-        if d.n_merged:
+            plan.append(([], sources))
+        elif d.n_merged:
             if len(sources) != d.n_merged:
                 raise ConfigError(f"decision for sample {b}: {d.n_merged} merged tokens but {len(sources)} source sets")
-            m = torch.cat([m, _union_rows(slots.members[b], sources)])
-        members.append(m)
-    return members
+            plan.append(([keep], sources))
+        else:
+            plan.append(([keep], []))
+    return plan
+
+
+def _block_members(members: list[torch.Tensor], plan: list[tuple[list, list]], dev) -> list[torch.Tensor]:
+    """New members of samples whose members have the same width: one gather from their rows stacked (one
+    scatter when something is unioned), whatever the number of samples."""
+    pieces, row_off, group, n_rows = [], [], [], []
+    for m, off, (direct, unions) in zip(members, _starts([m.shape[0] for m in members]), plan):
+        pieces += direct + unions
+        row_off.append(np.full(sum(p.numel() for p in direct + unions), off))
+        n_direct, out_off = sum(p.numel() for p in direct), sum(n_rows)
+        group += [out_off + np.arange(n_direct)]
+        group += [np.full(u.numel(), out_off + n_direct + i) for i, u in enumerate(unions)]
+        n_rows.append(n_direct + len(unions))
+    unioned = any(unions for _, unions in plan)
+    host = {"row_off": np.concatenate(row_off)} if len(members) > 1 else {}
+    ints = _to_device(dev, {**host, "group": np.concatenate(group)} if unioned else host)
+    rows = _cat(pieces)
+    if len(members) > 1:  # row r of sample b is row off_b + r of the stacked members
+        rows = rows + ints["row_off"]
+    return list(_gather_union(_cat(members), rows, ints.get("group"), sum(n_rows)).split(n_rows))
+
+
+def _new_members(slots: Slots, decisions: list[Decision], keeps: list[torch.Tensor], dev) -> list[torch.Tensor]:
+    """Per sample, which input visual tokens each surviving / merged visual token stands for; samples whose
+    members have the same width (the same input visual tokens) together."""
+    plan = _member_rows(decisions, keeps, dev)
+    if len({int(m.shape[1]) for m in slots.members}) == 1:
+        return _block_members(slots.members, plan, dev)
+    return [_block_members([m], [p], dev)[0] for m, p in zip(slots.members, plan)]
+
+
+def _anchors(d: Decision, dev) -> torch.Tensor:
+    """Each merged token's anchor (current visual index): given, or its first source."""
+    if d.anchors is not None:
+        return torch.as_tensor(d.anchors, device=dev).long().flatten()
+    return torch.stack([torch.as_tensor(s, device=dev).long().min() for s in d.sources])
+
+
+def _layout(n_visual, sizes, n_merged, pad, L_out) -> dict:
+    """Host ints the batched layout needs on the device (see `apply_decisions`): at batch 1 without merged
+    tokens none (the offsets are 0)."""
+    B, merging = len(sizes), [b for b, n in enumerate(n_merged) if n]
+    first_visual, first_kept = _starts(n_visual), _starts(sizes)
+    last = [first_kept[b] + sizes[b] - 1 for b in merging]  # each merging sample's last kept token
+    host = {}
+    if B > 1:
+        host["voff_k"] = np.repeat(first_visual, sizes)  # sample b's visual token r: the batch's first_visual[b] + r
+        host["base"] = [b * L_out + pad[b] - (0 if merging else 1) for b in range(B)]
+        host["pad"] = pad
+    if merging:
+        weight = np.ones(sum(sizes), dtype=np.int64)
+        weight[last] += [n_merged[b] for b in merging]
+        host["weight"] = weight
+        host["last_m"] = np.repeat(last, [n_merged[b] for b in merging])
+        host["step"] = np.concatenate([np.arange(1, n_merged[b] + 1) for b in merging])
+        if B > 1:
+            host["voff_m"] = np.repeat(first_visual[merging], [n_merged[b] for b in merging])
+    return host
 
 
 def apply_decisions(slots: Slots, hidden: torch.Tensor, decisions: list[Decision]) -> tuple[Slots, torch.Tensor]:
     """Gather survivors (original order), insert merged tokens after the last kept visual token,
     drop padding, and left-pad samples to a common length with empty slots.
 
-    Batched: one scatter for the whole batch (the per-sample work is only each sample's kept indices and
-    its `members` rows), so the op count and host round trips do not grow with the batch."""
+    Batched: one scatter per output for the whole batch (the per-sample work is only each sample's kept
+    indices), so the op count and host round trips do not grow with the batch; per-sample offsets are
+    known on the host and travel in one copy."""
     B, L = slots.valid.shape
     dev = hidden.device
-    vis = slots.visual & slots.valid
     n_valid, n_visual = slots.counts()
     keeps = _checked_keeps(decisions, n_visual, dev)
     members = _new_members(slots, decisions, keeps, dev)
-    # slot_of[b, r]: the slot of sample b's visual token r (flat over the batch: b * R + r)
-    R = max(max(n_visual), 1)
-    flat_vis = torch.nonzero_static(vis.flatten(), size=sum(n_visual)).squeeze(1)
-    rank = vis.long().cumsum(1) - 1
-    slot_of = torch.zeros(B * R, dtype=torch.long, device=dev)
-    slot_of[(flat_vis // L) * R + rank.flatten()[flat_vis]] = flat_vis % L
     sizes = [k.numel() for k in keeps]
-    sample_of = torch.repeat_interleave(
-        torch.arange(B, device=dev), torch.tensor(sizes, device=dev), output_size=sum(sizes)
-    )
-    kept_slots = slot_of[sample_of * R + torch.cat(keeps)]
-    kept = torch.zeros(B * L, dtype=torch.bool, device=dev)
-    kept[sample_of * L + kept_slots] = True
-    kept = kept.view(B, L)
-    survive = slots.valid & (~vis | kept)
-
-    if any(d.values is not None for d in decisions):  # new values for kept tokens, at their own slots
-        hidden = hidden.clone()
-        for b, (d, keep) in enumerate(zip(decisions, keeps)):
-            if d.values is None:
-                continue
-            if int(d.values.shape[0]) != keep.numel():
-                raise ConfigError(
-                    f"decision for sample {b}: {int(d.values.shape[0])} values for {keep.numel()} kept tokens"
-                )
-            hidden[b, slot_of[b * R + keep]] = d.values.to(hidden.dtype)
-
+    for b, d in enumerate(decisions):
+        if d.values is not None and int(d.values.shape[0]) != sizes[b]:
+            raise ConfigError(f"decision for sample {b}: {int(d.values.shape[0])} values for {sizes[b]} kept tokens")
     n_merged = [d.n_merged for d in decisions]
-    n_new = torch.tensor(n_merged, device=dev)
-    count = survive.long().cumsum(1)  # survivors up to and including each slot
-    # merged tokens go right after the last kept visual token: after `at` survivors
-    last_kept = torch.where(kept, torch.arange(L, device=dev), 0).amax(1, keepdim=True)
-    at = count.gather(1, last_kept).squeeze(1)
-    n_out = count[:, -1] + n_new
+    merging = [b for b, n in enumerate(n_merged) if n]
     # the new counts on the host, from the old ones and the decisions (no copy from the device)
     n_survive = [v - n + s for v, n, s in zip(n_valid, n_visual, sizes)]
     n_out_host = [s + m for s, m in zip(n_survive, n_merged)]
     L_out = max(n_out_host)
-    pad = L_out - n_out
-    # flat (b * L + slot) of every survivor, in order
-    src = torch.nonzero_static(survive.flatten(), size=sum(n_survive)).squeeze(1)
-    b_s, c = src // L, count.flatten()[src]
-    dest = b_s * L_out + pad[b_s] + c - 1 + torch.where(c > at[b_s], n_new[b_s], 0)
+    pad = [L_out - n for n in n_out_host]
+    ints = _to_device(dev, _layout(n_visual, sizes, n_merged, pad, L_out))
 
-    index = torch.zeros(B * L_out, dtype=torch.long, device=dev)
-    visual = torch.zeros(B * L_out, dtype=torch.bool, device=dev)
-    out = hidden.new_zeros(B * L_out, hidden.shape[-1])
-    index[dest] = slots.index.flatten()[src]
-    visual[dest] = slots.visual.flatten()[src]
-    out.index_copy_(0, dest, hidden.reshape(B * L, -1).index_select(0, src))
-    if sum(n_merged):
-        merging = [b for b, n in enumerate(n_merged) if n]
-        b_m = torch.repeat_interleave(torch.tensor(merging, device=dev), n_new[merging], output_size=sum(n_merged))
-        dest_m = b_m * L_out + pad[b_m] + at[b_m] + torch.cat([torch.arange(n_merged[b], device=dev) for b in merging])
-        anchors = []
-        for b in merging:
-            d = decisions[b]
-            if d.anchors is not None:
-                anchors.append(torch.as_tensor(d.anchors, device=dev).long().flatten())
-            else:
-                anchors.append(torch.stack([torch.as_tensor(s, device=dev).long().min() for s in d.sources]))
-        anchor_slots = slot_of[b_m * R + torch.cat(anchors)]
-        index[dest_m] = slots.index.flatten()[b_m * L + anchor_slots]
-        visual[dest_m] = True
-        out.index_copy_(0, dest_m, torch.cat([decisions[b].merged.to(hidden.dtype) for b in merging]))
-    index, visual, out = index.view(B, L_out), visual.view(B, L_out), out.view(B, L_out, -1)
-    valid = torch.arange(L_out, device=dev)[None] >= pad[:, None]
+    vis = slots.visual & slots.valid
+    # flat slot (b * L + slot) of every visual token, by sample then order
+    vis_slots = torch.nonzero_static(vis.flatten(), size=sum(n_visual)).squeeze(1)
+    kept = _cat(keeps)
+    if B > 1:
+        kept = kept + ints["voff_k"]
+    kept = vis_slots[kept]  # flat slots of the kept tokens
+    # each slot's weight in the new sequence: 1 for a survivor (valid text, kept visual), else 0; a sample's
+    # last kept visual token also counts the merged tokens that follow it
+    survive = (slots.valid ^ vis).flatten()  # valid and not visual
+    if merging:
+        w = survive.long().index_copy_(0, kept, ints["weight"])
+        survive = w > 0
+    else:
+        w = survive.index_fill_(0, kept, True)
+    count = w.view(B, L).cumsum(1)
+    # a survivor's output slot: the weight before it in its sample, after the sample's row and left
+    # padding (`base`: b * L_out + pad_b, less 1 when nothing merges; 0 at batch 1)
+    if merging:
+        pos = count - w.view(B, L)
+    else:
+        pos = count - 1 if B == 1 else count  # at batch > 1 `base` takes the 1 off
+    if B > 1:
+        pos = pos + ints["base"][:, None]
+    spare = B * L_out  # one spare row takes the slots that do not survive (a scatter without a nonzero)
+    dest = torch.where(survive.view(B, L), pos, spare).flatten()
+
+    index = slots.index.new_zeros(spare + 1).index_copy_(0, dest, slots.index.flatten())
+    visual = slots.visual.new_zeros(spare + 1).index_copy_(0, dest, slots.visual.flatten())
+    out = hidden.new_zeros(spare + 1, hidden.shape[-1]).index_copy_(0, dest, hidden.reshape(B * L, -1))
+    given = [b for b, d in enumerate(decisions) if d.values is not None]
+    if given:  # new values for kept tokens, at their own slots
+        fk = _starts(sizes)
+        at = kept if len(given) == B else torch.cat([kept[fk[b] : fk[b] + sizes[b]] for b in given])
+        out.index_copy_(0, dest[at], _cat([decisions[b].values.to(hidden.dtype) for b in given]))
+    if merging:  # merged tokens right after their sample's last kept visual token
+        at = dest[kept[ints["last_m"]]] + ints["step"]
+        anchors = _cat([_anchors(decisions[b], dev) for b in merging])
+        if B > 1:
+            anchors = anchors + ints["voff_m"]
+        index.index_copy_(0, at, slots.index.flatten()[vis_slots[anchors]])
+        visual.index_fill_(0, at, True)
+        out.index_copy_(0, at, _cat([decisions[b].merged.to(hidden.dtype) for b in merging]))
+    index, visual, out = index[:spare].view(B, L_out), visual[:spare].view(B, L_out), out[:spare].view(B, L_out, -1)
+    if B == 1:
+        valid = torch.ones(1, L_out, dtype=torch.bool, device=dev)
+    else:
+        valid = torch.arange(L_out, device=dev)[None] >= ints["pad"][:, None]
     counts = (n_out_host, [s + m for s, m in zip(sizes, n_merged)])
     new = Slots(index=index, valid=valid, visual=visual, members=members, span=slots.span, _counts=counts)
     new._n_spans = slots._n_spans  # the input spans do not change
