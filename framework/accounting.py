@@ -146,9 +146,10 @@ def member_groups(members) -> list[list[int]]:
     ascending order, from one copy to the host (a nonzero per row would synchronise a GPU once per visual
     token)."""
     m = members if isinstance(members, np.ndarray) else members.cpu().numpy()
-    rows, cols = np.nonzero(m)  # row-major: rows ascending, columns ascending within a row
-    flat, ends = cols.tolist(), np.cumsum(np.bincount(rows, minlength=m.shape[0])).tolist()
-    return [flat[i:j] for i, j in zip([0, *ends[:-1]], ends)]
+    n, width = m.shape
+    at = np.flatnonzero(m)  # row-major: rows ascending, columns ascending within a row
+    cols, ends = (at % width).tolist(), np.searchsorted(at, np.arange(1, n + 1) * width).tolist()
+    return [cols[i:j] for i, j in zip([0, *ends[:-1]], ends)]
 
 
 def count_per_layer(records: list[dict], n_layers: int) -> None:

@@ -113,14 +113,11 @@ def _to_device(dev, arrays: dict) -> dict[str, torch.Tensor]:
     return dict(zip(arrays, flat.split([len(p) for p in parts])))
 
 
-def _gather_union(table: torch.Tensor, rows: torch.Tensor, group: torch.Tensor | None, n_out: int) -> torch.Tensor:
-    """(n_out, width) bool: new row group[i] is the union of the `table` rows rows[i] (one gather, and one
-    scatter for all unions); without `group`, the rows as gathered."""
-    got = table[rows]
-    if group is None:
-        return got
+def _unions(table: torch.Tensor, rows: torch.Tensor, group: torch.Tensor, n_out: int) -> torch.Tensor:
+    """(n_out, width) bool: new row g is the union of the `table` rows rows[i] with group[i] == g (one gather
+    and one integer scatter for all unions)."""
     out = torch.zeros(n_out, table.shape[1], dtype=torch.int32, device=table.device)
-    return out.index_add_(0, group, got.int()) > 0
+    return out.index_add_(0, group, table[rows].int()) > 0
 
 
 def _union_rows(members: torch.Tensor, sources: list[torch.Tensor]) -> torch.Tensor:
@@ -129,7 +126,7 @@ def _union_rows(members: torch.Tensor, sources: list[torch.Tensor]) -> torch.Ten
         return torch.zeros(0, members.shape[1], dtype=torch.bool, device=members.device)
     sizes = [int(s.numel()) for s in sources]
     group = _to_device(members.device, {"group": np.repeat(np.arange(len(sizes)), sizes)})["group"]
-    return _gather_union(members, _cat([s.flatten() for s in sources]), group, len(sources))
+    return _unions(members, _cat([s.flatten() for s in sources]), group, len(sources))
 
 
 def _keep_flags(k: torch.Tensor) -> torch.Tensor:
@@ -182,23 +179,43 @@ def _member_rows(decisions: list[Decision], keeps: list[torch.Tensor], dev) -> l
 
 
 def _block_members(members: list[torch.Tensor], plan: list[tuple[list, list]], dev) -> list[torch.Tensor]:
-    """New members of samples whose members have the same width: one gather from their rows stacked (one
-    scatter when something is unioned), whatever the number of samples."""
-    pieces, row_off, group, n_rows = [], [], [], []
-    for m, off, (direct, unions) in zip(members, _starts([m.shape[0] for m in members]), plan):
-        pieces += direct + unions
-        row_off.append(np.full(sum(p.numel() for p in direct + unions), off))
-        n_direct, out_off = sum(p.numel() for p in direct), sum(n_rows)
-        group += [out_off + np.arange(n_direct)]
-        group += [np.full(u.numel(), out_off + n_direct + i) for i, u in enumerate(unions)]
-        n_rows.append(n_direct + len(unions))
-    unioned = any(unions for _, unions in plan)
-    host = {"row_off": np.concatenate(row_off)} if len(members) > 1 else {}
-    ints = _to_device(dev, {**host, "group": np.concatenate(group)} if unioned else host)
-    rows = _cat(pieces)
-    if len(members) > 1:  # row r of sample b is row off_b + r of the stacked members
-        rows = rows + ints["row_off"]
-    return list(_gather_union(_cat(members), rows, ints.get("group"), sum(n_rows)).split(n_rows))
+    """New members of samples whose members have the same width, whatever the number of samples: the kept
+    rows in one gather from the stacked members, the merged tokens' unions in one gather and one integer
+    scatter (only their source rows: the scatter is the slow part on a CPU), and at batch > 1 one more
+    gather that puts each sample's rows in order (its kept rows, then its unions)."""
+    direct, unions, d_off, u_off, group, n_direct, n_union = [], [], [], [], [], [], []
+    for off, (kept, sources) in zip(_starts([m.shape[0] for m in members]), plan):
+        n_direct.append(sum(k.numel() for k in kept))
+        direct += kept
+        d_off.append(np.full(n_direct[-1], off))
+        group += [np.full(u.numel(), sum(n_union) + i) for i, u in enumerate(sources)]
+        unions += sources
+        u_off.append(np.full(sum(u.numel() for u in sources), off))
+        n_union.append(len(sources))
+    batch = len(members) > 1
+    host = {"d_off": np.concatenate(d_off)} if batch and direct else {}
+    if unions:
+        host["group"] = np.concatenate(group)
+        if batch:
+            host["u_off"] = np.concatenate(u_off)
+    # stacked as [every kept row; every union]: at batch > 1 with both, sample b's rows are picked in order
+    reorder = batch and any(n_union) and any(n_direct)
+    if reorder:
+        d0, u0 = _starts(n_direct), sum(n_direct) + _starts(n_union)
+        host["order"] = np.concatenate(
+            [np.r_[np.arange(d, d + nd), np.arange(u, u + nu)] for d, nd, u, nu in zip(d0, n_direct, u0, n_union)]
+        )
+    ints = _to_device(dev, host)
+    table, parts = _cat(members), []
+    if direct:  # row r of sample b is row off_b + r of the stacked members
+        parts.append(table[_cat(direct) + ints["d_off"] if batch else _cat(direct)])
+    if unions:
+        rows = _cat(unions) + ints["u_off"] if batch else _cat(unions)
+        parts.append(_unions(table, rows, ints["group"], sum(n_union)))
+    out = _cat(parts) if parts else table[:0]
+    if reorder:
+        out = out[ints["order"]]
+    return list(out.split([d + u for d, u in zip(n_direct, n_union)]))
 
 
 def _new_members(slots: Slots, decisions: list[Decision], keeps: list[torch.Tensor], dev) -> list[torch.Tensor]:

@@ -298,7 +298,6 @@ class SparseVLM(TokenReducer):
             "ids": torch.tensor(pad, dtype=torch.long, device=ctx.hidden.device),
             "counts": counts,
             "host": raters,
-            "n_input": ctx.slots.length,  # LM-input indices run below this
         }
 
     def _rater_rows(self, ctx) -> tuple[torch.Tensor, list[int]]:
@@ -306,19 +305,13 @@ class SparseVLM(TokenReducer):
         A sample without raters (no text after the image) has its last prompt token, the last valid slot."""
         look = ctx.state["sparsevlm_lookup"]
         ids, counts = look["ids"], look["counts"]
-        slots, n = ctx.slots, look["n_input"]
-        # the slot holding each rater's LM-input index among the valid non-visual slots, where each index
-        # occurs once: an inverse map (LM-input index -> slot, -1 for none) with one scatter and one gather;
-        # every other slot writes to a spare column n
-        text = slots.valid & ~slots.visual
-        inverse = torch.full((slots.index.shape[0], n + 1), -1, dtype=torch.long, device=ids.device)
-        pos = torch.arange(slots.length, device=ids.device)
-        inverse.scatter_(1, torch.where(text, slots.index, n), pos.expand_as(slots.index))
-        rows = inverse.gather(1, ids.clamp(min=0))
-        found = (rows >= 0) & (ids >= 0)
-        rows = rows.clamp(min=0)
+        slots = ctx.slots
+        # the slot holding each rater's LM-input index among the non-visual slots (each index occurs once)
+        match = (slots.index[:, None, :] == ids[:, :, None]) & (slots.valid & ~slots.visual)[:, None, :]
+        found, rows = match.max(-1)
         if 0 in counts:  # no text after the image: the last prompt token rates instead
-            fallback = torch.tensor([c == 0 for c in counts], device=rows.device)[:, None]
+            fallback = torch.tensor([n == 0 for n in counts], device=rows.device)[:, None]
+            pos = torch.arange(slots.length, device=rows.device)
             last = torch.where(slots.valid, pos, -1).max(-1, keepdim=True).values
             rows, found = torch.where(fallback, last, rows), found | fallback
             counts = [max(n, 1) for n in counts]
