@@ -1,12 +1,14 @@
 """Count host-device synchronisations, so per-sample or per-token round trips show up on any machine.
 
 On a GPU every value the host reads from a device tensor (`int(t)`, `bool(t)`, `.item()`, `.tolist()`,
-`.cpu()`) and every op whose output size depends on the data (`nonzero`, `unique`, `bincount`,
-`masked_select`, boolean-mask indexing, `repeat_interleave` without `output_size`) waits for the queue to
-drain: the host stops running ahead, and every small op after it costs its full launch time. A reduction
-that reads once per token or per sample pays this many times per prefill. `SyncCounter` counts these calls
-on whatever device the model runs, CPU included (where they cost nothing), so a test or a benchmark can
-check that the count does not grow with the batch or the token count.
+`.cpu()`), every blocking copy from the host (`t.to(device)`, `copy_`) and every op whose output
+size depends on the data (`nonzero`, `unique`, `bincount`, `masked_select`, boolean-mask indexing,
+`repeat_interleave` without `output_size`) waits for the queue to drain: the host stops running ahead, and
+every small op after it costs its full launch time. A reduction that reads once per token or per sample
+pays this many times per prefill. `SyncCounter` counts these calls on whatever device the model runs, CPU
+included (where they cost nothing), so a test or a benchmark can check that the count does not grow with
+the batch or the token count. Copies between host and device show up only when a device is used, and a
+factory such as `torch.tensor(values, device=...)` copies below the level counted here.
 
     with SyncCounter(sites=True) as syncs:
         model(**inputs)
@@ -103,7 +105,22 @@ def _synchronises(func, args, kwargs) -> bool:
         return True
     if name == "repeat_interleave":  # tensor repeats: the output size must be read unless it is given
         return func._overloadname in ("Tensor", "self_Tensor") and kwargs.get("output_size") is None
+    if name in ("_to_copy", "copy_"):  # across devices: waits for the queue unless host -> device non-blocking
+        return _cross_device_wait(name, args, kwargs)
     if name in ("index", "index_put", "index_put_"):  # boolean-mask indexing runs a nonzero
         indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
         return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices if i is not None)
     return False
+
+
+def _cross_device_wait(name: str, args, kwargs) -> bool:
+    """A copy between the host and a device that makes the host wait: device -> host always (the host reads
+    the values), host -> device unless `non_blocking` (a blocking copy waits for every queued kernel)."""
+    if name == "_to_copy":
+        src, dst = args[0].device, kwargs.get("device") or args[0].device
+    else:  # copy_(dst, src, non_blocking)
+        src, dst = args[1].device, args[0].device
+    non_blocking = kwargs.get("non_blocking", args[2] if name == "copy_" and len(args) > 2 else False)
+    if (src.type == "cpu") == (dst.type == "cpu"):
+        return False
+    return dst.type == "cpu" or not non_blocking

@@ -295,7 +295,8 @@ class SparseVLM(TokenReducer):
         # padding repeats a sample's first rater; -1 (matches no slot) marks a sample without raters
         pad = [r + r[:1] * (width - len(r)) if r else [-1] * width for r in raters]
         ctx.state["sparsevlm_lookup"] = {
-            "ids": torch.tensor(pad, dtype=torch.long, device=ctx.hidden.device),
+            # non-blocking: a blocking host -> device copy would wait for the queue (a sync on a GPU)
+            "ids": torch.tensor(pad, dtype=torch.long).to(ctx.hidden.device, non_blocking=True),
             "counts": counts,
             "host": raters,
         }

@@ -28,6 +28,21 @@ def test_counter_counts_host_reads_and_data_dependent_shapes():
     assert sum(syncs.sites.values()) == 9 and all("test_syncs.py" in s for s in syncs.sites)
 
 
+def test_counter_counts_copies_between_host_and_device_that_wait():
+    """The meta device stands in for a GPU: a blocking host -> device copy waits for the queue, a
+    non-blocking one does not; host -> host copies are free."""
+    t = torch.arange(6)
+    with SyncCounter() as syncs:
+        t.to("meta")
+        torch.empty(6, device="meta").copy_(t)
+    assert syncs.count == 2
+    with SyncCounter() as syncs:
+        t.to("meta", non_blocking=True)
+        t.clone().to(torch.float64)
+        torch.empty(6, dtype=torch.long).copy_(t)
+    assert syncs.count == 0
+
+
 def test_counter_ignores_static_shapes_and_host_arrays():
     t = torch.arange(6)
     with SyncCounter() as syncs:
