@@ -108,17 +108,13 @@ def _merge(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, merge: str, c
 
 
 def cluster_and_merge(
-    x: torch.Tensor,
-    n_clusters: int,
-    k: int | None = None,
-    merge: str = "mean",
-    assign: str = "euclidean",
-    ids: torch.Tensor | None = None,
+    x: torch.Tensor, n_clusters: int, **options
 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """DPC-kNN + merge. Returns (merged (C, D) float32, sources: per cluster the row indices of x,
     centres (C,) the row index of each cluster's centre), clusters in the official order (descending
-    rho * delta of their centres). ids (N,), optional: report sources and centres as ids[row] instead."""
-    merged, order, counts, centres = cluster(x, n_clusters, k=k, merge=merge, assign=assign, ids=ids)
+    rho * delta of their centres). options: those of `cluster` (k, merge, assign; ids (N,): report sources
+    and centres as ids[row] instead)."""
+    merged, order, counts, centres = cluster(x, n_clusters, **options)
     return merged, list(torch.split(order, counts.tolist())), centres
 
 
