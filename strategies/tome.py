@@ -168,9 +168,15 @@ class ToMe(CountBudget, TokenReducer):
             if toks.numel() == 0:
                 continue
             merged, _, source = merge_to(x[toks][None], self.target(int(toks.numel())))
-            for row, v in zip(source[0].bool(), merged[0]):
-                g = toks[row]
-                reps.append(g.min())
+            # source is a partition (one merged row per token): each token's row is its column's argmax;
+            # the tokens of row k, ascending, come from one stable sort and one host copy of the row sizes
+            row = source[0].argmax(0)
+            order = torch.sort(row, stable=True).indices
+            sizes = torch.zeros(merged.shape[1], dtype=torch.long, device=x.device).index_add_(
+                0, row, torch.ones_like(row)
+            )
+            for g, v in zip(toks[order].split(sizes.tolist()), merged[0]):
+                reps.append(g[0])
                 groups.append(g)
                 values.append(v)
         for i in cls:
