@@ -190,10 +190,6 @@ class StageContext:
     def visual_hidden(self, b: int) -> torch.Tensor:
         return self.hidden[b, self.visual[b]]
 
-    def last_slot(self, b: int) -> int:
-        """The last valid slot: the last prompt token (left padding puts it at the end)."""
-        return int(self.slots.last_slots()[b])
-
     def attention(self, rows: list[torch.Tensor], which: str = "previous") -> list[torch.Tensor]:
         """Attention probabilities (H, R_b, L') of the given query slots, per sample.
 

@@ -7,7 +7,7 @@ import torch
 
 from framework import Decision, TokenReducer, attach, build, register
 from framework.accounting import account
-from framework.context import StageContext
+from framework.context import Slots, StageContext
 from tests.tiny import llava_inputs, make_llava, positions
 
 PROMPTS = [(3, 5), (1, 2), (6, 8)]
@@ -216,3 +216,14 @@ def test_manual_decode_loop_after_projector_reduction(positions_mode):
         recomputed = model(**full).logits[:, -1]
     # keep: the recompute numbers the prompt 0..L-1 and the new token L; repack: both renumber 0..L'
     assert torch.allclose(cached, recomputed, atol=1e-5)
+
+
+def test_slots_last_slots_text_mask_and_counts():
+    """Batched slot queries: the last valid slot (left or right padding), the text after each sample's last
+    visual token (all valid text without visual tokens), and the host counts."""
+    valid = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    visual = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    slots = Slots(index=torch.arange(6).expand(3, 6), valid=valid, visual=visual, members=[])
+    assert slots.last_slots().tolist() == [5, 3, 2]
+    assert [torch.nonzero(m).flatten().tolist() for m in slots.text_mask()] == [[4, 5], [2, 3], [0, 1, 2]]
+    assert slots.counts() == ([5, 4, 3], [2, 1, 0]) and not slots.all_valid()
