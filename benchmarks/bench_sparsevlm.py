@@ -49,8 +49,8 @@ def measure(model, x, cfg) -> dict:
     timer = Timer()
     reducer.begin = timer.wrap("raters", reducer.begin)
     reducer.decide = timer.wrap("decide", reducer.decide)
-    orig = sv.cluster_and_merge
-    sv.cluster_and_merge = timer.wrap("recycling", orig)
+    orig = sv.cluster  # what SparseVLM's recycling calls
+    sv.cluster = timer.wrap("recycling", orig)
     runs, base = [], []
     try:
         with torch.no_grad():
@@ -67,7 +67,7 @@ def measure(model, x, cfg) -> dict:
                     runs.append({"prefill": CLOCK() - t0, **timer.t})
                     acc = account(engine)[0]
     finally:
-        sv.cluster_and_merge = orig
+        sv.cluster = orig
     runs, base = runs[1:], base[1:]  # drop the warm-up
     med = lambda vals: sorted(vals)[len(vals) // 2]  # noqa: E731
     own = med([(r.get("raters", 0.0) + r.get("decide", 0.0)) / r["prefill"] for r in runs])

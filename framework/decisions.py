@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .context import Grid, Slots
+from .context import Grid, Slots, split_rows
 from .errors import ConfigError
 from .reducer import Decision
 
@@ -52,8 +52,7 @@ def initial_slots(pending: dict, valid: torch.Tensor) -> Slots:
     slots = Slots(index=torch.arange(L, device=dev)[None].expand(B, L).clone(), valid=valid, visual=visual, members=[])
     n_visual = slots.counts()[1]
     slots.members = [torch.eye(n, dtype=torch.bool, device=dev) for n in n_visual]
-    # each sample's visual positions, from one static-size nonzero (no host round trip per sample)
-    at = torch.split(torch.nonzero_static(visual, size=sum(n_visual))[:, 1], n_visual)
+    at = split_rows(visual, n_visual)  # each sample's visual positions, without a host round trip
     spans, vmap = pending.get("spans"), pending.get("vision_map")
     slots.span = None if spans is None else [spans[b].index_select(0, at[b]) for b in range(B)]
     slots.vision_map = None if vmap is None else [vmap[b].index_select(0, at[b]) for b in range(B)]
@@ -88,7 +87,8 @@ def visual_grids(grids, visual: torch.Tensor):
             mine.append(Grid(index=vidx[g.index.to(dev)], row_end=None if ends is None else vidx[ends]))
         out.append(mine)
         kept = [j for j in range(int(cls_at[b].numel())) if next(cls_visual)]
-        cls.append(vidx[cls_at[b][torch.tensor(kept, dtype=torch.long, device=dev)]])
+        kept = torch.tensor(kept, dtype=torch.long).to(dev, non_blocking=True)  # blocking would wait for the queue
+        cls.append(vidx[cls_at[b][kept]])
     return out, cls
 
 
@@ -118,15 +118,6 @@ def _unions(table: torch.Tensor, rows: torch.Tensor, group: torch.Tensor, n_out:
     and one integer scatter for all unions)."""
     out = torch.zeros(n_out, table.shape[1], dtype=torch.int32, device=table.device)
     return out.index_add_(0, group, table[rows].int()) > 0
-
-
-def _union_rows(members: torch.Tensor, sources: list[torch.Tensor]) -> torch.Tensor:
-    """(len(sources), n_in) bool: per source set, the union of those rows of `members`."""
-    if not sources:
-        return torch.zeros(0, members.shape[1], dtype=torch.bool, device=members.device)
-    sizes = [int(s.numel()) for s in sources]
-    group = _to_device(members.device, {"group": np.repeat(np.arange(len(sizes)), sizes)})["group"]
-    return _unions(members, _cat([s.flatten() for s in sources]), group, len(sources))
 
 
 def _keep_flags(k: torch.Tensor) -> torch.Tensor:
@@ -330,6 +321,13 @@ def apply_decisions(slots: Slots, hidden: torch.Tensor, decisions: list[Decision
     else:
         valid = torch.arange(L_out, device=dev)[None] >= ints["pad"][:, None]
     counts = (n_out_host, [s + m for s, m in zip(sizes, n_merged)])
-    new = Slots(index=index, valid=valid, visual=visual, members=members, span=slots.span, _counts=counts)
-    new._n_spans = slots._n_spans  # the input spans do not change
-    return new, out
+    # the input spans do not change, nor their count
+    return Slots(
+        index=index,
+        valid=valid,
+        visual=visual,
+        members=members,
+        span=slots.span,
+        _counts=counts,
+        _n_spans=slots._n_spans,
+    ), out

@@ -312,9 +312,7 @@ class SparseVLM(TokenReducer):
         found, rows = match.max(-1)
         if 0 in counts:  # no text after the image: the last prompt token rates instead
             fallback = torch.tensor([n == 0 for n in counts], device=rows.device)[:, None]
-            pos = torch.arange(slots.length, device=rows.device)
-            last = torch.where(slots.valid, pos, -1).max(-1, keepdim=True).values
-            rows, found = torch.where(fallback, last, rows), found | fallback
+            rows, found = torch.where(fallback, slots.last_slots()[:, None], rows), found | fallback
             counts = [max(n, 1) for n in counts]
         if not bool(found.all()):
             raise RuntimeError("sparsevlm: a rater token is no longer in the sequence")

@@ -142,7 +142,7 @@ def test_vectorised_bookkeeping_equals_the_per_row_forms():
     """The engine's one-copy forms of per-row loops (records, merged members, recycled clusters)."""
     from framework.accounting import member_groups
     from framework.clustering import cluster_and_merge
-    from framework.decisions import _union_rows
+    from framework.decisions import _unions
 
     g = torch.Generator().manual_seed(0)
     m = torch.rand(40, 30, generator=g) < 0.1
@@ -150,7 +150,8 @@ def test_vectorised_bookkeeping_equals_the_per_row_forms():
     assert member_groups(m) == [torch.nonzero(r).flatten().tolist() for r in m]
     sources = [torch.randint(0, 40, (n,), generator=g) for n in (1, 5, 0, 12)]
     want = torch.stack([m[s].any(0) for s in sources])
-    assert torch.equal(_union_rows(m, sources), want)
+    group = torch.cat([torch.full((len(s),), i) for i, s in enumerate(sources)])
+    assert torch.equal(_unions(m, torch.cat(sources), group, len(sources)), want)
     x = torch.randn(50, 16, generator=g)
     _, sources, _ = cluster_and_merge(x, 7)
     from framework.clustering import dpc_knn
