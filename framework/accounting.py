@@ -11,7 +11,8 @@
 
 Per-sample records of a prefill (the engine keeps one list per prefill): `new_records` at its start,
 `record_stage` at each decision (tokens before / after, kept indices, merged groups, the decision's
-own record), `count_per_layer` at its end (visual and all tokens entering each decoder layer).
+own record), `finish_records` at its end (what needs device values, in one copy; visual and all tokens
+entering each decoder layer).
 """
 
 from __future__ import annotations
@@ -112,33 +113,52 @@ def new_records(n_visual: list[int], n_tokens: list[int]) -> list[dict]:
     return [{"n_visual_input": int(n), "stages": [], "tokens_in": int(v)} for n, v in zip(n_visual, n_tokens)]
 
 
+_MEMBERS = "_members"  # a stage's members on the device, until `finish_records` reads them
+
+
 def record_stage(records: list[dict], layer: int, stage: str, before, after, decisions) -> None:
-    """Append one decision point to each sample's record; `before` / `after` are the Slots around it."""
-    for b, (rec, d, m) in enumerate(zip(records, decisions, _members_on_host(after.members))):
-        groups = member_groups(m)
-        n_kept = len(groups) - d.n_merged  # kept tokens come first, merged ones after
+    """Append one decision point to each sample's record; `before` / `after` are the Slots around it. What
+    needs the device's values (kept indices, merged groups, tensors in the decision's record) waits for
+    `finish_records`, so that a decision never makes the host wait for the device."""
+    for rec, d, m_before, m_after in zip(records, decisions, before.members, after.members):
         rec["stages"].append(
             {
                 "stage": stage,
                 "layer": layer,
-                "visual_before": int(before.members[b].shape[0]),
-                "visual_after": len(groups),
-                "kept": sorted(g[0] for g in groups[:n_kept] if len(g) == 1),
-                "groups": groups,
+                "visual_before": int(m_before.shape[0]),
+                "visual_after": int(m_after.shape[0]),
+                "kept": None,
+                "groups": None,
                 "n_merged": d.n_merged,
                 **d.record,
+                _MEMBERS: m_after,
             }
         )
 
 
-def _members_on_host(members: list) -> list:
-    """The samples' member matrices as host arrays, with one copy when they share a width (one sync on a GPU
-    instead of one per sample); the rest of the bookkeeping is host work (numpy), never device ops."""
+def finish_records(records: list[dict], n_layers: int, checks=None) -> None:
+    """Complete a prefill's records: every pending check (`DeferredChecks`), every stage's members and the
+    tensors in the decisions' records reach the host in one copy; a failed check raises; kept indices and
+    merged groups come from the members, the tensors become lists; then the tokens entering each layer."""
     import torch
 
-    if len({m.shape[1] for m in members}) != 1:
-        return [m.cpu().numpy() for m in members]
-    return np.split(torch.cat(members).cpu().numpy(), np.cumsum([m.shape[0] for m in members])[:-1])
+    from .checks import fetch
+
+    pending = [st for rec in records for st in rec["stages"] if _MEMBERS in st]
+    flags = checks.values if checks is not None else []
+    values = [(st, k) for st in pending for k, v in st.items() if isinstance(v, torch.Tensor) and k != _MEMBERS]
+    host = fetch([*flags, *(st[_MEMBERS] for st in pending), *(st[k] for st, k in values)])
+    if checks is not None:
+        checks.raise_failures(host[: len(flags)])
+    for st, m in zip(pending, host[len(flags) :]):
+        del st[_MEMBERS]
+        groups = member_groups(m)
+        n_kept = len(groups) - st["n_merged"]  # kept tokens come first, merged ones after
+        st["kept"] = sorted(g[0] for g in groups[:n_kept] if len(g) == 1)
+        st["groups"] = groups
+    for (st, key), value in zip(values, host[len(flags) + len(pending) :]):
+        st[key] = value.tolist()
+    count_per_layer(records, n_layers)
 
 
 def member_groups(members) -> list[list[int]]:

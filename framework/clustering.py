@@ -110,44 +110,31 @@ def _merge(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, merge: str, c
 def cluster_and_merge(
     x: torch.Tensor, n_clusters: int, **options
 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-    """DPC-kNN + merge. Returns (merged (C, D) float32, sources: per cluster the row indices of x,
-    centres (C,) the row index of each cluster's centre), clusters in the official order (descending
-    rho * delta of their centres). options: those of `cluster` (k, merge, assign; ids (N,): report sources
-    and centres as ids[row] instead)."""
-    merged, order, counts, centres = cluster(x, n_clusters, **options)
+    """DPC-kNN + merge. Returns (merged (C, D) float32, sources: per cluster the row indices of x in
+    ascending order, centres (C,) the row index of each cluster's centre), clusters in the official order
+    (descending rho * delta of their centres). options: those of `cluster` (k, merge, assign; ids (N,):
+    report sources and centres as ids[row] instead). Splitting the sources reads their sizes on the host."""
+    ids = options.pop("ids", None)
+    merged, labels, centres = cluster(x, n_clusters, **options)
+    counts = torch.bincount(labels, minlength=int(centres.numel()))
+    order = torch.sort(labels, stable=True).indices  # each cluster's rows in ascending order
+    if ids is not None:
+        order, centres = ids.index_select(0, order), ids.index_select(0, centres)
     return merged, list(torch.split(order, counts.tolist())), centres
 
 
 def cluster(
-    x: torch.Tensor,
-    n_clusters: int,
-    k: int | None = None,
-    merge: str = "mean",
-    assign: str = "euclidean",
-    ids: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`cluster_and_merge` without reading anything on the host: (merged, order, counts, centres), where
-    `order` (N,) lists the rows (or ids) cluster by cluster, each cluster's in ascending order, and `counts`
-    (C,) is each cluster's size, so the caller can split several samples' clusters after one host copy."""
+    x: torch.Tensor, n_clusters: int, k: int | None = None, merge: str = "mean", assign: str = "euclidean"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`cluster_and_merge` without reading anything on the host: (merged (C, D) float32, labels (N,) each
+    row's cluster in 0..C-1, centres (C,) row indices), the form `SourceGroups` takes."""
     if merge not in MERGE_MODES:
         raise ValueError(f"merge={merge!r}; allowed: {list(MERGE_MODES)}")
     labels, centres = dpc_knn(x, n_clusters, k=k, assign=assign)
     C = int(centres.numel())
     if C == 1:  # every row in the one cluster: no counting
-        counts = labels.new_full((1,), x.shape[0])
-        rows = torch.arange(x.shape[0], device=x.device) if ids is None else ids
-        return (
-            _merge(x, labels, 1, merge, counts[:, None]),
-            rows,
-            counts,
-            centres if ids is None else ids.index_select(0, centres),
-        )
+        return _merge(x, labels, 1, merge, labels.new_full((1, 1), x.shape[0])), labels, centres
     # each cluster has its centre: no empty cluster (counted by a scatter: bincount would sync a GPU for
     # its output size)
     counts = torch.zeros(C, dtype=torch.long, device=x.device).index_add_(0, labels, torch.ones_like(labels))
-    merged = _merge(x, labels, C, merge, counts[:, None])
-    # each cluster's rows in ascending order, as nonzero(labels == c) gives them
-    order = torch.sort(labels, stable=True).indices
-    if ids is not None:
-        order, centres = ids.index_select(0, order), ids.index_select(0, centres)
-    return merged, order, counts, centres
+    return _merge(x, labels, C, merge, counts[:, None]), labels, centres

@@ -109,6 +109,7 @@ class StageContext:
     hidden: (B, L', D) hidden states entering that layer (the input embeddings at the projector).
     visual / text: per sample, slot indices of the current visual tokens / the prompt text after them.
     state: scratch space shared by all decision points of one prefill (e.g. SparseVLM's raters).
+    checks: where `check` defers its checks to (the prefill's; None: checks run at once).
     """
 
     stage: str
@@ -118,6 +119,7 @@ class StageContext:
     adapter: Any
     state: dict[str, Any]
     embeds: torch.Tensor | None = None
+    checks: Any = None
     _attn_source: Callable[[str], dict] | None = None
     _cache: dict = field(default_factory=dict)
 
@@ -138,6 +140,16 @@ class StageContext:
             mask = self.slots.text_mask()
             self._cache["text"] = split_rows(mask, mask.sum(1).tolist())
         return self._cache["text"]
+
+    def check(self, ok: torch.Tensor, message: str, error: type[Exception] = RuntimeError) -> None:
+        """Raise `error(message)` unless the bool tensor `ok` is all True: at the end of the prefill, with the
+        records (`framework.checks`), so the host need not wait for the device's answer now."""
+        from .checks import DeferredChecks
+
+        pending = DeferredChecks() if self.checks is None else self.checks
+        pending.add_flag(ok, message, error)
+        if self.checks is None:
+            pending.verify()
 
     def span_ids(self, b: int) -> torch.Tensor:
         """(n_visual,) input span (image / video frame) id of each current visual token of sample b."""

@@ -11,9 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .checks import DeferredChecks
 from .context import Grid, Slots, split_rows
 from .errors import ConfigError
-from .reducer import Decision
+from .reducer import Decision, SourceGroups
 
 
 def read_prompt(adapter, input_ids: torch.Tensor, kwargs: dict, vision_map: bool) -> dict | None:
@@ -121,72 +122,99 @@ def _unions(table: torch.Tensor, rows: torch.Tensor, group: torch.Tensor, n_out:
 
 
 def _keep_flags(k: torch.Tensor) -> torch.Tensor:
-    """(first, last, has repeats) of a sorted keep; an empty keep reads as out of range."""
-    if not k.numel():
-        return k.new_tensor([-1, 0, 0])
+    """(first, last, has repeats) of a sorted, non-empty keep."""
     return torch.stack([k[0], k[-1], (k[1:] == k[:-1]).any()])
 
 
-def _checked_keeps(decisions: list[Decision], n_visual: list[int], dev) -> list[torch.Tensor]:
-    """Each decision's kept visual indices, sorted and unique; every index must lie in 0..n-1 and at least one
-    token must survive. One host round trip for the whole batch: the keeps are sorted and checked (one sort
-    and one set of checks when they have equal lengths), and `unique` (whose size the host must learn) runs
-    only on a keep with repeats."""
+def _checked_keeps(decisions: list[Decision], n_visual: list[int], dev, checks: DeferredChecks) -> list[torch.Tensor]:
+    """Each decision's kept visual indices, sorted (one sort for the batch when they have equal lengths) and
+    clamped into 0..n-1, so that nothing indexes out of range before `checks` (read at the end of the
+    prefill, without a host round trip here) reports an index outside 0..n-1 or kept twice."""
     keeps = [torch.as_tensor(d.keep, device=dev).long().flatten() for d in decisions]
-    if len({k.numel() for k in keeps}) == 1 and keeps[0].numel():
+    for b, k in enumerate(keeps):
+        if not k.numel():
+            raise ConfigError(f"decision for sample {b} keeps no token; it must keep at least 1 of {n_visual[b]}")
+    if len({k.numel() for k in keeps}) == 1:
         s = (keeps[0][None] if len(keeps) == 1 else torch.stack(keeps)).sort(-1).values
-        keeps = list(s.unbind(0))
         flags = torch.stack([s[:, 0], s[:, -1], (s[:, 1:] == s[:, :-1]).any(1)])
+        if len(keeps) == 1:
+            keeps = [s[0].clamp(0, n_visual[0] - 1)]
+        else:  # the sample sizes travel without a blocking copy (which would wait for the queue)
+            n = _to_device(dev, {"n": n_visual})["n"]
+            keeps = list(torch.minimum(s.clamp(min=0), n[:, None] - 1))
     else:
         keeps = [k.sort().values for k in keeps]
         flags = torch.stack([_keep_flags(k) for k in keeps], 1)
-    lo, hi, repeats = flags.tolist()
-    for b in range(len(keeps)):
-        if lo[b] < 0 or hi[b] >= n_visual[b]:
-            raise ConfigError(
-                f"decision for sample {b} keeps {keeps[b].unique().numel()} tokens with indices outside "
-                f"0..{n_visual[b] - 1}; a decision must keep at least 1 of the {n_visual[b]} visual tokens"
-            )
-        if repeats[b]:
-            keeps[b] = keeps[b].unique(sorted=True)
+        keeps = [k.clamp(0, m - 1) for k, m in zip(keeps, n_visual)]
+
+    def message(flags) -> str | None:  # flags (3, B): first and last kept index, whether one repeats
+        for b, (lo, hi, repeats) in enumerate(flags.T.tolist()):
+            if lo < 0 or hi >= n_visual[b]:
+                return (
+                    f"decision for sample {b} keeps indices outside 0..{n_visual[b] - 1}; a decision keeps "
+                    f"indices of the sample's {n_visual[b]} current visual tokens"
+                )
+            if repeats:
+                return f"decision for sample {b} keeps a visual token twice; `keep` must hold distinct indices"
+        return None
+
+    checks.add(flags, message)
     return keeps
 
 
-def _member_rows(decisions: list[Decision], keeps: list[torch.Tensor], dev) -> list[tuple[list, list]]:
-    """Per sample, (rows kept as they are, source sets to union): the kept tokens' `members` rows, then one
-    union per merged token; kept tokens that absorbed others in place are their source sets instead."""
+def _member_rows(decisions: list[Decision], keeps: list[torch.Tensor], dev) -> list[tuple]:
+    """Per sample, (rows kept as they are, source rows to union, each one's union (0..n_groups-1: a host
+    array, or a device tensor from `SourceGroups`), n_groups): the kept tokens' `members` rows, then one union
+    per merged token; kept tokens that absorbed others in place are their source sets instead."""
     plan = []
     for b, (d, keep) in enumerate(zip(decisions, keeps)):
+        if isinstance(d.sources, SourceGroups):
+            rows = torch.as_tensor(d.sources.index, device=dev).long().flatten()
+            group = torch.as_tensor(d.sources.group, device=dev).long().flatten()
+            if rows.shape != group.shape:
+                raise ConfigError(
+                    f"decision for sample {b}: SourceGroups has {rows.numel()} indices but {group.numel()} groups"
+                )
+            plan.append(([keep], rows, group, d.n_merged) if d.n_merged else ([], rows, group, keep.numel()))
+            continue
         sources = [torch.as_tensor(s, device=dev).long().flatten() for s in d.sources]
+        group = np.repeat(np.arange(len(sources)), [s.numel() for s in sources])
         if not d.n_merged and len(sources) == keep.numel():  # kept tokens that absorbed others in place
-            plan.append(([], sources))
+            plan.append(([], _cat(sources), group, len(sources)))
         elif d.n_merged:
             if len(sources) != d.n_merged:
                 raise ConfigError(f"decision for sample {b}: {d.n_merged} merged tokens but {len(sources)} source sets")
-            plan.append(([keep], sources))
+            plan.append(([keep], _cat(sources), group, len(sources)))
         else:
-            plan.append(([keep], []))
+            plan.append(([keep], None, None, 0))
     return plan
 
 
-def _block_members(members: list[torch.Tensor], plan: list[tuple[list, list]], dev) -> list[torch.Tensor]:
+def _block_members(members: list[torch.Tensor], plan: list[tuple], dev) -> list[torch.Tensor]:
     """New members of samples whose members have the same width, whatever the number of samples: the kept
     rows in one gather from the stacked members, the merged tokens' unions in one gather and one integer
     scatter (only their source rows: the scatter is the slow part on a CPU), and at batch > 1 one more
     gather that puts each sample's rows in order (its kept rows, then its unions)."""
-    direct, unions, d_off, u_off, group, n_direct, n_union = [], [], [], [], [], [], []
-    for off, (kept, sources) in zip(_starts([m.shape[0] for m in members]), plan):
+    direct, unions, groups, d_off, u_off, g_off, n_direct, n_union = [], [], [], [], [], [], [], []
+    for off, (kept, rows, group, n_groups) in zip(_starts([m.shape[0] for m in members]), plan):
         n_direct.append(sum(k.numel() for k in kept))
         direct += kept
         d_off.append(np.full(n_direct[-1], off))
-        group += [np.full(u.numel(), sum(n_union) + i) for i, u in enumerate(sources)]
-        unions += sources
-        u_off.append(np.full(sum(u.numel() for u in sources), off))
-        n_union.append(len(sources))
+        if n_groups:
+            unions.append(rows)
+            groups.append(group)
+            u_off.append(np.full(rows.numel(), off))
+            g_off.append(np.full(rows.numel(), sum(n_union)))
+        n_union.append(n_groups)
     batch = len(members) > 1
     host = {"d_off": np.concatenate(d_off)} if batch and direct else {}
+    on_host = all(isinstance(g, np.ndarray) for g in groups)
     if unions:
-        host["group"] = np.concatenate(group)
+        if on_host:
+            host["group"] = np.concatenate(groups) + np.concatenate(g_off)
+        else:  # device groups (SourceGroups): the host parts travel with the offsets, one add for all
+            host.update({("group", i): g for i, g in enumerate(groups) if isinstance(g, np.ndarray)})
+            host["g_off"] = np.concatenate(g_off)
         if batch:
             host["u_off"] = np.concatenate(u_off)
     # stacked as [every kept row; every union]: at batch > 1 with both, sample b's rows are picked in order
@@ -202,7 +230,12 @@ def _block_members(members: list[torch.Tensor], plan: list[tuple[list, list]], d
         parts.append(table[_cat(direct) + ints["d_off"] if batch else _cat(direct)])
     if unions:
         rows = _cat(unions) + ints["u_off"] if batch else _cat(unions)
-        parts.append(_unions(table, rows, ints["group"], sum(n_union)))
+        if on_host:
+            group = ints["group"]
+        else:
+            group = _cat([ints[("group", i)] if isinstance(g, np.ndarray) else g for i, g in enumerate(groups)])
+            group = group + ints["g_off"] if len(groups) > 1 else group
+        parts.append(_unions(table, rows, group, sum(n_union)))
     out = _cat(parts) if parts else table[:0]
     if reorder:
         out = out[ints["order"]]
@@ -222,6 +255,11 @@ def _anchors(d: Decision, dev) -> torch.Tensor:
     """Each merged token's anchor (current visual index): given, or its first source."""
     if d.anchors is not None:
         return torch.as_tensor(d.anchors, device=dev).long().flatten()
+    if isinstance(d.sources, SourceGroups):
+        index = torch.as_tensor(d.sources.index, device=dev).long().flatten()
+        group = torch.as_tensor(d.sources.group, device=dev).long().flatten()
+        first = index.new_full((d.n_merged,), torch.iinfo(torch.long).max)
+        return first.scatter_reduce_(0, group, index, "amin")
     return torch.stack([torch.as_tensor(s, device=dev).long().min() for s in d.sources])
 
 
@@ -247,9 +285,12 @@ def _layout(n_visual, sizes, n_merged, pad, L_out) -> dict:
     return host
 
 
-def apply_decisions(slots: Slots, hidden: torch.Tensor, decisions: list[Decision]) -> tuple[Slots, torch.Tensor]:
+def apply_decisions(
+    slots: Slots, hidden: torch.Tensor, decisions: list[Decision], checks: DeferredChecks | None = None
+) -> tuple[Slots, torch.Tensor]:
     """Gather survivors (original order), insert merged tokens after the last kept visual token,
-    drop padding, and left-pad samples to a common length with empty slots.
+    drop padding, and left-pad samples to a common length with empty slots. The checks of the decisions'
+    indices go to `checks` (the engine reads them at the end of the prefill); without, they run at once.
 
     Batched: one scatter per output for the whole batch (the per-sample work is only each sample's kept
     indices), so the op count and host round trips do not grow with the batch; per-sample offsets are
@@ -257,7 +298,8 @@ def apply_decisions(slots: Slots, hidden: torch.Tensor, decisions: list[Decision
     B, L = slots.valid.shape
     dev = hidden.device
     n_valid, n_visual = slots.counts()
-    keeps = _checked_keeps(decisions, n_visual, dev)
+    pending = DeferredChecks() if checks is None else checks
+    keeps = _checked_keeps(decisions, n_visual, dev, pending)
     members = _new_members(slots, decisions, keeps, dev)
     sizes = [k.numel() for k in keeps]
     for b, d in enumerate(decisions):
@@ -321,6 +363,8 @@ def apply_decisions(slots: Slots, hidden: torch.Tensor, decisions: list[Decision
     else:
         valid = torch.arange(L_out, device=dev)[None] >= ints["pad"][:, None]
     counts = (n_out_host, [s + m for s, m in zip(sizes, n_merged)])
+    if checks is None:
+        pending.verify()
     # the input spans do not change, nor their count
     return Slots(
         index=index,

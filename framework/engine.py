@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .accounting import count_per_layer, new_records, record_stage
+from .accounting import finish_records, new_records, record_stage
 from .backbones import adapter_for
 from .decisions import apply_decisions, initial_slots, read_prompt
 from .errors import ConfigError
@@ -180,7 +180,7 @@ class ReductionEngine(StageRunner):
             self._begin(self._context("projector", 0, embeds, slots))
             return None
         decisions = self._decide(("projector", 0), self._context("projector", 0, embeds, slots))
-        new_slots, new_embeds = apply_decisions(slots, embeds, decisions)
+        new_slots, new_embeds = apply_decisions(slots, embeds, decisions, run.checks)
         record_stage(run.samples, 0, "projector", slots, new_slots, decisions)
         kw = {
             **kwargs,
@@ -212,7 +212,7 @@ class ReductionEngine(StageRunner):
             kw = {**kwargs, **run.current.kwargs} if run.current is not None else kwargs
             run.prev = (i, h, kw)
             if i == self.adapter.num_layers - 1:
-                count_per_layer(run.samples, self.adapter.num_layers)
+                finish_records(run.samples, self.adapter.num_layers, run.checks)
                 self._run = None
             if run.current is None:
                 return None

@@ -40,23 +40,35 @@ BUDGET_SCOPES = ("global", "per_span")
 
 
 @dataclass
+class SourceGroups:
+    """Every merged token's sources at once, as a device-side clustering gives them: `index` (n,) current
+    visual tokens, `group` (n,) the merged token (0..m-1) each one goes into. Unlike one tensor per merged
+    token, nothing about the groups' sizes has to reach the host."""
+
+    index: torch.Tensor
+    group: torch.Tensor
+
+
+@dataclass
 class Decision:
     """What survives of one sample's current visual tokens at one decision point.
 
     All indices are into the sample's *current* visual tokens (0..n_visual-1, in sequence order).
-    `keep` may be in any order: the engine keeps surviving tokens in their original order.
+    `keep` holds distinct indices in any order: the engine keeps surviving tokens in their original order.
     `merged` (m, D) are new tokens placed right after the kept visual tokens; `sources[i]` lists the
-    current visual tokens merged into token i (for provenance and overlays), and `anchors[i]` is the
-    current visual token whose RoPE position merged token i takes in `keep` position mode (default:
-    its first source). `record` is stored as-is in the engine's per-sample record.
+    current visual tokens merged into token i (for provenance and overlays), or `sources` is one
+    `SourceGroups` for all of them; `anchors[i]` is the current visual token whose RoPE position merged
+    token i takes in `keep` position mode (default: its first source). `record` is stored in the engine's
+    per-sample record (tensors in it reach the host as lists at the end of the prefill).
     `values` (len(keep), D), optional: new hidden states for the kept tokens, in ascending keep order
     (like `sources` when kept tokens absorb others in place): a pooled / merged token then stays at
     its representative's slot and position.
+    Index checks (range, repeats) read device values, so the engine runs them at the end of the prefill.
     """
 
     keep: torch.Tensor
     merged: torch.Tensor | None = None
-    sources: Sequence[torch.Tensor] = ()
+    sources: Sequence[torch.Tensor] | SourceGroups = ()
     anchors: torch.Tensor | None = None
     record: dict[str, Any] = field(default_factory=dict)
     values: torch.Tensor | None = None

@@ -10,6 +10,7 @@ import torch
 
 from .accounting import record_stage
 from .attention import attention_source
+from .checks import DeferredChecks
 from .context import Slots, StageContext
 from .decisions import apply_decisions
 from .geometry import StageGeometry, llm_stage_geometry
@@ -30,6 +31,7 @@ class Prefill:
     prev: tuple | None = None  # (layer index, input hidden, effective kwargs) of the last layer run
     proj: dict = field(default_factory=dict)  # (layer, "q"|"k") -> that layer's q/k_proj output (B, L, H*hd)
     current: StageGeometry | None = None
+    checks: DeferredChecks = field(default_factory=DeferredChecks)  # read with the records at the end
 
 
 class StageRunner:
@@ -58,7 +60,7 @@ class StageRunner:
     def _llm_decision(self, i: int, h: torch.Tensor) -> torch.Tensor:
         run = self._run
         decisions = self._decide(("llm", i), self._context("llm", i, h, run.slots))
-        new_slots, new_h = apply_decisions(run.slots, h, decisions)
+        new_slots, new_h = apply_decisions(run.slots, h, decisions, run.checks)
         record_stage(run.samples, i, "llm", run.slots, new_slots, decisions)
         run.slots = new_slots
         run.current = llm_stage_geometry(
@@ -84,6 +86,7 @@ class StageRunner:
             adapter=self.adapter,
             state=run.state,
             embeds=run.embeds,
+            checks=run.checks,
             _attn_source=attention_source(self.adapter, run, layer, hidden),
         )
 

@@ -71,7 +71,7 @@ from framework.budget import REFERENCE_VISUAL_TOKENS, nearest_preset, scale_to_d
 from framework.clustering import ASSIGN_MODES, MERGE_MODES, cluster
 from framework.context import split_rows
 from framework.errors import ConfigError
-from framework.reducer import Decision, TokenReducer, topk_indices
+from framework.reducer import Decision, SourceGroups, TokenReducer, topk_indices
 from framework.registry import register
 
 BUDGETS = ("fixed", "rank_v1", "rank_paper")
@@ -314,8 +314,7 @@ class SparseVLM(TokenReducer):
             fallback = torch.tensor([n == 0 for n in counts], device=rows.device)[:, None]
             rows, found = torch.where(fallback, slots.last_slots()[:, None], rows), found | fallback
             counts = [max(n, 1) for n in counts]
-        if not bool(found.all()):
-            raise RuntimeError("sparsevlm: a rater token is no longer in the sequence")
+        ctx.check(found.all(), "sparsevlm: a rater token is no longer in the sequence")
         return rows, counts
 
     # ------------------------------------------------------------------ decisions
@@ -328,7 +327,7 @@ class SparseVLM(TokenReducer):
         P, scores = self._scores(ctx, rows, probs, records)
         if self.record_scores:
             for b in range(B):
-                records[b].update(scores=scores[b].tolist(), rater_slots=rows[b].tolist(), visual_slots=vis[b].tolist())
+                records[b].update(scores=scores[b], rater_slots=rows[b], visual_slots=vis[b])  # lists at the end
         keep_n = [self._keep_count(ctx, b, stage, nv[b], P[b], records[b]) for b in range(B)]
         out: list[Decision] = [None] * B  # type: ignore[list-item]
         for b in range(B):
@@ -383,7 +382,7 @@ class SparseVLM(TokenReducer):
             P[b], h = self.rater_visual_block(ctx, b, rows[b], probs[b, :, : counts[b]], rope)
             scores[b] = P[b].mean(0)
             heads.append(h)
-        for b, h in enumerate(torch.stack(heads).tolist()):  # every sample's heads in one host copy
+        for b, h in enumerate(torch.stack(heads)):  # reach the host with the records, at the end
             records[b]["heads"] = h
         return P, scores
 
@@ -402,19 +401,15 @@ class SparseVLM(TokenReducer):
         n_clusters = int(self.theta * n_rec + 1e-9) + 1
         cols = _stack([vis[b] for b in bs]).gather(1, recycled)  # (G, n_rec) slots
         feats = gather_rows(_rows(ctx.hidden, bs), cols)  # the pruning layer's output hidden states
-        parts = [
-            cluster(feats[i], n_clusters, merge=self.merge, assign=self.assign, ids=recycled[i]) for i in range(len(bs))
-        ]
-        sizes = iter(torch.cat([p[2] for p in parts]).tolist())  # every sample's cluster sizes, one host copy
         out = []
-        for i, (b, (merged, order, counts, anchors)) in enumerate(zip(bs, parts)):
-            sources = list(torch.split(order, [next(sizes) for _ in range(counts.numel())]))
+        for i, b in enumerate(bs):
+            merged, labels, centres = cluster(feats[i], n_clusters, merge=self.merge, assign=self.assign)
             out.append(
                 Decision(
                     keep=keep[i],
                     merged=merged.to(ctx.hidden.dtype),
-                    sources=sources,
-                    anchors=anchors,
+                    sources=SourceGroups(index=recycled[i], group=labels),  # no cluster sizes on the host
+                    anchors=recycled[i].index_select(0, centres),
                     record=records[b],
                 )
             )

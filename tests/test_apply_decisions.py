@@ -3,9 +3,19 @@
 import pytest
 import torch
 
+from framework.checks import DeferredChecks
 from framework.context import Slots
 from framework.decisions import apply_decisions
-from framework.reducer import Decision
+from framework.errors import ConfigError
+from framework.reducer import Decision, SourceGroups
+
+
+def source_lists(d: Decision) -> list[torch.Tensor]:
+    """A decision's sources as one tensor per merged (or in-place) token."""
+    if not isinstance(d.sources, SourceGroups):
+        return list(d.sources)
+    n = int(d.sources.group.max()) + 1
+    return [d.sources.index[d.sources.group == g] for g in range(n)]
 
 
 def reference(slots: Slots, hidden: torch.Tensor, decisions: list[Decision]):
@@ -15,7 +25,8 @@ def reference(slots: Slots, hidden: torch.Tensor, decisions: list[Decision]):
     seqs, members = [], []
     for b, d in enumerate(decisions):
         vis = [s for s in range(L) if slots.valid[b, s] and slots.visual[b, s]]
-        keep = sorted(set(torch.as_tensor(d.keep).flatten().tolist()))
+        keep = sorted(torch.as_tensor(d.keep).flatten().tolist())
+        sources = source_lists(d)
         h = hidden[b].clone()
         if d.values is not None:
             for i, r in enumerate(keep):
@@ -27,15 +38,15 @@ def reference(slots: Slots, hidden: torch.Tensor, decisions: list[Decision]):
             if slots.valid[b, s] and (not slots.visual[b, s] or s in kept)
         ]
         m_in = slots.members[b]
-        union = [m_in[torch.as_tensor(s).long()].any(0) for s in d.sources]
+        union = [m_in[torch.as_tensor(s).long()].any(0) for s in sources]
         if d.n_merged:
             at = max(i for i, (_, v, _) in enumerate(seq) if v) + 1
-            firsts = [int(torch.as_tensor(s).min()) for s in d.sources]
+            firsts = [int(torch.as_tensor(s).min()) for s in sources]
             anchors = firsts if d.anchors is None else d.anchors.tolist()
             new = [(int(slots.index[b, vis[a]]), True, d.merged[j].to(h.dtype)) for j, a in enumerate(anchors)]
             seq = seq[:at] + new + seq[at:]
             members.append(torch.cat([m_in[keep], torch.stack(union)]))
-        elif d.sources and len(d.sources) == len(keep):
+        elif sources and len(sources) == len(keep):
             members.append(torch.stack(union))
         else:
             members.append(m_in[keep])
@@ -73,8 +84,6 @@ def random_case(g: torch.Generator, B: int, kind: str, widths: bool):
         perm = torch.randperm(n, generator=g)
         k = int(torch.randint(1, n + 1, (), generator=g)) if kind != "equal" else max(1, n // 2)
         keep = perm[:k]
-        if kind == "repeats":
-            keep = torch.cat([keep, keep[:1]])
         rest = perm[k:]
         if kind == "merge" and rest.numel():
             parts = list(torch.tensor_split(rest, min(3, rest.numel())))
@@ -82,9 +91,19 @@ def random_case(g: torch.Generator, B: int, kind: str, widths: bool):
             decisions.append(
                 Decision(keep=keep, merged=torch.randn(len(parts), D, generator=g), sources=parts, anchors=anchors)
             )
-        elif kind == "in_place":
+        elif kind == "groups" and rest.numel():  # SourceGroups, in a shuffled order
+            m = min(3, rest.numel())
+            group = torch.cat([torch.arange(m), torch.randint(0, m, (rest.numel() - m,), generator=g)])
+            sources = SourceGroups(index=rest, group=group[torch.randperm(group.numel(), generator=g)])
+            anchors = rest[:m].flip(0) if n % 2 else None
+            merged = torch.randn(m, D, generator=g)
+            decisions.append(Decision(keep=keep, merged=merged, sources=sources, anchors=anchors))
+        elif kind in ("in_place", "groups_in_place"):
             ks = keep.sort().values
             parts = [torch.cat([r[None], rest[i :: len(ks)]]) for i, r in enumerate(ks)]
+            if kind == "groups_in_place":
+                group = torch.repeat_interleave(torch.arange(len(ks)), torch.tensor([p.numel() for p in parts]))
+                parts = SourceGroups(index=torch.cat(parts), group=group)
             decisions.append(Decision(keep=keep, sources=parts, values=torch.randn(len(ks), D, generator=g)))
         elif kind == "values":
             values = torch.randn(k, D, generator=g) if n % 2 else None
@@ -94,7 +113,7 @@ def random_case(g: torch.Generator, B: int, kind: str, widths: bool):
     return slots, hidden, decisions
 
 
-@pytest.mark.parametrize("kind", ["plain", "equal", "repeats", "merge", "in_place", "values"])
+@pytest.mark.parametrize("kind", ["plain", "equal", "merge", "groups", "in_place", "groups_in_place", "values"])
 @pytest.mark.parametrize("B", [1, 2, 4])
 def test_apply_decisions_matches_the_per_sample_reference(kind, B):
     g = torch.Generator().manual_seed(B * 7 + len(kind))
@@ -109,3 +128,41 @@ def test_apply_decisions_matches_the_per_sample_reference(kind, B):
         assert all(torch.equal(a, b) for a, b in zip(new.members, members))
         # the host counts it carries are the ones the device would give
         assert new.counts() == (valid.sum(1).tolist(), (visual & valid).sum(1).tolist())
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("equal", [True, False])
+def test_bad_keeps_raise_one_clear_error_when_the_checks_are_read(B, equal):
+    """A keep with a repeated index or one outside 0..n-1 is refused with a message naming the sample. In a
+    prefill the check is deferred (read with the records at its end): applying the decision runs on clamped
+    indices and raises nothing until `verify`."""
+    g = torch.Generator().manual_seed(3)
+    for bad, words in [("repeat", "keeps a visual token twice"), ("range", "keeps indices outside 0..")]:
+        slots, hidden, decisions = random_case(g, B, "equal" if equal else "plain", widths=False)
+        b = B - 1
+        n = int((slots.visual & slots.valid)[b].sum())
+        keep = torch.as_tensor(decisions[b].keep)
+        if bad == "repeat":
+            keep = torch.cat([keep[1:], keep[:1]]) if keep.numel() > 1 else keep
+            keep[0] = keep[-1] if keep.numel() > 1 else keep[0]
+        else:
+            keep = keep.clone()
+            keep[-1] = n + 5
+        decisions[b] = Decision(keep=keep)
+        if bad == "repeat" and keep.unique().numel() == keep.numel():
+            continue  # a one-token keep cannot repeat
+        with pytest.raises(ConfigError, match=f"sample {b} {words}"):
+            apply_decisions(slots, hidden, decisions)
+        checks = DeferredChecks()
+        new, out = apply_decisions(slots, hidden, decisions, checks)  # runs, on clamped indices
+        assert len(checks) == 1 and out.shape[0] == B
+        with pytest.raises(ConfigError, match=f"sample {b} {words}"):
+            checks.verify()
+
+
+def test_an_empty_keep_is_refused_at_once():
+    g = torch.Generator().manual_seed(5)
+    slots, hidden, decisions = random_case(g, 2, "plain", widths=False)
+    decisions[1] = Decision(keep=torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ConfigError, match="sample 1 keeps no token"):
+        apply_decisions(slots, hidden, decisions, DeferredChecks())

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from framework import Decision, TokenReducer, attach, build, register
+from framework import ConfigError, Decision, TokenReducer, attach, build, register
 from framework.accounting import account
 from framework.context import Slots, StageContext
 from tests.tiny import llava_inputs, make_llava, positions
@@ -227,3 +227,46 @@ def test_slots_last_slots_text_mask_and_counts():
     assert slots.last_slots().tolist() == [5, 3, 2]
     assert [torch.nonzero(m).flatten().tolist() for m in slots.text_mask()] == [[4, 5], [2, 3], [0, 1, 2]]
     assert slots.counts() == ([5, 4, 3], [2, 1, 0]) and not slots.all_valid()
+
+
+@dataclass
+class BadAtSecond(TokenReducer):
+    """Test reducer: fine at its first decision; at its second, sample 1 keeps token 0 twice (`repeat`) or
+    a tensor check that fails (`check`)."""
+
+    fault: str = "repeat"
+
+    def decision_layers(self):
+        return [1, 2]
+
+    def decide(self, ctx: StageContext):
+        n = [ctx.n_visual(b) for b in range(ctx.batch_size)]
+        out = [
+            Decision(keep=torch.arange(n[b] - 1), record={"tensor": torch.arange(3) * ctx.layer}) for b in range(len(n))
+        ]
+        if ctx.layer == 2 and self.fault == "repeat":
+            out[1] = Decision(keep=torch.tensor([0, 0, 1]))
+        if ctx.layer == 2 and self.fault == "check":
+            ctx.check(ctx.hidden.isnan().any(), "bad_at_second: the hidden states hold no NaN")
+        return out
+
+
+def test_checks_wait_for_the_end_of_the_prefill_and_name_what_is_wrong():
+    """Checks of device values do not stop the host at the decision: the prefill runs on (on clamped
+    indices) and the error, with its own message, comes when the checks are read with the records at the
+    last layer; no error, and the records' tensors are lists then."""
+    model = make_llava(layers=4)
+    x = llava_inputs(model, PROMPTS)
+    kw = {**x, "position_ids": positions(x["attention_mask"])}
+    with torch.no_grad():
+        with attach(model, BadAtSecond(fault="repeat")):
+            with pytest.raises(ConfigError, match="sample 1 keeps a visual token twice"):
+                model(**kw)
+        with attach(model, BadAtSecond(fault="check")):
+            with pytest.raises(RuntimeError, match="bad_at_second: the hidden states hold no NaN"):
+                model(**kw)
+        with attach(model, BadAtSecond(fault="none")) as engine:
+            model(**kw)
+    stages = engine.last_record[0]["stages"]
+    assert [s["tensor"] for s in stages] == [[0, 1, 2], [0, 2, 4]]
+    assert [s["visual_after"] for s in stages] == [15, 14] and stages[1]["kept"] == list(range(14))

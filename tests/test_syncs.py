@@ -88,3 +88,50 @@ def test_prefill_syncs_do_not_grow_with_the_batch(cfg):
     four = _prefill_syncs(model, cfg, [(3, 7)] * 4)
     assert four == one, f"{cfg['name']}: {one} syncs at batch 1, {four} at batch 4"
     assert one <= 30
+
+
+@pytest.mark.parametrize(
+    "one, three",
+    [
+        ({"name": "pdrop", "layers": [2]}, {"name": "pdrop", "layers": [2, 4, 6]}),
+        (
+            {"name": "sparsevlm", "layers": [1], "keep": [30]},
+            {"name": "sparsevlm", "layers": [1, 3, 5], "keep": [30, 12, 6]},
+        ),
+        (
+            {"name": "sparsevlm_plus", "layers": [1], "keep": [30]},
+            {"name": "sparsevlm_plus", "layers": [1, 3, 5], "keep": [30, 12, 6]},
+        ),
+    ],
+    ids=["pdrop", "sparsevlm", "sparsevlm_plus"],
+)
+def test_decisions_do_not_wait_for_the_device(one, three):
+    """A decision (scores, recycling, applying it, its record and checks) reads nothing on the host: three
+    decision layers sync exactly as often as one, at batch 1 and 3 (the checks and records are read once,
+    when the prefill's last layer starts)."""
+    model = make_llava(layers=8, grid=8)
+    for prompts in ([(3, 7)], [(3, 7)] * 3):
+        assert _prefill_syncs(model, three, prompts) == _prefill_syncs(model, one, prompts)
+
+
+def test_fetch_reads_tensors_of_any_dtype_and_layout_in_one_copy():
+    from framework.checks import fetch
+
+    a = torch.arange(12).reshape(3, 4)
+    parts = [
+        a,
+        a.T,
+        a[:, 1],
+        torch.rand(2, 3) > 0.5,
+        torch.tensor(2.5),
+        torch.randn(3).bfloat16(),
+        torch.tensor([7], dtype=torch.int8),
+    ]
+    with SyncCounter() as syncs:
+        host = fetch(parts)
+    assert syncs.count == 1
+    for t, h in zip(parts, host):
+        want = t.float() if t.dtype == torch.bfloat16 else t
+        assert (
+            h.shape == tuple(t.shape) and h.tolist() == want.tolist() and str(h.dtype) == str(want.dtype).split(".")[1]
+        )
