@@ -100,14 +100,34 @@ def select_raters(visual_embeds: torch.Tensor, text_embeds: torch.Tensor) -> tor
     return torch.nonzero(rater_mask(visual_embeds, text_embeds)).flatten()
 
 
+def matrix_ranks(Ps: list[torch.Tensor]) -> list[int]:
+    """torch.linalg.matrix_rank of each matrix in fp32 with its default tolerance (max(m, n) * eps times its
+    largest singular value), in one batched call and one host copy: zero rows and columns pad the matrices
+    to one shape without changing their singular values, and each keeps its own relative tolerance."""
+    if not Ps:
+        return []
+    shapes = [tuple(p.shape) for p in Ps]
+    if len(set(shapes)) == 1:
+        A = torch.stack([p.float() for p in Ps])
+    else:
+        A = Ps[0].new_zeros(len(Ps), max(r for r, _ in shapes), max(n for _, n in shapes), dtype=torch.float32)
+        for a, p in zip(A, Ps):
+            a[: p.shape[0], : p.shape[1]] = p
+    eps = torch.finfo(torch.float32).eps
+    rtol = torch.tensor([eps * max(r, n) for r, n in shapes]).to(A.device, non_blocking=True)  # no wait
+    return torch.linalg.matrix_rank(A, rtol=rtol).tolist()
+
+
 def rank_keep(P: torch.Tensor, scale: float, bias: float) -> tuple[int | None, int]:
     """v1 code: (keep, rank) with keep = min(int(scale*rank(P)+bias), Nv-1) (at least 1), or keep=None
     when Nv - rank(P) == 0 (the layer is skipped). rank: torch.linalg.matrix_rank in fp32, default tol."""
-    nv = int(P.shape[-1])
-    rank = int(torch.linalg.matrix_rank(P.float()))
-    if nv - rank == 0:
-        return None, rank
-    return max(1, min(int(scale * rank + bias), nv - 1)), rank
+    rank = matrix_ranks([P])[0]
+    return v1_keep(rank, int(P.shape[-1]), scale, bias), rank
+
+
+def v1_keep(rank: int, nv: int, scale: float, bias: float) -> int | None:
+    """`rank_keep` from a known rank."""
+    return None if nv - rank == 0 else max(1, min(int(scale * rank + bias), nv - 1))
 
 
 def rope_gravity(cos_q: torch.Tensor, sin_q: torch.Tensor, cos_k: torch.Tensor, sin_k: torch.Tensor) -> torch.Tensor:
@@ -328,7 +348,12 @@ class SparseVLM(TokenReducer):
         if self.record_scores:
             for b in range(B):
                 records[b].update(scores=scores[b], rater_slots=rows[b], visual_slots=vis[b])  # lists at the end
-        keep_n = [self._keep_count(ctx, b, stage, nv[b], P[b], records[b]) for b in range(B)]
+        ranks = [None] * B
+        if self.budget != "fixed":  # every sample's rank in one batched call and one host copy
+            ranked = [b for b in range(B) if nv[b] > 1]
+            for b, r in zip(ranked, matrix_ranks([P[b] for b in ranked])):
+                ranks[b] = r
+        keep_n = [self._keep_count(ctx, b, stage, nv[b], ranks[b], records[b]) for b in range(B)]
         out: list[Decision] = [None] * B  # type: ignore[list-item]
         for b in range(B):
             records[b]["skipped"] = keep_n[b] is None
@@ -415,21 +440,19 @@ class SparseVLM(TokenReducer):
             )
         return out
 
-    def _keep_count(self, ctx, b: int, stage: int, nv: int, P: torch.Tensor, record: dict) -> int | None:
-        """Visual tokens sample b keeps at this stage (None: the layer is skipped); rank modes record the rank."""
+    def _keep_count(self, ctx, b: int, stage: int, nv: int, rank: int | None, record: dict) -> int | None:
+        """Visual tokens sample b keeps at this stage (None: the layer is skipped); rank modes record the rank
+        (`rank`: of the sample's P, None in fixed mode)."""
         if nv <= 1:
             return None
         if self.budget == "fixed":
             n_in = int(ctx.slots.members[b].shape[1])
             return max(1, min(self._fixed_keep(stage, n_in), nv - 1))
-        if self.budget == "rank_v1":
-            keep_n, rank = rank_keep(P, *self._scale_bias())
-        else:
-            rank = int(torch.linalg.matrix_rank(P))
-            n_del = int(self.lam * (nv - rank))
-            keep_n = None if n_del <= 0 else max(1, min(nv - n_del, nv - 1))
         record["rank"] = rank
-        return keep_n
+        if self.budget == "rank_v1":
+            return v1_keep(rank, nv, *self._scale_bias())
+        n_del = int(self.lam * (nv - rank))
+        return None if n_del <= 0 else max(1, min(nv - n_del, nv - 1))
 
     def rater_visual_block(
         self, ctx, b: int, rows: torch.Tensor, probs: torch.Tensor, rope

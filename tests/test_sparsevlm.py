@@ -8,7 +8,7 @@ import torch
 
 from framework import ConfigError, attach, build
 from framework.clustering import cluster_and_merge, dpc_knn, merge_clusters, scaled_distances
-from strategies.sparsevlm import rank_keep, scale_layers, select_raters
+from strategies.sparsevlm import matrix_ranks, rank_keep, scale_layers, select_raters
 from tests.tiny import llava_inputs, make_llava, positions
 
 BUDGETS = [{"budget": "fixed"}, {"budget": "rank_v1"}, {"budget": "rank_paper", "lam": 0.5}]
@@ -95,6 +95,19 @@ def test_rank_v1_keep_from_known_rank():
     assert rank_keep(P, 0.1, 0) == (1, 3)  # at least one survives
     Q = torch.eye(5) + 0.1  # full rank with Nv = rank = 5: the layer is skipped
     assert rank_keep(Q, 13.5, 0) == (None, 5)
+
+
+def test_batched_ranks_equal_each_matrix_rank_alone():
+    """Zero padding to one shape keeps each matrix's singular values, and each keeps its own tolerance."""
+    g = torch.Generator().manual_seed(1)
+    mats = []
+    for r, n, k in [(6, 40, 3), (2, 9, 2), (12, 30, 12), (1, 5, 1), (7, 7, 4), (9, 64, 9), (3, 40, 1)]:
+        a = torch.rand(r, k, generator=g) @ torch.rand(k, n, generator=g)
+        mats.append(torch.softmax(a * 4, -1) if r % 2 else a)  # probability rows, as SparseVLM's P
+    mats.append(mats[0] * 1e-6)  # a tiny matrix: the tolerance is relative to its own largest value
+    want = [int(torch.linalg.matrix_rank(m)) for m in mats]
+    assert matrix_ranks(mats) == want
+    assert matrix_ranks(mats[:1] * 3) == want[:1] * 3  # equal shapes: stacked
 
 
 def test_config_and_schedule():

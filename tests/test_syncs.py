@@ -61,6 +61,8 @@ CONFIGS = [
     {"name": "pdrop", "layers": [2, 4, 6]},
     {"name": "sparsevlm", "layers": [1, 3, 5], "keep": [30, 12, 6]},  # recycling with several clusters
     {"name": "sparsevlm", "raters": "all_tokens", "layers": [1, 3], "keep": [30, 12]},
+    {"name": "sparsevlm", "budget": "rank_v1", "layers": [1, 3], "scale": 2.0, "bias": 4.0},
+    {"name": "sparsevlm", "budget": "rank_paper", "layers": [1, 3], "lam": 0.5},
     {"name": "sparsevlm_plus", "layers": [1, 3], "keep": [30, 12]},
     {"name": "random", "keep": 20},
     {"name": "visionzip", "dominant": 12, "contextual": 4},
