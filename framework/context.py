@@ -173,10 +173,15 @@ class StageContext:
                 "visual grids are known only at the projector stage, before any reduction, on "
                 "backbones whose adapter reports them (visual_grids)"
             )
+        if "grid_spans" not in self._cache:  # every sample's grids' spans in one host copy
+            firsts = [
+                self.span_ids(i)[torch.stack([gr.index.flatten()[0] for gr in g[i]])] for i in range(len(g)) if g[i]
+            ]
+            spans = iter(torch.cat(firsts).tolist() if firsts else [])
+            self._cache["grid_spans"] = [[next(spans) for _ in g[i]] for i in range(len(g))]
         out: list[list[Grid]] = [[] for _ in range(self.slots.n_spans(b))]
-        ids = self.span_ids(b)
-        for grid in g[b]:
-            out[int(ids[grid.index.flatten()[0]])].append(grid)
+        for grid, span in zip(g[b], self._cache["grid_spans"][b]):
+            out[span].append(grid)
         return out
 
     def vision_map(self, b: int) -> torch.Tensor:

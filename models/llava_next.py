@@ -32,6 +32,7 @@ import functools
 import torch
 
 from framework.backbones import register_adapter
+from framework.context import split_rows
 from framework.errors import ConfigError
 
 from .base import BackboneAdapter, require
@@ -86,20 +87,24 @@ class LlavaNextAdapter(BackboneAdapter):
         return self.image_feature_map(image_size) < 0
 
     def _layouts(self, kwargs: dict) -> list[torch.Tensor]:
-        """Newline layouts of all images of the batch, in order: from `image_sizes` (plain forward),
-        else from the pre-encoded features `generate` passes (newline rows equal `image_newline`)."""
+        """Newline layouts (host tensors) of all images of the batch, in order: from `image_sizes` (plain
+        forward), else from the pre-encoded features `generate` passes (newline rows equal `image_newline`);
+        either way one copy to the host for the batch."""
         sizes = kwargs.get("image_sizes")
         if sizes is not None:
-            return [self.image_layout(s) for s in sizes]
+            return [self.image_layout(s) for s in _host_sizes(sizes)]
         enc = (kwargs.get("mm_encoder_outputs") or {}).get("image")
         require(enc is not None, "llava_next: image_sizes must be passed with the images (the processor returns it)")
         nl = self.model.model.image_newline
-        return [(f == nl.to(f)).all(-1).cpu() for f in enc.pooler_output]
+        flags = torch.cat([(f == nl.to(f)).all(-1) for f in enc.pooler_output]).cpu()
+        return list(flags.split([int(f.shape[0]) for f in enc.pooler_output]))
 
-    def _assign(self, input_ids: torch.Tensor, kwargs: dict) -> list[list[torch.Tensor]]:
-        """Per sample, the newline layouts of its images (images are consumed in batch order)."""
+    def _assign(self, input_ids: torch.Tensor, kwargs: dict) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+        """Per sample, the newline layouts of its images (images are consumed in batch order), and its
+        image-token positions (one count copy and one static-size nonzero for the batch)."""
         layouts = self._layouts(kwargs)
-        per_sample = (input_ids == self.image_token_id).sum(1).tolist()
+        image = input_ids == self.image_token_id
+        per_sample = image.sum(1).tolist()
         out, j = [], 0
         for b, n in enumerate(per_sample):
             mine, total = [], 0
@@ -114,7 +119,7 @@ class LlavaNextAdapter(BackboneAdapter):
             )
             out.append(mine)
         require(j == len(layouts), f"llava_next: {len(layouts)} images given but the prompts hold only {j}")
-        return out
+        return out, split_rows(image, per_sample)
 
     def _image_sizes(self, kwargs: dict):
         """image_sizes of this forward: passed (plain forward), else the ones `generate` encoded with."""
@@ -168,26 +173,20 @@ class LlavaNextAdapter(BackboneAdapter):
         cfg = self.model.config
         maps, offset = [], 0
         per = self.vision_unit_tokens
-        for s in sizes:
-            m = self.image_feature_map(s)
+        for size in _host_sizes(sizes):
+            m = self.image_feature_map(size)
             maps.append(torch.where(m >= 0, m + offset * per, m))
-            size = s.tolist() if torch.is_tensor(s) else list(s)
-            offset += image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+            offset += image_size_to_num_patches(list(size), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
         require(
             [int(m.numel()) for m in maps] == [int(lay.numel()) for lay in self._layouts(kwargs)],
             f"{self.family}: the recorded image sizes do not match this forward's images",
         )
-        out = torch.full(input_ids.shape, -1, dtype=torch.long, device=input_ids.device)
-        j = 0
-        for b in range(input_ids.shape[0]):
-            pos = torch.nonzero(input_ids[b] == self.image_token_id).flatten()
-            n = 0
-            while n < pos.numel():
-                m = maps[j].to(out.device)
-                out[b, pos[n : n + m.numel()]] = m
-                n += m.numel()
-                j += 1
-        return out
+        # images are consumed in batch order: the image tokens in row-major order, with one scatter
+        image = (input_ids == self.image_token_id).flatten()
+        at = torch.nonzero_static(image, size=sum(int(m.numel()) for m in maps)).squeeze(1)
+        out = torch.full((input_ids.numel(),), -1, dtype=torch.long, device=input_ids.device)
+        out[at] = torch.cat(maps).to(out.device, non_blocking=True)
+        return out.view(input_ids.shape)
 
     # --- inputs -------------------------------------------------------------------------------------
     def has_visual_input(self, kwargs: dict) -> bool:
@@ -199,15 +198,19 @@ class LlavaNextAdapter(BackboneAdapter):
         self._assign(input_ids, kwargs)
 
     def _per_position(self, input_ids: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L) image index per image-token position (-1 elsewhere) and (B, L) newline flags."""
-        span = torch.full(input_ids.shape, -1, dtype=torch.long, device=input_ids.device)
-        newline = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
-        for b, layouts in enumerate(self._assign(input_ids, kwargs)):
-            pos = torch.nonzero(input_ids[b] == self.image_token_id).flatten()
-            ids = torch.cat([torch.full((int(lay.numel()),), i, dtype=torch.long) for i, lay in enumerate(layouts)])
-            span[b, pos] = ids.to(pos.device)
-            newline[b, pos] = torch.cat(layouts).to(pos.device)
-        return span, newline
+        """(B, L) image index per image-token position (-1 elsewhere) and (B, L) newline flags, written
+        with one scatter each from host-built values."""
+        assigned, _ = self._assign(input_ids, kwargs)
+        image = (input_ids == self.image_token_id).flatten()
+        ids = [torch.full((int(lay.numel()),), i, dtype=torch.long) for mine in assigned for i, lay in enumerate(mine)]
+        ids, lines = torch.cat(ids), torch.cat([lay for mine in assigned for lay in mine])
+        at = torch.nonzero_static(image, size=int(ids.numel())).squeeze(1)
+        dev = input_ids.device
+        span = torch.full((input_ids.numel(),), -1, dtype=torch.long, device=dev)
+        newline = torch.zeros(input_ids.numel(), dtype=torch.bool, device=dev)
+        span[at] = ids.to(dev, non_blocking=True)
+        newline[at] = lines.to(dev, non_blocking=True)
+        return span.view(input_ids.shape), newline.view(input_ids.shape)
 
     def visual_mask(self, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
         image = input_ids == self.image_token_id
@@ -228,19 +231,18 @@ class LlavaNextAdapter(BackboneAdapter):
         v = self.model.config.vision_config
         side = v.image_size // v.patch_size
         out = []
-        for b, layouts in enumerate(self._assign(input_ids, kwargs)):
-            pos = torch.nonzero(input_ids[b] == self.image_token_id).flatten()
+        for layouts, pos in zip(*self._assign(input_ids, kwargs)):
             grids, start = [], 0
-            for lay in layouts:
+            for lay in layouts:  # host layouts: their checks need nothing from the device
                 chunk = pos[start : start + int(lay.numel())]
                 start += int(lay.numel())
                 grids.append(Grid(index=chunk[: side * side].view(side, side)))
-                rest, nl = chunk[side * side :], lay[side * side :].to(chunk.device)
+                rest, nl = chunk[side * side :], lay[side * side :].numpy()
                 rows = int(nl.sum())
                 if rest.numel() > 1 and rows:
                     cols = rest.numel() // rows - 1
                     block = rest.view(rows, cols + 1)
-                    require(bool(nl.view(rows, cols + 1)[:, -1].all()), "llava_next: unexpected AnyRes layout")
+                    require(bool(nl.reshape(rows, cols + 1)[:, -1].all()), "llava_next: unexpected AnyRes layout")
                     grids.append(Grid(index=block[:, :cols], row_end=block[:, -1]))
             out.append((grids, pos[:0]))
         return out
@@ -248,3 +250,9 @@ class LlavaNextAdapter(BackboneAdapter):
     def newline_mask(self, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """(B, L) True at the image-newline positions (for analysis and overlays)."""
         return self._per_position(input_ids, kwargs)[1]
+
+
+def _host_sizes(sizes) -> list[tuple[int, ...]]:
+    """image_sizes (a tensor or nested sequence) as host tuples, in one copy for the batch."""
+    rows = sizes.tolist() if torch.is_tensor(sizes) else sizes
+    return [tuple(int(x) for x in (r.tolist() if torch.is_tensor(r) else r)) for r in rows]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import torch
 
 from framework.backbones import register_adapter
@@ -118,61 +119,80 @@ class Qwen2VLAdapter(BackboneAdapter):
         enc = (kwargs.get("mm_encoder_outputs") or {}).get(modality)
         return [] if enc is None else [(int(f.shape[0]), None) for f in enc.pooler_output]
 
-    def _spans(self, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """(B, L) span id per visual position (-1 elsewhere); checks token counts against the inputs.
-
-        Video frames come from the grid, or (under `generate`, which passes no grid) from changes of
-        the temporal M-RoPE position that `generate` passes as position_ids."""
-        items = {self.image_token_id: self._items(kwargs, "image"), self.video_token_id: self._items(kwargs, "video")}
-        pos = kwargs.get("position_ids")
-        temporal = pos[-3] if pos is not None and pos.dim() == 3 and pos.shape[0] in (3, 4) else None
+    def _runs(self, input_ids: torch.Tensor, kwargs: dict, items: dict) -> list[list[tuple[int, np.ndarray, int]]]:
+        """Per sample, its visual items in prompt order as (token id, positions, item index), matched to the
+        batch's images / videos (consumed in batch order) and checked against their token counts. Reads the
+        prompt in one host copy: a read per item would stall a GPU per image."""
+        ids = input_ids.cpu().numpy()
         used = {k: 0 for k in items}
-        out = torch.full(input_ids.shape, -1, dtype=torch.long, device=input_ids.device)
-        for b in range(input_ids.shape[0]):
-            ids = input_ids[b]
-            vis = torch.nonzero((ids == self.image_token_id) | (ids == self.video_token_id)).flatten()
-            require(
-                vis.numel() > 0, f"{self.family}: sample {b} has no image/video tokens but visual inputs were given"
-            )
-            labels = torch.empty(vis.numel(), dtype=torch.long)
-            i, span = 0, 0
-            while i < vis.numel():
-                tok = int(ids[vis[i]])
+        out = []
+        for b, row in enumerate(ids):
+            vis = np.flatnonzero((row == self.image_token_id) | (row == self.video_token_id))
+            require(vis.size > 0, f"{self.family}: sample {b} has no image/video tokens but visual inputs were given")
+            runs, i = [], 0
+            while i < vis.size:
+                tok = int(row[vis[i]])
                 kind = "image" if tok == self.image_token_id else "video"
                 require(
                     used[tok] < len(items[tok]),
                     f"{self.family}: the prompts hold more {kind} tokens than the {kind} inputs "
                     f"({len(items[tok])} {kind}(s))",
                 )
-                n, per_frame = items[tok][used[tok]]
-                used[tok] += 1
+                n = items[tok][used[tok]][0]
                 chunk = vis[i : i + n]
                 require(
-                    chunk.numel() == n and bool((ids[chunk] == tok).all()),
+                    chunk.size == n and bool((row[chunk] == tok).all()),
                     f"{self.family}: sample {b}: a {kind} of {n} tokens needs {n} consecutive {kind} "
                     f"tokens (id {tok}); found fewer",
                 )
-                if kind == "video" and self.video_span == "frame":
-                    if per_frame is not None:
-                        frame = torch.arange(n) // per_frame
-                    elif temporal is not None:
-                        t = temporal[b if temporal.shape[0] > 1 else 0, chunk].cpu()
-                        frame = torch.cat([torch.zeros(1, dtype=torch.long), (t[1:] != t[:-1]).long()]).cumsum(0)
-                    else:
-                        frame = torch.zeros(n, dtype=torch.long)
-                    labels[i : i + n] = span + frame
-                    span += int(frame[-1]) + 1
-                else:
-                    labels[i : i + n] = span
-                    span += 1
+                runs.append((tok, chunk, used[tok]))
+                used[tok] += 1
                 i += n
-            out[b, vis] = labels.to(out.device)
+            out.append(runs)
         for tok, kind in ((self.image_token_id, "image"), (self.video_token_id, "video")):
             require(
                 used[tok] == len(items[tok]),
                 f"{self.family}: {len(items[tok])} {kind}(s) given but the prompts hold tokens for {used[tok]}",
             )
         return out
+
+    def _spans(self, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """(B, L) span id per visual position (-1 elsewhere); checks token counts against the inputs.
+
+        Video frames come from the grid, or (under `generate`, which passes no grid) from changes of
+        the temporal M-RoPE position that `generate` passes as position_ids. Labels are built on the host
+        and written with one scatter."""
+        items = {self.image_token_id: self._items(kwargs, "image"), self.video_token_id: self._items(kwargs, "video")}
+        pos = kwargs.get("position_ids")
+        temporal = pos[-3] if pos is not None and pos.dim() == 3 and pos.shape[0] in (3, 4) else None
+        L = input_ids.shape[1]
+        at, labels = [], []
+        for b, runs in enumerate(self._runs(input_ids, kwargs, items)):
+            span = 0
+            for tok, chunk, j in runs:
+                n, per_frame = items[tok][j]
+                if tok == self.video_token_id and self.video_span == "frame":
+                    if per_frame is not None:
+                        frame = np.arange(n) // per_frame
+                    elif temporal is not None:
+                        if not isinstance(temporal, np.ndarray):
+                            temporal = temporal.cpu().numpy()  # once for the batch
+                        t = temporal[b if temporal.shape[0] > 1 else 0, chunk]
+                        frame = np.concatenate([[0], (t[1:] != t[:-1]).astype(np.int64)]).cumsum()
+                    else:
+                        frame = np.zeros(n, dtype=np.int64)
+                    labels.append(span + frame)
+                    span += int(frame[-1]) + 1
+                else:
+                    labels.append(np.full(n, span))
+                    span += 1
+                at.append(b * L + chunk)
+        host = torch.from_numpy(np.concatenate([*at, *labels]).astype(np.int64))
+        flat = host.to(input_ids.device, non_blocking=True)  # a blocking copy would wait for the queue
+        n = host.numel() // 2
+        out = torch.full((input_ids.numel(),), -1, dtype=torch.long, device=input_ids.device)
+        out[flat[:n]] = flat[n:]
+        return out.view(input_ids.shape)
 
     def visual_spans(self, input_ids: torch.Tensor, kwargs: dict, visual: torch.Tensor) -> torch.Tensor:
         return self._spans(input_ids, kwargs).masked_fill(~visual, -1)
@@ -181,43 +201,45 @@ class Qwen2VLAdapter(BackboneAdapter):
         """One grid per image / video frame: (h, w) of image_grid_thw / video_grid_thw divided by
         spatial_merge_size (tokens are row-major per frame). Under `generate`, which passes no grids,
         the shape comes from the H/W rows of the M-RoPE position_ids it passes; None when neither is
-        available."""
+        available. The prompt, grids and positions reach the host in one copy each."""
         from framework.context import Grid
 
         pos = kwargs.get("position_ids")
         hw = pos[-2:] if pos is not None and pos.dim() == 3 and pos.shape[0] in (3, 4) else None
-        shapes = {}
+        shapes, items = {}, {}
         for tok, modality in ((self.image_token_id, "image"), (self.video_token_id, "video")):
+            items[tok] = self._items(kwargs, modality)
             grid = kwargs.get(f"{modality}_grid_thw")
             if grid is not None:
                 shapes[tok] = [(int(t), int(h) // self.merge, int(w) // self.merge) for t, h, w in grid.tolist()]
             else:
-                n_items = len(self._items(kwargs, modality))
-                if n_items and hw is None:
+                if items[tok] and hw is None:
                     return None
-                shapes[tok] = [None] * n_items
-        used = {k: 0 for k in shapes}
-        out = []
-        for b in range(input_ids.shape[0]):
-            ids = input_ids[b]
-            vis = torch.nonzero((ids == self.image_token_id) | (ids == self.video_token_id)).flatten()
-            grids, i = [], 0
-            while i < vis.numel():
-                tok = int(ids[vis[i]])
-                shape = shapes[tok][used[tok]]
-                used[tok] += 1
+                shapes[tok] = [None] * len(items[tok])
+        runs = self._runs(input_ids, kwargs, items)
+        hw_host = hw.cpu().numpy() if hw is not None and any(None in v for v in shapes.values()) else None
+        at, per_sample = [], []
+        for b, sample in enumerate(runs):
+            mine = []
+            for tok, chunk, j in sample:
+                shape = shapes[tok][j]
                 if shape is None:  # generate: the run of this item's tokens, shaped by its H/W positions
-                    n = int(self._items(kwargs, "image" if tok == self.image_token_id else "video")[used[tok] - 1][0])
-                    chunk = vis[i : i + n]
-                    hb = hw[0, b if hw.shape[1] > 1 else 0, chunk]
-                    wb = hw[1, b if hw.shape[1] > 1 else 0, chunk]
+                    hb = hw_host[0, b if hw_host.shape[1] > 1 else 0, chunk]
+                    wb = hw_host[1, b if hw_host.shape[1] > 1 else 0, chunk]
                     rows, cols = int(hb.max() - hb.min()) + 1, int(wb.max() - wb.min()) + 1
-                    shape = (n // (rows * cols), rows, cols)
-                t, rows, cols = shape
-                chunk = vis[i : i + t * rows * cols]
-                grids += [Grid(index=f.view(rows, cols)) for f in chunk.view(t, rows * cols)]
-                i += t * rows * cols
-            out.append((grids, vis[:0]))
+                    shape = (chunk.size // (rows * cols), rows, cols)
+                mine.append(shape)
+                at.append(chunk[: shape[0] * shape[1] * shape[2]])
+            per_sample.append(mine)
+        flat = torch.from_numpy(np.concatenate(at).astype(np.int64)).to(input_ids.device, non_blocking=True)
+        out, off = [], 0
+        for mine in per_sample:
+            grids = []
+            for t, rows, cols in mine:
+                frames = flat[off : off + t * rows * cols].view(t, rows, cols)
+                grids += [Grid(index=f) for f in frames]
+                off += t * rows * cols
+            out.append((grids, flat[:0]))
         return out
 
     # --- vision-encoder signals per LLM visual token (VisionZip) --------------------------------
@@ -225,13 +247,12 @@ class Qwen2VLAdapter(BackboneAdapter):
         """(B, L): at each image / video position, the row of the vision encoder's merged output that
         the model scatters there: image rows first (batch order, as `masked_scatter` fills them), then
         video rows (offset by the batch's image-token count); -1 elsewhere. Rows index the signals of
-        `VisionTokenSignals` (Qwen's encoder batch has no fixed units, so there is no per-unit slot)."""
+        `VisionTokenSignals` (Qwen's encoder batch has no fixed units, so there is no per-unit slot).
+        Running counts over the flattened batch: nothing is read on the host."""
         img, vid = input_ids == self.image_token_id, input_ids == self.video_token_id
-        out = torch.full(input_ids.shape, -1, dtype=torch.long, device=input_ids.device)
-        n_img = int(img.sum())
-        out[img] = torch.arange(n_img, device=input_ids.device)
-        out[vid] = n_img + torch.arange(int(vid.sum()), device=input_ids.device)
-        return out
+        rank_img = img.flatten().cumsum(0).view(img.shape) - 1
+        rank_vid = vid.flatten().cumsum(0).view(vid.shape) - 1
+        return torch.where(img, rank_img, torch.where(vid, img.sum() + rank_vid, -1))
 
     @property
     def visual(self) -> torch.nn.Module:

@@ -137,3 +137,41 @@ def test_fetch_reads_tensors_of_any_dtype_and_layout_in_one_copy():
         assert (
             h.shape == tuple(t.shape) and h.tolist() == want.tolist() and str(h.dtype) == str(want.dtype).split(".")[1]
         )
+
+
+def _added_syncs(model, cfg: dict, samples: list[dict]) -> int:
+    """Syncs a prefill with the engine attached makes beyond the stock model's on the same batch."""
+    from tests.tiny_backbones import collate, forward_kwargs
+
+    x = collate(samples)
+    kw = {**x, **forward_kwargs(model, x)}
+    with torch.no_grad():
+        model(**kw)
+        with SyncCounter() as stock:
+            model(**kw)
+        with attach(model, build(dict(cfg))):
+            model(**kw)
+            with SyncCounter() as reduced:
+                model(**kw)
+    return reduced.count - stock.count
+
+
+@pytest.mark.parametrize("name", ["llava_next", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"name": "none"},
+        {"name": "fastv", "keep": 0.5},
+        {"name": "sparsevlm", "layers": [1, 2], "keep": [30, 12], "positions": "keep"},
+    ],
+    ids=lambda c: c["name"],
+)
+def test_adapters_read_a_prompt_in_a_fixed_number_of_syncs(name, cfg):
+    """Reading the prompt (image sizes, layouts, spans, grids) and reducing it adds as many syncs to the stock
+    model's at batch 3 (three different layouts) as at batch 1 (the stock model's own per-image reads aside)."""
+    from tests.tiny_backbones import BACKBONES
+
+    make, examples = BACKBONES[name]
+    model = make(layers=4)
+    samples = examples(model)
+    assert _added_syncs(model, cfg, samples) == _added_syncs(model, cfg, samples[:1])

@@ -212,7 +212,7 @@ def split_batch(model, x: dict, b: int) -> dict:
                 out[grid] = x[grid][[r[0] for r in rows]]
         return out
     if name.startswith("LlavaNext"):
-        per_sample = adapter_for(model)._assign(ids, x)
+        per_sample, _ = adapter_for(model)._assign(ids, x)
         first = sum(len(p) for p in per_sample[:b])
         sel = slice(first, first + len(per_sample[b]))
         out["pixel_values"], out["image_sizes"] = x["pixel_values"][sel], x["image_sizes"][sel]
