@@ -161,6 +161,19 @@ class StageContext:
         ids = self.span_ids(b)
         return [self.visual[b][ids == s] for s in range(self.slots.n_spans(b))]
 
+    def span_sizes(self, masks: list[torch.Tensor] | None = None) -> list[list[int]]:
+        """Per sample, how many of its current visual tokens each input span holds (only those where
+        `masks[b]` is True, if given): the whole batch in one host copy."""
+        counts = []
+        for b in range(self.batch_size):
+            ids = self.span_ids(b)
+            ones = torch.ones_like(ids) if masks is None else masks[b].long()
+            counts.append(
+                torch.zeros(self.slots.n_spans(b), dtype=torch.long, device=ids.device).index_add_(0, ids, ones)
+            )
+        flat = iter(torch.cat(counts).tolist())
+        return [[next(flat) for _ in range(int(c.numel()))] for c in counts]
+
     def grids(self, b: int) -> list[list[Grid]]:
         """Per span (image / frame) of sample b, its 2-D token grids (indices into `ctx.visual[b]`):
         LLaVA-1.5 one side x side grid per image; LLaVA-NeXT the base view's grid, then the unpadded

@@ -5,7 +5,7 @@ returned as a closure that is then applied to features, sizes and source maps al
   * `bipartite_soft_matching(metric, r, protected)` -> `merge(x, mode)` (ToMe, Bolya et al. ICLR 2023)
   * `merge_wavg` (size-weighted average, sizes add), `merge_source` (provenance), `spatial_order`
   * `farthest_point_selection` / `farthest_points` (DivPrune's max-min diversity on cosine distance)
-  * `grid_shape`, `grid_pool` (spatial average pooling of a visual grid to a target count)
+  * `grid_shape`, `pool_bins` (the cells of spatial average pooling of a visual grid to a target count)
   * `contextual_merge` (VisionZip's contextual tokens)
   * `scaled` (a budget quoted for 576 tokens, scaled to another token count)
 """
@@ -187,16 +187,6 @@ def pool_bins(n: int, m: int) -> list[tuple[int, int]]:
     """m pooling bins that partition 0..n (boundaries i * n // m): torch's adaptive_avg_pool bins when
     m divides n; otherwise its overlapping bins are made disjoint, so each token is in one cell."""
     return [(i * n // m, (i + 1) * n // m) for i in range(m)]
-
-
-def grid_pool(x: torch.Tensor, rows: int, cols: int, h: int, w: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Average pooling of a row-major (rows*cols, D) grid to h x w cells (`pool_bins`: a partition).
-
-    Returns (pooled (h*w, D) row-major, cells: list of the flat grid indices averaged into each)."""
-    grid = torch.arange(rows * cols, device=x.device).view(rows, cols)
-    cells = [grid[r0:r1, c0:c1].flatten() for r0, r1 in pool_bins(rows, h) for c0, c1 in pool_bins(cols, w)]
-    pooled = torch.stack([x[c].mean(0) for c in cells])
-    return pooled, cells
 
 
 def contextual_merge(

@@ -25,6 +25,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
+import numpy as np
 import torch
 
 from .errors import ConfigError
@@ -280,17 +281,28 @@ class CountBudget:
         return resolve_count(self.keep, n)
 
 
-def groups_decision(reps: list, groups: list, values: list, dtype=None) -> Decision:
-    """A decision that keeps one representative per group, in sequence order, with a new value each
-    (pooled / merged in place): `reps[i]` stands for the visual tokens `groups[i]`."""
-    reps_t = torch.stack(reps)
-    order = reps_t.argsort().tolist()
-    vals = torch.stack(values)[order]
+def grouped_decision(reps: torch.Tensor, index: torch.Tensor, label, values: torch.Tensor, dtype=None) -> Decision:
+    """A decision that keeps one representative per group, in sequence order, with a new value each (pooled /
+    merged in place): group g (values[g], representative reps[g]) stands for the visual tokens
+    index[label == g]; `label` a host array or a device tensor. Nothing is read on the host: the groups
+    travel as one `SourceGroups`, relabelled to sequence order on the device, and the record's group sizes
+    (in that order) reach the host with the prefill's records."""
+    order = reps.argsort()
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    if torch.is_tensor(label):
+        label_t = label
+        sizes_t = torch.zeros(order.numel(), dtype=torch.long, device=label.device)
+        sizes_t.index_add_(0, label_t, torch.ones_like(label_t))
+    else:
+        label = np.asarray(label, dtype=np.int64)
+        host = torch.from_numpy(np.concatenate([label, np.bincount(label, minlength=order.numel())]))
+        label_t, sizes_t = host.to(order.device, non_blocking=True).split([label.size, order.numel()])  # one copy
+    vals = values[order]
     return Decision(
-        keep=reps_t[order],
-        sources=[groups[i] for i in order],
+        keep=reps[order],
+        sources=SourceGroups(index=index, group=rank[label_t]),
         values=vals if dtype is None else vals.to(dtype),
-        record={"sizes": [int(groups[i].numel()) for i in order]},
+        record={"sizes": sizes_t[order]},
     )
 
 

@@ -419,8 +419,10 @@ class VisionTokenSignals(TokenSignals):
     def per_token(self, maps: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per sample, (score (n,), keys (n, d)) of the visual tokens whose encoder rows are `maps[b]`
         (`ctx.vision_map(b)`: rows of the batch's image outputs, then of its video outputs)."""
-        total = max((int(m.max()) + 1 for m in maps if m.numel()), default=0)
-        if any(bool((m < 0).any()) for m in maps):
+        stats = [torch.stack([m.max(), m.min()]) for m in maps if m.numel()]
+        bounds = torch.stack(stats).tolist() if stats else []  # every sample's rows: one host copy
+        total = max((hi + 1 for hi, _ in bounds), default=0)
+        if any(lo < 0 for _, lo in bounds):
             raise RuntimeError(f"{self.adapter.family}: visual tokens without an encoder row")
         if self._calls:  # encoder calls since the last read: the images' call, then the videos' one
             group = next(

@@ -3,11 +3,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from framework.errors import ConfigError
-from framework.merging import grid_pool, grid_shape, pool_bins
-from framework.reducer import CountBudget, Decision, TokenReducer, groups_decision
+from framework.merging import grid_shape, pool_bins
+from framework.reducer import CountBudget, Decision, TokenReducer, grouped_decision
 from framework.registry import register
 
 
@@ -78,36 +79,48 @@ class Pooling(CountBudget, TokenReducer):
         return [self._sample(ctx, b) for b in range(ctx.batch_size)]
 
     def _sample(self, ctx, b: int) -> Decision:
+        """Every cell of every grid at once: each grid token's cell is known on the host (the bins are), so
+        the means are one scatter-add and nothing is read on the host."""
         x = ctx.visual_hidden(b)
-        in_grid = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        reps, groups, values = [], [], []
+        members, labels, first_at, covered, n_cells = [], [], [], [], 0
+        at = 0  # where the next members start in the concatenated members
         for grids in ctx.grids(b):
             if not grids:
                 continue
             sizes = [(g.rows, g.cols) for g in grids]
             shares = split_budget(self.target(sum(r * c for r, c in sizes)), sizes)
             for g, t in zip(grids, shares):
-                in_grid[g.index.flatten()] = True
-                if g.row_end is not None:
-                    in_grid[g.row_end] = True
+                covered += [g.index.flatten()] + ([] if g.row_end is None else [g.row_end])
                 if t == 0:
                     continue
                 h, w = grid_shape(t, g.rows, g.cols)
-                flat = g.index.flatten()
-                pooled, cells = grid_pool(x[flat], g.rows, g.cols, h, w)
-                for cell, v in zip(cells, pooled):
-                    members = flat[cell]
-                    reps.append(members.min())
-                    groups.append(members)
-                    values.append(v)
+                rows, cols = _bin_of(g.rows, h), _bin_of(g.cols, w)
+                cell = (rows[:, None] * w + cols[None, :]).ravel()  # row-major grid token -> its cell
+                members.append(g.index.flatten())
+                labels.append(n_cells + cell)
+                first_at.append(at + np.unique(cell, return_index=True)[1])  # a cell's top-left token
+                at, n_cells = at + cell.size, n_cells + h * w
                 if g.row_end is not None:  # one newline per pooled row: the one closing its last row
-                    for r0, r1 in pool_bins(g.rows, h):
-                        ends = g.row_end[r0:r1]
-                        reps.append(ends.max())
-                        groups.append(ends)
-                        values.append(x[ends].mean(0))
-        for i in torch.nonzero(~in_grid).flatten():  # layout tokens (CLS, a lone newline): kept as they are
-            reps.append(i)
-            groups.append(i[None])
-            values.append(x[i])
-        return groups_decision(reps, groups, values)
+                    members.append(g.row_end)
+                    labels.append(n_cells + rows)
+                    first_at.append(at + np.cumsum(np.bincount(rows, minlength=h)) - 1)
+                    at, n_cells = at + rows.size, n_cells + h
+        # layout tokens (CLS, a lone newline): in no grid, kept as they are
+        in_grid = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        if covered:
+            in_grid.index_fill_(0, torch.cat(covered), True)
+        n_layout = x.shape[0] - sum(int(c.numel()) for c in covered)
+        members.append(torch.nonzero_static(~in_grid, size=n_layout).flatten())
+        labels.append(n_cells + np.arange(n_layout))
+        first_at.append(at + np.arange(n_layout))
+        index, label = torch.cat(members), np.concatenate(labels)
+        host = torch.from_numpy(np.concatenate([label, np.concatenate(first_at), np.bincount(label)]).astype(np.int64))
+        label_t, first_t, count = host.to(x.device, non_blocking=True).split([label.size, *[n_cells + n_layout] * 2])
+        sums = torch.zeros(n_cells + n_layout, x.shape[-1], dtype=torch.float32, device=x.device)
+        means = sums.index_add_(0, label_t, x[index].float()) / count[:, None]
+        return grouped_decision(index[first_t], index, label, means.to(x.dtype))
+
+
+def _bin_of(n: int, m: int) -> np.ndarray:
+    """(n,) the `pool_bins(n, m)` bin of each of n rows (or columns)."""
+    return np.repeat(np.arange(m), [b - a for a, b in pool_bins(n, m)])

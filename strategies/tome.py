@@ -14,7 +14,7 @@ from framework.merging import (
     merge_wavg,
     spatial_order,
 )
-from framework.reducer import CountBudget, Decision, TokenReducer, groups_decision
+from framework.reducer import CountBudget, Decision, TokenReducer, grouped_decision
 from framework.registry import register
 from framework.vision import broadcast_groups, plan_decisions, plans_from_source
 
@@ -156,36 +156,38 @@ class ToMe(CountBudget, TokenReducer):
 
         return hook
 
-    def _projector_decision(self, ctx, b: int) -> Decision:
+    def _projector_decision(self, ctx, b: int, free: torch.Tensor, sizes: list[int]) -> Decision:
+        """Sample b's merges per span, among its `free` tokens (not CLS; `sizes[s]` of them in span s): each
+        merged token's group labelled on the device, so nothing is read on the host."""
         x = ctx.visual_hidden(b)
         ids = ctx.span_ids(b)
-        cls = ctx.cls_tokens(b)
-        free = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        free[cls] = False
-        reps, groups, values = [], [], []
-        for s in range(ctx.slots.n_spans(b)):
-            toks = torch.nonzero((ids == s) & free).flatten()
-            if toks.numel() == 0:
+        reps, index, label, values = [], [], [], []
+        n_groups = 0
+        for s, n in enumerate(sizes):
+            if not n:
                 continue
-            merged, _, source = merge_to(x[toks][None], self.target(int(toks.numel())))
-            # source is a partition (one merged row per token): each token's row is its column's argmax;
-            # the tokens of row k, ascending, come from one stable sort and one host copy of the row sizes
-            row = source[0].argmax(0)
-            order = torch.sort(row, stable=True).indices
-            sizes = torch.zeros(merged.shape[1], dtype=torch.long, device=x.device).index_add_(
-                0, row, torch.ones_like(row)
-            )
-            for g, v in zip(toks[order].split(sizes.tolist()), merged[0]):
-                reps.append(g[0])
-                groups.append(g)
-                values.append(v)
-        for i in cls:
-            reps.append(i)
-            groups.append(i[None])
-            values.append(x[i])
-        return groups_decision(reps, groups, values, dtype=x.dtype)
+            toks = torch.nonzero_static((ids == s) & free, size=n).flatten()
+            merged, _, source = merge_to(x[toks][None], self.target(n))
+            row = source[0].argmax(0)  # source is a partition: each token's merged row is its column's argmax
+            first = torch.full((merged.shape[1],), x.shape[0], dtype=torch.long, device=x.device)
+            reps.append(first.scatter_reduce_(0, row, toks, "amin"))  # a group's first token represents it
+            index.append(toks)
+            label.append(row + n_groups)
+            values.append(merged[0])
+            n_groups += merged.shape[1]
+        cls = ctx.cls_tokens(b)  # class tokens stay as they are
+        reps.append(cls)
+        index.append(cls)
+        label.append(torch.arange(n_groups, n_groups + cls.numel(), device=x.device))
+        values.append(x[cls])
+        return grouped_decision(torch.cat(reps), torch.cat(index), torch.cat(label), torch.cat(values), dtype=x.dtype)
 
     def decide(self, ctx):
         if self.placement == "projector":
-            return [self._projector_decision(ctx, b) for b in range(ctx.batch_size)]
+            free = []
+            for b in range(ctx.batch_size):
+                mask = torch.ones(ctx.n_visual(b), dtype=torch.bool, device=ctx.hidden.device)
+                free.append(mask.index_fill_(0, ctx.cls_tokens(b), False))
+            sizes = ctx.span_sizes(free)  # one host copy for the batch
+            return [self._projector_decision(ctx, b, free[b], sizes[b]) for b in range(ctx.batch_size)]
         return plan_decisions(ctx, ctx.state.pop("tome_plans", None), ctx.adapter.vision_tower().unit_tokens, "tome")

@@ -8,7 +8,7 @@ import torch
 from framework.budget import nearest_preset
 from framework.errors import ConfigError
 from framework.merging import contextual_merge, scaled
-from framework.reducer import TokenReducer, groups_decision
+from framework.reducer import TokenReducer, grouped_decision
 from framework.registry import register
 from framework.vision import UnitPlans, plan_decisions, token_signal_hooks, token_signals
 
@@ -162,32 +162,45 @@ class VisionZip(TokenReducer):
     def decide(self, ctx):
         if self._per_token(ctx.adapter):
             signals = token_signals(ctx, "visionzip_tokens", "visionzip")
+            sizes = _span_sizes(ctx)
             return [
-                self._sample(ctx.visual_hidden(b), score, keys, ctx.span_ids(b))
-                for b, (score, keys) in enumerate(signals)
+                self._sample(ctx.visual_hidden(b), score, keys, sizes[b]) for b, (score, keys) in enumerate(signals)
             ]
         return plan_decisions(
             ctx, ctx.state.pop("visionzip_plans", None), ctx.adapter.vision_tower().unit_tokens, "visionzip"
         )
 
-    def _sample(self, x: torch.Tensor, score: torch.Tensor, keys: torch.Tensor, spans: torch.Tensor):
-        """One sample's LLM visual tokens x (n, D), with score (n,), keys (n, d) and spans (n,) (image /
-        frame id): the rule per span; contextual tokens sit at their targets' slots."""
-        reps, groups, values, dominant, contextual = [], [], [], [], []
-        for s in spans.unique():
-            idx = torch.nonzero(spans == s).flatten()
-            dom, rem, targets, assign, tok = zip_tokens(score[idx], keys[idx], x[idx], *self.counts(int(idx.numel())))
-            members = [rem[assign == j] for j in range(len(targets))]
-            for i in idx[dom]:
-                reps.append(i)
-                groups.append(i[None])
-                values.append(x[i])
-            for t, g, v in zip(idx[targets], members, tok):
-                reps.append(t)
-                groups.append(idx[g])
-                values.append(v)
-            dominant += idx[dom].tolist()
-            contextual += idx[targets].tolist()
-        d = groups_decision(reps, groups, values, dtype=x.dtype)
-        d.record.update(dominant=sorted(dominant), contextual=sorted(contextual))
+    def _sample(self, x: torch.Tensor, score: torch.Tensor, keys: torch.Tensor, sizes: list[int]):
+        """One sample's LLM visual tokens x (n, D), with score (n,) and keys (n, d), in spans (image / frame)
+        of `sizes` consecutive tokens: the rule per span; contextual tokens sit at their targets' slots. Every
+        group is labelled on the device, so nothing is read on the host."""
+        reps, index, label, values, dominant, contextual = [], [], [], [], [], []
+        start = n_groups = 0
+        for n in sizes:
+            if not n:  # a span with no token left
+                continue
+            part = slice(start, start + n)
+            dom, rem, targets, assign, tok = zip_tokens(score[part], keys[part], x[part], *self.counts(n))
+            k, m = int(dom.numel()), int(targets.numel())
+            reps += [dom + start, targets + start]
+            index += [dom + start, rem + start] if m else [dom + start]
+            label.append(torch.arange(n_groups, n_groups + k, device=x.device))  # a dominant token: its own group
+            if m:
+                label.append(assign + (n_groups + k))  # the rest join their targets' groups
+            values += [x[dom + start], tok]
+            dominant.append(dom + start)
+            contextual.append(targets + start)
+            start, n_groups = start + n, n_groups + k + m
+        d = grouped_decision(torch.cat(reps), torch.cat(index), torch.cat(label), torch.cat(values), dtype=x.dtype)
+        d.record.update(dominant=torch.cat(dominant), contextual=torch.cat(contextual))  # ascending: spans in order
         return d
+
+
+def _span_sizes(ctx) -> list[list[int]]:
+    """Per sample, the token counts of its spans (images / frames: runs of consecutive visual tokens, in
+    order), in one host copy for the batch; that the spans are such runs is checked at the end of the
+    prefill."""
+    for b in range(ctx.batch_size):
+        ids = ctx.span_ids(b)
+        ctx.check((ids[1:] >= ids[:-1]).all(), "visionzip: a sample's spans are not runs of consecutive tokens")
+    return ctx.span_sizes()

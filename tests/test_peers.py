@@ -13,11 +13,11 @@ from framework.merging import (
     bipartite_soft_matching,
     contextual_merge,
     farthest_point_selection,
-    grid_pool,
     grid_shape,
     merge_source,
     merge_to,
     merge_wavg,
+    pool_bins,
     scaled,
 )
 from models import adapter_for
@@ -225,23 +225,25 @@ def test_divprune_budget_and_rule(model):
 
 # ----------------------------------------------------------------------------------- pooling
 def test_pooling_cells():
-    x = torch.arange(16.0)[:, None]
-    pooled, cells = grid_pool(x, 4, 4, 2, 2)
-    assert [c.tolist() for c in cells] == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
-    assert pooled.flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
+    assert pool_bins(4, 2) == [(0, 2), (2, 4)] and pool_bins(4, 3) == [(0, 1), (1, 2), (2, 4)]
     assert (
         grid_shape(192, 24, 24) == (12, 16) and grid_shape(128, 24, 24) == (8, 16) and grid_shape(64, 24, 24) == (8, 8)
     )
 
 
-def test_pooling_averages_projected_cells(model):
+@pytest.mark.parametrize("keep, cells", [(4, (2, 2)), (6, (2, 3))])  # 4 x 4 into 2 x 2; and 2 x 3 (uneven bins)
+def test_pooling_averages_projected_cells(model, keep, cells):
     adapter = adapter_for(model)
     x = llava_inputs(model, [(2, 3)])
     with torch.no_grad():
         proj = model.model.get_image_features(pixel_values=x["pixel_values"]).pooler_output[0]
-    rec, seen = _run_seen(model, adapter, {"name": "pooling", "keep": 4}, x)
+    rec, seen = _run_seen(model, adapter, {"name": "pooling", "keep": keep}, x)
+    grid = torch.arange(16).view(4, 4)  # the cells: pool_bins over rows x pool_bins over columns, row-major
+    want = [
+        grid[r0:r1, c0:c1].flatten().tolist() for r0, r1 in pool_bins(4, cells[0]) for c0, c1 in pool_bins(4, cells[1])
+    ]
     groups = rec[0]["stages"][0]["groups"]
-    assert groups == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+    assert groups == want and rec[0]["stages"][0]["sizes"] == [len(g) for g in want]
     start = x["input_ids"][0].tolist().index(100)
     for i, g in enumerate(groups):  # reduced LM input: each cell's mean, at its top-left slot's place
         torch.testing.assert_close(seen["e"][0, start + i], proj[g].mean(0), atol=1e-6, rtol=0)

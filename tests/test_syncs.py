@@ -156,15 +156,23 @@ def _added_syncs(model, cfg: dict, samples: list[dict]) -> int:
     return reduced.count - stock.count
 
 
-@pytest.mark.parametrize("name", ["llava_next", "qwen2_vl", "qwen2_5_vl"])
+ANY_BACKBONE = [
+    {"name": "none"},
+    {"name": "fastv", "keep": 0.5},
+    {"name": "sparsevlm", "layers": [1, 2], "keep": [30, 12], "positions": "keep"},
+    {"name": "pooling", "keep": 4},
+    {"name": "tome", "placement": "projector", "keep": 0.5},
+]
+# VisionZip on Qwen2.5-VL also re-derives the encoder's window order with transformers' own function,
+# which reads the host once per image
+VISIONZIP = {"name": "visionzip", "dominant": 6, "contextual": 2}
+
+
 @pytest.mark.parametrize(
-    "cfg",
-    [
-        {"name": "none"},
-        {"name": "fastv", "keep": 0.5},
-        {"name": "sparsevlm", "layers": [1, 2], "keep": [30, 12], "positions": "keep"},
-    ],
-    ids=lambda c: c["name"],
+    "name, cfg",
+    [(n, c) for n in ("llava_next", "qwen2_vl", "qwen2_5_vl") for c in ANY_BACKBONE]
+    + [("llava_next", VISIONZIP), ("qwen2_vl", VISIONZIP)],
+    ids=lambda v: v if isinstance(v, str) else v["name"],
 )
 def test_adapters_read_a_prompt_in_a_fixed_number_of_syncs(name, cfg):
     """Reading the prompt (image sizes, layouts, spans, grids) and reducing it adds as many syncs to the stock
