@@ -33,62 +33,68 @@ ASSIGN_MODES = ("euclidean", "cosine")
 
 
 def scaled_distances(x: torch.Tensor) -> torch.Tensor:
-    """(N, D) -> (N, N) Euclidean distances divided by sqrt(D), float32 (invariant to a common offset;
-    exact zeros on the diagonal)."""
+    """(N, D) -> (N, N), or (G, N, D) -> (G, N, N): Euclidean distances divided by sqrt(D), float32
+    (invariant to a common offset; exact zeros on the diagonal)."""
     y = x.double() if x.device.type != "mps" else x.cpu().double()  # MPS has no float64
-    y = y - y.mean(0)
+    y = y - y.mean(-2, keepdim=True)
     sq = (y * y).sum(-1)
-    d2 = torch.addmm(sq[:, None] + sq[None, :], y, y.T, alpha=-2.0).clamp_(min=0.0)
-    d2.fill_diagonal_(0.0)
+    gram = torch.baddbmm if y.dim() == 3 else torch.addmm  # the same products per sample (tested)
+    d2 = gram(sq[..., :, None] + sq[..., None, :], y, y.transpose(-1, -2), alpha=-2.0).clamp_(min=0.0)
+    d2.diagonal(dim1=-2, dim2=-1).fill_(0.0)
     return (d2.sqrt_() / (x.shape[-1] ** 0.5)).to(x.device, torch.float32)
 
 
 def k_smallest(dist: torch.Tensor, k: int) -> torch.Tensor:
-    """(N, M) -> (N, k): each row's k smallest values in ascending order, as topk(largest=False) gives
+    """(..., M) -> (..., k): each row's k smallest values in ascending order, as topk(largest=False) gives
     them. On the CPU, past a few dozen columns, numpy's vectorised sort is several times faster than
     torch.topk; sorting is exact, so the values are the same."""
     if dist.device.type == "cpu" and dist.shape[-1] >= 32:
-        return torch.from_numpy(np.sort(dist.detach().numpy(), axis=-1)[:, :k])
+        return torch.from_numpy(np.sort(dist.detach().numpy(), axis=-1)[..., :k])
     return torch.topk(dist, k, dim=-1, largest=False).values
 
 
 def dpc_knn(
     x: torch.Tensor, n_clusters: int, k: int | None = None, assign: str = "euclidean"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cluster the rows of x (N, D) into `n_clusters` groups by DPC-kNN.
+    """Cluster the rows of x (N, D) into `n_clusters` groups by DPC-kNN; x (G, N, D) clusters G samples of
+    N rows at once, each on its own.
 
     k: neighbours for the density (default `n_clusters`, as the official code), clipped to N.
     assign: "euclidean" (nearest centre; official code) or "cosine" (most similar centre; the paper).
-    Returns (labels (N,) in 0..C-1, centres (C,) row indices by descending rho * delta; label c <-> centres[c]).
+    Returns (labels (N,) in 0..C-1, centres (C,) row indices by descending rho * delta; label c <-> centres[c]),
+    with a leading G for a batch.
     """
     if assign not in ASSIGN_MODES:
         raise ValueError(f"assign={assign!r}; allowed: {list(ASSIGN_MODES)}")
-    N = int(x.shape[0])
+    single = x.dim() == 2
+    xb = x[None] if single else x
+    G, N = int(xb.shape[0]), int(xb.shape[1])
     if N == 0:
         raise ValueError("dpc_knn needs at least one point")
     C = max(1, min(int(n_clusters), N))
     k = max(1, min(int(k if k is not None else C), N))
-    dist = scaled_distances(x)
+    dist = scaled_distances(x)[None] if single else scaled_distances(x)
     knn = k_smallest(dist, k)
     rho = torch.exp(-(knn**2).mean(-1))
     # densest first, equal rho by lower index: the points denser than the p-th are the first p
-    rho_sorted, order = torch.sort(rho, descending=True, stable=True)
+    rho_sorted, order = torch.sort(rho, dim=-1, descending=True, stable=True)
     # delta of the p-th point: min over the first p columns of its row (dist in density order); the
     # densest point has no denser one and takes the largest distance
-    prefix_min = dist.index_select(0, order).index_select(1, order).cummin(-1).values
-    delta_sorted = torch.cat([dist.max().reshape(1), prefix_min.diagonal(-1)])
-    score = torch.empty_like(rho).index_put_((order,), rho_sorted * delta_sorted)
-    centres = torch.sort(score, descending=True, stable=True).indices[:C]
+    rows = dist.gather(1, order[:, :, None].expand(G, N, N))
+    prefix_min = rows.gather(2, order[:, None, :].expand(G, N, N)).cummin(-1).values
+    delta_sorted = torch.cat([dist.amax((1, 2))[:, None], prefix_min.diagonal(-1, dim1=1, dim2=2)], dim=1)
+    score = torch.empty_like(rho).scatter_(1, order, rho_sorted * delta_sorted)
+    centres = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :C]
     if C == 1:  # one cluster: nothing to assign
-        labels = torch.zeros(N, dtype=torch.long, device=x.device)
-    elif assign == "euclidean":
-        labels = torch.argmin(dist.index_select(1, centres), dim=-1)  # first minimum = lower-index centre
+        labels = torch.zeros(G, N, dtype=torch.long, device=x.device)
+    elif assign == "euclidean":  # first minimum = lower-index centre
+        labels = torch.argmin(dist.gather(2, centres[:, None, :].expand(G, N, C)), dim=-1)
     else:
-        xn = torch.nn.functional.normalize(x.float(), dim=-1)
-        labels = torch.argmax(xn @ xn[centres].T, dim=-1)
+        xn = torch.nn.functional.normalize(xb.float(), dim=-1)
+        labels = torch.argmax(xn @ xn.gather(1, centres[:, :, None].expand(G, C, xn.shape[-1])).transpose(1, 2), -1)
     if C > 1:
-        labels[centres] = torch.arange(C, device=x.device)
-    return labels, centres
+        labels.scatter_(1, centres, torch.arange(C, device=x.device).expand(G, C))
+    return (labels[0], centres[0]) if single else (labels, centres)
 
 
 def merge_clusters(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, merge: str = "mean") -> torch.Tensor:
@@ -101,9 +107,16 @@ def merge_clusters(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, merge
 
 def _merge(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, merge: str, counts) -> torch.Tensor:
     """Row sums per label, in row order; mean: divided by counts ((C, 1) integer tensor, >= 1; float32 /
-    integer divides by the count as a float32, exactly as dividing by the converted count)."""
-    out = torch.zeros(n_clusters, x.shape[-1], dtype=torch.float32, device=x.device)
-    out.index_add_(0, labels, x.float())
+    integer divides by the count as a float32, exactly as dividing by the converted count). x (G, N, D) with
+    labels (G, N) and counts (G, C, 1): each sample's own clusters."""
+    if x.dim() == 2:
+        out = torch.zeros(n_clusters, x.shape[-1], dtype=torch.float32, device=x.device)
+        out.index_add_(0, labels, x.float())
+    else:  # sample g's cluster c is row g * C + c of one scatter (each row's sum still in row order)
+        G, N, D = x.shape
+        flat = (labels + torch.arange(G, device=x.device)[:, None] * n_clusters).flatten()
+        out = torch.zeros(G * n_clusters, D, dtype=torch.float32, device=x.device)
+        out = out.index_add_(0, flat, x.reshape(G * N, D).float()).view(G, n_clusters, D)
     return out / counts if merge == "mean" else out
 
 
@@ -127,14 +140,19 @@ def cluster(
     x: torch.Tensor, n_clusters: int, k: int | None = None, merge: str = "mean", assign: str = "euclidean"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`cluster_and_merge` without reading anything on the host: (merged (C, D) float32, labels (N,) each
-    row's cluster in 0..C-1, centres (C,) row indices), the form `SourceGroups` takes."""
+    row's cluster in 0..C-1, centres (C,) row indices), the form `SourceGroups` takes; x (G, N, D) gives
+    each of G samples its own clusters (a leading G on every output)."""
     if merge not in MERGE_MODES:
         raise ValueError(f"merge={merge!r}; allowed: {list(MERGE_MODES)}")
     labels, centres = dpc_knn(x, n_clusters, k=k, assign=assign)
-    C = int(centres.numel())
-    if C == 1:  # every row in the one cluster: no counting
-        return _merge(x, labels, 1, merge, labels.new_full((1, 1), x.shape[0])), labels, centres
+    C = int(centres.shape[-1])
     # each cluster has its centre: no empty cluster (counted by a scatter: bincount would sync a GPU for
     # its output size)
-    counts = torch.zeros(C, dtype=torch.long, device=x.device).index_add_(0, labels, torch.ones_like(labels))
-    return _merge(x, labels, C, merge, counts[:, None]), labels, centres
+    if x.dim() == 2:
+        counts = torch.zeros(C, dtype=torch.long, device=x.device).index_add_(0, labels, torch.ones_like(labels))
+    else:
+        G = int(x.shape[0])
+        flat = (labels + torch.arange(G, device=x.device)[:, None] * C).flatten()
+        counts = torch.zeros(G * C, dtype=torch.long, device=x.device).index_add_(0, flat, torch.ones_like(flat))
+        counts = counts.view(G, C)
+    return _merge(x, labels, C, merge, counts[..., None]), labels, centres

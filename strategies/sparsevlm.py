@@ -426,15 +426,15 @@ class SparseVLM(TokenReducer):
         n_clusters = int(self.theta * n_rec + 1e-9) + 1
         cols = _stack([vis[b] for b in bs]).gather(1, recycled)  # (G, n_rec) slots
         feats = gather_rows(_rows(ctx.hidden, bs), cols)  # the pruning layer's output hidden states
+        merged, labels, centres = cluster(feats, n_clusters, merge=self.merge, assign=self.assign)  # (G, ...)
         out = []
         for i, b in enumerate(bs):
-            merged, labels, centres = cluster(feats[i], n_clusters, merge=self.merge, assign=self.assign)
             out.append(
                 Decision(
                     keep=keep[i],
-                    merged=merged.to(ctx.hidden.dtype),
-                    sources=SourceGroups(index=recycled[i], group=labels),  # no cluster sizes on the host
-                    anchors=recycled[i].index_select(0, centres),
+                    merged=merged[i].to(ctx.hidden.dtype),
+                    sources=SourceGroups(index=recycled[i], group=labels[i]),  # no cluster sizes on the host
+                    anchors=recycled[i].index_select(0, centres[i]),
                     record=records[b],
                 )
             )

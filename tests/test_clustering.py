@@ -136,3 +136,20 @@ def test_k_smallest_equals_topk(n):
     for k in (1, 2, n // 3 + 1, n):
         ref = torch.topk(dist, k, dim=-1, largest=False).values
         assert torch.equal(clustering.k_smallest(dist, k), ref)
+
+
+@pytest.mark.parametrize("assign", ["euclidean", "cosine"])
+@pytest.mark.parametrize("merge", ["mean", "sum"])
+def test_a_batch_clusters_each_sample_as_alone(assign, merge):
+    """cluster on (G, N, D) equals cluster on each (N, D) bit for bit: merged tokens, labels and centres,
+    one cluster and tied (duplicated) points included."""
+    g = torch.Generator().manual_seed(7)
+    for n, d in ((1, 8), (6, 8), (40, 64), (151, 256)):
+        x = torch.randn(3, n, d, generator=g) * 3 + 5
+        if n > 4:
+            x[1, 1::3] = x[1, 0]
+        for c in {1, 2, max(1, n // 10)}:
+            merged, labels, centres = clustering.cluster(x, c, merge=merge, assign=assign)
+            for i in range(3):
+                m1, l1, c1 = clustering.cluster(x[i], c, merge=merge, assign=assign)
+                assert torch.equal(merged[i], m1) and torch.equal(labels[i], l1) and torch.equal(centres[i], c1)
