@@ -427,6 +427,7 @@ class SparseVLM(TokenReducer):
         cols = _stack([vis[b] for b in bs]).gather(1, recycled)  # (G, n_rec) slots
         feats = gather_rows(_rows(ctx.hidden, bs), cols)  # the pruning layer's output hidden states
         merged, labels, centres = cluster(feats, n_clusters, merge=self.merge, assign=self.assign)  # (G, ...)
+        anchors = recycled.gather(1, centres)  # each merged token takes its centre's position
         out = []
         for i, b in enumerate(bs):
             out.append(
@@ -434,7 +435,7 @@ class SparseVLM(TokenReducer):
                     keep=keep[i],
                     merged=merged[i].to(ctx.hidden.dtype),
                     sources=SourceGroups(index=recycled[i], group=labels[i]),  # no cluster sizes on the host
-                    anchors=recycled[i].index_select(0, centres[i]),
+                    anchors=anchors[i],
                     record=records[b],
                 )
             )
