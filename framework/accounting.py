@@ -138,8 +138,9 @@ def record_stage(records: list[dict], layer: int, stage: str, before, after, dec
 
 def finish_records(records: list[dict], n_layers: int, checks=None) -> None:
     """Complete a prefill's records: every pending check (`DeferredChecks`), every stage's members and the
-    tensors in the decisions' records reach the host in one copy; a failed check raises; kept indices and
-    merged groups come from the members, the tensors become lists; then the tokens entering each layer."""
+    tensors in the decisions' records reach the host in one copy; kept indices and merged groups come from
+    the members, the tensors become lists, the tokens entering each layer are counted; then the first failed
+    check raises."""
     import torch
 
     from .checks import fetch
@@ -148,8 +149,6 @@ def finish_records(records: list[dict], n_layers: int, checks=None) -> None:
     flags = checks.values if checks is not None else []
     values = [(st, k) for st in pending for k, v in st.items() if isinstance(v, torch.Tensor) and k != _MEMBERS]
     host = fetch([*flags, *(st[_MEMBERS] for st in pending), *(st[k] for st, k in values)])
-    if checks is not None:
-        checks.raise_failures(host[: len(flags)])
     for st, m in zip(pending, host[len(flags) :]):
         del st[_MEMBERS]
         groups = member_groups(m)
@@ -159,6 +158,8 @@ def finish_records(records: list[dict], n_layers: int, checks=None) -> None:
     for (st, key), value in zip(values, host[len(flags) + len(pending) :]):
         st[key] = value.tolist()
     count_per_layer(records, n_layers)
+    if checks is not None:  # the records are complete (for a look at what went wrong) before a failure raises
+        checks.raise_failures(host[: len(flags)])
 
 
 def member_groups(members) -> list[list[int]]:

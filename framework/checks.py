@@ -4,7 +4,8 @@ Reading a device value on the host (`bool(t)`, `.tolist()`) stops a GPU's queue 
 it has run; one such read per decision costs a stall per decision. A prefill instead collects its checks (device
 tensors, and how to word an error from their host values) and reads them together with its records in one
 copy when its last decoder layer starts (`finish_records`). A failed check raises its error then, with a message worded
-from the host values; what ran before it was computed with clamped indices, so nothing crashes first.
+from the host values; until then the engine runs on repaired values (kept and source indices clamped into
+range, repeated keeps made distinct), so nothing crashes first.
 Outside a prefill (a direct `apply_decisions` call) the checks are verified at once.
 """
 
@@ -26,7 +27,9 @@ def fetch(tensors: list[torch.Tensor]) -> list[np.ndarray]:
         return []
     ts = [t.float() if t.dtype == torch.bfloat16 else t for t in tensors]
     flat = [t.detach().reshape(-1) if t.requires_grad else t.reshape(-1) for t in ts]
-    flat = [f if f.element_size() == 1 else f.contiguous().view(torch.uint8) for f in flat]
+    # a byte view needs unit stride (a one-element column of a wider tensor can have another)
+    flat = [f if f.stride(0) == 1 else f.clone(memory_format=torch.contiguous_format) for f in flat]
+    flat = [f if f.element_size() == 1 else f.view(torch.uint8) for f in flat]
     data = _cat_bytes(flat).cpu().numpy()
     parts = np.split(data, np.cumsum([t.numel() * t.element_size() for t in ts])[:-1])
     return [p.view(_numpy_dtype(t.dtype)).reshape(tuple(t.shape)) for p, t in zip(parts, ts)]

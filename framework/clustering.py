@@ -125,8 +125,8 @@ def cluster_and_merge(
 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """DPC-kNN + merge. Returns (merged (C, D) float32, sources: per cluster the row indices of x in
     ascending order, centres (C,) the row index of each cluster's centre), clusters in the official order
-    (descending rho * delta of their centres). options: those of `cluster` (k, merge, assign; ids (N,):
-    report sources and centres as ids[row] instead). Splitting the sources reads their sizes on the host."""
+    (descending rho * delta of their centres). options: those of `cluster` (k, merge, assign), and ids (N,):
+    report sources and centres as ids[row] instead. Splitting the sources reads their sizes on the host."""
     ids = options.pop("ids", None)
     merged, labels, centres = cluster(x, n_clusters, **options)
     counts = torch.bincount(labels, minlength=int(centres.numel()))

@@ -121,31 +121,41 @@ def _unions(table: torch.Tensor, rows: torch.Tensor, group: torch.Tensor, n_out:
     return out.index_add_(0, group, table[rows].int()) > 0
 
 
+def _distinct_in_range(s: torch.Tensor, n) -> torch.Tensor:
+    """Sorted rows s (G, k) -> strictly increasing rows in 0..n-1 (n an int or (G, 1)), equal to s where s
+    already is: a row whose indices repeat or leave the range is pushed apart and into it."""
+    a = torch.arange(s.shape[-1], device=s.device)
+    low = (s.clamp(min=0) - a).cummax(-1).values + a  # strictly increasing, >= 0
+    return torch.minimum(low, n - s.shape[-1] + a)  # and <= n - 1
+
+
 def _keep_flags(k: torch.Tensor) -> torch.Tensor:
     """(first, last, has repeats) of a sorted, non-empty keep."""
     return torch.stack([k[0], k[-1], (k[1:] == k[:-1]).any()])
 
 
 def _checked_keeps(decisions: list[Decision], n_visual: list[int], dev, checks: DeferredChecks) -> list[torch.Tensor]:
-    """Each decision's kept visual indices, sorted (one sort for the batch when they have equal lengths) and
-    clamped into 0..n-1, so that nothing indexes out of range before `checks` (read at the end of the
-    prefill, without a host round trip here) reports an index outside 0..n-1 or kept twice."""
+    """Each decision's kept visual indices, sorted (one sort for the batch when they have equal lengths).
+    Whether they lie in 0..n-1 and are distinct goes to `checks` (read at the end of the prefill, without a
+    host round trip here); until then a faulty keep is repaired into distinct indices in 0..n-1 (a valid
+    one is unchanged), so that the slots match the host counts and nothing later indexes out of range."""
     keeps = [torch.as_tensor(d.keep, device=dev).long().flatten() for d in decisions]
-    for b, k in enumerate(keeps):
-        if not k.numel():
-            raise ConfigError(f"decision for sample {b} keeps no token; it must keep at least 1 of {n_visual[b]}")
+    for b, (k, n) in enumerate(zip(keeps, n_visual)):
+        if not 1 <= k.numel() <= n:
+            raise ConfigError(
+                f"decision for sample {b} keeps {k.numel()} tokens; it must keep 1..{n} distinct indices of its "
+                f"{n} current visual tokens"
+            )
     if len({k.numel() for k in keeps}) == 1:
         s = (keeps[0][None] if len(keeps) == 1 else torch.stack(keeps)).sort(-1).values
         flags = torch.stack([s[:, 0], s[:, -1], (s[:, 1:] == s[:, :-1]).any(1)])
-        if len(keeps) == 1:
-            keeps = [s[0].clamp(0, n_visual[0] - 1)]
-        else:  # the sample sizes travel without a blocking copy (which would wait for the queue)
-            n = _to_device(dev, {"n": n_visual})["n"]
-            keeps = list(torch.minimum(s.clamp(min=0), n[:, None] - 1))
+        # the sample sizes travel without a blocking copy (which would wait for the queue)
+        n = n_visual[0] if len(keeps) == 1 else _to_device(dev, {"n": n_visual})["n"][:, None]
+        keeps = list(_distinct_in_range(s, n))
     else:
         keeps = [k.sort().values for k in keeps]
         flags = torch.stack([_keep_flags(k) for k in keeps], 1)
-        keeps = [k.clamp(0, m - 1) for k, m in zip(keeps, n_visual)]
+        keeps = [_distinct_in_range(k[None], m)[0] for k, m in zip(keeps, n_visual)]
 
     def message(flags) -> str | None:  # flags (3, B): first and last kept index, whether one repeats
         for b, (lo, hi, repeats) in enumerate(flags.T.tolist()):
@@ -162,10 +172,11 @@ def _checked_keeps(decisions: list[Decision], n_visual: list[int], dev, checks: 
     return keeps
 
 
-def _member_rows(decisions: list[Decision], keeps: list[torch.Tensor], dev) -> list[tuple]:
+def _member_rows(decisions: list[Decision], keeps: list[torch.Tensor], n_visual: list[int], dev, checks) -> list:
     """Per sample, (rows kept as they are, source rows to union, each one's union (0..n_groups-1: a host
     array, or a device tensor from `SourceGroups`), n_groups): the kept tokens' `members` rows, then one union
-    per merged token; kept tokens that absorbed others in place are their source sets instead."""
+    per merged token; kept tokens that absorbed others in place are their source sets instead. A
+    `SourceGroups`' ranges go to `checks`; until they are read its values are clamped into range."""
     plan = []
     for b, (d, keep) in enumerate(zip(decisions, keeps)):
         if isinstance(d.sources, SourceGroups):
@@ -175,7 +186,11 @@ def _member_rows(decisions: list[Decision], keeps: list[torch.Tensor], dev) -> l
                 raise ConfigError(
                     f"decision for sample {b}: SourceGroups has {rows.numel()} indices but {group.numel()} groups"
                 )
-            plan.append(([keep], rows, group, d.n_merged) if d.n_merged else ([], rows, group, keep.numel()))
+            n_groups = d.n_merged or keep.numel()
+            if rows.numel():
+                _check_groups(checks, b, rows, group, n_visual[b], n_groups)
+                rows, group = rows.clamp(0, n_visual[b] - 1), group.clamp(0, n_groups - 1)
+            plan.append(([keep], rows, group, n_groups) if d.n_merged else ([], rows, group, n_groups))
             continue
         sources = [torch.as_tensor(s, device=dev).long().flatten() for s in d.sources]
         group = np.repeat(np.arange(len(sources)), [s.numel() for s in sources])
@@ -188,6 +203,19 @@ def _member_rows(decisions: list[Decision], keeps: list[torch.Tensor], dev) -> l
         else:
             plan.append(([keep], None, None, 0))
     return plan
+
+
+def _check_groups(checks, b: int, rows: torch.Tensor, group: torch.Tensor, n: int, n_groups: int) -> None:
+    """Sample b's SourceGroups: indices in 0..n-1, groups in 0..n_groups-1 (read at the end of the prefill)."""
+
+    def message(v) -> str | None:
+        if v[0] < 0 or v[1] >= n:
+            return f"decision for sample {b}: SourceGroups indices must lie in 0..{n - 1} (its current visual tokens)"
+        if v[2] < 0 or v[3] >= n_groups:
+            return f"decision for sample {b}: SourceGroups groups must lie in 0..{n_groups - 1} (one per new token)"
+        return None
+
+    checks.add(torch.stack([rows.min(), rows.max(), group.min(), group.max()]), message)
 
 
 def _block_members(members: list[torch.Tensor], plan: list[tuple], dev) -> list[torch.Tensor]:
@@ -242,23 +270,29 @@ def _block_members(members: list[torch.Tensor], plan: list[tuple], dev) -> list[
     return list(out.split([d + u for d, u in zip(n_direct, n_union)]))
 
 
-def _new_members(slots: Slots, decisions: list[Decision], keeps: list[torch.Tensor], dev) -> list[torch.Tensor]:
+def _new_members(slots: Slots, decisions: list[Decision], keeps: list[torch.Tensor], dev, checks) -> list:
     """Per sample, which input visual tokens each surviving / merged visual token stands for; samples whose
     members have the same width (the same input visual tokens) together."""
-    plan = _member_rows(decisions, keeps, dev)
+    plan = _member_rows(decisions, keeps, slots.counts()[1], dev, checks)
     if len({int(m.shape[1]) for m in slots.members}) == 1:
         return _block_members(slots.members, plan, dev)
     return [_block_members([m], [p], dev)[0] for m, p in zip(slots.members, plan)]
 
 
-def _anchors(d: Decision, dev) -> torch.Tensor:
-    """Each merged token's anchor (current visual index): given, or its first source."""
+def _anchors(d: Decision, b: int, n: int, dev, checks) -> torch.Tensor:
+    """Each merged token's anchor (current visual index): given (its range checked at the end of the
+    prefill, clamped until then), or its first source."""
     if d.anchors is not None:
-        return torch.as_tensor(d.anchors, device=dev).long().flatten()
+        a = torch.as_tensor(d.anchors, device=dev).long().flatten()
+        checks.add(
+            torch.stack([a.min(), a.max()]),
+            lambda v: None if 0 <= v[0] and v[1] < n else f"decision for sample {b}: anchors must lie in 0..{n - 1}",
+        )
+        return a.clamp(0, n - 1)
     if isinstance(d.sources, SourceGroups):
-        index = torch.as_tensor(d.sources.index, device=dev).long().flatten()
-        group = torch.as_tensor(d.sources.group, device=dev).long().flatten()
-        first = index.new_full((d.n_merged,), torch.iinfo(torch.long).max)
+        index = torch.as_tensor(d.sources.index, device=dev).long().flatten().clamp(0, n - 1)
+        group = torch.as_tensor(d.sources.group, device=dev).long().flatten().clamp(0, d.n_merged - 1)
+        first = index.new_full((d.n_merged,), n - 1)  # a group without sources (a faulty decision) takes the last
         return first.scatter_reduce_(0, group, index, "amin")
     return torch.stack([torch.as_tensor(s, device=dev).long().min() for s in d.sources])
 
@@ -300,7 +334,7 @@ def apply_decisions(
     n_valid, n_visual = slots.counts()
     pending = DeferredChecks() if checks is None else checks
     keeps = _checked_keeps(decisions, n_visual, dev, pending)
-    members = _new_members(slots, decisions, keeps, dev)
+    members = _new_members(slots, decisions, keeps, dev, pending)
     sizes = [k.numel() for k in keeps]
     for b, d in enumerate(decisions):
         if d.values is not None and int(d.values.shape[0]) != sizes[b]:
@@ -351,7 +385,7 @@ def apply_decisions(
         out.index_copy_(0, dest[at], _cat([decisions[b].values.to(hidden.dtype) for b in given]))
     if merging:  # merged tokens right after their sample's last kept visual token
         at = dest[kept[ints["last_m"]]] + ints["step"]
-        anchors = _cat([_anchors(decisions[b], dev) for b in merging])
+        anchors = _cat([_anchors(decisions[b], b, n_visual[b], dev, pending) for b in merging])
         if B > 1:
             anchors = anchors + ints["voff_m"]
         index.index_copy_(0, at, slots.index.flatten()[vis_slots[anchors]])

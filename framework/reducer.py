@@ -43,8 +43,10 @@ BUDGET_SCOPES = ("global", "per_span")
 @dataclass
 class SourceGroups:
     """Every merged token's sources at once, as a device-side clustering gives them: `index` (n,) current
-    visual tokens, `group` (n,) the merged token (0..m-1) each one goes into. Unlike one tensor per merged
-    token, nothing about the groups' sizes has to reach the host."""
+    visual tokens (0..n_visual-1), `group` (n,) the merged token (0..m-1) each one goes into; for kept tokens
+    that absorb others in place (`values`, no `merged`), the kept token (0..len(keep)-1, in ascending keep
+    order). Unlike one tensor per group, nothing about the groups' sizes has to reach the host; the ranges
+    are checked at the end of the prefill."""
 
     index: torch.Tensor
     group: torch.Tensor

@@ -164,5 +164,38 @@ def test_an_empty_keep_is_refused_at_once():
     g = torch.Generator().manual_seed(5)
     slots, hidden, decisions = random_case(g, 2, "plain", widths=False)
     decisions[1] = Decision(keep=torch.zeros(0, dtype=torch.long))
-    with pytest.raises(ConfigError, match="sample 1 keeps no token"):
+    with pytest.raises(ConfigError, match="sample 1 keeps 0 tokens"):
         apply_decisions(slots, hidden, decisions, DeferredChecks())
+
+
+def test_faulty_keeps_are_repaired_until_the_check_raises():
+    """Until the deferred check reports it, a keep with repeats or indices out of range is pushed into distinct
+    indices in range (so later decisions index nothing out of range); a valid keep is left as it is."""
+    from framework.decisions import _distinct_in_range
+
+    g = torch.Generator().manual_seed(11)
+    for _ in range(300):
+        n = int(torch.randint(1, 30, (), generator=g))
+        k = int(torch.randint(1, n + 1, (), generator=g))
+        valid = torch.randperm(n, generator=g)[:k].sort().values
+        assert torch.equal(_distinct_in_range(valid[None], n)[0], valid)
+        faulty = torch.randint(-5, n + 5, (k,), generator=g).sort().values
+        fixed = _distinct_in_range(faulty[None], torch.tensor([[n]]))[0]
+        assert fixed.min() >= 0 and fixed.max() < n and bool((fixed[1:] > fixed[:-1]).all())
+
+
+def test_source_groups_out_of_range_are_refused():
+    g = torch.Generator().manual_seed(4)
+    slots, hidden, decisions = random_case(g, 2, "equal", widths=False)
+    n = int((slots.visual & slots.valid)[0].sum())
+    keep = torch.as_tensor(decisions[0].keep)
+    rest = torch.tensor([i for i in range(n) if i not in keep.tolist()])
+    merged = torch.randn(1, hidden.shape[-1])
+    decisions[0] = Decision(keep=keep, merged=merged, sources=SourceGroups(index=rest, group=torch.ones_like(rest)))
+    with pytest.raises(ConfigError, match="sample 0: SourceGroups groups must lie in 0..0"):
+        apply_decisions(slots, hidden, decisions)
+    decisions[0] = Decision(
+        keep=keep, merged=merged, sources=SourceGroups(index=rest + n, group=torch.zeros_like(rest))
+    )
+    with pytest.raises(ConfigError, match=f"sample 0: SourceGroups indices must lie in 0..{n - 1}"):
+        apply_decisions(slots, hidden, decisions)

@@ -251,6 +251,38 @@ class BadAtSecond(TokenReducer):
         return out
 
 
+@pytest.mark.parametrize("fault", ["repeat", "range"])
+@pytest.mark.parametrize(
+    "second", [{"name": "sparsevlm", "layers": [2], "keep": [5]}, {"name": "dart", "layer": 3, "keep": 4}]
+)
+def test_a_faulty_decision_raises_its_own_error_after_later_decisions(fault, second):
+    """A faulty keep is repaired until the checks are read, so the decisions after it (SparseVLM's rows-only
+    attention, DART's pivots) run on consistent slots and the error raised is the faulty decision's."""
+
+    @dataclass
+    class Faulty(TokenReducer):
+        def decision_layers(self):
+            return [1]
+
+        def decide(self, ctx):
+            out = []
+            for b in range(ctx.batch_size):
+                keep = torch.arange(ctx.n_visual(b) - 2)
+                if b == 0:
+                    keep[1] = keep[2] if fault == "repeat" else ctx.n_visual(b) + 3
+                out.append(Decision(keep=keep))
+            return out
+
+    model = make_llava(layers=6)
+    x = llava_inputs(model, PROMPTS)
+    words = "keeps a visual token twice" if fault == "repeat" else "keeps indices outside 0..15"
+    chain = build({"name": "chain", "reducers": [Faulty(), {**second, "positions": "keep"}]})
+    with torch.no_grad(), attach(model, chain) as engine:
+        with pytest.raises(ConfigError, match=f"sample 0 {words}"):
+            model(**x, position_ids=positions(x["attention_mask"]))
+    assert all(isinstance(s["kept"], list) and "_members" not in s for s in engine.last_record[0]["stages"])
+
+
 def test_checks_wait_for_the_end_of_the_prefill_and_name_what_is_wrong():
     """Checks of device values do not stop the host at the decision: the prefill runs on (on clamped
     indices) and the error, with its own message, comes when the checks are read with the records at the

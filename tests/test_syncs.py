@@ -128,6 +128,8 @@ def test_fetch_reads_tensors_of_any_dtype_and_layout_in_one_copy():
         torch.tensor(2.5),
         torch.randn(3).bfloat16(),
         torch.tensor([7], dtype=torch.int8),
+        torch.arange(10)[::2][:1],  # one element, stride 2
+        torch.arange(10.0)[::5],
     ]
     with SyncCounter() as syncs:
         host = fetch(parts)
