@@ -482,9 +482,12 @@ def run_group(
     log,
     deadline: float | None = None,
     cache: str = "growing",
+    failed: list[str] | None = None,
 ) -> list[dict] | None:
     """No reduction and every (strategy, budget) of `runs` at one shape and batch size -> finished rows
-    (None when no reduction does not fit in memory)."""
+    (None when no reduction does not fit in memory or fails). A row that raises is skipped, its error
+    appended to `failed`."""
+    failed = [] if failed is None else failed
     t0 = time.perf_counter()
     model, clock, name = bb.model, bb.clock, bb.name
     inputs = make_inputs(model, name, batch)
@@ -494,6 +497,10 @@ def run_group(
     except torch.OutOfMemoryError:
         log(f"[{name} b{batch}] out of memory without reduction: batch skipped")
         torch.cuda.empty_cache()
+        return None
+    except Exception as e:  # one failure must not cost the rest of a (lent, timed) run
+        failed.append(f"{name} batch {batch} none: {type(e).__name__}: {e}")
+        log(f"[{name} b{batch}] none failed ({type(e).__name__}: {e}): batch skipped")
         return None
     base.update(strategy="none", budget=None)
     group = [("none", None, base)]
@@ -518,6 +525,10 @@ def run_group(
         except torch.OutOfMemoryError:
             log(f"[{name} b{batch}] {s} {bu}: out of memory; row skipped")
             torch.cuda.empty_cache()
+            continue
+        except Exception as e:  # recorded with the table; the other rows go on
+            failed.append(f"{name} batch {batch} {s} {bu}: {type(e).__name__}: {e}")
+            log(f"[{name} b{batch}] {s} {bu} failed ({type(e).__name__}: {e}); row skipped")
             continue
         row.update(strategy=s, budget=bu)
         group.append((s, bu, row))
@@ -625,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = metadata(args, device, Clock(device).name, argv)
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, flush=True))
     done: list[dict] = []
+    failed: list[str] = meta.setdefault("failed", [])  # rows that raised, with their errors
 
     def write():
         meta["load_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -652,14 +664,14 @@ def main(argv: list[str] | None = None) -> int:
             runs = [(s, bu) for s in strategies for bu in (budgets if batch == 1 else batch_budgets)]
             reps = args.repeats if batch == 1 else args.batch_repeats
             dreps = args.decode_repeats if batch == 1 else max(1, args.decode_repeats - 1)
-            rows = run_group(bb, batch, runs, reps, args.new_tokens, dreps, log, deadline, args.cache)
+            rows = run_group(bb, batch, runs, reps, args.new_tokens, dreps, log, deadline, args.cache, failed)
             if rows is None:
                 skipped.add(bb.name)
                 continue
             done.extend(rows)
             write()
     expected = len(shapes) * sum(1 + len(strategies) * len(budgets if b == 1 else batch_budgets) for b in batches)
-    meta["complete"] = len(done) == expected  # False when --stop-after or memory cut the run short
+    meta["complete"] = len(done) == expected  # False when --stop-after, memory or a failure cut the run short
     write()
     print(stem.with_suffix(".md").read_text())
     print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.json')}")

@@ -53,7 +53,12 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
             else []
         ),
         "",
-        *(["- **incomplete**: --stop-after cut the run short", ""] if meta.get("complete") is False else []),
+        *(
+            ["- **incomplete**: rows are missing (--stop-after, memory or a failure)", ""]
+            if meta.get("complete") is False
+            else []
+        ),
+        *([f"- **failed**: {f}" for f in meta.get("failed", [])] + [""] if meta.get("failed") else []),
         "Ratios are to no reduction (none) at the same shape and batch size, measured in the same process. "
         "lat/FLOPs = prefill latency ratio / FLOPs ratio - 1 (the paper's formula; causal FLOPs halves its "
         "attention term, as causal kernels compute it). KV MiB: every token every layer holds; "

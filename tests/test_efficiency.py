@@ -217,6 +217,25 @@ def test_stop_after_writes_the_table_and_says_it_is_incomplete(tmp_path):
     assert "incomplete" in stem.with_suffix(".md").read_text()
 
 
+def test_a_failing_row_is_recorded_and_the_others_are_measured(tmp_path, monkeypatch):
+    """A strategy that raises (on a lent GPU: a device-only bug) costs its row, not the run."""
+    from strategies.sparsevlm import SparseVLM
+
+    def decide(self, ctx):
+        raise RuntimeError("boom on this device")
+
+    monkeypatch.setattr(SparseVLM, "decide", decide)
+    stem = tmp_path / "failing"
+    eff.main(["--device", "cpu", "--shapes", "tiny", "--strategies", "fastv,sparsevlm", "--budgets", "64",
+              "--batches", "1", "--repeats", "1", "--new-tokens", "2", "--decode-repeats", "1", "--quiet",
+              "--out", str(stem)])  # fmt: skip
+    data = json.loads(stem.with_suffix(".json").read_text())
+    assert [r["strategy"] for r in data["rows"]] == ["none", "fastv"]
+    assert data["meta"]["complete"] is False
+    assert data["meta"]["failed"] == ["tiny batch 1 sparsevlm 64: RuntimeError: boom on this device"]
+    assert "**failed**: tiny batch 1 sparsevlm 64: RuntimeError: boom" in stem.with_suffix(".md").read_text()
+
+
 def test_stock_floor_charges_each_layer_its_token_count(written, monkeypatch):
     """The floor is the mean over layers of the stock forward's time at each layer's token count: with a
     stock time linear in n it is exactly the mean token count (grid interpolation is exact on lines)."""
