@@ -1,12 +1,12 @@
 """Checks of device values that do not make the host wait.
 
-Reading a device value on the host (`bool(t)`, `.tolist()`) stops a GPU's queue until everything before
-it has run; one such read per decision costs a stall per decision. A prefill instead collects its checks (device
-tensors, and how to word an error from their host values) and reads them together with its records in one
-copy when its last decoder layer starts (`finish_records`). A failed check raises its error then, with a message worded
-from the host values; until then the engine runs on repaired values (kept and source indices clamped into
-range, repeated keeps made distinct), so nothing crashes first.
-Outside a prefill (a direct `apply_decisions` call) the checks are verified at once.
+Reading a device value on the host (`bool(t)`, `.tolist()`) stops a GPU's queue until everything before it
+has run; one such read per decision costs a stall per decision. A prefill instead collects its checks
+(device tensors, and how to word an error from their host values) and reads them together with its records
+in one copy when its last decoder layer starts (`finish_records`). A failed check raises its error then;
+until then the engine runs on repaired values (kept and source indices clamped into range, repeated keeps
+made distinct), so nothing crashes first. Outside a prefill (a direct `apply_decisions` call) the checks
+are verified at once.
 """
 
 from __future__ import annotations
