@@ -38,8 +38,9 @@ every group; all shapes run at batch 1 before any larger batch, and `--stop-afte
 row after that time, so a run cut short keeps what it measured (and says so).
 
   python -m benchmarks.efficiency --device cpu --shapes small         # CPU table, 7-9 min on 1 core
-  python -m benchmarks.efficiency --device cuda --stop-after 420      # GPU table: llava15 + llavanext,
-                                                                      # batches 1/8/32, <= ~8 min
+  python -m benchmarks.efficiency --device cuda --stop-after 420 --profile sparsevlm:192
+                                     # GPU table: llava15 + llavanext, batches 1/8/32, <= ~8 min; then a
+                                     # profile of SparseVLM-192's prefill (kernels, launch gaps)
 On the lent H200 (transformers 5.17 installed there), carry a transformers 5.24 wheel (`pip download
 --no-deps --only-binary=:all: --python-version 3.12 transformers==5.24.0 -d .whl`; if its import asks for
 a newer regex or huggingface-hub, carry those too), install it with `--target /tmp/site`, put that on
@@ -452,6 +453,58 @@ def finish(row: dict, base: dict, batch: int, prompt_tokens: int) -> dict:
     return row
 
 
+def profile_prefill(model, reducer, inputs, device: torch.device, n: int = 3, rows: int = 30) -> str:
+    """`n` prefills of one row under torch.profiler (CPU ops, and CUDA kernels on a GPU), the reducer's
+    `begin` / `decide` and the engine's decisions marked: a table of the ops by self device time (self CPU
+    time on a CPU), and the device's busy time against the wall time (a launch-bound prefill leaves the
+    device idle)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    import framework.stages as stages
+
+    cuda = device.type == "cuda"
+    marks = {"begin": reducer.begin, "decide": reducer.decide}
+    apply = stages.apply_decisions
+    for name, orig in marks.items():
+
+        def marked(ctx, _orig=orig, _name=name):
+            with record_function(f"reducer.{_name}"):
+                return _orig(ctx)
+
+        setattr(reducer, name, marked)
+
+    def applied(*args, **kwargs):
+        with record_function("engine.apply_decisions"):
+            return apply(*args, **kwargs)
+
+    stages.apply_decisions = applied
+    try:
+        with torch.no_grad(), attach(model, reducer):
+            model(**inputs, logits_to_keep=1)  # warm-up
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            t0 = time.perf_counter()
+            with profile(activities=acts) as prof:
+                for _ in range(n):
+                    model(**inputs, logits_to_keep=1)
+                if cuda:
+                    torch.cuda.synchronize()
+            wall = (time.perf_counter() - t0) / n
+    finally:
+        stages.apply_decisions = apply
+        for name in marks:
+            reducer.__dict__.pop(name, None)
+    avg = prof.key_averages()
+    head = f"wall {1e3 * wall:.2f} ms per prefill (profiler on)"
+    if cuda:
+        from torch.autograd import DeviceType
+
+        kernels = [e for e in avg if e.device_type == DeviceType.CUDA]  # kernels and copies, not the ops launching them
+        busy = sum(e.self_device_time_total for e in kernels) / n / 1e3
+        head += f"; device busy {busy:.2f} ms per prefill ({100 * busy / (1e3 * wall):.0f} % of the wall)"
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return head + "\n" + avg.table(sort_by=sort, row_limit=rows)
+
+
 # ---------------------------------------------------------------------------------------- a shape
 class Backbone:
     """One shape's random-weight model on the device, its clock, visual-token count and baseline reducer."""
@@ -609,6 +662,13 @@ def parse(argv):
         metavar="SECONDS",
         help="start no new row after this many seconds (what was measured is written)",
     )
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="STRATEGY:BUDGET",
+        help="after the table, profile a few batch-1 prefills of this row on the first shape (torch.profiler, "
+        "kernels and host ops) into <out>_profile.txt: where the row's time goes on this device",
+    )
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
@@ -673,6 +733,15 @@ def main(argv: list[str] | None = None) -> int:
     expected = len(shapes) * sum(1 + len(strategies) * len(budgets if b == 1 else batch_budgets) for b in batches)
     meta["complete"] = len(done) == expected  # False when --stop-after, memory or a failure cut the run short
     write()
+    if args.profile:
+        strategy, budget = args.profile.split(":")
+        bb = backbones[0]
+        text = profile_prefill(
+            bb.model, reducer_for(strategy, int(budget), bb.n_visual), make_inputs(bb.model, bb.name, 1), device
+        )
+        path = stem.parent / f"{stem.name}_profile.txt"
+        path.write_text(f"{meta['device_name']}, {bb.name}, batch 1, {args.profile}\n{text}\n")
+        log(f"wrote {path}")
     print(stem.with_suffix(".md").read_text())
     print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.json')}")
     return 0

@@ -236,6 +236,16 @@ def test_a_failing_row_is_recorded_and_the_others_are_measured(tmp_path, monkeyp
     assert "**failed**: tiny batch 1 sparsevlm 64: RuntimeError: boom" in stem.with_suffix(".md").read_text()
 
 
+def test_profile_writes_where_a_rows_time_goes(tmp_path):
+    stem = tmp_path / "prof"
+    eff.main(["--device", "cpu", "--shapes", "tiny", "--strategies", "sparsevlm", "--budgets", "64", "--batches", "1",
+              "--repeats", "1", "--new-tokens", "2", "--decode-repeats", "1", "--quiet", "--out", str(stem),
+              "--profile", "sparsevlm:64"])  # fmt: skip
+    text = (tmp_path / "prof_profile.txt").read_text()
+    assert text.startswith("CPU") and "tiny, batch 1, sparsevlm:64" in text and "wall " in text
+    assert "reducer.decide" in text and "engine.apply_decisions" in text and "reducer.begin" in text
+
+
 def test_stock_floor_charges_each_layer_its_token_count(written, monkeypatch):
     """The floor is the mean over layers of the stock forward's time at each layer's token count: with a
     stock time linear in n it is exactly the mean token count (grid interpolation is exact on lines)."""
