@@ -262,6 +262,11 @@ class Qwen2VLAdapter(BackboneAdapter):
         """The last vision block that attends over whole images / frames (Qwen2-VL: every block)."""
         return len(self.visual.blocks) - 1
 
+    def vision_window(self, grid_thw: torch.Tensor, kwargs: dict) -> dict:
+        """Precomputed window kwargs for the encoder call (Qwen2.5-VL's window order), so that the encoder
+        and `vision_block_order` share one computation; none for Qwen2-VL."""
+        return {}
+
     def vision_block_order(self, grid_thw: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
         """Merged-token order inside the vision blocks (block unit u holds merged token order[u]), or
         None when the blocks see tokens in output order (Qwen2-VL)."""
@@ -304,18 +309,25 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
         """The last of `fullatt_block_indexes` (the other blocks attend within windows)."""
         return max(self.visual.config.fullatt_block_indexes)
 
-    def vision_block_order(self, grid_thw: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """The window order Qwen2.5-VL's encoder permutes merged-token units into before its blocks
-        (and undoes after the merger): the model's own `get_vision_window_index`."""
+    def vision_window(self, grid_thw: torch.Tensor, kwargs: dict) -> dict:
+        """`window_index` / `cu_window_seqlens` from the model's own `get_vision_window_index`, given to the
+        encoder call (which then uses them instead of computing them again); none when the caller gave them."""
         from transformers.vision_utils import get_vision_window_index
 
-        if kwargs.get("window_index") is not None:  # precomputed by the caller
-            return kwargs["window_index"]
+        if kwargs.get("window_index") is not None and kwargs.get("cu_window_seqlens") is not None:
+            return {}
         v = self.visual
-        index, _ = get_vision_window_index(
+        index, cu = get_vision_window_index(
             grid_thw, spatial_merge_size=v.spatial_merge_size, window_size=v.window_size, patch_size=v.patch_size
         )
-        return index
+        return {"window_index": index, "cu_window_seqlens": cu}
+
+    def vision_block_order(self, grid_thw: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The window order Qwen2.5-VL's encoder permutes merged-token units into before its blocks
+        (and undoes after the merger): the encoder call's `window_index` (see `vision_window`)."""
+        if kwargs.get("window_index") is None:
+            kwargs = {**kwargs, **self.vision_window(grid_thw, kwargs)}
+        return kwargs["window_index"]
 
 
 def received_attention(
@@ -391,7 +403,9 @@ class VisionTokenSignals(TokenSignals):
 
     def _encoder(self, module, args, kwargs):
         grid = args[1] if len(args) > 1 else kwargs.get("grid_thw")
+        kwargs = {**kwargs, **self.adapter.vision_window(grid, kwargs)}  # one window order for both of us
         self._grid = (grid, dict(kwargs))
+        return args, kwargs
 
     @torch.no_grad()
     def _attention(self, module, args, kwargs):

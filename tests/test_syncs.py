@@ -165,15 +165,13 @@ ANY_BACKBONE = [
     {"name": "pooling", "keep": 4},
     {"name": "tome", "placement": "projector", "keep": 0.5},
 ]
-# VisionZip on Qwen2.5-VL also re-derives the encoder's window order with transformers' own function,
-# which reads the host once per image
 VISIONZIP = {"name": "visionzip", "dominant": 6, "contextual": 2}
 
 
 @pytest.mark.parametrize(
     "name, cfg",
     [(n, c) for n in ("llava_next", "qwen2_vl", "qwen2_5_vl") for c in ANY_BACKBONE]
-    + [("llava_next", VISIONZIP), ("qwen2_vl", VISIONZIP)],
+    + [("llava_next", VISIONZIP), ("qwen2_vl", VISIONZIP), ("qwen2_5_vl", VISIONZIP)],
     ids=lambda v: v if isinstance(v, str) else v["name"],
 )
 def test_adapters_read_a_prompt_in_a_fixed_number_of_syncs(name, cfg):
