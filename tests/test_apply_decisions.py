@@ -199,3 +199,35 @@ def test_source_groups_out_of_range_are_refused():
     )
     with pytest.raises(ConfigError, match=f"sample 0: SourceGroups indices must lie in 0..{n - 1}"):
         apply_decisions(slots, hidden, decisions)
+
+
+def _on_meta(x):
+    if torch.is_tensor(x):
+        return x.to("meta")
+    if isinstance(x, SourceGroups):
+        return SourceGroups(_on_meta(x.index), _on_meta(x.group))
+    if isinstance(x, (list, tuple)):
+        return type(x)(_on_meta(v) for v in x)
+    return x
+
+
+@pytest.mark.parametrize("kind", ["plain", "equal", "merge", "groups", "in_place", "groups_in_place", "values"])
+@pytest.mark.parametrize("B", [1, 3])
+def test_apply_decisions_keeps_every_op_on_the_decisions_device(kind, B):
+    """The meta device stands in for a GPU: every host-built index reaches it by a copy, so nothing mixes a
+    CPU tensor into a device op (which only a GPU would reject) and nothing reads a value back (the checks
+    are deferred)."""
+    slots, hidden, decisions = random_case(torch.Generator().manual_seed(B), B, kind, widths=False)
+    on_meta = Slots(
+        index=_on_meta(slots.index),
+        valid=_on_meta(slots.valid),
+        visual=_on_meta(slots.visual),
+        members=_on_meta(slots.members),
+        _counts=slots.counts(),
+    )
+    fields = ("keep", "merged", "sources", "anchors", "values")
+    moved = [Decision(**{f: _on_meta(getattr(d, f)) for f in fields}) for d in decisions]
+    new, out = apply_decisions(on_meta, _on_meta(hidden), moved, DeferredChecks())
+    want, want_out = apply_decisions(slots, hidden, decisions)
+    assert out.device.type == "meta" and out.shape == want_out.shape and new.counts() == want.counts()
+    assert all(m.device.type == "meta" and m.shape == w.shape for m, w in zip(new.members, want.members))

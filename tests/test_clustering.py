@@ -153,3 +153,13 @@ def test_a_batch_clusters_each_sample_as_alone(assign, merge):
             for i in range(3):
                 m1, l1, c1 = clustering.cluster(x[i], c, merge=merge, assign=assign)
                 assert torch.equal(merged[i], m1) and torch.equal(labels[i], l1) and torch.equal(centres[i], c1)
+
+
+@pytest.mark.parametrize("assign", ["euclidean", "cosine"])
+def test_clustering_keeps_every_op_on_the_points_device(assign):
+    """The meta device stands in for a GPU: no host tensor enters a device op, nothing is read back."""
+    for shape in ((3, 40, 16), (40, 16)):
+        merged, labels, centres = clustering.cluster(torch.randn(*shape, device="meta"), 5, assign=assign)
+        lead = shape[:-2]
+        assert merged.device.type == labels.device.type == centres.device.type == "meta"
+        assert merged.shape == (*lead, 5, 16) and labels.shape == shape[:-1] and centres.shape == (*lead, 5)
