@@ -368,15 +368,13 @@ class SparseVLM(TokenReducer):
     def _rater_attention(self, ctx) -> tuple[list[torch.Tensor], torch.Tensor, list[dict]]:
         """Per sample the raters' current slots, their attention rows (B, H, R, L') over the previous layer,
         and the start of the sample's record (raters, their count, whether the fallback rated)."""
-        B = ctx.batch_size
         if self.raters == "all_tokens":
             n_valid = ctx.slots.counts()[0]
             rows = split_rows(ctx.slots.valid, n_valid)
             probs = ctx.attention_batch(torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), which="previous")
-            index = torch.cat([ctx.slots.index[b, rows[b]] for b in range(B)]).tolist()  # one host copy
-            starts = [sum(n_valid[:b]) for b in range(B)]
-            records = [
-                {"raters": index[i : i + n], "n_raters": n, "rater_fallback": False} for i, n in zip(starts, n_valid)
+            records = [  # the raters' indices reach the host with the records, at the end of the prefill
+                {"raters": ctx.slots.index[b, rows[b]], "n_raters": n, "rater_fallback": False}
+                for b, n in enumerate(n_valid)
             ]
             return rows, probs, records
         padded, counts = self._rater_rows(ctx)

@@ -104,8 +104,18 @@ def test_prefill_syncs_do_not_grow_with_the_batch(cfg):
             {"name": "sparsevlm_plus", "layers": [1], "keep": [30]},
             {"name": "sparsevlm_plus", "layers": [1, 3, 5], "keep": [30, 12, 6]},
         ),
+        (
+            {"name": "sparsevlm", "raters": "all_tokens", "layers": [1], "keep": [30], "record_scores": True},
+            {
+                "name": "sparsevlm",
+                "raters": "all_tokens",
+                "layers": [1, 3, 5],
+                "keep": [30, 12, 6],
+                "record_scores": True,
+            },
+        ),
     ],
-    ids=["pdrop", "sparsevlm", "sparsevlm_plus"],
+    ids=["pdrop", "sparsevlm", "sparsevlm_plus", "sparsevlm_all_tokens_scores"],
 )
 def test_decisions_do_not_wait_for_the_device(one, three):
     """A decision (scores, recycling, applying it, its record and checks) reads nothing on the host: three
