@@ -11,7 +11,7 @@ from framework import ConfigError, attach, build
 from framework.accounting import account
 from framework.syncs import SyncCounter
 from strategies.cdpruner import conditional_kernel, dpp_greedy_map, instruction_relevance
-from tests.tiny import llava_inputs, make_llava, positions
+from tests.tiny import alone, llava_inputs, make_llava, positions
 
 
 def naive_greedy(L: torch.Tensor, k: int) -> list[int]:
@@ -183,12 +183,7 @@ def test_batch_equals_alone_and_budget(llava8, cfg, kept):
     assert [a.equivalent_tokens for a in account(eng)] == [kept] * 3
     assert [r["stages"][0]["no_instruction"] for r in rec] == [False, False, cfg.get("relevance") != "none"]
     for b in range(len(PROMPTS)):
-        cols = x["attention_mask"][b].bool()
-        xa = {
-            "input_ids": x["input_ids"][b : b + 1, cols],
-            "attention_mask": x["attention_mask"][b : b + 1, cols],
-            "pixel_values": x["pixel_values"][b : b + 1],
-        }
+        xa = alone(x, b)
         with torch.no_grad(), attach(llava8, build({"name": "cdpruner", **cfg})) as eng1:
             o = llava8(**xa)
         assert (o.logits[0, -1] - out.logits[b, -1]).abs().max() < 1e-5

@@ -8,7 +8,7 @@ import torch
 from framework import ConfigError, Decision, TokenReducer, attach, build, register
 from framework.accounting import account
 from framework.context import Slots, StageContext
-from tests.tiny import llava_inputs, make_llava, positions
+from tests.tiny import alone, llava_inputs, make_llava, positions
 
 PROMPTS = [(3, 5), (1, 2), (6, 8)]
 
@@ -16,15 +16,6 @@ PROMPTS = [(3, 5), (1, 2), (6, 8)]
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
 def model(request):
     return make_llava(layers=4, attn=request.param)
-
-
-def _alone(x, b):
-    cols = x["attention_mask"][b].bool()
-    return {
-        "input_ids": x["input_ids"][b : b + 1, cols],
-        "attention_mask": x["attention_mask"][b : b + 1, cols],
-        "pixel_values": x["pixel_values"][b : b + 1],
-    }
 
 
 @register("test_per_sample")
@@ -150,8 +141,8 @@ def test_batch_equals_alone_with_different_counts(model):
         batch = model(**x, position_ids=pos).logits[:, -1]
         counts = [s["visual_per_layer"] for s in engine.last_record]
         for b in range(3):
-            alone = model(**_alone(x, b)).logits[:, -1]
-            assert torch.allclose(alone[0], batch[b], atol=1e-5)
+            single = model(**alone(x, b)).logits[:, -1]
+            assert torch.allclose(single[0], batch[b], atol=1e-5)
     assert [c[-1] for c in counts] == [3, 2, 4]
     assert counts[0] == [16, 16, 3, 3]
 

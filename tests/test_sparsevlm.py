@@ -9,7 +9,7 @@ import torch
 from framework import ConfigError, attach, build
 from framework.clustering import cluster_and_merge, dpc_knn, merge_clusters, scaled_distances
 from strategies.sparsevlm import matrix_ranks, rank_keep, scale_layers, select_raters
-from tests.tiny import llava_inputs, make_llava, positions
+from tests.tiny import alone, assert_cached_decode_equals_recompute, llava_inputs, make_llava, positions
 
 BUDGETS = [{"budget": "fixed"}, {"budget": "rank_v1"}, {"budget": "rank_paper", "lam": 0.5}]
 
@@ -209,17 +209,12 @@ def test_batch_equals_alone(llava8, cfg):
     x = llava_inputs(llava8, PROMPTS)
     out, rec = run(llava8, build({"name": "sparsevlm", **cfg}), x)
     for b in range(len(PROMPTS)):
-        cols = x["attention_mask"][b].bool()
-        xa = {
-            "input_ids": x["input_ids"][b : b + 1, cols],
-            "attention_mask": x["attention_mask"][b : b + 1, cols],
-            "pixel_values": x["pixel_values"][b : b + 1],
-        }
+        xa = alone(x, b)
         o, ra = run(llava8, build({"name": "sparsevlm", **cfg}), xa)
         assert (o.logits[0, -1] - out.logits[b, -1]).abs().max() < 1e-5
         assert rec[b]["visual_per_layer"] == ra[0]["visual_per_layer"]
         # raters are LM-input indices: shift by this sample's left padding
-        pad = int((~cols).sum())
+        pad = int((x["attention_mask"][b] == 0).sum())
         assert [[i - pad for i in s["raters"]] for s in rec[b]["stages"]] == [s["raters"] for s in ra[0]["stages"]]
     if cfg["budget"] != "fixed":
         assert all("rank" in s for s in rec[0]["stages"])
@@ -227,16 +222,7 @@ def test_batch_equals_alone(llava8, cfg):
 
 @pytest.mark.parametrize("cfg", BUDGETS + [{"budget": "fixed", "positions": "keep"}])
 def test_cached_decode_equals_recompute(llava8, cfg):
-    x = llava_inputs(llava8, PROMPTS)
-    reducer = build({"name": "sparsevlm", **cfg})
-    kw = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        with attach(llava8, reducer):
-            g = llava8.generate(**x, **kw)
-        with attach(llava8, reducer, replay=True):
-            g2 = llava8.generate(**x, use_cache=False, **kw)
-    assert max((a - b).abs().max().item() for a, b in zip(g.logits, g2.logits)) < 1e-5
-    assert torch.equal(g.sequences, g2.sequences)
+    assert_cached_decode_equals_recompute(llava8, build({"name": "sparsevlm", **cfg}), llava_inputs(llava8, PROMPTS))
 
 
 def test_scaled_presets_and_explicit_fields(llava8):

@@ -10,7 +10,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from framework import ConfigError, attach, build
 from strategies.sparsevlm import PLUS_PRESETS, SparseVLM, SparseVLMPlus, priority_heads, rope_gravity
-from tests.tiny import llava_inputs, make_llava, positions
+from tests.tiny import alone, assert_cached_decode_equals_recompute, llava_inputs, make_llava, positions
 
 
 def run(model, cfg, x):
@@ -151,15 +151,6 @@ def llava8():
     return make_llava(layers=8, grid=8)
 
 
-def _alone(x, b):
-    cols = x["attention_mask"][b].bool()
-    return {
-        "input_ids": x["input_ids"][b : b + 1, cols],
-        "attention_mask": x["attention_mask"][b : b + 1, cols],
-        "pixel_values": x["pixel_values"][b : b + 1],
-    }
-
-
 @pytest.mark.parametrize(
     "cfg",
     [
@@ -172,7 +163,7 @@ def test_head_selection_per_sample_equals_batch_of_one(llava8, cfg):
     x = llava_inputs(llava8, PROMPTS)
     out, rec = run(llava8, cfg, x)
     for b in range(len(PROMPTS)):
-        o, ra = run(llava8, cfg, _alone(x, b))
+        o, ra = run(llava8, cfg, alone(x, b))
         assert (o.logits[0, -1] - out.logits[b, -1]).abs().max() < 1e-5
         assert rec[b]["visual_per_layer"] == ra[0]["visual_per_layer"]
         assert [s["heads"] for s in rec[b]["stages"]] == [s["heads"] for s in ra[0]["stages"]]
@@ -187,16 +178,7 @@ def test_samples_pick_their_own_heads(llava8):
 
 
 def test_cached_decode_equals_recompute(llava8):
-    x = llava_inputs(llava8, PROMPTS)
-    reducer = build("sparsevlm_plus")
-    kw = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        with attach(llava8, reducer):
-            g = llava8.generate(**x, **kw)
-        with attach(llava8, reducer, replay=True):
-            g2 = llava8.generate(**x, use_cache=False, **kw)
-    assert max((a - b).abs().max().item() for a, b in zip(g.logits, g2.logits)) < 1e-5
-    assert torch.equal(g.sequences, g2.sequences)
+    assert_cached_decode_equals_recompute(llava8, build("sparsevlm_plus"), llava_inputs(llava8, PROMPTS))
 
 
 def test_equal_length_batch_without_position_ids_equals_alone(llava8):
@@ -205,5 +187,5 @@ def test_equal_length_batch_without_position_ids_equals_alone(llava8):
     with torch.no_grad(), attach(llava8, build("sparsevlm_plus")):
         out = llava8(**x).logits[:, -1]
         for b in range(2):
-            alone = llava8(**_alone(x, b)).logits[0, -1]
-            assert (alone - out[b]).abs().max() < 1e-5
+            single = llava8(**alone(x, b)).logits[0, -1]
+            assert (single - out[b]).abs().max() < 1e-5

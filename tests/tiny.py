@@ -51,3 +51,27 @@ def llava_inputs(model, prompts: list[tuple[int, int]], seed: int = 0):
 def positions(mask: torch.Tensor) -> torch.Tensor:
     """generate()'s convention for left padding: cumsum(mask) - 1, padding at 1."""
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+def alone(x: dict, b: int) -> dict:
+    """Sample b of a left-padded `llava_inputs` batch, unpadded, with its own image."""
+    cols = x["attention_mask"][b].bool()
+    return {
+        "input_ids": x["input_ids"][b : b + 1, cols],
+        "attention_mask": x["attention_mask"][b : b + 1, cols],
+        "pixel_values": x["pixel_values"][b : b + 1],
+    }
+
+
+def assert_cached_decode_equals_recompute(model, reducer, x: dict, new_tokens: int = 4) -> None:
+    """Greedy decode with the KV cache == no-cache decoding that replays the same decisions (1e-5)."""
+    from framework import attach
+
+    kw = dict(max_new_tokens=new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        with attach(model, reducer):
+            g = model.generate(**x, **kw)
+        with attach(model, reducer, replay=True):
+            g2 = model.generate(**x, use_cache=False, **kw)
+    assert max((a - b).abs().max().item() for a, b in zip(g.logits, g2.logits)) < 1e-5
+    assert torch.equal(g.sequences, g2.sequences)
