@@ -294,13 +294,14 @@ def decode_seconds(model, reducer, inputs, new_tokens: int, clock: Clock, cache:
 
 
 @torch.no_grad()
-def prefill_syncs(model, reducer, inputs) -> int:
+def prefill_syncs(model, reducer, inputs) -> tuple[int, int]:
     """Host-device synchronisation points in one prefill (`framework.syncs.SyncCounter`): on a GPU each one
-    drains the queue, so the host's launch time of the ops after it is no longer hidden."""
+    drains the queue, so the host's launch time of the ops after it is no longer hidden; and the prefill's
+    non-view ops (kernel launches on a GPU, at most: what a launch-bound prefill pays for)."""
     with attach(model, reducer):
         with SyncCounter() as syncs:
             model(**inputs, logits_to_keep=1)
-    return syncs.count
+    return syncs.count, syncs.ops
 
 
 @torch.no_grad()
@@ -402,7 +403,7 @@ def measure(
         "own_share": _median([r[2] / r[0] for r in runs]),
         "decode_ms": 1e3 * _median(decodes),
         "peak_mb": peak_mb(model, reducer, inputs),
-        "syncs": prefill_syncs(model, reducer, inputs),
+        **dict(zip(("syncs", "ops"), prefill_syncs(model, reducer, inputs))),
         **accounting(model, reducer, inputs),
     }
     if bases:

@@ -68,13 +68,14 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
         "decoder: what an ideal reducer that costs nothing would reach; stock/FLOPs = how far the shape itself "
         "is from its FLOPs ratio (fixed per-layer work); dec/stock = decoder × / stock × - 1: the "
         "reduction's whole overhead over that floor (its own work, hooks, masks, padding). syncs = "
-        "host-device synchronisation points in one prefill (framework.syncs; free on a CPU, each a stall on a GPU).",
+        "host-device synchronisation points in one prefill (framework.syncs; free on a CPU, each a stall on a GPU); "
+        "ops = its non-view ops (at most one kernel launch each on a GPU).",
         "",
     ]
     head = (
         "| shape | batch | strategy | budget | eq. tok | prefill ms | prefill × | decoder × | TFLOPs | FLOPs × "
-        "| causal FLOPs × | lat/FLOPs | stock × | stock/FLOPs | dec/stock | own % | syncs | decode ms/tok | decode × "
-        "| decode tok/s | KV MiB | KV MB (paper) "
+        "| causal FLOPs × | lat/FLOPs | stock × | stock/FLOPs | dec/stock | own % | syncs | ops | decode ms/tok "
+        "| decode × | decode tok/s | KV MiB | KV MB (paper) "
         "| KV × | peak MB | peak × |"
     )
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
@@ -85,7 +86,8 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
             f"| {r['tflops']:.4g} | {_f(r['tflops_ratio'])} | {_f(r['tflops_causal_ratio'])} "
             f"| {100 * r['latency_vs_flops']:+.1f} % | {_f(r.get('floor_ratio'))} "
             f"| {_pct(r.get('floor_vs_flops'))} | {_pct(r.get('decoder_vs_floor'))} "
-            f"| {100 * r['own_share']:.2f} | {r.get('syncs', '-')} | {r['decode_ms']:.2f} | {_f(r['decode_ms_ratio'])} "
+            f"| {100 * r['own_share']:.2f} | {r.get('syncs', '-')} | {r.get('ops', '-')} | {r['decode_ms']:.2f} "
+            f"| {_f(r['decode_ms_ratio'])} "
             f"| {r['decode_tok_s']:.1f} | {r['kv_mib']:.1f} | {r['kv_visual_mb']:.1f} | {_f(r['kv_mib_ratio'])} "
             f"| {_f(r['peak_mb'], '.1f')} | {_f(r['peak_mb_ratio'])} |"
         )

@@ -12,7 +12,10 @@ factory such as `torch.tensor(values, device=...)` copies below the level counte
 
     with SyncCounter(sites=True) as syncs:
         model(**inputs)
-    print(syncs.count, syncs.sites.most_common(5))
+    print(syncs.count, syncs.sites.most_common(5), syncs.ops)
+
+`ops` counts the dispatched ops that are not views: on a GPU each launches at most one kernel, so where a
+prefill is launch-bound (small layers after a reduction) their number, not their FLOPs, sets its time.
 
 Host-side work on an array already copied (numpy, Python lists) is not counted: copy once, then work there.
 """
@@ -43,10 +46,12 @@ _HOST_COPIES = {"tolist", "cpu", "item"}
 
 class SyncCounter:
     """Context manager counting host-device synchronisation points (see the module docstring).
-    count: the number; sites (with sites=True): a Counter of "file:line" of the calling code."""
+    count: the number; sites (with sites=True): a Counter of "file:line" of the calling code; ops: the
+    dispatched ops that are not views (kernel launches on a GPU, at most)."""
 
     def __init__(self, sites: bool = False):
         self.count = 0
+        self.ops = 0
         self.sites: collections.Counter = collections.Counter()
         self._trace = sites
         self._depth = 0  # inside a counted host copy: its own dispatcher-level ops are not counted again
@@ -94,8 +99,10 @@ class _DispatchLevel(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.counter._depth == 0 and _synchronises(func, args, kwargs):
-            self.counter._hit()
+        if self.counter._depth == 0:
+            self.counter.ops += not func.is_view
+            if _synchronises(func, args, kwargs):
+                self.counter._hit()
         return func(*args, **kwargs)
 
 

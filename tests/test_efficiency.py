@@ -71,9 +71,13 @@ def test_rows_and_metadata(written):
     for key in (("none", None), ("fastv", 64), ("sparsevlm", 64)):
         assert syncs[(2, *key)] == syncs[(1, *key)]
     assert syncs[(1, "none", None)] < syncs[(1, "fastv", 64)] < syncs[(1, "sparsevlm", 64)]
+    # non-view ops per prefill: fewer layers' worth of tokens does not change their number, decisions add some
+    ops = {(r["batch"], r["strategy"], r["budget"]): r["ops"] for r in rows}
+    assert 0 < ops[(1, "none", None)] < ops[(1, "fastv", 64)] < ops[(1, "sparsevlm", 64)]
     assert [s["batch"] for s in data["batch_scaling"]] == [2, 2, 2]
     # one Markdown line per row, with the table's columns, and the batch table
     for col in (
+        "ops",
         "prefill ×",
         "decoder ×",
         "FLOPs ×",

@@ -43,6 +43,18 @@ def test_counter_counts_copies_between_host_and_device_that_wait():
     assert syncs.count == 0
 
 
+def test_counter_counts_ops_that_are_not_views():
+    t = torch.arange(12)
+    with SyncCounter() as c:
+        t.view(3, 4)
+        t[2:]
+        t.reshape(2, 6).T
+        t + 1
+        t.index_select(0, torch.tensor([1, 2]))
+        t.sum()
+    assert c.ops == 3  # add, index_select, sum (a factory such as torch.tensor copies below the dispatcher)
+
+
 def test_counter_ignores_static_shapes_and_host_arrays():
     t = torch.arange(6)
     with SyncCounter() as syncs:
