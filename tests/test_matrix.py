@@ -20,7 +20,7 @@ from framework import ConfigError, attach, build
 from framework.registry import available
 from models import adapter_for
 from tests.strategy_defaults import backbone_check, backbone_expect, cases, refused
-from tests.tiny import llava_inputs, make_llava, positions
+from tests.tiny import alone, llava_inputs, make_llava, positions
 
 TOL = 1e-5
 NEW_TOKENS = 3
@@ -37,22 +37,13 @@ class Backbone:
     forward_kw: Callable[[torch.nn.Module, dict], dict] = lambda m, x: {"position_ids": positions(x["attention_mask"])}
 
 
-def _llava_alone(x: dict, b: int) -> dict:
-    cols = x["attention_mask"][b].bool()
-    return {
-        "input_ids": x["input_ids"][b : b + 1, cols],
-        "attention_mask": x["attention_mask"][b : b + 1, cols],
-        "pixel_values": x["pixel_values"][b : b + 1],
-    }
-
-
 BACKBONES = [
     Backbone(
         "llava",
         lambda: make_llava(),
         lambda m: llava_inputs(m, [(3, 5), (1, 2), (6, 8)]),
         lambda m: llava_inputs(m, [(2, 4)], seed=1),
-        _llava_alone,
+        alone,
     ),
 ]
 
