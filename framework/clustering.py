@@ -107,16 +107,9 @@ def merge_clusters(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, merge
 
 def _merge(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, merge: str, counts) -> torch.Tensor:
     """Row sums per label, in row order; mean: divided by counts ((C, 1) integer tensor, >= 1; float32 /
-    integer divides by the count as a float32, exactly as dividing by the converted count). x (G, N, D) with
-    labels (G, N) and counts (G, C, 1): each sample's own clusters."""
-    if x.dim() == 2:
-        out = torch.zeros(n_clusters, x.shape[-1], dtype=torch.float32, device=x.device)
-        out.index_add_(0, labels, x.float())
-    else:  # sample g's cluster c is row g * C + c of one scatter (each row's sum still in row order)
-        G, N, D = x.shape
-        flat = (labels + torch.arange(G, device=x.device)[:, None] * n_clusters).flatten()
-        out = torch.zeros(G * n_clusters, D, dtype=torch.float32, device=x.device)
-        out = out.index_add_(0, flat, x.reshape(G * N, D).float()).view(G, n_clusters, D)
+    integer divides by the count as a float32, exactly as dividing by the converted count)."""
+    out = torch.zeros(n_clusters, x.shape[-1], dtype=torch.float32, device=x.device)
+    out.index_add_(0, labels, x.float())
     return out / counts if merge == "mean" else out
 
 
@@ -146,13 +139,13 @@ def cluster(
         raise ValueError(f"merge={merge!r}; allowed: {list(MERGE_MODES)}")
     labels, centres = dpc_knn(x, n_clusters, k=k, assign=assign)
     C = int(centres.shape[-1])
+    # a batch is one merge over all samples' rows: sample g's cluster c is row g * C + c (each row's sum
+    # still in row order, so each sample gets what it gets alone)
+    lead = labels.shape[:-1]
+    flat = labels if not lead else (labels + torch.arange(lead[0], device=x.device)[:, None] * C).flatten()
     # each cluster has its centre: no empty cluster (counted by a scatter: bincount would sync a GPU for
     # its output size)
-    if x.dim() == 2:
-        counts = torch.zeros(C, dtype=torch.long, device=x.device).index_add_(0, labels, torch.ones_like(labels))
-    else:
-        G = int(x.shape[0])
-        flat = (labels + torch.arange(G, device=x.device)[:, None] * C).flatten()
-        counts = torch.zeros(G * C, dtype=torch.long, device=x.device).index_add_(0, flat, torch.ones_like(flat))
-        counts = counts.view(G, C)
-    return _merge(x, labels, C, merge, counts[..., None]), labels, centres
+    n_out = C * (lead[0] if lead else 1)
+    counts = torch.zeros(n_out, dtype=torch.long, device=x.device).index_add_(0, flat, torch.ones_like(flat))
+    merged = _merge(x.reshape(-1, x.shape[-1]), flat, n_out, merge, counts[:, None])
+    return merged.view(*lead, C, x.shape[-1]), labels, centres

@@ -129,9 +129,9 @@ def _distinct_in_range(s: torch.Tensor, n) -> torch.Tensor:
     return torch.minimum(low, n - s.shape[-1] + a)  # and <= n - 1
 
 
-def _keep_flags(k: torch.Tensor) -> torch.Tensor:
-    """(first, last, has repeats) of a sorted, non-empty keep."""
-    return torch.stack([k[0], k[-1], (k[1:] == k[:-1]).any()])
+def _keep_flags(s: torch.Tensor) -> torch.Tensor:
+    """Sorted, non-empty keeps (G, k) -> (3, G): each one's first and last index, and whether one repeats."""
+    return torch.stack([s[:, 0], s[:, -1], (s[:, 1:] == s[:, :-1]).any(1)])
 
 
 def _checked_keeps(decisions: list[Decision], n_visual: list[int], dev, checks: DeferredChecks) -> list[torch.Tensor]:
@@ -148,13 +148,13 @@ def _checked_keeps(decisions: list[Decision], n_visual: list[int], dev, checks: 
             )
     if len({k.numel() for k in keeps}) == 1:
         s = (keeps[0][None] if len(keeps) == 1 else torch.stack(keeps)).sort(-1).values
-        flags = torch.stack([s[:, 0], s[:, -1], (s[:, 1:] == s[:, :-1]).any(1)])
+        flags = _keep_flags(s)
         # the sample sizes travel without a blocking copy (which would wait for the queue)
         n = n_visual[0] if len(keeps) == 1 else _to_device(dev, {"n": n_visual})["n"][:, None]
         keeps = list(_distinct_in_range(s, n))
     else:
         keeps = [k.sort().values for k in keeps]
-        flags = torch.stack([_keep_flags(k) for k in keeps], 1)
+        flags = torch.cat([_keep_flags(k[None]) for k in keeps], 1)
         keeps = [_distinct_in_range(k[None], m)[0] for k, m in zip(keeps, n_visual)]
 
     def message(flags) -> str | None:  # flags (3, B): first and last kept index, whether one repeats
