@@ -102,12 +102,13 @@ def merge_clusters(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, merge
     if merge not in MERGE_MODES:
         raise ValueError(f"merge={merge!r}; allowed: {list(MERGE_MODES)}")
     counts = torch.bincount(labels, minlength=n_clusters).clamp(min=1)[:, None] if merge == "mean" else None
-    return _merge(x, labels, n_clusters, merge, counts)
+    return merge_rows(x, labels, n_clusters, merge, counts)
 
 
-def _merge(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, merge: str, counts) -> torch.Tensor:
-    """Row sums per label, in row order; mean: divided by counts ((C, 1) integer tensor, >= 1; float32 /
-    integer divides by the count as a float32, exactly as dividing by the converted count)."""
+def merge_rows(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, merge: str, counts) -> torch.Tensor:
+    """(N, D) rows -> (C, D) float32 row sums per label, in row order, with nothing read on the host; mean:
+    divided by counts ((C, 1) integer tensor, >= 1, the labels' counts; float32 / integer divides by the
+    count as a float32, exactly as dividing by the converted count)."""
     out = torch.zeros(n_clusters, x.shape[-1], dtype=torch.float32, device=x.device)
     out.index_add_(0, labels, x.float())
     return out / counts if merge == "mean" else out
@@ -147,5 +148,5 @@ def cluster(
     # its output size)
     n_out = C * (lead[0] if lead else 1)
     counts = torch.zeros(n_out, dtype=torch.long, device=x.device).index_add_(0, flat, torch.ones_like(flat))
-    merged = _merge(x.reshape(-1, x.shape[-1]), flat, n_out, merge, counts[:, None])
+    merged = merge_rows(x.reshape(-1, x.shape[-1]), flat, n_out, merge, counts[:, None])
     return merged.view(*lead, C, x.shape[-1]), labels, centres

@@ -6,6 +6,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from framework.clustering import merge_rows
 from framework.errors import ConfigError
 from framework.merging import grid_shape, pool_bins
 from framework.reducer import CountBudget, Decision, TokenReducer, grouped_decision
@@ -116,8 +117,7 @@ class Pooling(CountBudget, TokenReducer):
         index, label = torch.cat(members), np.concatenate(labels)
         host = torch.from_numpy(np.concatenate([label, np.concatenate(first_at), np.bincount(label)]).astype(np.int64))
         label_t, first_t, count = host.to(x.device, non_blocking=True).split([label.size, *[n_cells + n_layout] * 2])
-        sums = torch.zeros(n_cells + n_layout, x.shape[-1], dtype=torch.float32, device=x.device)
-        means = sums.index_add_(0, label_t, x[index].float()) / count[:, None]
+        means = merge_rows(x[index], label_t, n_cells + n_layout, "mean", count[:, None])
         return grouped_decision(index[first_t], index, label, means.to(x.dtype))
 
 
