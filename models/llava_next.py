@@ -181,12 +181,20 @@ class LlavaNextAdapter(BackboneAdapter):
             [int(m.numel()) for m in maps] == [int(lay.numel()) for lay in self._layouts(kwargs)],
             f"{self.family}: the recorded image sizes do not match this forward's images",
         )
-        # images are consumed in batch order: the image tokens in row-major order, with one scatter
+        return self._at_image_tokens(input_ids, (torch.cat(maps), -1))[0]
+
+    def _at_image_tokens(self, input_ids: torch.Tensor, *values: tuple[torch.Tensor, object]) -> list[torch.Tensor]:
+        """Per (host values, fill): a (B, L) tensor with the values at the image-token positions in row-major
+        order (images are consumed in batch order), `fill` elsewhere: one static-size nonzero for all, and
+        one scatter each."""
         image = (input_ids == self.image_token_id).flatten()
-        at = torch.nonzero_static(image, size=sum(int(m.numel()) for m in maps)).squeeze(1)
-        out = torch.full((input_ids.numel(),), -1, dtype=torch.long, device=input_ids.device)
-        out[at] = torch.cat(maps).to(out.device, non_blocking=True)
-        return out.view(input_ids.shape)
+        at = torch.nonzero_static(image, size=int(values[0][0].numel())).squeeze(1)
+        out = []
+        for v, fill in values:
+            t = torch.full((input_ids.numel(),), fill, dtype=v.dtype, device=input_ids.device)
+            t[at] = v.to(t.device, non_blocking=True)
+            out.append(t.view(input_ids.shape))
+        return out
 
     # --- inputs -------------------------------------------------------------------------------------
     def has_visual_input(self, kwargs: dict) -> bool:
@@ -201,16 +209,10 @@ class LlavaNextAdapter(BackboneAdapter):
         """(B, L) image index per image-token position (-1 elsewhere) and (B, L) newline flags, written
         with one scatter each from host-built values."""
         assigned, _ = self._assign(input_ids, kwargs)
-        image = (input_ids == self.image_token_id).flatten()
         ids = [torch.full((int(lay.numel()),), i, dtype=torch.long) for mine in assigned for i, lay in enumerate(mine)]
-        ids, lines = torch.cat(ids), torch.cat([lay for mine in assigned for lay in mine])
-        at = torch.nonzero_static(image, size=int(ids.numel())).squeeze(1)
-        dev = input_ids.device
-        span = torch.full((input_ids.numel(),), -1, dtype=torch.long, device=dev)
-        newline = torch.zeros(input_ids.numel(), dtype=torch.bool, device=dev)
-        span[at] = ids.to(dev, non_blocking=True)
-        newline[at] = lines.to(dev, non_blocking=True)
-        return span.view(input_ids.shape), newline.view(input_ids.shape)
+        lines = torch.cat([lay for mine in assigned for lay in mine])
+        span, newline = self._at_image_tokens(input_ids, (torch.cat(ids), -1), (lines, False))
+        return span, newline
 
     def visual_mask(self, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
         image = input_ids == self.image_token_id
