@@ -38,9 +38,9 @@ every group; all shapes run at batch 1 before any larger batch, and `--stop-afte
 row after that time, so a run cut short keeps what it measured (and says so).
 
   python -m benchmarks.efficiency --device cpu --shapes small         # CPU table, 7-9 min on 1 core
-  python -m benchmarks.efficiency --device cuda --stop-after 420 --profile sparsevlm:192
-                                     # GPU table: llava15 + llavanext, batches 1/8/32, <= ~8 min; then a
-                                     # profile of SparseVLM-192's prefill (kernels, launch gaps)
+  python -m benchmarks.efficiency --device cuda --stop-after 420 --profile none,fastv:192,sparsevlm:192
+                                     # GPU table: llava15 + llavanext, batches 1/8/32, <= ~8 min; then
+                                     # profiles of three prefills (kernels, device busy share)
 On the lent H200 (transformers 5.17 installed there), carry a transformers 5.24 wheel (`pip download
 --no-deps --only-binary=:all: --python-version 3.12 transformers==5.24.0 -d .whl`; if its import asks for
 a newer regex or huggingface-hub, carry those too), install it with `--target /tmp/site`, put that on
@@ -631,6 +631,24 @@ def metadata(args, device: torch.device, clock_name: str, argv: list[str]) -> di
     }
 
 
+def parse_profiles(spec: str | None) -> list[tuple[str, str, int | None]]:
+    """"none,sparsevlm:192,fastv:64" -> [(label, strategy, budget)]; a bad entry fails before anything runs."""
+    out = []
+    for label in (spec or "").split(","):
+        if not label:
+            continue
+        strategy, _, budget = label.partition(":")
+        if strategy == "none" and not budget:
+            out.append((label, "none", None))
+        elif strategy in STRATEGIES and budget.isdigit():
+            out.append((label, strategy, int(budget)))
+        else:
+            raise SystemExit(
+                f"--profile entry {label!r}: expected STRATEGY:BUDGET (STRATEGY of {list(STRATEGIES)}) or 'none'"
+            )
+    return out
+
+
 def parse(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.efficiency", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -666,9 +684,10 @@ def parse(argv):
     p.add_argument(
         "--profile",
         default=None,
-        metavar="STRATEGY:BUDGET",
-        help="after the table, profile a few batch-1 prefills of this row on the first shape (torch.profiler, "
-        "kernels and host ops) into <out>_profile.txt: where the row's time goes on this device",
+        metavar="STRATEGY:BUDGET,...",
+        help="after the table, profile a few batch-1 prefills of these rows ('none' for no reduction) on the first "
+        "shape (torch.profiler, kernels and host ops) into <out>_profile.txt: where each row's time goes on this "
+        "device, and how busy the device is (a launch-bound prefill leaves it idle)",
     )
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
@@ -682,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     args.repeats = args.repeats or (20 if cuda else 5)
     args.new_tokens = args.new_tokens or (16 if cuda else 8)
+    profiles = parse_profiles(args.profile)
     shapes = [s for s in (args.shapes or ("llava15,llavanext" if cuda else "small")).split(",") if s]
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
@@ -734,14 +754,15 @@ def main(argv: list[str] | None = None) -> int:
     expected = len(shapes) * sum(1 + len(strategies) * len(budgets if b == 1 else batch_budgets) for b in batches)
     meta["complete"] = len(done) == expected  # False when --stop-after, memory or a failure cut the run short
     write()
-    if args.profile:
-        strategy, budget = args.profile.split(":")
+    if profiles:
         bb = backbones[0]
-        text = profile_prefill(
-            bb.model, reducer_for(strategy, int(budget), bb.n_visual), make_inputs(bb.model, bb.name, 1), device
-        )
+        inputs = make_inputs(bb.model, bb.name, 1)
         path = stem.parent / f"{stem.name}_profile.txt"
-        path.write_text(f"{meta['device_name']}, {bb.name}, batch 1, {args.profile}\n{text}\n")
+        parts = []
+        for label, strategy, budget in profiles:  # each part written as soon as it is measured
+            text = profile_prefill(bb.model, reducer_for(strategy, budget, bb.n_visual), inputs, device)
+            parts.append(f"{meta['device_name']}, {bb.name}, batch 1, {label}\n{text}\n")
+            path.write_text("\n".join(parts))
         log(f"wrote {path}")
     print(stem.with_suffix(".md").read_text())
     print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.json')}")

@@ -244,10 +244,19 @@ def test_profile_writes_where_a_rows_time_goes(tmp_path):
     stem = tmp_path / "prof"
     eff.main(["--device", "cpu", "--shapes", "tiny", "--strategies", "sparsevlm", "--budgets", "64", "--batches", "1",
               "--repeats", "1", "--new-tokens", "2", "--decode-repeats", "1", "--quiet", "--out", str(stem),
-              "--profile", "sparsevlm:64"])  # fmt: skip
+              "--profile", "none,sparsevlm:64"])  # fmt: skip
     text = (tmp_path / "prof_profile.txt").read_text()
-    assert text.startswith("CPU") and "tiny, batch 1, sparsevlm:64" in text and "wall " in text
-    assert "reducer.decide" in text and "engine.apply_decisions" in text and "reducer.begin" in text
+    none, sparse = text.split("tiny, batch 1, ")[1:]
+    assert text.startswith("CPU") and none.startswith("none\n") and sparse.startswith("sparsevlm:64\n")
+    assert "wall " in none and "reducer.decide" not in none
+    assert "reducer.decide" in sparse and "engine.apply_decisions" in sparse and "reducer.begin" in sparse
+
+
+@pytest.mark.parametrize("spec", ["sparsevlm", "sparsevlm:x", "nosuch:64", "none:64,"])
+def test_a_bad_profile_entry_fails_before_anything_runs(spec, capsys):
+    with pytest.raises(SystemExit, match="--profile entry"):
+        eff.main(["--device", "cpu", "--shapes", "tiny", "--profile", spec])
+    assert capsys.readouterr().out == ""
 
 
 def test_stock_floor_charges_each_layer_its_token_count(written, monkeypatch):
