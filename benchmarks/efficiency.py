@@ -632,7 +632,7 @@ def metadata(args, device: torch.device, clock_name: str, argv: list[str]) -> di
 
 
 def parse_profiles(spec: str | None) -> list[tuple[str, str, int | None]]:
-    """"none,sparsevlm:192,fastv:64" -> [(label, strategy, budget)]; a bad entry fails before anything runs."""
+    """Parse --profile, e.g. "none,sparsevlm:192": [(label, strategy, budget)]; a bad entry fails at once."""
     out = []
     for label in (spec or "").split(","):
         if not label:
