@@ -63,6 +63,19 @@ class Qwen2VLAdapter(BackboneAdapter):
         super().__init__(model)
         require(video_span in VIDEO_SPANS, f"{self.family}: video_span={video_span!r}; allowed: {list(VIDEO_SPANS)}")
         self.video_span = video_span
+        self._read: tuple | None = None  # the last prompt read on the host: (tensors, their versions, values)
+
+    def _on_host(self, input_ids: torch.Tensor, kwargs: dict) -> tuple[np.ndarray, dict]:
+        """The prompt's ids and the grids' rows on the host, read once per prompt: the engine asks for its
+        checks, spans and grids in turn, and each host read stalls a GPU. The tensors are held (so their
+        memory cannot be reused by another prompt) and compared by identity and in-place version."""
+        tensors = (input_ids, kwargs.get("image_grid_thw"), kwargs.get("video_grid_thw"))
+        versions = tuple(None if t is None else t._version for t in tensors)
+        last = self._read
+        if last is None or versions != last[1] or any(a is not b for a, b in zip(tensors, last[0])):
+            grids = {m: None if g is None else g.tolist() for m, g in zip(("image", "video"), tensors[1:])}
+            self._read = last = (tensors, versions, (input_ids.cpu().numpy(), grids))
+        return last[2]
 
     @property
     def image_token_id(self) -> int:
@@ -109,13 +122,13 @@ class Qwen2VLAdapter(BackboneAdapter):
         )
         self._spans(input_ids, kwargs)
 
-    def _items(self, kwargs: dict, modality: str) -> list[tuple[int, int | None]]:
+    def _items(self, input_ids: torch.Tensor, kwargs: dict, modality: str) -> list[tuple[int, int | None]]:
         """(tokens, tokens per frame or None) of each image / video of the batch, in order: from the
         grids (plain forward), else from the pre-encoded features `generate` passes instead."""
-        grid = kwargs.get(f"{modality}_grid_thw")
+        grid = self._on_host(input_ids, kwargs)[1][modality]
         m2 = self.merge**2
         if grid is not None:
-            return [(int(t) * int(h) * int(w) // m2, int(h) * int(w) // m2) for t, h, w in grid.tolist()]
+            return [(t * h * w // m2, h * w // m2) for t, h, w in grid]
         enc = (kwargs.get("mm_encoder_outputs") or {}).get(modality)
         return [] if enc is None else [(int(f.shape[0]), None) for f in enc.pooler_output]
 
@@ -123,7 +136,7 @@ class Qwen2VLAdapter(BackboneAdapter):
         """Per sample, its visual items in prompt order as (token id, positions, item index), matched to the
         batch's images / videos (consumed in batch order) and checked against their token counts. Reads the
         prompt in one host copy: a read per item would stall a GPU per image."""
-        ids = input_ids.cpu().numpy()
+        ids = self._on_host(input_ids, kwargs)[0]
         used = {k: 0 for k in items}
         out = []
         for b, row in enumerate(ids):
@@ -162,7 +175,10 @@ class Qwen2VLAdapter(BackboneAdapter):
         Video frames come from the grid, or (under `generate`, which passes no grid) from changes of
         the temporal M-RoPE position that `generate` passes as position_ids. Labels are built on the host
         and written with one scatter."""
-        items = {self.image_token_id: self._items(kwargs, "image"), self.video_token_id: self._items(kwargs, "video")}
+        items = {
+            self.image_token_id: self._items(input_ids, kwargs, "image"),
+            self.video_token_id: self._items(input_ids, kwargs, "video"),
+        }
         pos = kwargs.get("position_ids")
         temporal = pos[-3] if pos is not None and pos.dim() == 3 and pos.shape[0] in (3, 4) else None
         L = input_ids.shape[1]
@@ -208,10 +224,10 @@ class Qwen2VLAdapter(BackboneAdapter):
         hw = pos[-2:] if pos is not None and pos.dim() == 3 and pos.shape[0] in (3, 4) else None
         shapes, items = {}, {}
         for tok, modality in ((self.image_token_id, "image"), (self.video_token_id, "video")):
-            items[tok] = self._items(kwargs, modality)
-            grid = kwargs.get(f"{modality}_grid_thw")
+            items[tok] = self._items(input_ids, kwargs, modality)
+            grid = self._on_host(input_ids, kwargs)[1][modality]
             if grid is not None:
-                shapes[tok] = [(int(t), int(h) // self.merge, int(w) // self.merge) for t, h, w in grid.tolist()]
+                shapes[tok] = [(t, h // self.merge, w // self.merge) for t, h, w in grid]
             else:
                 if items[tok] and hw is None:
                     return None

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from framework import attach, build
+from framework.backbones import adapter_for
 from framework.syncs import SyncCounter
 from tests.tiny import llava_inputs, make_llava, positions
 
@@ -169,14 +170,18 @@ def _added_syncs(model, cfg: dict, samples: list[dict]) -> int:
 
     x = collate(samples)
     kw = {**x, **forward_kwargs(model, x)}
+
+    def fresh() -> dict:  # a new prompt each time: nothing read for an earlier one is reused
+        return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+
     with torch.no_grad():
-        model(**kw)
+        model(**fresh())
         with SyncCounter() as stock:
-            model(**kw)
+            model(**fresh())
         with attach(model, build(dict(cfg))):
-            model(**kw)
+            model(**fresh())
             with SyncCounter() as reduced:
-                model(**kw)
+                model(**fresh())
     return reduced.count - stock.count
 
 
@@ -205,3 +210,27 @@ def test_adapters_read_a_prompt_in_a_fixed_number_of_syncs(name, cfg):
     model = make(layers=4)
     samples = examples(model)
     assert _added_syncs(model, cfg, samples) == _added_syncs(model, cfg, samples[:1])
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_adapter_reads_a_prompt_once(name):
+    """The Qwen adapter's checks, spans and grids of one prompt share one host copy of its ids and one of its
+    grids; a new prompt, or the same tensor edited in place, is read again."""
+    from tests.tiny_backbones import BACKBONES, collate, forward_kwargs
+
+    make, examples = BACKBONES[name]
+    model = make(layers=4)
+    x = collate(examples(model))
+    kw = {k: v for k, v in {**x, **forward_kwargs(model, x)}.items() if k != "input_ids"}
+    adapter = adapter_for(model)
+    ids = x["input_ids"]
+    with SyncCounter() as syncs:
+        adapter.check_inputs(ids, kw)
+        adapter.visual_spans(ids, kw, adapter.visual_mask(ids, kw))
+        adapter.visual_grids(ids, kw)
+    assert syncs.count == 2  # the ids, the image grids
+    before = adapter.visual_spans(ids, kw, adapter.visual_mask(ids, kw))
+    b, first = (before >= 0).nonzero()[0].tolist()
+    ids[b, first] = 0  # no longer an image token: this prompt has one image token too few
+    with pytest.raises(Exception, match="consecutive|fewer|more"):
+        adapter.check_inputs(ids, kw)
