@@ -159,7 +159,8 @@ def farthest_points(xs: list[torch.Tensor], k: int) -> torch.Tensor:
     mind = dist[rows, i]  # (G, N) each token's distance to the nearest selected one
     taken = torch.zeros(G, N, dtype=torch.bool, device=dist.device)
     for _ in range(min(k, N) - 1):
-        taken[rows, i] = True
+        taken.scatter_(1, i[:, None], True)
+        # every taken token masked at every step: a NaN distance (a NaN token) would undo a single -inf
         i = mind.masked_fill_(taken, -math.inf).argmax(dim=1)
         picks.append(i)
         mind = torch.minimum(mind, dist[rows, i])

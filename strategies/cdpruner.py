@@ -81,26 +81,20 @@ def dpp_greedy_map(L: torch.Tensor, k: int, tol: float = 1e-10) -> torch.Tensor:
     dev = L.device
     if k == 0:
         return torch.zeros(G, 0, dtype=torch.long, device=dev)
-    flat_L = L.reshape(G * n, n)  # row g * n + j: row j of sample g
-    first_row = torch.arange(G, device=dev)[:, None] * n
     diag = L.diagonal(dim1=1, dim2=2).clone()  # (G, n)
     d2 = diag.clone()  # the gains d_j^2; -inf once taken
     cis = torch.zeros(G, k, n, dtype=L.dtype, device=dev)  # per sample C: one row per pick
-    cols = torch.zeros(G, n, k, dtype=L.dtype, device=dev)  # the same transposed: cols[g, j] = c_j
-    flat_cols = cols.view(G * n, k)
     cc = torch.zeros(G, n, dtype=L.dtype, device=dev)  # c_j . C of each sample's pick
     cis_of, cc_of = cis.unbind(0), cc.split(1)  # per sample: its C, its cc row (views made once)
     taken = torch.zeros(G, n, dtype=torch.bool, device=dev)
     picks, gains = [], []
-    for i in range(k):
+    for i in range(k):  # a step is 11 ops + one product per sample (kernel launches on a GPU)
         j = d2.argmax(dim=1, keepdim=True)  # (G, 1)
         dj = d2.gather(1, j)
-        row = (first_row + j).view(G)
-        c = flat_cols.index_select(0, row)  # (G, k) c_j (zero from column i on)
+        c = cis.gather(2, j[:, None].expand(G, k, 1)).view(G, k)  # c_j (zero from row i on)
         for g in range(G):  # the product a sample gets alone (a batched matmul may sum in another order)
             torch.mm(c[g : g + 1, :i], cis_of[g][:i], out=cc_of[g])
-        e = torch.div(flat_L.index_select(0, row) - cc, dj.sqrt(), out=cis[:, i])
-        cols[:, :, i] = e
+        e = torch.div(L.gather(1, j[:, None].expand(G, 1, n)).view(G, n) - cc, dj.sqrt(), out=cis[:, i])
         taken.scatter_(1, j, True)
         d2 = (d2 - e * e).masked_fill_(taken, -math.inf)  # masked after every update: NaN stays out
         picks.append(j)
