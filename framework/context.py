@@ -96,7 +96,7 @@ class Slots:
         if self.span is None:
             return 1
         if self._n_spans is None:
-            top = torch.stack([s.max() if s.numel() else s.new_tensor(0) for s in self.span])
+            top = torch.stack([s.max() if s.numel() else s.new_zeros(()) for s in self.span])
             self._n_spans = [t + 1 for t in top.tolist()]
         return self._n_spans[b]
 

@@ -7,8 +7,11 @@ size depends on the data (`nonzero`, `unique`, `bincount`, `masked_select`, bool
 every small op after it costs its full launch time. A reduction that reads once per token or per sample
 pays this many times per prefill. `SyncCounter` counts these calls on whatever device the model runs, CPU
 included (where they cost nothing), so a test or a benchmark can check that the count does not grow with
-the batch or the token count. Copies between host and device show up only when a device is used, and a
-factory such as `torch.tensor(values, device=...)` copies below the level counted here.
+the batch or the token count. Copies between host and device show up only when a device is used: `.to` /
+`copy_`, and the copies hidden in a factory (`torch.tensor(values, device=...)`, `torch.as_tensor` of host
+data, `t.new_tensor(values)` for a device tensor `t`) or in indexing a device tensor with a Python list or
+a host tensor (`t[[0, 2]]`), each a blocking host -> device copy. The meta device stands in for a GPU in
+tests, so these are counted there without one.
 
     with SyncCounter(sites=True) as syncs:
         model(**inputs)
@@ -42,6 +45,9 @@ _DATA_DEPENDENT = {
 }
 # Tensor methods that bring values to the host (`.numpy()` needs a host tensor already: its `.cpu()` counts)
 _HOST_COPIES = {"tolist", "cpu", "item"}
+# factories that copy host data to their device (blocking: the copy waits for the queue)
+_FACTORIES = {"tensor", "as_tensor", "new_tensor"}
+_INDEXING = {"__getitem__", "__setitem__", "index_put_", "index_put"}
 
 
 class SyncCounter:
@@ -82,14 +88,21 @@ class _FunctionLevel(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
-        if name in _HOST_COPIES and args and isinstance(args[0], torch.Tensor):
+        kwargs = kwargs or {}
+        if name in _INDEXING and _host_index(args):  # the index's copy happens below the dispatcher
             self.counter._hit()
-            self.counter._depth += 1
+        elif (
+            name in _FACTORIES
+            and _factory_copies(name, args, kwargs)
+            or (name in _HOST_COPIES and args and isinstance(args[0], torch.Tensor))
+        ):
+            self.counter._hit()
+            self.counter._depth += 1  # the copy's own dispatched ops are this one sync
             try:
-                return func(*args, **(kwargs or {}))
+                return func(*args, **kwargs)
             finally:
                 self.counter._depth -= 1
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
 
 
 class _DispatchLevel(TorchDispatchMode):
@@ -131,3 +144,34 @@ def _cross_device_wait(name: str, args, kwargs) -> bool:
     if (src.type == "cpu") == (dst.type == "cpu"):
         return False
     return dst.type == "cpu" or not non_blocking
+
+
+def _factory_copies(name: str, args, kwargs) -> bool:
+    """`torch.tensor` / `torch.as_tensor` / `Tensor.new_tensor` that copies host data to a device."""
+    if name == "new_tensor":
+        data = args[1] if len(args) > 1 else kwargs.get("data")
+        device = kwargs.get("device") or args[0].device
+    else:
+        data = args[0] if args else kwargs.get("data")
+        device = kwargs.get("device")
+    if device is None:
+        return False  # torch.tensor / as_tensor default to the host (or keep a tensor's device)
+    if torch.device(device).type == "cpu" or isinstance(data, torch.Tensor) and data.device.type != "cpu":
+        return False
+    return _size(data) > 0  # nothing to copy, nothing to wait for (as a cache's empty start)
+
+
+def _size(data) -> int:
+    if isinstance(data, (list, tuple)):
+        return sum(_size(x) for x in data) if data and isinstance(data[0], (list, tuple)) else len(data)
+    return int(getattr(data, "size", 1)) if not isinstance(data, torch.Tensor) else data.numel()
+
+
+def _host_index(args) -> bool:
+    """Indexing a device tensor with a Python list or a host tensor (not a 0-d one): the index is copied."""
+    if len(args) < 2 or not isinstance(args[0], torch.Tensor) or args[0].device.type == "cpu":
+        return False
+    index = args[1] if isinstance(args[1], tuple) else (args[1],)
+    return any(
+        isinstance(i, list) or (isinstance(i, torch.Tensor) and i.device.type == "cpu" and i.dim() > 0) for i in index
+    )

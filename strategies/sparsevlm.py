@@ -331,7 +331,7 @@ class SparseVLM(TokenReducer):
         match = (slots.index[:, None, :] == ids[:, :, None]) & (slots.valid & ~slots.visual)[:, None, :]
         found, rows = match.max(-1)
         if 0 in counts:  # no text after the image: the last prompt token rates instead
-            fallback = torch.tensor([n == 0 for n in counts], device=rows.device)[:, None]
+            fallback = torch.tensor([n == 0 for n in counts]).to(rows.device, non_blocking=True)[:, None]
             rows, found = torch.where(fallback, slots.last_slots()[:, None], rows), found | fallback
             counts = [max(n, 1) for n in counts]
         ctx.check(found.all(), "sparsevlm: a rater token is no longer in the sequence")
@@ -496,8 +496,11 @@ def _stack(ts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _rows(t: torch.Tensor, bs: list[int]) -> torch.Tensor:
-    """t[bs] along the batch dim, as a view when bs is a contiguous run."""
-    return t[bs[0] : bs[-1] + 1] if bs[-1] - bs[0] == len(bs) - 1 else t[bs]
+    """t[bs] along the batch dim, as a view when bs is a contiguous run (else the rows' index reaches the
+    device by a non-blocking copy: indexing with the list would wait for the queue)."""
+    if bs[-1] - bs[0] == len(bs) - 1:
+        return t[bs[0] : bs[-1] + 1]
+    return t.index_select(0, torch.tensor(bs).to(t.device, non_blocking=True))
 
 
 @register("sparsevlm_plus")

@@ -8,6 +8,7 @@ from framework.context import Slots
 from framework.decisions import apply_decisions
 from framework.errors import ConfigError
 from framework.reducer import Decision, SourceGroups
+from framework.syncs import SyncCounter
 
 
 def source_lists(d: Decision) -> list[torch.Tensor]:
@@ -214,9 +215,9 @@ def _on_meta(x):
 @pytest.mark.parametrize("kind", ["plain", "equal", "merge", "groups", "in_place", "groups_in_place", "values"])
 @pytest.mark.parametrize("B", [1, 3])
 def test_apply_decisions_keeps_every_op_on_the_decisions_device(kind, B):
-    """The meta device stands in for a GPU: every host-built index reaches it by a copy, so nothing mixes a
-    CPU tensor into a device op (which only a GPU would reject) and nothing reads a value back (the checks
-    are deferred)."""
+    """The meta device stands in for a GPU: every host-built index reaches it by a non-blocking copy, so
+    nothing mixes a CPU tensor into a device op (which only a GPU would reject), nothing waits for the queue
+    and nothing reads a value back (the checks are deferred)."""
     slots, hidden, decisions = random_case(torch.Generator().manual_seed(B), B, kind, widths=False)
     on_meta = Slots(
         index=_on_meta(slots.index),
@@ -227,7 +228,10 @@ def test_apply_decisions_keeps_every_op_on_the_decisions_device(kind, B):
     )
     fields = ("keep", "merged", "sources", "anchors", "values")
     moved = [Decision(**{f: _on_meta(getattr(d, f)) for f in fields}) for d in decisions]
-    new, out = apply_decisions(on_meta, _on_meta(hidden), moved, DeferredChecks())
+    hidden_meta = _on_meta(hidden)
+    with SyncCounter(sites=True) as syncs:
+        new, out = apply_decisions(on_meta, hidden_meta, moved, DeferredChecks())
+    assert syncs.count == 0, syncs.sites  # no read, no blocking copy, no host-built index
     want, want_out = apply_decisions(slots, hidden, decisions)
     assert out.device.type == "meta" and out.shape == want_out.shape and new.counts() == want.counts()
     assert all(m.device.type == "meta" and m.shape == w.shape for m, w in zip(new.members, want.members))

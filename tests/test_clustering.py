@@ -5,6 +5,7 @@ import torch
 
 import framework.clustering as clustering
 from framework.clustering import cluster_and_merge, dpc_knn, scaled_distances
+from framework.syncs import SyncCounter
 
 
 def _reference_distances(x: torch.Tensor) -> torch.Tensor:
@@ -159,7 +160,9 @@ def test_a_batch_clusters_each_sample_as_alone(assign, merge):
 def test_clustering_keeps_every_op_on_the_points_device(assign):
     """The meta device stands in for a GPU: no host tensor enters a device op, nothing is read back."""
     for shape in ((3, 40, 16), (40, 16)):
-        merged, labels, centres = clustering.cluster(torch.randn(*shape, device="meta"), 5, assign=assign)
+        with SyncCounter(sites=True) as syncs:
+            merged, labels, centres = clustering.cluster(torch.randn(*shape, device="meta"), 5, assign=assign)
+        assert syncs.count == 0, syncs.sites
         lead = shape[:-2]
         assert merged.device.type == labels.device.type == centres.device.type == "meta"
         assert merged.shape == (*lead, 5, 16) and labels.shape == shape[:-1] and centres.shape == (*lead, 5)

@@ -44,6 +44,40 @@ def test_counter_counts_copies_between_host_and_device_that_wait():
     assert syncs.count == 0
 
 
+def test_counter_counts_the_copies_hidden_in_factories_and_host_indices():
+    """`torch.tensor` / `as_tensor` / `new_tensor` of host data on a device, and a device tensor indexed by a
+    Python list or a (non-scalar) host tensor, copy to the device and wait; on the host, or from device data,
+    they do not. Each is one sync (a factory's own copy is not counted again)."""
+    d, h = torch.zeros(5, device="meta"), torch.zeros(5)
+    waits = [
+        lambda: torch.tensor([1, 2], device="meta"),
+        lambda: torch.as_tensor(h, device="meta"),
+        lambda: torch.as_tensor([1, 2], device=torch.device("meta")),
+        lambda: d.new_tensor([0]),
+        lambda: h.new_tensor([0], device="meta"),
+        lambda: d[[0, 1]],
+        lambda: d[None][:, [0, 1]],
+        lambda: d[torch.tensor([0, 1])],
+        lambda: d.__setitem__([0, 1], 1.0),
+    ]
+    free = [
+        lambda: torch.tensor([1, 2]),
+        lambda: torch.tensor([], device="meta"),  # nothing to copy (a transformers cache layer's start)
+        lambda: torch.tensor([[], []], device="meta"),
+        lambda: torch.as_tensor(d, device="meta"),
+        lambda: torch.as_tensor(d),
+        lambda: h.new_tensor([0]),
+        lambda: d[1:3],
+        lambda: d[1],
+        lambda: d[torch.zeros(2, dtype=torch.long, device="meta")],
+        lambda: h[[0, 1]],
+    ]
+    for i, f in enumerate(waits + free):
+        with SyncCounter() as syncs:
+            f()
+        assert syncs.count == (i < len(waits)), i
+
+
 def test_counter_counts_ops_that_are_not_views():
     t = torch.arange(12)
     with SyncCounter() as c:
