@@ -298,11 +298,11 @@ def run(model, tokenizer, samples, seed: int = 0) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model", nargs="?", default=toy.TOY_NAME)
-    p.add_argument("--n", type=int, default=600)
-    p.add_argument("--seed", type=int, default=4242)
-    p.add_argument("--qtypes", default=",".join(task.QTYPES))
-    p.add_argument("--out", default="outputs/relevance")
+    p.add_argument("model", nargs="?", default=toy.TOY_NAME, help="toy checkpoint name or folder")
+    p.add_argument("--n", type=int, default=600, help="questions, shared among the question types")
+    p.add_argument("--seed", type=int, default=4242, help="seed of the generated questions")
+    p.add_argument("--qtypes", default=",".join(task.QTYPES), help=f"comma-separated of {task.QTYPES}")
+    p.add_argument("--out", default="outputs/relevance", help="folder for the per-layer table and plot")
     a = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     model, tok = toy.load_toy(a.model)
