@@ -640,11 +640,12 @@ def parse_profiles(spec: str | None) -> list[tuple[str, str, int | None]]:
         strategy, _, budget = label.partition(":")
         if strategy == "none" and not budget:
             out.append((label, "none", None))
-        elif strategy in STRATEGIES and budget.isdigit():
+        elif strategy in STRATEGIES and budget.isascii() and budget.isdigit() and int(budget) > 0:
             out.append((label, strategy, int(budget)))
         else:
             raise SystemExit(
-                f"--profile entry {label!r}: expected STRATEGY:BUDGET (STRATEGY of {list(STRATEGIES)}) or 'none'"
+                f"--profile entry {label!r}: expected STRATEGY:BUDGET (STRATEGY of {list(STRATEGIES)}, BUDGET a "
+                "positive integer) or 'none'"
             )
     return out
 

@@ -100,6 +100,7 @@ class ReductionEngine(StageRunner):
         return self
 
     def detach(self) -> None:
+        self.adapter.new_prompt()  # nothing of the last prompt stays held
         if _ATTACHED.get(self.model) is self:
             del _ATTACHED[self.model]
         for h in self._handles:
@@ -132,6 +133,7 @@ class ReductionEngine(StageRunner):
             )
         if input_ids is None or input_ids.shape[1] == 1:
             return None
+        self.adapter.new_prompt()
         self._pending = read_prompt(self.adapter, input_ids, kwargs, self._pre_llm)
         if self._pending is None and acts:
             warnings.warn(

@@ -154,8 +154,8 @@ def _factory_copies(name: str, args, kwargs) -> bool:
     else:
         data = args[0] if args else kwargs.get("data")
         device = kwargs.get("device")
-    if device is None:
-        return False  # torch.tensor / as_tensor default to the host (or keep a tensor's device)
+    if device is None:  # a tensor keeps its device; other data goes to the default one (`with torch.device`)
+        device = torch.get_default_device() if not isinstance(data, torch.Tensor) else data.device
     if torch.device(device).type == "cpu" or isinstance(data, torch.Tensor) and data.device.type != "cpu":
         return False
     return _size(data) > 0  # nothing to copy, nothing to wait for (as a cache's empty start)
@@ -168,10 +168,26 @@ def _size(data) -> int:
 
 
 def _host_index(args) -> bool:
-    """Indexing a device tensor with a Python list or a host tensor (not a 0-d one): the index is copied."""
+    """Indexing a device tensor with an index the host builds and copies to it: a Python list of ints, or a
+    host integer tensor that is not 0-d. Host bool masks are not counted: the device gets their nonzero by
+    a non-blocking copy from pinned memory; a list of device tensors is a tuple of device indices."""
     if len(args) < 2 or not isinstance(args[0], torch.Tensor) or args[0].device.type == "cpu":
         return False
     index = args[1] if isinstance(args[1], tuple) else (args[1],)
+    return any(_copied(i) if isinstance(i, torch.Tensor) else isinstance(i, list) and _list_copies(i) for i in index)
+
+
+def _copied(i: torch.Tensor) -> bool:
+    return i.device.type == "cpu" and i.dim() > 0 and i.dtype != torch.bool
+
+
+def _list_copies(items: list) -> bool:
+    """A list index holds host integers (ints at any depth, or host integer tensors)."""
     return any(
-        isinstance(i, list) or (isinstance(i, torch.Tensor) and i.device.type == "cpu" and i.dim() > 0) for i in index
+        _copied(x)
+        if isinstance(x, torch.Tensor)
+        else _list_copies(list(x))
+        if isinstance(x, (list, tuple))
+        else isinstance(x, int) and not isinstance(x, bool)
+        for x in items
     )

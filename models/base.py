@@ -81,6 +81,10 @@ class BackboneAdapter:
     def visual_mask(self, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    def new_prompt(self) -> None:
+        """Called by the engine before it reads each forward's prompt: an adapter that keeps what it read
+        of a prompt on the host (to read it once) drops it here."""
+
     def check_inputs(self, input_ids: torch.Tensor, kwargs: dict) -> None:
         """Raise ConfigError on prompts the engine cannot reduce (no visual tokens, count mismatch)."""
 

@@ -65,12 +65,17 @@ class Qwen2VLAdapter(BackboneAdapter):
         self.video_span = video_span
         self._read: tuple | None = None  # the last prompt read on the host: (tensors, their versions, values)
 
+    def new_prompt(self) -> None:
+        self._read = None
+
     def _on_host(self, input_ids: torch.Tensor, kwargs: dict) -> tuple[np.ndarray, dict]:
         """The prompt's ids and the grids' rows on the host, read once per prompt: the engine asks for its
-        checks, spans and grids in turn, and each host read stalls a GPU. The tensors are held (so their
-        memory cannot be reused by another prompt) and compared by identity and in-place version."""
+        checks, spans and grids in turn, and each host read stalls a GPU. Kept until the engine's next
+        forward (`new_prompt`); until then the tensors are held (so their memory cannot be reused by another
+        prompt) and compared by identity and, outside inference mode, in-place version (inference tensors
+        have none)."""
         tensors = (input_ids, kwargs.get("image_grid_thw"), kwargs.get("video_grid_thw"))
-        versions = tuple(None if t is None else t._version for t in tensors)
+        versions = tuple(None if t is None or t.is_inference() else t._version for t in tensors)
         last = self._read
         if last is None or versions != last[1] or any(a is not b for a, b in zip(tensors, last[0])):
             grids = {m: None if g is None else g.tolist() for m, g in zip(("image", "video"), tensors[1:])}

@@ -393,10 +393,10 @@ class SparseVLM(TokenReducer):
         scores: list[torch.Tensor] = [None] * B  # type: ignore[list-item]
         if self.variant != "plus":
             for bs in _groups([(int(vis[b].numel()), counts[b]) for b in range(B)]):
-                # the head mean before the column gather: the same sums, on contiguous rows (a gather
-                # along the last dim is several times slower than the mean over all columns)
-                A = _rows(probs, bs)[:, :, : counts[bs[0]]].mean(1)  # (G, R, L')
-                Pg = _columns(A, [vis[b] for b in bs])
+                # the gather before the head mean (as the official code): a float32 mean's summation order
+                # depends on where an element sits in its block, so the other order can differ by an ulp
+                A = _rows(probs, bs)[:, :, : counts[bs[0]]]  # (G, H, R, L')
+                Pg = _columns(A, [vis[b] for b in bs]).mean(1)
                 sg = Pg.mean(1)
                 for i, b in enumerate(bs):
                     P[b], scores[b] = Pg[i], sg[i]

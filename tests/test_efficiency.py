@@ -252,7 +252,7 @@ def test_profile_writes_where_a_rows_time_goes(tmp_path):
     assert "reducer.decide" in sparse and "engine.apply_decisions" in sparse and "reducer.begin" in sparse
 
 
-@pytest.mark.parametrize("spec", ["sparsevlm", "sparsevlm:x", "nosuch:64", "none:64,"])
+@pytest.mark.parametrize("spec", ["sparsevlm", "sparsevlm:x", "nosuch:64", "none:64,", "fastv:0", "fastv:\u00b2"])
 def test_a_bad_profile_entry_fails_before_anything_runs(spec, capsys):
     with pytest.raises(SystemExit, match="--profile entry"):
         eff.main(["--device", "cpu", "--shapes", "tiny", "--profile", spec])

@@ -255,3 +255,21 @@ def test_rater_fallback_is_recorded():
     stages = [s["stages"][0] for s in engine.last_record]
     assert [st["rater_fallback"] for st in stages] == [True, False]
     assert stages[1]["raters"] == [int(x["input_ids"].shape[1]) - 1] and stages[1]["n_raters"] == 1
+
+
+def test_scores_average_the_heads_of_the_gathered_columns_as_the_official_code():
+    """P = the rater rows' probabilities at the visual columns, averaged over heads in that order (the
+    official code's): with 32 heads a float32 mean over all columns then a gather can differ by an ulp,
+    which can reorder near-tied scores."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(0)
+    B, H, R, L = 2, 32, 5, 640
+    probs = torch.rand(B, H, R, L, generator=g).softmax(-1)
+    vis = [torch.arange(9, 586), torch.arange(20, 597)]  # 577 columns each, at different offsets
+    ctx = SimpleNamespace(batch_size=B, visual=vis)
+    rows = [torch.arange(R), torch.arange(R)]
+    P, scores = build("sparsevlm")._scores(ctx, rows, probs, [{}, {}])
+    for b in range(B):
+        want = probs[b][:, :, vis[b]].mean(0)
+        assert torch.equal(P[b], want) and torch.equal(scores[b], want.mean(0))

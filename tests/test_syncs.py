@@ -71,11 +71,19 @@ def test_counter_counts_the_copies_hidden_in_factories_and_host_indices():
         lambda: d[1],
         lambda: d[torch.zeros(2, dtype=torch.long, device="meta")],
         lambda: h[[0, 1]],
+        lambda: d[None][0, 1],  # basic indexing
+        lambda: d.index_put_([torch.zeros(2, dtype=torch.long, device="meta")], torch.ones(2, device="meta")),
     ]
     for i, f in enumerate(waits + free):
         with SyncCounter() as syncs:
             f()
         assert syncs.count == (i < len(waits)), i
+    with torch.device("meta"), SyncCounter() as syncs:  # the default device receives host data too
+        torch.tensor([1, 2])
+    assert syncs.count == 1
+    with SyncCounter() as syncs:  # a host bool mask: one sync (its nonzero), not a second for a copy
+        d[torch.tensor([True, False, True, False, True])]
+    assert syncs.count == 1
 
 
 def test_counter_counts_ops_that_are_not_views():
@@ -268,3 +276,25 @@ def test_qwen_adapter_reads_a_prompt_once(name):
     ids[b, first] = 0  # no longer an image token: this prompt has one image token too few
     with pytest.raises(Exception, match="consecutive|fewer|more"):
         adapter.check_inputs(ids, kw)
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_adapter_runs_in_inference_mode(name):
+    """Inference tensors have no version counter: the prompt read once per forward works under
+    torch.inference_mode (forward and generate, whose own slices are inference tensors) and gives what
+    no_grad gives; the next forward reads its own prompt."""
+    from tests.tiny_backbones import BACKBONES, collate, forward_kwargs
+
+    make, examples = BACKBONES[name]
+    model = make(layers=4)
+    samples = examples(model)
+    gen = dict(max_new_tokens=2, do_sample=False)
+    outs = {}
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode(), attach(model, build({"name": "fastv", "keep": 0.5})):
+            got = []
+            for batch in (samples, samples[1:]):  # a second prompt after the first
+                x = collate(batch)
+                got += [model(**x, **forward_kwargs(model, x)).logits[:, -1], model.generate(**x, **gen)]
+            outs[mode] = got
+    assert all(torch.equal(a, b) for a, b in zip(outs[torch.no_grad], outs[torch.inference_mode]))
