@@ -283,18 +283,22 @@ class CountBudget:
         return resolve_count(self.keep, n)
 
 
-def grouped_decision(reps: torch.Tensor, index: torch.Tensor, label, values: torch.Tensor, dtype=None) -> Decision:
+def grouped_decision(
+    reps: torch.Tensor, index: torch.Tensor, label, values: torch.Tensor, dtype=None, sizes=None
+) -> Decision:
     """A decision that keeps one representative per group, in sequence order, with a new value each (pooled /
     merged in place): group g (values[g], representative reps[g]) stands for the visual tokens
-    index[label == g]; `label` a host array or a device tensor. Nothing is read on the host: the groups
-    travel as one `SourceGroups`, relabelled to sequence order on the device, and the record's group sizes
-    (in that order) reach the host with the prefill's records."""
+    index[label == g]; `label` a host array or a device tensor (then `sizes`, each group's size on the
+    device, if the caller has them). Nothing is read on the host: the groups travel as one `SourceGroups`,
+    relabelled to sequence order on the device, and the record's group sizes (in that order) reach the host
+    with the prefill's records."""
     order = reps.argsort()
     rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     if torch.is_tensor(label):
-        label_t = label
-        sizes_t = torch.zeros(order.numel(), dtype=torch.long, device=label.device)
-        sizes_t.index_add_(0, label_t, torch.ones_like(label_t))
+        label_t, sizes_t = label, sizes
+        if sizes_t is None:
+            sizes_t = torch.zeros(order.numel(), dtype=torch.long, device=label.device)
+            sizes_t.index_add_(0, label_t, torch.ones_like(label_t))
     else:
         label = np.asarray(label, dtype=np.int64)
         host = torch.from_numpy(np.concatenate([label, np.bincount(label, minlength=order.numel())]))

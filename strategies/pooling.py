@@ -118,7 +118,7 @@ class Pooling(CountBudget, TokenReducer):
         host = torch.from_numpy(np.concatenate([label, np.concatenate(first_at), np.bincount(label)]).astype(np.int64))
         label_t, first_t, count = host.to(x.device, non_blocking=True).split([label.size, *[n_cells + n_layout] * 2])
         means = merge_rows(x[index], label_t, n_cells + n_layout, "mean", count[:, None])
-        return grouped_decision(index[first_t], index, label, means.to(x.dtype))
+        return grouped_decision(index[first_t], index, label_t, means.to(x.dtype), sizes=count)
 
 
 def _bin_of(n: int, m: int) -> np.ndarray:
