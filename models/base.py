@@ -82,8 +82,21 @@ class BackboneAdapter:
         raise NotImplementedError
 
     def new_prompt(self) -> None:
-        """Called by the engine before it reads each forward's prompt: an adapter that keeps what it read
-        of a prompt on the host (to read it once) drops it here."""
+        """Called by the engine before it reads each forward's prompt: drops what `read_once` kept."""
+        self._read = {}
+
+    def read_once(self, name: str, tensors: tuple, read):
+        """`read()`, the host values of `tensors` (a prompt's ids, image sizes, grids), once per prompt: the
+        engine asks an adapter for its checks, spans and grids in turn, and each host read stalls a GPU.
+        Kept until the engine's next forward (`new_prompt`); until then the tensors are held (so their memory
+        cannot be reused by another prompt) and compared by identity and, outside inference mode, in-place
+        version (inference tensors have none)."""
+        versions = tuple(t._version if torch.is_tensor(t) and not t.is_inference() else None for t in tensors)
+        kept = self.__dict__.setdefault("_read", {})  # name -> (tensors, versions, values) of this prompt
+        last = kept.get(name)
+        if last is None or versions != last[1] or any(a is not b for a, b in zip(tensors, last[0])):
+            last = kept[name] = (tensors, versions, read())
+        return last[2]
 
     def check_inputs(self, input_ids: torch.Tensor, kwargs: dict) -> None:
         """Raise ConfigError on prompts the engine cannot reduce (no visual tokens, count mismatch)."""

@@ -92,19 +92,25 @@ class LlavaNextAdapter(BackboneAdapter):
         either way one copy to the host for the batch."""
         sizes = kwargs.get("image_sizes")
         if sizes is not None:
-            return [self.image_layout(s) for s in _host_sizes(sizes)]
+            return [self.image_layout(s) for s in self._sizes_on_host(sizes)]
         enc = (kwargs.get("mm_encoder_outputs") or {}).get("image")
         require(enc is not None, "llava_next: image_sizes must be passed with the images (the processor returns it)")
         nl = self.model.model.image_newline
         flags = torch.cat([(f == nl.to(f)).all(-1) for f in enc.pooler_output]).cpu()
         return list(flags.split([int(f.shape[0]) for f in enc.pooler_output]))
 
+    def _sizes_on_host(self, sizes) -> list[tuple[int, ...]]:
+        """image_sizes as host tuples, read once per prompt (`read_once`) when they are a tensor."""
+        if not torch.is_tensor(sizes):
+            return _host_sizes(sizes)
+        return self.read_once("image_sizes", (sizes,), lambda: _host_sizes(sizes))
+
     def _assign(self, input_ids: torch.Tensor, kwargs: dict) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
         """Per sample, the newline layouts of its images (images are consumed in batch order), and its
         image-token positions (one count copy and one static-size nonzero for the batch)."""
         layouts = self._layouts(kwargs)
         image = input_ids == self.image_token_id
-        per_sample = image.sum(1).tolist()
+        per_sample = self.read_once("image_tokens", (input_ids,), lambda: image.sum(1).tolist())
         out, j = [], 0
         for b, n in enumerate(per_sample):
             mine, total = [], 0
@@ -173,7 +179,7 @@ class LlavaNextAdapter(BackboneAdapter):
         cfg = self.model.config
         maps, offset = [], 0
         per = self.vision_unit_tokens
-        for size in _host_sizes(sizes):
+        for size in self._sizes_on_host(sizes):
             m = self.image_feature_map(size)
             maps.append(torch.where(m >= 0, m + offset * per, m))
             offset += image_size_to_num_patches(list(size), cfg.image_grid_pinpoints, cfg.vision_config.image_size)

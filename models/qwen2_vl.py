@@ -63,24 +63,16 @@ class Qwen2VLAdapter(BackboneAdapter):
         super().__init__(model)
         require(video_span in VIDEO_SPANS, f"{self.family}: video_span={video_span!r}; allowed: {list(VIDEO_SPANS)}")
         self.video_span = video_span
-        self._read: tuple | None = None  # the last prompt read on the host: (tensors, their versions, values)
-
-    def new_prompt(self) -> None:
-        self._read = None
 
     def _on_host(self, input_ids: torch.Tensor, kwargs: dict) -> tuple[np.ndarray, dict]:
-        """The prompt's ids and the grids' rows on the host, read once per prompt: the engine asks for its
-        checks, spans and grids in turn, and each host read stalls a GPU. Kept until the engine's next
-        forward (`new_prompt`); until then the tensors are held (so their memory cannot be reused by another
-        prompt) and compared by identity and, outside inference mode, in-place version (inference tensors
-        have none)."""
+        """The prompt's ids and the grids' rows on the host, read once per prompt (`read_once`)."""
         tensors = (input_ids, kwargs.get("image_grid_thw"), kwargs.get("video_grid_thw"))
-        versions = tuple(None if t is None or t.is_inference() else t._version for t in tensors)
-        last = self._read
-        if last is None or versions != last[1] or any(a is not b for a, b in zip(tensors, last[0])):
+
+        def read():
             grids = {m: None if g is None else g.tolist() for m, g in zip(("image", "video"), tensors[1:])}
-            self._read = last = (tensors, versions, (input_ids.cpu().numpy(), grids))
-        return last[2]
+            return input_ids.cpu().numpy(), grids
+
+        return self.read_once("prompt", tensors, read)
 
     @property
     def image_token_id(self) -> int:

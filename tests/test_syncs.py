@@ -254,10 +254,11 @@ def test_adapters_read_a_prompt_in_a_fixed_number_of_syncs(name, cfg):
     assert _added_syncs(model, cfg, samples) == _added_syncs(model, cfg, samples[:1])
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
-def test_qwen_adapter_reads_a_prompt_once(name):
-    """The Qwen adapter's checks, spans and grids of one prompt share one host copy of its ids and one of its
-    grids; a new prompt, or the same tensor edited in place, is read again."""
+@pytest.mark.parametrize("name", ["llava_next", "qwen2_vl", "qwen2_5_vl"])
+def test_adapters_read_a_prompt_once(name):
+    """An adapter's checks, spans and grids of one prompt share one host copy of each thing they read (Qwen:
+    the ids and the image grids; LLaVA-NeXT: the image sizes and the image-token counts); a new prompt, or
+    the same tensor edited in place, is read again."""
     from tests.tiny_backbones import BACKBONES, collate, forward_kwargs
 
     make, examples = BACKBONES[name]
@@ -270,16 +271,16 @@ def test_qwen_adapter_reads_a_prompt_once(name):
         adapter.check_inputs(ids, kw)
         adapter.visual_spans(ids, kw, adapter.visual_mask(ids, kw))
         adapter.visual_grids(ids, kw)
-    assert syncs.count == 2  # the ids, the image grids
+    assert syncs.count == 2
     before = adapter.visual_spans(ids, kw, adapter.visual_mask(ids, kw))
     b, first = (before >= 0).nonzero()[0].tolist()
     ids[b, first] = 0  # no longer an image token: this prompt has one image token too few
-    with pytest.raises(Exception, match="consecutive|fewer|more"):
+    with pytest.raises(Exception, match="consecutive|fewer|more|image tokens"):
         adapter.check_inputs(ids, kw)
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
-def test_qwen_adapter_runs_in_inference_mode(name):
+@pytest.mark.parametrize("name", ["llava_next", "qwen2_vl", "qwen2_5_vl"])
+def test_adapters_read_once_in_inference_mode(name):
     """Inference tensors have no version counter: the prompt read once per forward works under
     torch.inference_mode (forward and generate, whose own slices are inference tensors) and gives what
     no_grad gives; the next forward reads its own prompt."""
