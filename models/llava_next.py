@@ -89,15 +89,20 @@ class LlavaNextAdapter(BackboneAdapter):
     def _layouts(self, kwargs: dict) -> list[torch.Tensor]:
         """Newline layouts (host tensors) of all images of the batch, in order: from `image_sizes` (plain
         forward), else from the pre-encoded features `generate` passes (newline rows equal `image_newline`);
-        either way one copy to the host for the batch."""
+        either way one copy to the host for the batch, once per prompt."""
         sizes = kwargs.get("image_sizes")
         if sizes is not None:
             return [self.image_layout(s) for s in self._sizes_on_host(sizes)]
         enc = (kwargs.get("mm_encoder_outputs") or {}).get("image")
         require(enc is not None, "llava_next: image_sizes must be passed with the images (the processor returns it)")
+        feats = tuple(enc.pooler_output)
         nl = self.model.model.image_newline
-        flags = torch.cat([(f == nl.to(f)).all(-1) for f in enc.pooler_output]).cpu()
-        return list(flags.split([int(f.shape[0]) for f in enc.pooler_output]))
+
+        def read():
+            flags = torch.cat([(f == nl.to(f)).all(-1) for f in feats]).cpu()
+            return list(flags.split([int(f.shape[0]) for f in feats]))
+
+        return self.read_once("layouts", feats, read)
 
     def _sizes_on_host(self, sizes) -> list[tuple[int, ...]]:
         """image_sizes as host tuples, read once per prompt (`read_once`) when they are a tensor."""

@@ -279,6 +279,30 @@ def test_adapters_read_a_prompt_once(name):
         adapter.check_inputs(ids, kw)
 
 
+def test_llava_next_reads_generates_encoded_prompt_once():
+    """Under `generate` LLaVA-NeXT's forward gets the images pre-encoded (no image sizes): the newline
+    layouts come from the features, and the checks, spans and grids share one host copy of them (and one
+    of the image-token counts)."""
+    from tests.tiny_backbones import BACKBONES, collate
+
+    make, examples = BACKBONES["llava_next"]
+    model = make(layers=4)
+    x = collate(examples(model))
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(dict(kw)), with_kwargs=True)
+    with torch.no_grad():
+        model.generate(**x, max_new_tokens=1, do_sample=False)
+    hook.remove()
+    ids, kw = seen[0]["input_ids"], {k: v for k, v in seen[0].items() if k != "input_ids"}
+    assert kw.get("image_sizes") is None and kw.get("mm_encoder_outputs") is not None  # the generate form
+    adapter = adapter_for(model)
+    with SyncCounter() as syncs:
+        adapter.check_inputs(ids, kw)
+        adapter.visual_spans(ids, kw, adapter.visual_mask(ids, kw))
+        adapter.visual_grids(ids, kw)
+    assert syncs.count == 2
+
+
 @pytest.mark.parametrize("name", ["llava_next", "qwen2_vl", "qwen2_5_vl"])
 def test_adapters_read_once_in_inference_mode(name):
     """Inference tensors have no version counter: the prompt read once per forward works under
