@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import llava_100m, median_time, prompt
+from benchmarks.common import llava_100m, median_time, pin_host_allocator, prompt
 from framework import attach, build
 from framework.accounting import account
 
 
 def main() -> None:
+    print(f"host allocator: {pin_host_allocator()}")
     model = llava_100m()
     x = prompt(model)
     run = lambda: model(**x, logits_to_keep=1)  # noqa: E731

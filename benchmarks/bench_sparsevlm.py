@@ -15,7 +15,7 @@ import time
 import torch
 
 import strategies.sparsevlm as sv
-from benchmarks.common import llava_100m, prompt
+from benchmarks.common import llava_100m, pin_host_allocator, prompt
 from framework import attach, build
 from framework.accounting import account
 
@@ -76,6 +76,7 @@ def measure(model, x, cfg) -> dict:
 
 
 def main() -> None:
+    print(f"host allocator: {pin_host_allocator()}")
     model = llava_100m()
     x = prompt(model)
     with torch.no_grad(), attach(model, build("none")) as engine:

@@ -10,6 +10,12 @@ Random-weight stock backbones (`models.random`), sdpa:
   * `tiny`, `tinynext`  tests: Llama 4 x 64; LLaVA with 6x6 patches (36 visual), LLaVA-NeXT with 4x4 patches
                 on a 112x112 image (base view + 2x2 crops + newlines); fp32.
 
+On the CPU the host allocator keeps freed memory (`--host-allocator pinned`, the default;
+`benchmarks.common.pin_host_allocator`): with glibc's defaults every forward page-faults its activations
+afresh, ~15 % of the small shape's prefill, varying from run to run.
+
+`--dtype` overrides the shape's dtype (float16 for a GPU without bfloat16); the table says which it used.
+
 Budgets are the paper's 192 / 128 / 64 of LLaVA-1.5's 576 tokens, scaled to the shape's visual tokens
 (2,928 -> 976 / 651 / 325); each strategy maps a budget to its own fields (v1.5 presets for SparseVLM).
 
@@ -24,6 +30,9 @@ Per shape and batch size, for none and every strategy x budget:
   * the stock floor: the stock decoder (no engine) timed at the row's tokens per layer (`stock_floor`), so
     the gap between latency and FLOPs splits into what the shape costs beyond FLOPs (the stock model's
     own fixed per-layer work) and what the reduction adds on top of it;
+  * what attaching the engine costs: no reduction's first runs are interleaved with the stock model (no
+    engine, `attached(model, None)`): its prefill, decoder and decode latency as ratios to the stock
+    model's, and both prefills' syncs and ops (the none row's `engine_*_ratio`, `stock_*`);
   * decode: median ms per new token of greedy `generate` with the KV cache appended in place
     (`framework.cache.GrowingCache`; `--cache dynamic`: transformers' DynamicCache), and decode
     throughput (new tokens / s);
@@ -50,6 +59,7 @@ PYTHONPATH, and pass `--out $OUT/efficiency_cuda`; then copy the two files to be
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -73,6 +83,7 @@ from framework.cache import GrowingCache  # noqa: E402
 from framework.syncs import SyncCounter  # noqa: E402
 from models.random import random_backbone  # noqa: E402
 
+from .common import pin_host_allocator  # noqa: E402
 from .efficiency_table import batch_scaling, targets, to_markdown  # noqa: E402
 
 STRATEGIES = ("fastv", "pdrop", "visionzip", "dart", "divprune", "sparsevlm", "sparsevlm_plus", "cdpruner")
@@ -113,10 +124,14 @@ TEXT_TOKENS = 64  # BOS + 8 before the image + 55 after: the paper's ~64 text to
 
 
 # ---------------------------------------------------------------------------------------- model and inputs
-def build_model(name: str, device: str):
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def build_model(name: str, device: str, dtype: str | None = None):
+    """The shape's random-weight model on the device, in `dtype` (default: the shape's)."""
     s = SHAPES[name]
     shape = {"text": s["text"], "vision": s["vision"]}
-    dtype = getattr(torch, s["dtype"])
+    dtype = getattr(torch, dtype or s["dtype"])
     with torch.device(device):  # initialise on the device: a 7B model's random init on the CPU takes minutes
         model = random_backbone(s["family"], shape, attn="sdpa", dtype=dtype, seed=0)
     return model
@@ -243,18 +258,25 @@ class _Span:
         return sum(self.clock.seconds(a, b) for a, b in zip(self.stamps[::2], self.stamps[1::2]))
 
 
+def attached(model, reducer):
+    """`attach(model, reducer)`; reducer None: the stock model, no engine (what attaching costs is measured
+    against it)."""
+    return contextlib.nullcontext() if reducer is None else attach(model, reducer)
+
+
 @torch.no_grad()
 def prefill_seconds(model, reducer, inputs, clock: Clock) -> tuple[float, float, float]:
     """One prefill forward: (whole, decoder stack, the strategy's own work) seconds, all from the same run.
     The decoder stack is the language model's forward from its first pre-hook to its return (the engine's
     hooks and the strategy's work inside it): the scope of the paper's FLOPs formula. The own work is the
     time inside the reducer's `begin` / `decide` (rows-only attention and recycling included). On a GPU
-    these are CUDA events in stream order, so measuring them adds no synchronisation."""
+    these are CUDA events in stream order, so measuring them adds no synchronisation. reducer None: the
+    stock model (no engine, no own work)."""
     whole, dec, own = _Span(clock), _Span(clock), _Span(clock)
-    with attach(model, reducer) as engine:
-        lm = engine.adapter.language_model
+    with attached(model, reducer):
+        lm = adapter_for(model).language_model
         handles = [lm.register_forward_pre_hook(dec.open, prepend=True), lm.register_forward_hook(dec.close)]
-        for name in ("begin", "decide"):
+        for name in ("begin", "decide") if reducer is not None else ():
             orig = getattr(reducer, name)
 
             def timed(ctx, _orig=orig):
@@ -272,7 +294,7 @@ def prefill_seconds(model, reducer, inputs, clock: Clock) -> tuple[float, float,
         finally:
             for h in handles:
                 h.remove()
-            for name in ("begin", "decide"):
+            for name in ("begin", "decide") if reducer is not None else ():
                 reducer.__dict__.pop(name, None)  # the instance attribute shadowed the class method
     return whole.seconds, dec.seconds, own.seconds
 
@@ -280,9 +302,10 @@ def prefill_seconds(model, reducer, inputs, clock: Clock) -> tuple[float, float,
 @torch.no_grad()
 def decode_seconds(model, reducer, inputs, new_tokens: int, clock: Clock, cache: str = "growing") -> float:
     """Median seconds between consecutive new tokens of one greedy `generate` (the prefill excluded), with the
-    in-place KV cache (`framework.cache.GrowingCache`, cache="growing") or transformers' `DynamicCache`."""
+    in-place KV cache (`framework.cache.GrowingCache`, cache="growing") or transformers' `DynamicCache`;
+    reducer None: the stock model."""
     st = _Stamps(clock)
-    with attach(model, reducer):
+    with attached(model, reducer):
         model.generate(
             **inputs,
             generation_config=metrics._generation_config(model, new_tokens),
@@ -297,8 +320,9 @@ def decode_seconds(model, reducer, inputs, new_tokens: int, clock: Clock, cache:
 def prefill_syncs(model, reducer, inputs) -> tuple[int, int]:
     """Host-device synchronisation points in one prefill (`framework.syncs.SyncCounter`): on a GPU each one
     drains the queue, so the host's launch time of the ops after it is no longer hidden; and the prefill's
-    non-view ops (kernel launches on a GPU, at most: what a launch-bound prefill pays for)."""
-    with attach(model, reducer):
+    non-view ops (kernel launches on a GPU, at most: what a launch-bound prefill pays for). reducer None:
+    the stock model."""
+    with attached(model, reducer):
         with SyncCounter() as syncs:
             model(**inputs, logits_to_keep=1)
     return syncs.count, syncs.ops
@@ -382,19 +406,25 @@ def measure(
     decode_repeats: int,
     base=None,
     cache: str = "growing",
+    stock: bool = False,
 ) -> dict:
     """One row's raw figures. With `base` (the no-reduction reducer), prefill is interleaved with it and the
-    row carries its own baseline prefill; otherwise the baseline is measured separately by the caller."""
+    row carries its own baseline prefill; otherwise the baseline is measured separately by the caller.
+    stock: the stock model (no engine) is interleaved instead, and the row carries its figures (`stock_*`):
+    what attaching the engine costs when it reduces nothing."""
+    pair = base if base is not None else (None if stock else False)  # False: nothing interleaved
     prefill_seconds(model, reducer, inputs, clock)  # warm-up
+    if stock:
+        prefill_seconds(model, None, inputs, clock)
     runs, bases = [], []
     for _ in range(repeats):
-        if base is not None:
-            bases.append(prefill_seconds(model, base, inputs, clock))
+        if pair is not False:
+            bases.append(prefill_seconds(model, pair, inputs, clock))
         runs.append(prefill_seconds(model, reducer, inputs, clock))
     decodes, base_decodes = [], []
     for _ in range(decode_repeats):
-        if base is not None:
-            base_decodes.append(decode_seconds(model, base, inputs, new_tokens, clock, cache))
+        if pair is not False:
+            base_decodes.append(decode_seconds(model, pair, inputs, new_tokens, clock, cache))
         decodes.append(decode_seconds(model, reducer, inputs, new_tokens, clock, cache))
     row = {
         "prefill_ms": 1e3 * _median([r[0] for r in runs]),
@@ -406,7 +436,12 @@ def measure(
         **dict(zip(("syncs", "ops"), prefill_syncs(model, reducer, inputs))),
         **accounting(model, reducer, inputs),
     }
-    if bases:
+    if stock:
+        row["stock_prefill_ms"] = 1e3 * _median([b[0] for b in bases])
+        row["stock_decoder_ms"] = 1e3 * _median([b[1] for b in bases])
+        row["stock_decode_ms"] = 1e3 * _median(base_decodes)
+        row["stock_syncs"], row["stock_ops"] = prefill_syncs(model, None, inputs)
+    elif bases:
         row["interleaved_base_prefill_ms"] = 1e3 * _median([b[0] for b in bases])
         row["interleaved_base_decoder_ms"] = 1e3 * _median([b[1] for b in bases])
         row["interleaved_base_decode_ms"] = 1e3 * _median(base_decodes)
@@ -510,9 +545,9 @@ def profile_prefill(model, reducer, inputs, device: torch.device, n: int = 3, ro
 class Backbone:
     """One shape's random-weight model on the device, its clock, visual-token count and baseline reducer."""
 
-    def __init__(self, name: str, device: str, strategies, budgets, log):
+    def __init__(self, name: str, device: str, strategies, budgets, log, dtype: str | None = None):
         t0 = time.perf_counter()
-        self.name, self.model = name, build_model(name, device)
+        self.name, self.model = name, build_model(name, device, dtype)
         self.clock = Clock(next(self.model.parameters()).device)
         self.n_visual = image_tokens(self.model, name)
         for s in strategies:  # fail on a bad strategy / budget before timing anything
@@ -547,7 +582,9 @@ def run_group(
     inputs = make_inputs(model, name, batch)
     prompt = inputs["input_ids"].shape[1]
     try:
-        base = measure(model, bb.none, inputs, clock, repeats, new_tokens, decode_repeats, cache=cache)
+        base = measure(model, bb.none, inputs, clock, repeats, new_tokens, decode_repeats, cache=cache, stock=True)
+        for key in ("prefill_ms", "decoder_ms", "decode_ms"):  # before the pairings below replace none's figures
+            base[f"engine_{key}_ratio"] = base[key] / base[f"stock_{key}"]
     except torch.OutOfMemoryError:
         log(f"[{name} b{batch}] out of memory without reduction: batch skipped")
         torch.cuda.empty_cache()
@@ -669,6 +706,13 @@ def parse(argv):
     p.add_argument("--decode-repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="weights and activations (default: each shape's: bfloat16 at the 7B shapes, float32 at the small "
+        "ones); float16 for a GPU without bfloat16",
+    )
+    p.add_argument(
         "--cache",
         choices=("growing", "dynamic"),
         default="growing",
@@ -689,6 +733,13 @@ def parse(argv):
         help="after the table, profile a few batch-1 prefills of these rows ('none' for no reduction) on the first "
         "shape (torch.profiler, kernels and host ops) into <out>_profile.txt: where each row's time goes on this "
         "device, and how busy the device is (a launch-bound prefill leaves it idle)",
+    )
+    p.add_argument(
+        "--host-allocator",
+        choices=("pinned", "default"),
+        default="pinned",
+        help="on the CPU, keep freed memory in the process (benchmarks.common.pin_host_allocator) so that "
+        "forwards do not page-fault their activations afresh (default), or leave glibc's malloc as it is",
     )
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
@@ -716,6 +767,10 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     meta = metadata(args, device, Clock(device).name, argv)
+    if cuda:
+        meta["host_allocator"] = "default (the tensors are on the GPU: CUDA caching allocator)"
+    else:
+        meta["host_allocator"] = pin_host_allocator() if args.host_allocator == "pinned" else "default"
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, flush=True))
     done: list[dict] = []
     failed: list[str] = meta.setdefault("failed", [])  # rows that raised, with their errors
@@ -737,7 +792,8 @@ def main(argv: list[str] | None = None) -> int:
         stem.with_suffix(".md").write_text(to_markdown(meta, all_rows))
 
     deadline = None if args.stop_after is None else time.perf_counter() + args.stop_after
-    backbones = [Backbone(name, args.device, strategies, budgets, log) for name in shapes]
+    backbones = [Backbone(name, args.device, strategies, budgets, log, args.dtype) for name in shapes]
+    meta["dtypes"] = {bb.name: str(bb.model.dtype).removeprefix("torch.") for bb in backbones}
     skipped: set[str] = set()  # shapes whose baseline ran out of memory at a smaller batch
     for batch in batches:  # every shape at batch 1 first, so a cut-short run still has both tables
         for bb in backbones:

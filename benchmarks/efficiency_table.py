@@ -42,6 +42,12 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
         f"- command: `{meta['command']}`",
         f"- versions: torch {meta['torch']}, transformers {meta['transformers']}, python {meta['python']}"
         + (f", CUDA {meta['cuda']}" if meta.get("cuda") else ""),
+        *([f"- host allocator: {meta['host_allocator']}"] if meta.get("host_allocator") else []),
+        *(
+            ["- dtype: " + ", ".join(f"{shape} {dtype}" for shape, dtype in meta["dtypes"].items())]
+            if meta.get("dtypes")
+            else []
+        ),
         f"- clock: {meta['clock']}; prefill medians of {meta['repeats']} (batch 1) / "
         f"{meta['batch_repeats']} (larger batches), interleaved with none; decode: {meta['new_tokens']} new "
         "tokens, median gap, "
@@ -91,6 +97,23 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
             f"| {r['decode_tok_s']:.1f} | {r['kv_mib']:.1f} | {r['kv_visual_mb']:.1f} | {_f(r['kv_mib_ratio'])} "
             f"| {_f(r['peak_mb'], '.1f')} | {_f(r['peak_mb_ratio'])} |"
         )
+    engine = [r for r in rows if r["strategy"] == "none" and "engine_prefill_ms_ratio" in r]
+    if engine:
+        lines += [
+            "",
+            "Attaching the engine with no reduction (none), against the stock model without it (interleaved runs):",
+            "",
+            "| shape | batch | stock prefill ms | none prefill × | none decoder × | stock decode ms/tok "
+            "| none decode × | syncs stock / none | ops stock / none |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in engine:
+            lines.append(
+                f"| {r['shape']} | {r['batch']} | {r['stock_prefill_ms']:.2f} | {_f(r['engine_prefill_ms_ratio'])} "
+                f"| {_f(r['engine_decoder_ms_ratio'])} | {r['stock_decode_ms']:.2f} "
+                f"| {_f(r['engine_decode_ms_ratio'])} | {r['stock_syncs']} / {r.get('syncs', '-')} "
+                f"| {r['stock_ops']} / {r.get('ops', '-')} |"
+            )
     scal = batch_scaling(rows)
     if scal:
         lines += [

@@ -4,6 +4,7 @@ same run, FLOPs ratios equal to the accounting's."""
 from __future__ import annotations
 
 import json
+import platform
 
 import pytest
 import torch
@@ -92,7 +93,8 @@ def test_rows_and_metadata(written):
         "decode × batch 1",
     ):
         assert col in md
-    n_lines = len(rows) + len(data["batch_scaling"]) + len(data["targets"])
+    n_engine = sum(r["strategy"] == "none" for r in rows)  # what attaching costs, per batch size
+    n_lines = len(rows) + len(data["batch_scaling"]) + len(data["targets"]) + n_engine
     assert sum(line.startswith("| tiny | ") for line in md.splitlines()) == n_lines
     # SparseVLM's figures against the issue's targets, read from its rows
     figures = {t["figure"]: t for t in data["targets"]}
@@ -100,6 +102,52 @@ def test_rows_and_metadata(written):
     assert figures["prefill latency ratio at 192"]["value"] == f"{r192['prefill_ms_ratio']:.3f}"
     assert {"own work at 64 (% of prefill)", "latency / FLOPs ratio - 1 at 64"} <= set(figures)
     assert meta["command"] in md
+    if platform.libc_ver()[0] == "glibc":  # the CPU table's forwards do not page-fault afresh
+        assert meta["host_allocator"].startswith("glibc malloc without mmap") and meta["host_allocator"] in md
+
+
+def test_engine_cost_is_measured_against_the_stock_model(written):
+    """The none rows carry the stock model's (no engine) figures from interleaved runs: syncs and ops of a
+    plain forward, and the engine's latency ratios over it."""
+    from framework.syncs import SyncCounter
+
+    data, md = written
+    model = eff.build_model("tiny", "cpu")
+    for r in (r for r in data["rows"] if r["strategy"] == "none"):
+        x = eff.make_inputs(model, "tiny", r["batch"])
+        with torch.no_grad(), SyncCounter() as plain:
+            model(**x, logits_to_keep=1)
+        assert (r["stock_syncs"], r["stock_ops"]) == (plain.count, plain.ops)
+        assert r["stock_syncs"] < r["syncs"] and r["stock_ops"] < r["ops"]  # reading the prompt, the hooks
+        for key in ("prefill_ms", "decoder_ms", "decode_ms"):
+            assert r[f"engine_{key}_ratio"] > 0 and r[f"stock_{key}"] > 0
+        assert f"| {r['stock_syncs']} / {r['syncs']} | {r['stock_ops']} / {r['ops']} |" in md
+    assert "Attaching the engine with no reduction" in md
+
+
+def test_pinned_host_allocator_stops_page_faults_at_every_forward():
+    """With glibc's defaults a freed 64 MiB block is unmapped and the next one page-faults afresh (16k faults);
+    pinned, the pages are reused."""
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the allocator is pinned on glibc only")
+    script = """
+import resource, torch
+from benchmarks.common import pin_host_allocator
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(64 * 2**20 // 4)  # 64 MiB, touched, then freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults(); default = faults()
+print(pin_host_allocator())
+faults(); print(default, faults())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0].startswith("glibc malloc without mmap or trimming")
+    default, pinned = map(int, out[1].split())
+    assert default > 10_000 and pinned < 500
 
 
 def test_ratios_are_measured_over_the_same_runs_baseline(written):
@@ -277,3 +325,25 @@ def test_stock_floor_charges_each_layer_its_token_count(written, monkeypatch):
         if r["strategy"] == "none":
             assert r["floor_ratio"] == 1.0 and r["decoder_vs_floor"] == 0.0
     assert "dec/stock" in md and "stock/FLOPs" in md
+
+
+def test_every_strategy_runs_in_the_gpu_tables_dtype(tmp_path):
+    """The GPU table is bfloat16: every strategy at the end budgets, batch 1 and 2, on LLaVA and LLaVA-NeXT
+    runs without a failed row in bfloat16 (a dtype bug would cost the lent GPU its rows), and the KV cache
+    is counted at 2 bytes a value."""
+    stem = tmp_path / "bf16"
+    eff.main(["--device", "cpu", "--shapes", "tiny,tinynext", "--budgets", "192,64", "--batches", "1,2",
+              "--repeats", "1", "--batch-repeats", "1", "--new-tokens", "2", "--decode-repeats", "1", "--quiet",
+              "--dtype", "bfloat16", "--out", str(stem)])  # fmt: skip
+    data = json.loads(stem.with_suffix(".json").read_text())
+    assert data["meta"]["failed"] == [] and data["meta"]["complete"] is True
+    assert data["meta"]["dtypes"] == {"tiny": "bfloat16", "tinynext": "bfloat16"}
+    assert "- dtype: tiny bfloat16, tinynext bfloat16" in stem.with_suffix(".md").read_text()
+    assert {(r["shape"], r["batch"], r["strategy"]) for r in data["rows"]} == {
+        (shape, batch, s) for shape in ("tiny", "tinynext") for batch in (1, 2) for s in ("none", *eff.STRATEGIES)
+    }
+    text = eff.SHAPES["tiny"]["text"]  # tinynext has the same decoder
+    per_token = text["layers"] * 2 * text["hidden"] * 2  # keys and values, every layer, bfloat16
+    for r in data["rows"]:
+        if r["strategy"] == "none":
+            assert r["kv_mib"] * 2**20 == r["batch"] * r["prompt_tokens"] * per_token
