@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import llava_100m, median_time, pin_host_allocator, prompt
+from benchmarks.common import llava_100m, median_time, prompt
+from experiments.metrics import pin_host_allocator
 from framework import attach, build
 from framework.accounting import account
 

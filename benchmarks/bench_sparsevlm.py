@@ -15,7 +15,8 @@ import time
 import torch
 
 import strategies.sparsevlm as sv
-from benchmarks.common import llava_100m, pin_host_allocator, prompt
+from benchmarks.common import llava_100m, prompt
+from experiments.metrics import pin_host_allocator
 from framework import attach, build
 from framework.accounting import account
 

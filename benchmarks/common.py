@@ -1,12 +1,8 @@
-"""Shared bits of the CPU benchmarks: a ~100M-parameter LLaMA-shaped LLaVA with random weights, timing, and
-a host allocator that does not page-fault at every forward."""
+"""Shared bits of the CPU benchmarks: a ~100M-parameter LLaMA-shaped LLaVA with random weights, timing."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
-import platform
 import statistics
 import time
 
@@ -18,26 +14,6 @@ from models.random import random_backbone  # noqa: E402
 
 torch.set_num_threads(1)
 IMAGE_TOKEN = 32000
-
-
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-
-
-def pin_host_allocator() -> str:
-    """Keep freed host memory in the process (glibc: no mmap for large blocks, no trimming), so a forward's
-    large tensors reuse pages the previous forward touched. By default glibc maps each block over 128 KiB
-    (and, adapting, up to 32 MiB) afresh and unmaps it on free: every forward then pays a page fault per
-    4 KiB of its activations, which on this kind of machine is ~15 % of a small model's prefill and varies
-    from run to run with the allocator's adaptive threshold, not with the model. GPU memory is not
-    affected (the CUDA caching allocator already keeps its blocks). Returns what was set, for the record;
-    elsewhere (not glibc) nothing is changed."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return "default (not glibc)"
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)):
-        return "default (mallopt refused)"
-    return "glibc malloc without mmap or trimming (M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1)"
 
 
 def llava_100m(layers: int = 8, grid: int = 24, attn: str = "sdpa"):

@@ -11,7 +11,7 @@ Random-weight stock backbones (`models.random`), sdpa:
                 on a 112x112 image (base view + 2x2 crops + newlines); fp32.
 
 On the CPU the host allocator keeps freed memory (`--host-allocator pinned`, the default;
-`benchmarks.common.pin_host_allocator`): with glibc's defaults every forward page-faults its activations
+`experiments.metrics.pin_host_allocator`): with glibc's defaults every forward page-faults its activations
 afresh, ~15 % of the small shape's prefill, varying from run to run.
 
 `--dtype` overrides the shape's dtype (float16 for a GPU without bfloat16); the table says which it used.
@@ -46,7 +46,7 @@ Writes `benchmarks/results/efficiency_<device>.{md,json}` (device name, versions
 every group; all shapes run at batch 1 before any larger batch, and `--stop-after SECONDS` starts no new
 row after that time, so a run cut short keeps what it measured (and says so).
 
-  python -m benchmarks.efficiency --device cpu --shapes small         # CPU table, 7-9 min on 1 core
+  python -m benchmarks.efficiency --device cpu --shapes small         # CPU table, 8-9 min on 1 core
   python -m benchmarks.efficiency --device cuda --stop-after 420 --profile none,fastv:192,sparsevlm:192
                                      # GPU table: llava15 + llavanext, batches 1/8/32, <= ~8 min; then
                                      # profiles of three prefills (kernels, device busy share)
@@ -75,6 +75,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from experiments import metrics  # noqa: E402
+from experiments.metrics import pin_host_allocator  # noqa: E402
 from framework import attach, build  # noqa: E402
 from framework.accounting import account  # noqa: E402
 from framework.backbones import adapter_for  # noqa: E402
@@ -83,7 +84,6 @@ from framework.cache import GrowingCache  # noqa: E402
 from framework.syncs import SyncCounter  # noqa: E402
 from models.random import random_backbone  # noqa: E402
 
-from .common import pin_host_allocator  # noqa: E402
 from .efficiency_table import batch_scaling, targets, to_markdown  # noqa: E402
 
 STRATEGIES = ("fastv", "pdrop", "visionzip", "dart", "divprune", "sparsevlm", "sparsevlm_plus", "cdpruner")
@@ -412,19 +412,20 @@ def measure(
     row carries its own baseline prefill; otherwise the baseline is measured separately by the caller.
     stock: the stock model (no engine) is interleaved instead, and the row carries its figures (`stock_*`):
     what attaching the engine costs when it reduces nothing."""
-    pair = base if base is not None else (None if stock else False)  # False: nothing interleaved
+    interleave = stock or base is not None
+    partner = None if stock else base  # None: the stock model
     prefill_seconds(model, reducer, inputs, clock)  # warm-up
     if stock:
         prefill_seconds(model, None, inputs, clock)
     runs, bases = [], []
     for _ in range(repeats):
-        if pair is not False:
-            bases.append(prefill_seconds(model, pair, inputs, clock))
+        if interleave:
+            bases.append(prefill_seconds(model, partner, inputs, clock))
         runs.append(prefill_seconds(model, reducer, inputs, clock))
     decodes, base_decodes = [], []
     for _ in range(decode_repeats):
-        if pair is not False:
-            base_decodes.append(decode_seconds(model, pair, inputs, new_tokens, clock, cache))
+        if interleave:
+            base_decodes.append(decode_seconds(model, partner, inputs, new_tokens, clock, cache))
         decodes.append(decode_seconds(model, reducer, inputs, new_tokens, clock, cache))
     row = {
         "prefill_ms": 1e3 * _median([r[0] for r in runs]),
@@ -738,7 +739,7 @@ def parse(argv):
         "--host-allocator",
         choices=("pinned", "default"),
         default="pinned",
-        help="on the CPU, keep freed memory in the process (benchmarks.common.pin_host_allocator) so that "
+        help="on the CPU, keep freed memory in the process (experiments.metrics.pin_host_allocator) so that "
         "forwards do not page-fault their activations afresh (default), or leave glibc's malloc as it is",
     )
     p.add_argument("--quiet", action="store_true")

@@ -135,7 +135,7 @@ def test_pinned_host_allocator_stops_page_faults_at_every_forward():
         pytest.skip("the allocator is pinned on glibc only")
     script = """
 import resource, torch
-from benchmarks.common import pin_host_allocator
+from experiments.metrics import pin_host_allocator
 def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(64 * 2**20 // 4)  # 64 MiB, touched, then freed
