@@ -9,13 +9,13 @@ from __future__ import annotations
 import torch
 
 from benchmarks.common import llava_100m, median_time, prompt
-from experiments.metrics import pin_host_allocator
+from experiments.metrics import keep_freed_host_memory
 from framework import attach, build
 from framework.accounting import account
 
 
 def main() -> None:
-    print(f"host allocator: {pin_host_allocator()}")
+    print(f"host allocator: {keep_freed_host_memory()}")
     model = llava_100m()
     x = prompt(model)
     run = lambda: model(**x, logits_to_keep=1)  # noqa: E731

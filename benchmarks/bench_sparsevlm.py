@@ -16,7 +16,7 @@ import torch
 
 import strategies.sparsevlm as sv
 from benchmarks.common import llava_100m, prompt
-from experiments.metrics import pin_host_allocator
+from experiments.metrics import keep_freed_host_memory
 from framework import attach, build
 from framework.accounting import account
 
@@ -77,7 +77,7 @@ def measure(model, x, cfg) -> dict:
 
 
 def main() -> None:
-    print(f"host allocator: {pin_host_allocator()}")
+    print(f"host allocator: {keep_freed_host_memory()}")
     model = llava_100m()
     x = prompt(model)
     with torch.no_grad(), attach(model, build("none")) as engine:

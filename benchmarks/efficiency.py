@@ -10,9 +10,9 @@ Random-weight stock backbones (`models.random`), sdpa:
   * `tiny`, `tinynext`  tests: Llama 4 x 64; LLaVA with 6x6 patches (36 visual), LLaVA-NeXT with 4x4 patches
                 on a 112x112 image (base view + 2x2 crops + newlines); fp32.
 
-On the CPU the host allocator keeps freed memory (`--host-allocator pinned`, the default;
-`experiments.metrics.pin_host_allocator`): with glibc's defaults every forward page-faults its activations
-afresh, ~15 % of the small shape's prefill, varying from run to run.
+On the CPU the host allocator keeps freed memory (`--host-allocator keep`, the default;
+`experiments.metrics.keep_freed_host_memory`): with glibc's defaults every forward page-faults its
+activations afresh, ~15 % of the small shape's prefill on this machine, varying from run to run.
 
 `--dtype` overrides the shape's dtype (float16 for a GPU without bfloat16); the table says which it used.
 
@@ -32,7 +32,8 @@ Per shape and batch size, for none and every strategy x budget:
     own fixed per-layer work) and what the reduction adds on top of it;
   * what attaching the engine costs: no reduction's first runs are interleaved with the stock model (no
     engine, `attached(model, None)`): its prefill, decoder and decode latency as ratios to the stock
-    model's, and both prefills' syncs and ops (the none row's `engine_*_ratio`, `stock_*`);
+    model's, and both prefills' syncs and ops (the none row's `engine_*`, `engine_*_ratio`, `stock_*`; the
+    none row's own `prefill_ms` etc. are then the median over every row's pairing, as every ratio's base);
   * decode: median ms per new token of greedy `generate` with the KV cache appended in place
     (`framework.cache.GrowingCache`; `--cache dynamic`: transformers' DynamicCache), and decode
     throughput (new tokens / s);
@@ -75,7 +76,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from experiments import metrics  # noqa: E402
-from experiments.metrics import pin_host_allocator  # noqa: E402
 from framework import attach, build  # noqa: E402
 from framework.accounting import account  # noqa: E402
 from framework.backbones import adapter_for  # noqa: E402
@@ -410,8 +410,10 @@ def measure(
 ) -> dict:
     """One row's raw figures. With `base` (the no-reduction reducer), prefill is interleaved with it and the
     row carries its own baseline prefill; otherwise the baseline is measured separately by the caller.
-    stock: the stock model (no engine) is interleaved instead, and the row carries its figures (`stock_*`):
-    what attaching the engine costs when it reduces nothing."""
+    stock: the stock model (no engine) is interleaved instead of `base` (which must then be None), and the
+    row carries its figures (`stock_*`): what attaching the engine costs when it reduces nothing."""
+    if stock and base is not None:
+        raise ValueError("measure: stock=True interleaves the stock model; base must be None")
     interleave = stock or base is not None
     partner = None if stock else base  # None: the stock model
     prefill_seconds(model, reducer, inputs, clock)  # warm-up
@@ -585,6 +587,7 @@ def run_group(
     try:
         base = measure(model, bb.none, inputs, clock, repeats, new_tokens, decode_repeats, cache=cache, stock=True)
         for key in ("prefill_ms", "decoder_ms", "decode_ms"):  # before the pairings below replace none's figures
+            base[f"engine_{key}"] = base[key]  # none's own, in alternation with the stock model
             base[f"engine_{key}_ratio"] = base[key] / base[f"stock_{key}"]
     except torch.OutOfMemoryError:
         log(f"[{name} b{batch}] out of memory without reduction: batch skipped")
@@ -737,10 +740,10 @@ def parse(argv):
     )
     p.add_argument(
         "--host-allocator",
-        choices=("pinned", "default"),
-        default="pinned",
-        help="on the CPU, keep freed memory in the process (experiments.metrics.pin_host_allocator) so that "
-        "forwards do not page-fault their activations afresh (default), or leave glibc's malloc as it is",
+        choices=metrics.HOST_ALLOCATOR_CHOICES,
+        default="keep",
+        help="on the CPU, keep freed memory in the process (experiments.metrics.keep_freed_host_memory; for the "
+        "rest of the process) so that forwards do not page-fault their activations afresh, or leave it as it is",
     )
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
@@ -771,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         meta["host_allocator"] = "default (the tensors are on the GPU: CUDA caching allocator)"
     else:
-        meta["host_allocator"] = pin_host_allocator() if args.host_allocator == "pinned" else "default"
+        meta["host_allocator"] = metrics.host_allocator(args.host_allocator)
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, flush=True))
     done: list[dict] = []
     failed: list[str] = meta.setdefault("failed", [])  # rows that raised, with their errors

@@ -363,8 +363,9 @@ def plot_scaling(rows: list[dict], path: Path) -> Path:
 def main(args) -> int:
     torch.set_num_threads(int(args.threads))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # on the CPU, forwards must not page-fault their activations afresh (`metrics.pin_host_allocator`)
-    allocator = "CUDA caching allocator" if device.startswith("cuda") else metrics.pin_host_allocator()
+    # on the CPU, forwards must not page-fault their activations afresh (`metrics.keep_freed_host_memory`)
+    allocator = "CUDA caching allocator" if device.startswith("cuda") else metrics.host_allocator(args.host_allocator)
+    print(f"host allocator: {allocator}")
     backbone = args.backbone or ("llava7b_shape" if device.startswith("cuda") else "bench_cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -387,7 +388,7 @@ def main(args) -> int:
         print(
             f"backbone {backbone} on {device}, {torch.get_num_threads()} thread(s); medians of {args.repeats} "
             f"(batch 1) / {max(1, (args.repeats + 1) // 2)} (larger) interleaved repeats; "
-            f"(none) = no reduction measured in the same run; host allocator: {allocator}"
+            f"(none) = no reduction measured in the same run"
         )
         print(text)
         (out / "bench.md").write_text(text + "\n")

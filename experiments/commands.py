@@ -102,6 +102,13 @@ def add_bench(sub) -> None:
     p.add_argument("--decode-tokens", type=int, default=8)
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--host-allocator",
+        choices=("keep", "default"),
+        default="keep",
+        help="on the CPU: keep freed memory in the process, so forwards do not page-fault their activations "
+        "afresh (experiments.metrics.keep_freed_host_memory; for the rest of the process), or leave it as it is",
+    )
     p.add_argument("--scaling", action="store_true", help="also the visual-token scaling sweep")
     p.add_argument("--scaling-only", action="store_true")
     p.add_argument("--visual", default="576,1152,2304,4608")

@@ -11,8 +11,8 @@ and the ratios are what we report. Medians of `repeats`.
   stamps each step);
 * peak memory: CUDA allocator peak over the prefill on GPU; on CPU the peak of live tensor bytes over
   the prefill, replayed from the PyTorch profiler's allocation events (`profile_memory=True`);
-* `pin_host_allocator`: what the CPU benchmarks call first, so that a forward's time does not include
-  page-faulting its activations afresh.
+* `keep_freed_host_memory`: what the CPU benchmarks call first (`--host-allocator keep`), so that a
+  forward's time does not include page-faulting its activations afresh.
 """
 
 from __future__ import annotations
@@ -33,22 +33,34 @@ from framework.cache import GrowingCache
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+HOST_ALLOCATOR_CHOICES = ("keep", "default")
 
 
-def pin_host_allocator() -> str:
-    """Keep freed host memory in the process (glibc: no mmap for large blocks, no trimming), so a forward's
-    large tensors reuse pages the previous forward touched. By default glibc maps each block over 128 KiB
-    (and, adapting, up to 32 MiB) afresh and unmaps it on free: every forward then pays a page fault per
-    4 KiB of its activations, which on this kind of machine is ~15 % of a small model's prefill and varies
-    from run to run with the allocator's adaptive threshold, not with the model. GPU memory is not
-    affected (the CUDA caching allocator already keeps its blocks). Returns what was set, for the record;
-    elsewhere (not glibc) nothing is changed."""
+def keep_freed_host_memory() -> str:
+    """Keep freed host memory in the process (glibc: no mmap for large blocks; the heap's free top is given
+    back only past 2 GiB), so a forward's large tensors reuse pages the previous forward touched. By default
+    glibc maps each block over 128 KiB (adapting up to 32 MiB) afresh and unmaps it on free: every forward
+    then pays a page fault per 4 KiB page of its activations (on hosts whose transparent huge pages are not
+    "always"), ~15 % of the small efficiency shape's prefill here, varying from run to run with the
+    allocator's adaptive threshold, not with the model. For the rest of the process; memory it freed stays
+    with it (the peak, and any fragmentation). GPU memory is not affected (the CUDA caching allocator keeps
+    its blocks). Returns what was set, for the record; elsewhere (not glibc) nothing is changed."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "default (not glibc)"
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)):
-        return "default (mallopt refused)"
-    return "glibc malloc without mmap or trimming (M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1)"
+    mmap_off = libc.mallopt(_M_MMAP_MAX, 0) == 1
+    trim_off = libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    if not (mmap_off and trim_off):
+        return f"glibc malloc, partly set (mmap off: {mmap_off}, trim threshold 2 GiB: {trim_off})"
+    return "glibc malloc keeping freed memory (M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1)"
+
+
+def host_allocator(choice: str) -> str:
+    """`keep` (`keep_freed_host_memory`) or `default` (glibc as this process has it: an earlier `keep` in the
+    same process stays in effect): the description the benchmarks record."""
+    if choice not in HOST_ALLOCATOR_CHOICES:
+        raise ValueError(f"host allocator {choice!r}; allowed: {list(HOST_ALLOCATOR_CHOICES)}")
+    return keep_freed_host_memory() if choice == "keep" else "default (as the process found it)"
 
 
 class _Clock:

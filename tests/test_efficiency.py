@@ -102,8 +102,8 @@ def test_rows_and_metadata(written):
     assert figures["prefill latency ratio at 192"]["value"] == f"{r192['prefill_ms_ratio']:.3f}"
     assert {"own work at 64 (% of prefill)", "latency / FLOPs ratio - 1 at 64"} <= set(figures)
     assert meta["command"] in md
-    if platform.libc_ver()[0] == "glibc":  # the CPU table's forwards do not page-fault afresh
-        assert meta["host_allocator"].startswith("glibc malloc without mmap") and meta["host_allocator"] in md
+    # the CPU table keeps freed host memory (the call itself is stubbed in the tests: see conftest.py)
+    assert meta["host_allocator"] == "kept (tests: not applied)" and f"- host allocator: {meta['host_allocator']}" in md
 
 
 def test_engine_cost_is_measured_against_the_stock_model(written):
@@ -119,35 +119,36 @@ def test_engine_cost_is_measured_against_the_stock_model(written):
             model(**x, logits_to_keep=1)
         assert (r["stock_syncs"], r["stock_ops"]) == (plain.count, plain.ops)
         assert r["stock_syncs"] < r["syncs"] and r["stock_ops"] < r["ops"]  # reading the prompt, the hooks
-        for key in ("prefill_ms", "decoder_ms", "decode_ms"):
-            assert r[f"engine_{key}_ratio"] > 0 and r[f"stock_{key}"] > 0
+        for key in ("prefill_ms", "decoder_ms", "decode_ms"):  # none's own runs, before the pairings' median
+            assert r[f"engine_{key}_ratio"] == r[f"engine_{key}"] / r[f"stock_{key}"]
+            assert r[f"{key}_ratio"] == 1.0
         assert f"| {r['stock_syncs']} / {r['syncs']} | {r['stock_ops']} / {r['ops']} |" in md
     assert "Attaching the engine with no reduction" in md
 
 
-def test_pinned_host_allocator_stops_page_faults_at_every_forward():
-    """With glibc's defaults a freed 64 MiB block is unmapped and the next one page-faults afresh (16k faults);
-    pinned, the pages are reused."""
+def test_kept_host_memory_stops_page_faults_at_every_forward():
+    """With glibc's defaults a freed 64 MiB block is unmapped and the next one page-faults afresh (16k faults
+    with 4 KiB pages; fewer where transparent huge pages are "always"); kept, the pages are reused."""
     import subprocess
     import sys
 
     if platform.libc_ver()[0] != "glibc":
-        pytest.skip("the allocator is pinned on glibc only")
+        pytest.skip("freed memory is kept on glibc only")
     script = """
 import resource, torch
-from experiments.metrics import pin_host_allocator
+from experiments.metrics import keep_freed_host_memory
 def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(64 * 2**20 // 4)  # 64 MiB, touched, then freed
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 faults(); default = faults()
-print(pin_host_allocator())
+print(keep_freed_host_memory())
 faults(); print(default, faults())
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split("\n")
-    assert out[0].startswith("glibc malloc without mmap or trimming")
-    default, pinned = map(int, out[1].split())
-    assert default > 10_000 and pinned < 500
+    assert out[0].startswith("glibc malloc keeping freed memory")
+    default, kept = map(int, out[1].split())
+    assert default >= 16 and kept * 10 < default  # at least one fault per 4 MiB huge page unkept; ~none kept
 
 
 def test_ratios_are_measured_over_the_same_runs_baseline(written):

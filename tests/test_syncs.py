@@ -254,14 +254,14 @@ def test_adapters_read_a_prompt_in_a_fixed_number_of_syncs(name, cfg):
     assert _added_syncs(model, cfg, samples) == _added_syncs(model, cfg, samples[:1])
 
 
-@pytest.mark.parametrize("name", ["llava_next", "qwen2_vl", "qwen2_5_vl"])
-def test_adapters_read_a_prompt_once(name):
-    """An adapter's checks, spans and grids of one prompt share one host copy of each thing they read (Qwen:
-    the ids and the image grids; LLaVA-NeXT: the image sizes and the image-token counts); a new prompt, or
-    the same tensor edited in place, is read again."""
-    from tests.tiny_backbones import BACKBONES, collate, forward_kwargs
+@pytest.mark.parametrize("name, reads", [("llava", 1), ("llava_next", 2), ("qwen2_vl", 2), ("qwen2_5_vl", 2)])
+def test_adapters_read_a_prompt_once(name, reads):
+    """An adapter's checks, spans and grids of one prompt share one host copy of each thing they read (LLaVA:
+    the image-token counts; Qwen: the ids and the image grids; LLaVA-NeXT: the image sizes and the image-token
+    counts); a new prompt, or the same tensor edited in place, is read again."""
+    from tests.tiny_backbones import ALL_BACKBONES, collate, forward_kwargs
 
-    make, examples = BACKBONES[name]
+    make, examples = ALL_BACKBONES[name]
     model = make(layers=4)
     x = collate(examples(model))
     kw = {k: v for k, v in {**x, **forward_kwargs(model, x)}.items() if k != "input_ids"}
@@ -271,7 +271,7 @@ def test_adapters_read_a_prompt_once(name):
         adapter.check_inputs(ids, kw)
         adapter.visual_spans(ids, kw, adapter.visual_mask(ids, kw))
         adapter.visual_grids(ids, kw)
-    assert syncs.count == 2
+    assert syncs.count == reads
     before = adapter.visual_spans(ids, kw, adapter.visual_mask(ids, kw))
     b, first = (before >= 0).nonzero()[0].tolist()
     ids[b, first] = 0  # no longer an image token: this prompt has one image token too few
@@ -303,14 +303,14 @@ def test_llava_next_reads_generates_encoded_prompt_once():
     assert syncs.count == 2
 
 
-@pytest.mark.parametrize("name", ["llava_next", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("name", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
 def test_adapters_read_once_in_inference_mode(name):
     """Inference tensors have no version counter: the prompt read once per forward works under
     torch.inference_mode (forward and generate, whose own slices are inference tensors) and gives what
     no_grad gives; the next forward reads its own prompt."""
-    from tests.tiny_backbones import BACKBONES, collate, forward_kwargs
+    from tests.tiny_backbones import ALL_BACKBONES, collate, forward_kwargs
 
-    make, examples = BACKBONES[name]
+    make, examples = ALL_BACKBONES[name]
     model = make(layers=4)
     samples = examples(model)
     gen = dict(max_new_tokens=2, do_sample=False)
