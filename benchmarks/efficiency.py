@@ -273,10 +273,11 @@ def prefill_seconds(model, reducer, inputs, clock: Clock) -> tuple[float, float,
     these are CUDA events in stream order, so measuring them adds no synchronisation. reducer None: the
     stock model (no engine, no own work)."""
     whole, dec, own = _Span(clock), _Span(clock), _Span(clock)
+    timed_methods = ("begin", "decide") if reducer is not None else ()
     with attached(model, reducer):
         lm = adapter_for(model).language_model
         handles = [lm.register_forward_pre_hook(dec.open, prepend=True), lm.register_forward_hook(dec.close)]
-        for name in ("begin", "decide") if reducer is not None else ():
+        for name in timed_methods:
             orig = getattr(reducer, name)
 
             def timed(ctx, _orig=orig):
@@ -294,7 +295,7 @@ def prefill_seconds(model, reducer, inputs, clock: Clock) -> tuple[float, float,
         finally:
             for h in handles:
                 h.remove()
-            for name in ("begin", "decide") if reducer is not None else ():
+            for name in timed_methods:
                 reducer.__dict__.pop(name, None)  # the instance attribute shadowed the class method
     return whole.seconds, dec.seconds, own.seconds
 
@@ -771,10 +772,7 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     meta = metadata(args, device, Clock(device).name, argv)
-    if cuda:
-        meta["host_allocator"] = "default (the tensors are on the GPU: CUDA caching allocator)"
-    else:
-        meta["host_allocator"] = metrics.host_allocator(args.host_allocator)
+    meta["host_allocator"] = metrics.host_allocator(args.host_allocator, device.type)
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, flush=True))
     done: list[dict] = []
     failed: list[str] = meta.setdefault("failed", [])  # rows that raised, with their errors

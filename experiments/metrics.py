@@ -55,11 +55,14 @@ def keep_freed_host_memory() -> str:
     return "glibc malloc keeping freed memory (M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1)"
 
 
-def host_allocator(choice: str) -> str:
+def host_allocator(choice: str, device: str) -> str:
     """`keep` (`keep_freed_host_memory`) or `default` (glibc as this process has it: an earlier `keep` in the
-    same process stays in effect): the description the benchmarks record."""
+    same process stays in effect) for a benchmark on `device` (nothing to set on a GPU, whose tensors the CUDA
+    caching allocator holds): the description the benchmarks record."""
     if choice not in HOST_ALLOCATOR_CHOICES:
         raise ValueError(f"host allocator {choice!r}; allowed: {list(HOST_ALLOCATOR_CHOICES)}")
+    if str(device).startswith("cuda"):
+        return "default (the tensors are on the GPU: CUDA caching allocator)"
     return keep_freed_host_memory() if choice == "keep" else "default (as the process found it)"
 
 

@@ -98,6 +98,11 @@ class BackboneAdapter:
             last = kept[name] = (tensors, versions, read())
         return last[2]
 
+    def image_tokens_per_sample(self, input_ids: torch.Tensor) -> list[int]:
+        """Each sample's count of `image_token_id` on the host: one copy per prompt (`read_once`), shared by the
+        adapter's checks, spans and grids."""
+        return self.read_once("image_tokens", (input_ids,), lambda: (input_ids == self.image_token_id).sum(1).tolist())
+
     def check_inputs(self, input_ids: torch.Tensor, kwargs: dict) -> None:
         """Raise ConfigError on prompts the engine cannot reduce (no visual tokens, count mismatch)."""
 

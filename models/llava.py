@@ -43,10 +43,6 @@ class LlavaAdapter(BackboneAdapter):
         flat = torch.cumsum(image.flatten().long(), 0).view(image.shape) - 1
         return torch.where(image, flat, torch.full_like(flat, -1))
 
-    def _image_tokens(self, input_ids: torch.Tensor) -> list[int]:
-        """Image tokens per sample on the host: one copy per prompt (`read_once`), for the checks and grids."""
-        return self.read_once("image_tokens", (input_ids,), lambda: (input_ids == self.image_token_id).sum(1).tolist())
-
     def visual_grids(self, input_ids: torch.Tensor, kwargs: dict):
         """One side x side grid per image (row-major patches); with select strategy 'full' the image's
         first token is CLIP's CLS (a class token, outside the grid)."""
@@ -57,7 +53,9 @@ class LlavaAdapter(BackboneAdapter):
         side = int(round((per - c) ** 0.5))
         is_image = input_ids == self.image_token_id
         out = []
-        for pos in split_rows(is_image, self._image_tokens(input_ids)):  # no host round trip beyond the counts
+        for pos in split_rows(
+            is_image, self.image_tokens_per_sample(input_ids)
+        ):  # no host round trip beyond the counts
             grids, cls = [], []
             for j in range(0, pos.numel() - per + 1, per):
                 chunk = pos[j : j + per]
@@ -81,7 +79,7 @@ class LlavaAdapter(BackboneAdapter):
         return input_ids == self.image_token_id
 
     def check_inputs(self, input_ids: torch.Tensor, kwargs: dict) -> None:
-        per_sample = self._image_tokens(input_ids)
+        per_sample = self.image_tokens_per_sample(input_ids)
         per_image = self.tokens_per_image()
         n_images = self.n_images(kwargs)
         require(

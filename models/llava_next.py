@@ -115,7 +115,7 @@ class LlavaNextAdapter(BackboneAdapter):
         image-token positions (one count copy and one static-size nonzero for the batch)."""
         layouts = self._layouts(kwargs)
         image = input_ids == self.image_token_id
-        per_sample = self.read_once("image_tokens", (input_ids,), lambda: image.sum(1).tolist())
+        per_sample = self.image_tokens_per_sample(input_ids)
         out, j = [], 0
         for b, n in enumerate(per_sample):
             mine, total = [], 0
