@@ -42,7 +42,9 @@ def keep_freed_host_memory() -> str:
     glibc maps each block over 128 KiB (adapting up to 32 MiB) afresh and unmaps it on free: every forward
     then pays a page fault per 4 KiB page of its activations (on hosts whose transparent huge pages are not
     "always"), ~15 % of the small efficiency shape's prefill here, varying from run to run with the
-    allocator's adaptive threshold, not with the model. For the rest of the process; memory it freed stays
+    allocator's adaptive threshold, not with the model. The heap settles within a few forwards (the first
+    ones grow it; an aligned block freed a few bytes short of the next may take one more), which a benchmark's
+    warm-up and median absorb. For the rest of the process; memory it freed stays
     with it (the peak, and any fragmentation). GPU memory is not affected (the CUDA caching allocator keeps
     its blocks). Returns what was set, for the record; elsewhere (not glibc) nothing is changed."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":

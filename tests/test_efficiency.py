@@ -128,7 +128,10 @@ def test_engine_cost_is_measured_against_the_stock_model(written):
 
 def test_kept_host_memory_stops_page_faults_at_every_forward():
     """With glibc's defaults a freed 64 MiB block is unmapped and the next one page-faults afresh (16k faults
-    with 4 KiB pages; fewer where transparent huge pages are "always"); kept, the pages are reused."""
+    with 4 KiB pages; fewer where transparent huge pages are "always"); kept, the pages are reused once the heap
+    has grown to hold the block: the first kept block is fresh heap, and torch's aligned allocation can leave a
+    freed block a few bytes short of the next (more than half the runs here), so the second or third may be fresh too;
+    the two freed blocks then merge and hold every later one."""
     import subprocess
     import sys
 
@@ -141,14 +144,16 @@ def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(64 * 2**20 // 4)  # 64 MiB, touched, then freed
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults(); default = faults()
+faults()
+print(*[faults() for _ in range(3)])
 print(keep_freed_host_memory())
-faults(); print(default, faults())
+print(*[faults() for _ in range(6)])
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split("\n")
-    assert out[0].startswith("glibc malloc keeping freed memory")
-    default, kept = map(int, out[1].split())
-    assert default >= 16 and kept * 10 < default  # at least one fault per 4 MiB huge page unkept; ~none kept
+    default, kept = [list(map(int, out[i].split())) for i in (0, 2)]
+    assert out[1].startswith("glibc malloc keeping freed memory")
+    assert min(default) >= 16  # at least one fault per 4 MiB huge page, at every unkept block
+    assert all(k * 10 < min(default) for k in kept[3:]), (default, kept)  # settled: ~no faults
 
 
 def test_ratios_are_measured_over_the_same_runs_baseline(written):
