@@ -64,33 +64,41 @@ def initial_slots(pending: dict, valid: torch.Tensor) -> Slots:
 def visual_grids(grids, visual: torch.Tensor):
     """Adapter grids (sequence positions) -> grids of visual-token indices; a `row_end` that is not
     visual (LLaVA-NeXT newline='keep') is dropped; returns (grids, class-token indices) per sample.
-    Whether each grid, row end and class token is visual is read in one host copy for the batch."""
+    Every position the grids name is looked up in one gather for the batch, and whether it is visual is read
+    in one host copy."""
     if grids is None:
         return None, None
-    dev = visual.device
+    dev, (B, L) = visual.device, visual.shape
     entries = [(b, g) for b, (sample, _) in enumerate(grids) for g in sample]
     ended = [(b, g) for b, g in entries if g.row_end is not None]
-    cls_at = [c.to(dev) for _, c in grids]
-    flags = [visual[b, g.index.to(dev)].all().reshape(1) for b, g in entries]
-    flags += [visual[b, g.row_end.to(dev)].all().reshape(1) for b, g in ended]
-    flags += [visual[b, c] for b, c in enumerate(cls_at)]  # which class-token positions are visual
-    flags = torch.cat(flags).tolist() if flags else []
-    if not all(flags[: len(entries)]):
+    # grid cells, then row ends, then each sample's class tokens: flat positions b * L + position
+    parts = [g.index.to(dev).flatten() for _, g in entries] + [g.row_end.to(dev) for _, g in ended]
+    parts += [c.to(dev) for _, c in grids]
+    sizes = [int(p.numel()) for p in parts]
+    owner = [b for b, _ in entries] + [b for b, _ in ended] + list(range(B))
+    flat = _cat(parts) + _to_device(dev, {"offset": np.repeat(np.asarray(owner) * L, sizes)})["offset"]
+    flags = visual.flatten()[flat].tolist()
+    vidx = (visual.long().cumsum(1) - 1).flatten()[flat]  # each position's visual-token index in its sample
+    n_cells, n_ends = sum(sizes[: len(entries)]), sum(sizes[len(entries) : len(entries) + len(ended)])
+    if not all(flags[:n_cells]):
         raise RuntimeError("adapter grid covers non-visual positions")
-    ends_visual = iter(flags[len(entries) : len(entries) + len(ended)])
-    cls_visual = iter(flags[len(entries) + len(ended) :])
-    out, cls = [], []
-    for b, (sample, _) in enumerate(grids):
-        vidx = visual[b].long().cumsum(0) - 1
-        mine = []
-        for g in sample:
-            ends = g.row_end.to(dev) if g.row_end is not None and next(ends_visual) else None
-            mine.append(Grid(index=vidx[g.index.to(dev)], row_end=None if ends is None else vidx[ends]))
-        out.append(mine)
-        kept = [j for j in range(int(cls_at[b].numel())) if next(cls_visual)]
-        kept = torch.tensor(kept, dtype=torch.long).to(dev, non_blocking=True)  # blocking would wait for the queue
-        cls.append(vidx[cls_at[b][kept]])
-    return out, cls
+    pieces = iter(vidx.split(sizes))
+    cells = [next(pieces).view(g.index.shape) for _, g in entries]
+    ends = iter([next(pieces) for _ in ended])
+    at, out = n_cells, [[] for _ in grids]
+    for (b, g), index in zip(entries, cells):
+        end = None
+        if g.row_end is not None:
+            end = next(ends)
+            end, at = (end if all(flags[at : at + end.numel()]) else None), at + end.numel()
+        out[b].append(Grid(index=index, row_end=end))
+    # the class tokens that are visual, picked on the device by host indices (one copy, no wait)
+    cls_flags, cls_sizes = flags[n_cells + n_ends :], sizes[len(entries) + len(ended) :]
+    visual_cls = [n_cells + n_ends + i for i, f in enumerate(cls_flags) if f]
+    kept = vidx[_to_device(dev, {"cls": visual_cls})["cls"]] if visual_cls else vidx[:0]
+    starts = _starts(cls_sizes)
+    per_sample = [sum(1 for i, f in enumerate(cls_flags[s : s + n]) if f) for s, n in zip(starts, cls_sizes)]
+    return out, list(kept.split(per_sample))
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -172,11 +180,11 @@ def _checked_keeps(decisions: list[Decision], n_visual: list[int], dev, checks: 
     return keeps
 
 
-def _member_rows(decisions: list[Decision], keeps: list[torch.Tensor], n_visual: list[int], dev, checks) -> list:
+def _member_rows(decisions: list[Decision], keeps: list[torch.Tensor], dev) -> list[tuple]:
     """Per sample, (rows kept as they are, source rows to union, each one's union (0..n_groups-1: a host
-    array, or a device tensor from `SourceGroups`), n_groups): the kept tokens' `members` rows, then one union
-    per merged token; kept tokens that absorbed others in place are their source sets instead. A
-    `SourceGroups`' ranges go to `checks`; until they are read its values are clamped into range."""
+    array, or a device tensor from `SourceGroups`), n_groups, what the sources came as): the kept tokens'
+    `members` rows, then one union per merged token; kept tokens that absorbed others in place are their
+    source sets instead. The sources' ranges are checked (and clamped) for the whole batch in `_block_members`."""
     plan = []
     for b, (d, keep) in enumerate(zip(decisions, keeps)):
         if isinstance(d.sources, SourceGroups):
@@ -187,52 +195,74 @@ def _member_rows(decisions: list[Decision], keeps: list[torch.Tensor], n_visual:
                     f"decision for sample {b}: SourceGroups has {rows.numel()} indices but {group.numel()} groups"
                 )
             n_groups = d.n_merged or keep.numel()
-            if rows.numel():
-                _check_groups(checks, b, rows, group, n_visual[b], n_groups)
-                rows, group = rows.clamp(0, n_visual[b] - 1), group.clamp(0, n_groups - 1)
-            plan.append(([keep], rows, group, n_groups) if d.n_merged else ([], rows, group, n_groups))
+            plan.append(([keep] if d.n_merged else [], rows, group, n_groups, "SourceGroups"))
             continue
         sources = [torch.as_tensor(s, device=dev).long().flatten() for s in d.sources]
-        group = np.repeat(np.arange(len(sources)), [s.numel() for s in sources])
+        sizes = [s.numel() for s in sources]
+        group = np.repeat(np.arange(len(sources)), sizes)
         if not d.n_merged and len(sources) == keep.numel():  # kept tokens that absorbed others in place
-            plan.append(([], _cat(sources), group, len(sources)))
+            plan.append(([], _cat(sources), group, len(sources), "sources"))
         elif d.n_merged:
             if len(sources) != d.n_merged:
                 raise ConfigError(f"decision for sample {b}: {d.n_merged} merged tokens but {len(sources)} source sets")
-            plan.append(([keep], _cat(sources), group, len(sources)))
+            if d.anchors is None and 0 in sizes:
+                raise ConfigError(
+                    f"decision for sample {b}: merged token {sizes.index(0)} has no sources, so it has no position; "
+                    "list the current visual tokens it stands for, or give `anchors`"
+                )
+            plan.append(([keep], _cat(sources), group, len(sources), "sources"))
         else:
-            plan.append(([keep], None, None, 0))
+            plan.append(([keep], None, None, 0, None))
     return plan
 
 
-def _check_groups(checks, b: int, rows: torch.Tensor, group: torch.Tensor, n: int, n_groups: int) -> None:
-    """Sample b's SourceGroups: indices in 0..n-1, groups in 0..n_groups-1 (read at the end of the prefill)."""
+def _range_message(samples: list[int], spans: list[tuple]):
+    """The wording of `_block_members`' range check: flags (2, N) of the union rows and groups that were out
+    of range; spans: per union entry, (its slice of N, the plan entry's index, n_visual, n_groups, kind)."""
 
-    def message(v) -> str | None:
-        if v[0] < 0 or v[1] >= n:
-            return f"decision for sample {b}: SourceGroups indices must lie in 0..{n - 1} (its current visual tokens)"
-        if v[2] < 0 or v[3] >= n_groups:
-            return f"decision for sample {b}: SourceGroups groups must lie in 0..{n_groups - 1} (one per new token)"
+    def message(bad) -> str | None:
+        for (lo, hi), j, n, n_groups, kind in spans:
+            where = f"decision for sample {samples[j]}: {kind}"
+            if bad[0][lo:hi].any():
+                return f"{where} indices must lie in 0..{n - 1} (its current visual tokens)"
+            if bad[1][lo:hi].any():
+                return f"{where} groups must lie in 0..{n_groups - 1} (one per new token)"
         return None
 
-    checks.add(torch.stack([rows.min(), rows.max(), group.min(), group.max()]), message)
+    return message
 
 
-def _block_members(members: list[torch.Tensor], plan: list[tuple], dev) -> list[torch.Tensor]:
+def _block_members(
+    members: list[torch.Tensor], plan: list[tuple], dev, samples: list[int], checks, firsts: bool = False
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """New members of samples whose members have the same width, whatever the number of samples: the kept
     rows in one gather from the stacked members, the merged tokens' unions in one gather and one integer
     scatter (only their source rows: the scatter is the slow part on a CPU), and at batch > 1 one more
-    gather that puts each sample's rows in order (its kept rows, then its unions)."""
-    direct, unions, groups, d_off, u_off, g_off, n_direct, n_union = [], [], [], [], [], [], [], []
-    for off, (kept, rows, group, n_groups) in zip(_starts([m.shape[0] for m in members]), plan):
+    gather that puts each sample's rows in order (its kept rows, then its unions). The union rows and groups
+    are checked against each sample's range in one comparison (read at the end of the prefill; clamped into
+    range until then). firsts: also each union's first source (current visual index; a union without
+    sources takes the sample's last visual token), per sample, in one scatter: merged tokens' default anchors."""
+    direct, unions, groups, n_direct, n_union, spans = [], [], [], [], [], []
+    d_off, u_off, g_off, bounds, fill = [], [], [], [], []
+    n_rows = 0
+    for j, (off, m, (kept, rows, group, n_groups, kind)) in enumerate(
+        zip(_starts([m.shape[0] for m in members]), members, plan)
+    ):
+        n, g0 = int(m.shape[0]), sum(n_union)
         n_direct.append(sum(k.numel() for k in kept))
         direct += kept
         d_off.append(np.full(n_direct[-1], off))
         if n_groups:
+            k = rows.numel()
             unions.append(rows)
             groups.append(group)
-            u_off.append(np.full(rows.numel(), off))
-            g_off.append(np.full(rows.numel(), sum(n_union)))
+            u_off.append(np.full(k, off))
+            g_off.append(np.full(k, g0))
+            # rows lie in off..off+n-1 of the stacked members, groups in g0..g0+n_groups-1 of the unions
+            bounds.append(np.array([[off, g0], [off + n - 1, g0 + n_groups - 1]])[..., None].repeat(k, axis=2))
+            fill.append(np.full(n_groups, n - 1))
+            spans.append(((n_rows, n_rows + k), j, n, n_groups, kind))
+            n_rows += k
         n_union.append(n_groups)
     batch = len(members) > 1
     host = {"d_off": np.concatenate(d_off)} if batch and direct else {}
@@ -245,6 +275,10 @@ def _block_members(members: list[torch.Tensor], plan: list[tuple], dev) -> list[
             host["g_off"] = np.concatenate(g_off)
         if batch:
             host["u_off"] = np.concatenate(u_off)
+        if n_rows:
+            host["bounds"] = np.concatenate(bounds, axis=2)  # (low / high, row / group, N)
+        if firsts:
+            host["fill"] = np.concatenate(fill)
     # stacked as [every kept row; every union]: at batch > 1 with both, sample b's rows are picked in order
     reorder = batch and any(n_union) and any(n_direct)
     if reorder:
@@ -253,7 +287,7 @@ def _block_members(members: list[torch.Tensor], plan: list[tuple], dev) -> list[
             [np.r_[np.arange(d, d + nd), np.arange(u, u + nu)] for d, nd, u, nu in zip(d0, n_direct, u0, n_union)]
         )
     ints = _to_device(dev, host)
-    table, parts = _cat(members), []
+    table, parts, first = _cat(members), [], None
     if direct:  # row r of sample b is row off_b + r of the stacked members
         parts.append(table[_cat(direct) + ints["d_off"] if batch else _cat(direct)])
     if unions:
@@ -263,38 +297,60 @@ def _block_members(members: list[torch.Tensor], plan: list[tuple], dev) -> list[
         else:
             group = _cat([ints[("group", i)] if isinstance(g, np.ndarray) else g for i, g in enumerate(groups)])
             group = group + ints["g_off"] if len(groups) > 1 else group
+        if n_rows:
+            together = torch.stack([rows, group])
+            lim = ints["bounds"].view(2, 2, n_rows)
+            clamped = torch.clamp(together, lim[0], lim[1])
+            checks.add(together != clamped, _range_message(samples, spans))
+            rows, group = clamped
         parts.append(_unions(table, rows, group, sum(n_union)))
+        if firsts:
+            local = rows - ints["u_off"] if batch else rows
+            first = list(ints["fill"].scatter_reduce(0, group, local, "amin").split(n_union))
     out = _cat(parts) if parts else table[:0]
     if reorder:
         out = out[ints["order"]]
-    return list(out.split([d + u for d, u in zip(n_direct, n_union)]))
+    return list(out.split([d + u for d, u in zip(n_direct, n_union)])), first
 
 
-def _new_members(slots: Slots, decisions: list[Decision], keeps: list[torch.Tensor], dev, checks) -> list:
-    """Per sample, which input visual tokens each surviving / merged visual token stands for; samples whose
-    members have the same width (the same input visual tokens) together."""
-    plan = _member_rows(decisions, keeps, slots.counts()[1], dev, checks)
+def _new_members(
+    slots: Slots, decisions: list[Decision], keeps: list[torch.Tensor], dev, checks, firsts: bool
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Per sample, which input visual tokens each surviving / merged visual token stands for (and, with
+    `firsts`, each union's first source); samples whose members have the same width (the same input visual
+    tokens) together."""
+    plan = _member_rows(decisions, keeps, dev)
     if len({int(m.shape[1]) for m in slots.members}) == 1:
-        return _block_members(slots.members, plan, dev)
-    return [_block_members([m], [p], dev)[0] for m, p in zip(slots.members, plan)]
+        return _block_members(slots.members, plan, dev, list(range(len(plan))), checks, firsts)
+    each = [_block_members([m], [p], dev, [b], checks, firsts) for b, (m, p) in enumerate(zip(slots.members, plan))]
+    return [m[0] for m, _ in each], [f and f[0] for _, f in each]
 
 
-def _anchors(d: Decision, b: int, n: int, dev, checks) -> torch.Tensor:
-    """Each merged token's anchor (current visual index): given (its range checked at the end of the
-    prefill, clamped until then), or its first source."""
-    if d.anchors is not None:
-        a = torch.as_tensor(d.anchors, device=dev).long().flatten()
-        checks.add(
-            torch.stack([a.min(), a.max()]),
-            lambda v: None if 0 <= v[0] and v[1] < n else f"decision for sample {b}: anchors must lie in 0..{n - 1}",
-        )
-        return a.clamp(0, n - 1)
-    if isinstance(d.sources, SourceGroups):
-        index = torch.as_tensor(d.sources.index, device=dev).long().flatten().clamp(0, n - 1)
-        group = torch.as_tensor(d.sources.group, device=dev).long().flatten().clamp(0, d.n_merged - 1)
-        first = index.new_full((d.n_merged,), n - 1)  # a group without sources (a faulty decision) takes the last
-        return first.scatter_reduce_(0, group, index, "amin")
-    return torch.stack([torch.as_tensor(s, device=dev).long().min() for s in d.sources])
+def _given_anchors(decisions: list[Decision], samples: list[int], n_visual: list[int], dev, checks) -> tuple:
+    """The anchors that decisions give (current visual indices), all at once: (their concatenation, its host
+    upper bounds (n_visual - 1 per anchor, for the layout's copy), the check to add once those bounds are on
+    the device). The range is read at the end of the prefill; `_clamped_anchors` clamps them until then."""
+    given = [torch.as_tensor(d.anchors, device=dev).long().flatten() for d in decisions]
+    for b, d, a in zip(samples, decisions, given):
+        if a.numel() != d.n_merged:
+            raise ConfigError(f"decision for sample {b}: {a.numel()} anchors for {d.n_merged} merged tokens")
+    sizes = [a.numel() for a in given]
+    high = np.repeat([n_visual[b] - 1 for b in samples], sizes)
+    spans = list(zip(samples, _starts(sizes), sizes))
+
+    def message(bad) -> str | None:
+        for b, start, size in spans:
+            if bad[start : start + size].any():
+                return f"decision for sample {b}: anchors must lie in 0..{n_visual[b] - 1}"
+        return None
+
+    return _cat(given), high, message
+
+
+def _clamped_anchors(given: torch.Tensor, high: torch.Tensor, message, checks) -> torch.Tensor:
+    clamped = torch.minimum(given.clamp(min=0), high)
+    checks.add(given != clamped, message)
+    return clamped
 
 
 def _layout(n_visual, sizes, n_merged, pad, L_out) -> dict:
@@ -334,19 +390,27 @@ def apply_decisions(
     n_valid, n_visual = slots.counts()
     pending = DeferredChecks() if checks is None else checks
     keeps = _checked_keeps(decisions, n_visual, dev, pending)
-    members = _new_members(slots, decisions, keeps, dev, pending)
+    n_merged = [d.n_merged for d in decisions]
+    merging = [b for b, n in enumerate(n_merged) if n]
+    # merged tokens without anchors take their first source's position
+    firsts = any(decisions[b].anchors is None for b in merging)
+    members, first = _new_members(slots, decisions, keeps, dev, pending, firsts)
     sizes = [k.numel() for k in keeps]
     for b, d in enumerate(decisions):
         if d.values is not None and int(d.values.shape[0]) != sizes[b]:
             raise ConfigError(f"decision for sample {b}: {int(d.values.shape[0])} values for {sizes[b]} kept tokens")
-    n_merged = [d.n_merged for d in decisions]
-    merging = [b for b, n in enumerate(n_merged) if n]
     # the new counts on the host, from the old ones and the decisions (no copy from the device)
     n_survive = [v - n + s for v, n, s in zip(n_valid, n_visual, sizes)]
     n_out_host = [s + m for s, m in zip(n_survive, n_merged)]
     L_out = max(n_out_host)
     pad = [L_out - n for n in n_out_host]
-    ints = _to_device(dev, _layout(n_visual, sizes, n_merged, pad, L_out))
+    given_at = [b for b in merging if decisions[b].anchors is not None]
+    host = _layout(n_visual, sizes, n_merged, pad, L_out)
+    if given_at:
+        own_anchors, host["anchor_high"], anchor_message = _given_anchors(
+            [decisions[b] for b in given_at], given_at, n_visual, dev, pending
+        )
+    ints = _to_device(dev, host)
 
     vis = slots.visual & slots.valid
     # flat slot (b * L + slot) of every visual token, by sample then order
@@ -385,7 +449,14 @@ def apply_decisions(
         out.index_copy_(0, dest[at], _cat([decisions[b].values.to(hidden.dtype) for b in given]))
     if merging:  # merged tokens right after their sample's last kept visual token
         at = dest[kept[ints["last_m"]]] + ints["step"]
-        anchors = _cat([_anchors(decisions[b], b, n_visual[b], dev, pending) for b in merging])
+        if given_at:
+            own_anchors = _clamped_anchors(own_anchors, ints["anchor_high"], anchor_message, pending)
+        if len(given_at) == len(merging):
+            anchors = own_anchors
+        else:  # each merging sample's own anchors, or its unions' first sources, in sample order
+            split = own_anchors.split([decisions[b].n_merged for b in given_at]) if given_at else []
+            own = dict(zip(given_at, split))
+            anchors = _cat([own[b] if b in own else first[b] for b in merging])
         if B > 1:
             anchors = anchors + ints["voff_m"]
         index.index_copy_(0, at, slots.index.flatten()[vis_slots[anchors]])

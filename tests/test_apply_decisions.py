@@ -202,6 +202,91 @@ def test_source_groups_out_of_range_are_refused():
         apply_decisions(slots, hidden, decisions)
 
 
+def _faulty(b: int, n: int, fault: str, D: int, g) -> Decision:
+    """A merging decision for a sample with n visual tokens, with one fault."""
+    keep, rest = torch.arange(n // 2), torch.arange(n // 2, n)
+    merged = torch.randn(2, D, generator=g)
+    parts = list(torch.tensor_split(rest, 2))
+    if fault == "source lists":
+        return Decision(keep=keep, merged=merged, sources=[parts[0], parts[1] + n])
+    if fault == "SourceGroups":
+        return Decision(keep=keep, merged=merged, sources=SourceGroups(rest - n, torch.arange(rest.numel()) % 2))
+    if fault == "anchors":
+        return Decision(keep=keep, merged=merged, sources=parts, anchors=torch.tensor([n // 2, n]))
+    raise ValueError(fault)
+
+
+@pytest.mark.parametrize(
+    "fault,words",
+    [
+        ("source lists", "sources indices must lie in 0..{m}"),
+        ("SourceGroups", "SourceGroups indices must lie in 0..{m}"),
+        ("anchors", "anchors must lie in 0..{m}"),
+    ],
+)
+def test_bad_sources_and_anchors_name_their_sample_when_the_checks_are_read(fault, words):
+    """Checked for the whole batch at once: the message names the faulty sample (not the first), and until the
+    checks are read the indices are clamped, so the prefill runs on."""
+    g = torch.Generator().manual_seed(8)
+    slots, hidden, decisions = random_case(g, 3, "merge", widths=False)
+    n = (slots.visual & slots.valid).sum(1).tolist()
+    decisions[1] = _faulty(1, n[1], fault, 5, g)
+    message = f"sample 1: {words.format(m=n[1] - 1)}"
+    with pytest.raises(ConfigError, match=message):
+        apply_decisions(slots, hidden, decisions)
+    checks = DeferredChecks()
+    new, out = apply_decisions(slots, hidden, decisions, checks)
+    assert out.shape[0] == 3 and all(int(m.shape[1]) == int(w.shape[1]) for m, w in zip(new.members, slots.members))
+    with pytest.raises(ConfigError, match=message):
+        checks.verify()
+
+
+def test_merged_tokens_without_sources_or_their_anchors_are_refused_at_once():
+    slots, hidden, decisions = random_case(torch.Generator().manual_seed(3), 2, "plain", widths=False)
+    n = int((slots.visual & slots.valid)[1].sum())
+    merged = torch.randn(2, hidden.shape[-1])
+    keep = torch.arange(n - 1)
+    decisions[1] = Decision(
+        keep=keep, merged=merged, sources=[torch.tensor([n - 1]), torch.tensor([], dtype=torch.long)]
+    )
+    with pytest.raises(ConfigError, match="sample 1: merged token 1 has no sources"):
+        apply_decisions(slots, hidden, decisions, DeferredChecks())
+    decisions[1].anchors = torch.tensor([n - 1])
+    with pytest.raises(ConfigError, match="sample 1: 1 anchors for 2 merged tokens"):
+        apply_decisions(slots, hidden, decisions, DeferredChecks())
+    decisions[1].anchors = torch.tensor([n - 1, 0])  # given anchors: an empty source set is allowed
+    apply_decisions(slots, hidden, decisions)
+
+
+@pytest.mark.parametrize("anchors", [True, False])
+def test_merging_decisions_take_as_many_ops_at_any_batch(anchors):
+    """Device-side merges (SourceGroups, as SparseVLM's recycling gives them): the checks of their sources and
+    anchors and the default anchors run once for the batch, so the ops (GPU launches) do not grow with it."""
+
+    def ops(B: int, n: int = 12, L: int = 16) -> int:
+        g = torch.Generator().manual_seed(0)
+        visual = torch.zeros(B, L, dtype=torch.bool)
+        visual[:, 2 : 2 + n] = True
+        members = [torch.eye(n, dtype=torch.bool) for _ in range(B)]
+        slots = Slots(
+            index=torch.arange(L).expand(B, L).clone(), valid=torch.ones_like(visual), visual=visual, members=members
+        )
+        decisions = []
+        for _ in range(B):
+            perm = torch.randperm(n, generator=g)
+            rest = perm[5:9].sort().values
+            sources = SourceGroups(rest, torch.tensor([0, 1, 0, 1]))
+            merged = torch.randn(2, 4, generator=g)
+            decisions.append(
+                Decision(keep=perm[:5], merged=merged, sources=sources, anchors=rest[:2] if anchors else None)
+            )
+        with SyncCounter() as count:
+            apply_decisions(slots, torch.randn(B, L, 4, generator=g), decisions, DeferredChecks())
+        return count.ops
+
+    assert ops(2) == ops(8)
+
+
 def _on_meta(x):
     if torch.is_tensor(x):
         return x.to("meta")
