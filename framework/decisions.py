@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .checks import DeferredChecks
-from .context import Grid, Slots, split_rows
+from .context import Grid, Slots
 from .errors import ConfigError
 from .reducer import Decision, SourceGroups
 
@@ -52,11 +52,15 @@ def initial_slots(pending: dict, valid: torch.Tensor) -> Slots:
     visual = pending["visual"] & valid
     slots = Slots(index=torch.arange(L, device=dev)[None].expand(B, L).clone(), valid=valid, visual=visual, members=[])
     n_visual = slots.counts()[1]
-    slots.members = [torch.eye(n, dtype=torch.bool, device=dev) for n in n_visual]
-    at = split_rows(visual, n_visual)  # each sample's visual positions, without a host round trip
+    if len(set(n_visual)) == 1:  # one identity per sample, in one tensor (not shared: each its own rows)
+        slots.members = list(torch.eye(n_visual[0], dtype=torch.bool, device=dev).repeat(B, 1, 1).unbind(0))
+    else:
+        slots.members = [torch.eye(n, dtype=torch.bool, device=dev) for n in n_visual]
+    # every sample's visual positions (flat, b * L + position) at once, without a host round trip
+    at = torch.nonzero_static(visual.flatten(), size=sum(n_visual)).squeeze(1)
     spans, vmap = pending.get("spans"), pending.get("vision_map")
-    slots.span = None if spans is None else [spans[b].index_select(0, at[b]) for b in range(B)]
-    slots.vision_map = None if vmap is None else [vmap[b].index_select(0, at[b]) for b in range(B)]
+    slots.span = None if spans is None else list(spans.flatten().index_select(0, at).split(n_visual))
+    slots.vision_map = None if vmap is None else list(vmap.flatten().index_select(0, at).split(n_visual))
     slots.grids, slots.cls = visual_grids(pending.get("grids"), visual)
     return slots
 

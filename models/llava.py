@@ -61,7 +61,7 @@ class LlavaAdapter(BackboneAdapter):
                 chunk = pos[j : j + per]
                 cls.append(chunk[:c])
                 grids.append(Grid(index=chunk[c:].view(side, side)))
-            out.append((grids, torch.cat(cls) if cls else pos[:0]))
+            out.append((grids, torch.cat(cls) if c and cls else pos[:0]))
         return out
 
     def has_visual_input(self, kwargs: dict) -> bool:

@@ -147,6 +147,27 @@ def test_prefill_syncs_do_not_grow_with_the_batch(cfg):
     assert one <= 30
 
 
+def _engine_ops(model, prompts) -> int:
+    """The non-view ops (GPU launches) attaching the engine with no reduction adds to a stock prefill."""
+    x = llava_inputs(model, prompts)
+    kw = {**x, "position_ids": positions(x["attention_mask"])}
+    with torch.no_grad():
+        with SyncCounter() as stock:
+            model(**kw)
+        with attach(model, build("none")):
+            model(**kw)
+            with SyncCounter() as attached:
+                model(**kw)
+    return attached.ops - stock.ops
+
+
+def test_the_engine_adds_as_many_ops_at_any_batch():
+    """Reading the prompt (visual positions, spans, grids, the identity members) and the stage hooks run
+    once for the batch: with no reduction the engine adds the same ops to batch 4 as to batch 1."""
+    model = make_llava(layers=8, grid=8)
+    assert _engine_ops(model, [(3, 7)] * 4) == _engine_ops(model, [(3, 7)])
+
+
 @pytest.mark.parametrize(
     "one, three",
     [
