@@ -330,7 +330,7 @@ def _new_members(
     return [m[0] for m, _ in each], [f and f[0] for _, f in each]
 
 
-def _given_anchors(decisions: list[Decision], samples: list[int], n_visual: list[int], dev, checks) -> tuple:
+def _given_anchors(decisions: list[Decision], samples: list[int], n_visual: list[int], dev) -> tuple:
     """The anchors that decisions give (current visual indices), all at once: (their concatenation, its host
     upper bounds (n_visual - 1 per anchor, for the layout's copy), the check to add once those bounds are on
     the device). The range is read at the end of the prefill; `_clamped_anchors` clamps them until then."""
@@ -412,7 +412,7 @@ def apply_decisions(
     host = _layout(n_visual, sizes, n_merged, pad, L_out)
     if given_at:
         own_anchors, host["anchor_high"], anchor_message = _given_anchors(
-            [decisions[b] for b in given_at], given_at, n_visual, dev, pending
+            [decisions[b] for b in given_at], given_at, n_visual, dev
         )
     ints = _to_device(dev, host)
 
