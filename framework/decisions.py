@@ -101,7 +101,7 @@ def visual_grids(grids, visual: torch.Tensor):
     visual_cls = [n_cells + n_ends + i for i, f in enumerate(cls_flags) if f]
     kept = vidx[_to_device(dev, {"cls": visual_cls})["cls"]] if visual_cls else vidx[:0]
     starts = _starts(cls_sizes)
-    per_sample = [sum(1 for i, f in enumerate(cls_flags[s : s + n]) if f) for s, n in zip(starts, cls_sizes)]
+    per_sample = [sum(cls_flags[s : s + n]) for s, n in zip(starts, cls_sizes)]
     return out, list(kept.split(per_sample))
 
 
@@ -302,11 +302,8 @@ def _block_members(
             group = _cat([ints[("group", i)] if isinstance(g, np.ndarray) else g for i, g in enumerate(groups)])
             group = group + ints["g_off"] if len(groups) > 1 else group
         if n_rows:
-            together = torch.stack([rows, group])
             lim = ints["bounds"].view(2, 2, n_rows)
-            clamped = torch.clamp(together, lim[0], lim[1])
-            checks.add(together != clamped, _range_message(samples, spans))
-            rows, group = clamped
+            rows, group = _clamped(torch.stack([rows, group]), lim[0], lim[1], _range_message(samples, spans), checks)
         parts.append(_unions(table, rows, group, sum(n_union)))
         if firsts:
             local = rows - ints["u_off"] if batch else rows
@@ -332,14 +329,15 @@ def _new_members(
 
 def _given_anchors(decisions: list[Decision], samples: list[int], n_visual: list[int], dev) -> tuple:
     """The anchors that decisions give (current visual indices), all at once: (their concatenation, its host
-    upper bounds (n_visual - 1 per anchor, for the layout's copy), the check to add once those bounds are on
-    the device). The range is read at the end of the prefill; `_clamped_anchors` clamps them until then."""
+    bounds (2, N): 0 and n_visual - 1 per anchor, for the layout's copy, and the wording of their range check,
+    which `_clamped` adds once the bounds are on the device)."""
     given = [torch.as_tensor(d.anchors, device=dev).long().flatten() for d in decisions]
     for b, d, a in zip(samples, decisions, given):
         if a.numel() != d.n_merged:
             raise ConfigError(f"decision for sample {b}: {a.numel()} anchors for {d.n_merged} merged tokens")
     sizes = [a.numel() for a in given]
     high = np.repeat([n_visual[b] - 1 for b in samples], sizes)
+    bounds = np.stack([np.zeros_like(high), high])
     spans = list(zip(samples, _starts(sizes), sizes))
 
     def message(bad) -> str | None:
@@ -348,12 +346,14 @@ def _given_anchors(decisions: list[Decision], samples: list[int], n_visual: list
                 return f"decision for sample {b}: anchors must lie in 0..{n_visual[b] - 1}"
         return None
 
-    return _cat(given), high, message
+    return _cat(given), bounds, message
 
 
-def _clamped_anchors(given: torch.Tensor, high: torch.Tensor, message, checks) -> torch.Tensor:
-    clamped = torch.minimum(given.clamp(min=0), high)
-    checks.add(given != clamped, message)
+def _clamped(values: torch.Tensor, low: torch.Tensor, high: torch.Tensor, message, checks) -> torch.Tensor:
+    """`values` clamped element-wise into [low, high], so that nothing later indexes out of range; whether
+    any was out of range goes to `checks` (read at the end of the prefill; `message` names the sample)."""
+    clamped = torch.clamp(values, low, high)
+    checks.add(values != clamped, message)
     return clamped
 
 
@@ -411,7 +411,7 @@ def apply_decisions(
     given_at = [b for b in merging if decisions[b].anchors is not None]
     host = _layout(n_visual, sizes, n_merged, pad, L_out)
     if given_at:
-        own_anchors, host["anchor_high"], anchor_message = _given_anchors(
+        own_anchors, host["anchor_bounds"], anchor_message = _given_anchors(
             [decisions[b] for b in given_at], given_at, n_visual, dev
         )
     ints = _to_device(dev, host)
@@ -454,7 +454,8 @@ def apply_decisions(
     if merging:  # merged tokens right after their sample's last kept visual token
         at = dest[kept[ints["last_m"]]] + ints["step"]
         if given_at:
-            own_anchors = _clamped_anchors(own_anchors, ints["anchor_high"], anchor_message, pending)
+            low, high = ints["anchor_bounds"].view(2, -1)
+            own_anchors = _clamped(own_anchors, low, high, anchor_message, pending)
         if len(given_at) == len(merging):
             anchors = own_anchors
         else:  # each merging sample's own anchors, or its unions' first sources, in sample order
