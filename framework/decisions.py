@@ -236,18 +236,37 @@ def _range_message(samples: list[int], spans: list[tuple]):
     return message
 
 
+def _empty_message(samples: list[int], spans: list[tuple]):
+    """The wording of the check that every merged token without a given anchor has a source: flags (G,) of the
+    unions whose first source was needed but that have none; spans: per plan entry with unions, (its slice of
+    G, the entry's index)."""
+
+    def message(bad) -> str | None:
+        for (lo, hi), j in spans:
+            if bad[lo:hi].any():
+                g = int(np.flatnonzero(bad[lo:hi])[0])
+                return (
+                    f"decision for sample {samples[j]}: SourceGroups group {g} (merged token {g}) has no sources, "
+                    "so it has no position; give it a current visual token, or give `anchors`"
+                )
+        return None
+
+    return message
+
+
 def _block_members(
-    members: list[torch.Tensor], plan: list[tuple], dev, samples: list[int], checks, firsts: bool = False
+    members: list[torch.Tensor], plan: list[tuple], dev, samples: list[int], checks, firsts: list[bool] | None = None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """New members of samples whose members have the same width, whatever the number of samples: the kept
     rows in one gather from the stacked members, the merged tokens' unions in one gather and one integer
     scatter (only their source rows: the scatter is the slow part on a CPU), and at batch > 1 one more
     gather that puts each sample's rows in order (its kept rows, then its unions). The union rows and groups
     are checked against each sample's range in one comparison (read at the end of the prefill; clamped into
-    range until then). firsts: also each union's first source (current visual index; a union without
-    sources takes the sample's last visual token), per sample, in one scatter: merged tokens' default anchors."""
+    range until then). firsts (per sample, whether it needs them): also each union's first source (current
+    visual index), per sample, in one scatter: merged tokens' default anchors. A union without sources has no
+    first source; where one is needed, that is an error (read with the range check; clamped until then)."""
     direct, unions, groups, n_direct, n_union, spans = [], [], [], [], [], []
-    d_off, u_off, g_off, bounds, fill = [], [], [], [], []
+    d_off, u_off, g_off, bounds, fill, empty = [], [], [], [], [], []
     n_rows = 0
     for j, (off, m, (kept, rows, group, n_groups, kind)) in enumerate(
         zip(_starts([m.shape[0] for m in members]), members, plan)
@@ -264,7 +283,9 @@ def _block_members(
             g_off.append(np.full(k, g0))
             # rows lie in off..off+n-1 of the stacked members, groups in g0..g0+n_groups-1 of the unions
             bounds.append(np.array([[off, g0], [off + n - 1, g0 + n_groups - 1]])[..., None].repeat(k, axis=2))
-            fill.append(np.full(n_groups, n - 1))
+            if firsts:  # an empty union keeps n (no visual token); the check flags it where its first is used
+                fill.append(np.array([[n], [n - 1 if firsts[j] else n]]).repeat(n_groups, axis=1))
+                empty.append(((g0, g0 + n_groups), j))
             spans.append(((n_rows, n_rows + k), j, n, n_groups, kind))
             n_rows += k
         n_union.append(n_groups)
@@ -282,7 +303,7 @@ def _block_members(
         if n_rows:
             host["bounds"] = np.concatenate(bounds, axis=2)  # (low / high, row / group, N)
         if firsts:
-            host["fill"] = np.concatenate(fill)
+            host["fill"] = np.concatenate(fill, axis=1)  # (initial value / highest allowed, union)
     # stacked as [every kept row; every union]: at batch > 1 with both, sample b's rows are picked in order
     reorder = batch and any(n_union) and any(n_direct)
     if reorder:
@@ -307,7 +328,9 @@ def _block_members(
         parts.append(_unions(table, rows, group, sum(n_union)))
         if firsts:
             local = rows - ints["u_off"] if batch else rows
-            first = list(ints["fill"].scatter_reduce(0, group, local, "amin").split(n_union))
+            fill = ints["fill"].view(2, -1)
+            first = fill[0].scatter_reduce(0, group, local, "amin")
+            first = list(_clamped(first, None, fill[1], _empty_message(samples, empty), checks).split(n_union))
     out = _cat(parts) if parts else table[:0]
     if reorder:
         out = out[ints["order"]]
@@ -315,7 +338,7 @@ def _block_members(
 
 
 def _new_members(
-    slots: Slots, decisions: list[Decision], keeps: list[torch.Tensor], dev, checks, firsts: bool
+    slots: Slots, decisions: list[Decision], keeps: list[torch.Tensor], dev, checks, firsts: list[bool] | None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Per sample, which input visual tokens each surviving / merged visual token stands for (and, with
     `firsts`, each union's first source); samples whose members have the same width (the same input visual
@@ -323,7 +346,10 @@ def _new_members(
     plan = _member_rows(decisions, keeps, dev)
     if len({int(m.shape[1]) for m in slots.members}) == 1:
         return _block_members(slots.members, plan, dev, list(range(len(plan))), checks, firsts)
-    each = [_block_members([m], [p], dev, [b], checks, firsts) for b, (m, p) in enumerate(zip(slots.members, plan))]
+    each = [
+        _block_members([m], [p], dev, [b], checks, [True] if firsts and firsts[b] else None)
+        for b, (m, p) in enumerate(zip(slots.members, plan))
+    ]
     return [m[0] for m, _ in each], [f and f[0] for _, f in each]
 
 
@@ -349,9 +375,10 @@ def _given_anchors(decisions: list[Decision], samples: list[int], n_visual: list
     return _cat(given), bounds, message
 
 
-def _clamped(values: torch.Tensor, low: torch.Tensor, high: torch.Tensor, message, checks) -> torch.Tensor:
-    """`values` clamped element-wise into [low, high], so that nothing later indexes out of range; whether
-    any was out of range goes to `checks` (read at the end of the prefill; `message` names the sample)."""
+def _clamped(values: torch.Tensor, low: torch.Tensor | None, high: torch.Tensor, message, checks) -> torch.Tensor:
+    """`values` clamped element-wise into [low, high] (low None: no lower bound), so that nothing later indexes
+    out of range; whether any was out of range goes to `checks` (read at the end of the prefill; `message`
+    names the sample)."""
     clamped = torch.clamp(values, low, high)
     checks.add(values != clamped, message)
     return clamped
@@ -397,8 +424,8 @@ def apply_decisions(
     n_merged = [d.n_merged for d in decisions]
     merging = [b for b, n in enumerate(n_merged) if n]
     # merged tokens without anchors take their first source's position
-    firsts = any(decisions[b].anchors is None for b in merging)
-    members, first = _new_members(slots, decisions, keeps, dev, pending, firsts)
+    firsts = [bool(d.n_merged) and d.anchors is None for d in decisions]
+    members, first = _new_members(slots, decisions, keeps, dev, pending, firsts if any(firsts) else None)
     sizes = [k.numel() for k in keeps]
     for b, d in enumerate(decisions):
         if d.values is not None and int(d.values.shape[0]) != sizes[b]:

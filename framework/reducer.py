@@ -62,7 +62,7 @@ class Decision:
     current visual tokens merged into token i (for provenance and overlays), or `sources` is one
     `SourceGroups` for all of them; `anchors[i]` is the current visual token whose RoPE position merged
     token i takes in `keep` position mode (default: its first source; a source list left empty needs its
-    anchor given, a `SourceGroups` group left empty takes the sample's last visual token). `record` is
+    anchor given, and so does a `SourceGroups` group left empty: the engine refuses either). `record` is
     stored in the engine's per-sample record (tensors in it reach the host as lists at the end of the prefill).
     `values` (len(keep), D), optional: new hidden states for the kept tokens, in ascending keep order
     (like `sources` when kept tokens absorb others in place): a pooled / merged token then stays at

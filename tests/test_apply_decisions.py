@@ -258,6 +258,35 @@ def test_merged_tokens_without_sources_or_their_anchors_are_refused_at_once():
     apply_decisions(slots, hidden, decisions)
 
 
+def test_empty_source_groups_need_their_anchors():
+    """A `SourceGroups` group left empty gives its merged token no source to take a position from: refused,
+    naming the sample and the group, when the checks are read (the prefill runs on until then); with anchors
+    given it is allowed."""
+    g = torch.Generator().manual_seed(5)
+    slots, hidden, decisions = random_case(g, 3, "plain", widths=False)
+    n = (slots.visual & slots.valid).sum(1).tolist()
+    merged = torch.randn(3, hidden.shape[-1], generator=g)
+
+    def empty_group(b: int, anchors=None) -> Decision:  # groups 0 and 2 hold the rest, group 1 nothing
+        rest = torch.arange(n[b] // 2, n[b])
+        return Decision(
+            keep=torch.arange(n[b] // 2), merged=merged, sources=SourceGroups(rest, (rest % 2) * 2), anchors=anchors
+        )
+
+    decisions[0] = empty_group(0, anchors=torch.tensor([0, 1, 2]))  # given anchors: no first source needed
+    decisions[2] = empty_group(2)
+    message = "sample 2: SourceGroups group 1 \\(merged token 1\\) has no sources"
+    with pytest.raises(ConfigError, match=message):
+        apply_decisions(slots, hidden, decisions)
+    checks = DeferredChecks()
+    new, _ = apply_decisions(slots, hidden, decisions, checks)
+    assert [int(new.members[b].shape[0]) for b in (0, 2)] == [n[0] // 2 + 3, n[2] // 2 + 3]
+    with pytest.raises(ConfigError, match=message):
+        checks.verify()
+    decisions[2] = empty_group(2, anchors=torch.tensor([n[2] - 1, 0, 1]))
+    apply_decisions(slots, hidden, decisions)
+
+
 @pytest.mark.parametrize("anchors", [True, False])
 def test_merging_decisions_take_as_many_ops_at_any_batch(anchors):
     """Device-side merges (SourceGroups, as SparseVLM's recycling gives them): the checks of their sources and
