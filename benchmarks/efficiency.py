@@ -27,9 +27,10 @@ Per shape and batch size, for none and every strategy x budget:
   * in the same runs, the decoder-stack latency (the language model's forward: the scope of the paper's
     FLOPs formula) and the strategy's own work (time inside its `begin` / `decide`, rows-only attention
     and recycling included); on a GPU these are CUDA events read after the forward, so no extra sync;
-  * the stock floor: the stock decoder (no engine) timed at the row's tokens per layer (`stock_floor`), so
-    the gap between latency and FLOPs splits into what the shape costs beyond FLOPs (the stock model's
-    own fixed per-layer work) and what the reduction adds on top of it;
+  * in the same alternation, the stock floor: the stock model (no engine) dropping tokens as the row does,
+    each decoder layer's input cut to the row's token count at that layer (`ideal_pruning`): what a reducer
+    that costs nothing would take. The gap between latency and FLOPs splits into what the shape costs
+    beyond FLOPs (the stock model's own fixed per-layer work) and what the reduction adds on top of it;
   * what attaching the engine costs: no reduction's first runs are interleaved with the stock model (no
     engine, `attached(model, None)`): its prefill, decoder and decode latency as ratios to the stock
     model's, and both prefills' syncs and ops (the none row's `engine_*`, `engine_*_ratio`, `stock_*`; the
@@ -72,7 +73,6 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from experiments import metrics  # noqa: E402
@@ -353,7 +353,7 @@ def accounting(model, reducer, inputs) -> dict:
         "kv_mib": sum(a.kv_bytes for a in acc) / 2**20,
         "kv_visual_mb": sum(per_token * sum(a.visual_per_layer) for a in acc) / 1e6,
         "equivalent_tokens": statistics.fmean(a.equivalent_tokens for a in acc),
-        # tokens entering each decoder layer, the mean over the samples (what the stock floor is timed at)
+        # tokens entering each decoder layer, the mean over the samples (what the stock floor cuts to)
         "tokens_per_layer": [statistics.fmean(n) for n in zip(*(a.tokens_per_layer for a in acc))],
     }
 
@@ -363,37 +363,56 @@ def _median(xs) -> float:
 
 
 # ---------------------------------------------------------------------------------------- stock floor
-FLOOR_POINTS = 12
+def _prefix(t, n: int, dims: tuple[int, ...]):
+    """t cut to its first n entries along `dims` (t unchanged when it is not a tensor)."""
+    if not torch.is_tensor(t):
+        return t
+    for d in dims:
+        t = t.narrow(d, 0, min(n, t.shape[d]))
+    return t
 
 
-@torch.no_grad()
-def stock_decoder_seconds(model, batch: int, n: int, clock: Clock) -> float:
-    """Seconds of one stock language-model forward (no engine, all layers at n tokens, fused causal
-    attention, a KV cache filled as at prefill) on random embeddings."""
-    lm = adapter_for(model).language_model
-    x = torch.randn(batch, n, model.config.text_config.hidden_size, device=model.device, dtype=model.dtype)
-    a = clock.stamp()
-    lm(inputs_embeds=x, use_cache=True)
-    return clock.seconds(a, clock.stamp())
+@contextlib.contextmanager
+def ideal_pruning(model, tokens_per_layer: list[float]):
+    """The stock model (no engine) made to drop tokens as a row does: the language model's input and each
+    decoder layer's input are cut to that layer's token count (the mean over the samples, rounded), with the
+    position embeddings, positions and mask cut alike; nothing else runs. Its decoder time is what a reducer
+    that costs nothing would take at the row's tokens per layer: the stock floor."""
+    adapter = adapter_for(model)
+    counts = [max(1, round(n)) for n in tokens_per_layer]
 
+    def lm_hook(module, args, kwargs):
+        n = counts[0]
+        kw = dict(kwargs)
+        kw["inputs_embeds"] = _prefix(kw.get("inputs_embeds"), n, (1,))
+        kw["attention_mask"] = _prefix(kw.get("attention_mask"), n, (-1,))
+        kw["position_ids"] = _prefix(kw.get("position_ids"), n, (-1,))
+        return args, kw
 
-def stock_floor(model, rows: list[dict], batch: int, clock: Clock, repeats: int) -> None:
-    """Add `floor_ms` to every row: the stock decoder's latency at the row's tokens per layer, i.e. what an
-    ideal reducer that costs nothing would take. Each layer is charged 1/L of the stock forward at its token
-    count, interpolated linearly on a grid of FLOOR_POINTS counts (a 7B layer's time is smooth in n); the
-    grid spans every row's counts, no reduction's included. Over no reduction's floor this gives the ratio
-    an ideal reducer would reach: the row's decoder ratio above it is the reduction's own overhead (scoring,
-    hooks, masks, padding); the floor's ratio over the FLOPs ratio is what the shape itself costs beyond
-    FLOPs (fixed per-layer work)."""
-    counts = [n for r in rows for n in r["tokens_per_layer"]]
-    lo, hi = max(1, int(min(counts))), int(max(counts) + 0.999)
-    grid = sorted({round(lo + (hi - lo) * k / (FLOOR_POINTS - 1)) for k in range(FLOOR_POINTS)})
-    stock_decoder_seconds(model, batch, grid[-1], clock)  # warm-up
-    # round robin over the grid, so a drift of the machine's speed spreads over every point alike
-    runs = [[stock_decoder_seconds(model, batch, n, clock) for n in grid] for _ in range(repeats)]
-    times = [_median(ts) for ts in zip(*runs)]
-    for r in rows:
-        r["floor_ms"] = 1e3 * float(np.interp(r["tokens_per_layer"], grid, times).mean())
+    def layer_hook(i: int):
+        def hook(module, args, kwargs):
+            n = counts[i]
+            kw = dict(kwargs)
+            if "position_embeddings" in kw:
+                kw["position_embeddings"] = tuple(_prefix(t, n, (1,)) for t in kw["position_embeddings"])
+            kw["position_ids"] = _prefix(kw.get("position_ids"), n, (-1,))
+            kw["attention_mask"] = _prefix(kw.get("attention_mask"), n, (-2, -1))
+            if args:
+                return (_prefix(args[0], n, (1,)), *args[1:]), kw
+            kw["hidden_states"] = _prefix(kw["hidden_states"], n, (1,))
+            return args, kw
+
+        return hook
+
+    handles = [adapter.language_model.register_forward_pre_hook(lm_hook, with_kwargs=True)]
+    handles += [
+        layer.register_forward_pre_hook(layer_hook(i), with_kwargs=True) for i, layer in enumerate(adapter.layers)
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # ---------------------------------------------------------------------------------------- one row
@@ -409,22 +428,29 @@ def measure(
     cache: str = "growing",
     stock: bool = False,
 ) -> dict:
-    """One row's raw figures. With `base` (the no-reduction reducer), prefill is interleaved with it and the
-    row carries its own baseline prefill; otherwise the baseline is measured separately by the caller.
-    stock: the stock model (no engine) is interleaved instead of `base` (which must then be None), and the
-    row carries its figures (`stock_*`): what attaching the engine costs when it reduces nothing."""
+    """One row's raw figures. With `base` (the no-reduction reducer), prefill is interleaved with it and with
+    the row's stock floor (`ideal_pruning` at the row's tokens per layer: none, row, floor, none, ...), and the
+    row carries its own baseline prefill and its floor; otherwise the baseline is measured separately by the
+    caller. stock: the stock model (no engine) is interleaved instead of `base` (which must then be None), and
+    the row carries its figures (`stock_*`): what attaching the engine costs when it reduces nothing; the
+    unreduced stock decoder is its own floor."""
     if stock and base is not None:
         raise ValueError("measure: stock=True interleaves the stock model; base must be None")
     interleave = stock or base is not None
     partner = None if stock else base  # None: the stock model
-    prefill_seconds(model, reducer, inputs, clock)  # warm-up
-    if stock:
-        prefill_seconds(model, None, inputs, clock)
-    runs, bases = [], []
+    acc = accounting(model, reducer, inputs)  # also the warm-up
+    floor = contextlib.nullcontext if stock or base is None else lambda: ideal_pruning(model, acc["tokens_per_layer"])
+    if interleave:
+        with floor():
+            prefill_seconds(model, None, inputs, clock)
+    runs, bases, floors = [], [], []
     for _ in range(repeats):
         if interleave:
             bases.append(prefill_seconds(model, partner, inputs, clock))
         runs.append(prefill_seconds(model, reducer, inputs, clock))
+        if base is not None:
+            with floor():
+                floors.append(prefill_seconds(model, None, inputs, clock))
     decodes, base_decodes = [], []
     for _ in range(decode_repeats):
         if interleave:
@@ -438,17 +464,20 @@ def measure(
         "decode_ms": 1e3 * _median(decodes),
         "peak_mb": peak_mb(model, reducer, inputs),
         **dict(zip(("syncs", "ops"), prefill_syncs(model, reducer, inputs))),
-        **accounting(model, reducer, inputs),
+        **acc,
     }
     if stock:
         row["stock_prefill_ms"] = 1e3 * _median([b[0] for b in bases])
         row["stock_decoder_ms"] = 1e3 * _median([b[1] for b in bases])
         row["stock_decode_ms"] = 1e3 * _median(base_decodes)
         row["stock_syncs"], row["stock_ops"] = prefill_syncs(model, None, inputs)
+        row["floor_ms"], row["floor_ratio"] = row["stock_decoder_ms"], 1.0
     elif bases:
         row["interleaved_base_prefill_ms"] = 1e3 * _median([b[0] for b in bases])
         row["interleaved_base_decoder_ms"] = 1e3 * _median([b[1] for b in bases])
         row["interleaved_base_decode_ms"] = 1e3 * _median(base_decodes)
+        row["floor_ms"] = 1e3 * _median([f[1] for f in floors])
+        row["floor_ratio"] = row["floor_ms"] / row["interleaved_base_decoder_ms"]
     return row
 
 
@@ -483,11 +512,9 @@ def finish(row: dict, base: dict, batch: int, prompt_tokens: int) -> dict:
         row[f"base_{k}"] = base[k]
     row["latency_vs_flops"] = row["prefill_ms_ratio"] / row["tflops_ratio"] - 1
     row["decoder_vs_flops"] = row["decoder_ms_ratio"] / row["tflops_ratio"] - 1
-    # the stock decoder at the row's tokens per layer: its ratio to the unreduced stock decoder, and how far
-    # the row's decoder ratio is above it (the reduction's own overhead). Ratios of ratios: the floor grid
-    # is timed minutes after the rows, and a machine's speed drifts by more than the overheads measured
-    if "floor_ms" in row:
-        row["floor_ratio"] = row["floor_ms"] / base["floor_ms"]
+    # the stock floor (measured with the row: its ratio to no reduction's decoder) over the FLOPs ratio, and
+    # how far the row's decoder ratio is above it: the reduction's own overhead
+    if "floor_ratio" in row:
         row["floor_vs_flops"] = row["floor_ratio"] / row["tflops_ratio"] - 1
         row["decoder_vs_floor"] = row["decoder_ms_ratio"] / row["floor_ratio"] - 1
     return row
@@ -636,10 +663,6 @@ def run_group(
     for key in ("prefill_ms", "decoder_ms", "decode_ms"):  # the baseline row's: the median over every pairing
         pair = [r[f"interleaved_base_{key}"] for _, _, r in group[1:]] or [base[key]]
         base[key] = base[f"interleaved_base_{key}"] = _median(pair)
-    if deadline is None or time.perf_counter() < deadline:
-        stock_floor(model, [row for _, _, row in group], batch, clock, repeats)
-    else:
-        log(f"[{name} b{batch}] --stop-after reached: stock floor not measured")
     out = []
     for s, bu, row in group:
         fields = {"shape": name, "batch": batch, "visual": bb.n_visual, "prompt_tokens": prompt}

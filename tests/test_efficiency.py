@@ -313,23 +313,37 @@ def test_a_bad_profile_entry_fails_before_anything_runs(spec, capsys):
     assert capsys.readouterr().out == ""
 
 
-def test_stock_floor_charges_each_layer_its_token_count(written, monkeypatch):
-    """The floor is the mean over layers of the stock forward's time at each layer's token count: with a
-    stock time linear in n it is exactly the mean token count (grid interpolation is exact on lines)."""
-    monkeypatch.setattr(eff, "stock_decoder_seconds", lambda model, batch, n, clock: 1e-3 * n)
-    rows = [
-        {"tokens_per_layer": [100.0, 100.0, 40.0, 40.0]},
-        {"tokens_per_layer": [100.0, 73.5, 52.25, 40.0]},
-        {"tokens_per_layer": [100.0] * 4},
-    ]
-    eff.stock_floor(None, rows, 1, None, 1)
-    assert [r["floor_ms"] for r in rows] == pytest.approx([70.0, 66.4375, 100.0])
+def test_stock_floor_runs_each_layer_at_the_rows_token_count(written):
+    """The floor is the stock model cutting each decoder layer's input to the row's token count at that
+    layer: every layer sees exactly that many tokens, and with nothing cut it is the stock model itself."""
+    model = eff.build_model("tiny", "cpu")
+    inputs = eff.make_inputs(model, "tiny", 2)
+    layers = eff.adapter_for(model).layers
+    n = inputs["input_ids"].shape[1]
+    seen = []
+
+    def record(module, args, kwargs):  # registered after the floor's own hooks: what the layer runs on
+        seen.append(int((args[0] if args else kwargs["hidden_states"]).shape[1]))
+
+    with torch.no_grad():
+        stock = model(**inputs).logits
+        with eff.ideal_pruning(model, [float(n)] * len(layers)):
+            same = model(**inputs).logits
+        with eff.ideal_pruning(model, [float(n), 30.0, 12.4, 12.4]):
+            hooks = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
+            model(**inputs, logits_to_keep=1)
+            for h in hooks:
+                h.remove()
+    assert torch.equal(stock, same)
+    assert seen == [n, 30, 12, 12]
     data, md = written
     for r in data["rows"]:  # every measured row carries its floor; no reduction is its own floor
         assert r["floor_ms"] > 0 and len(r["tokens_per_layer"]) == 4
         assert r["decoder_vs_floor"] == pytest.approx(r["decoder_ms_ratio"] / r["floor_ratio"] - 1)
         if r["strategy"] == "none":
             assert r["floor_ratio"] == 1.0 and r["decoder_vs_floor"] == 0.0
+        else:  # measured in alternation with the row: its ratio to the same runs of no reduction
+            assert r["floor_ratio"] == pytest.approx(r["floor_ms"] / r["interleaved_base_decoder_ms"])
     assert "dec/stock" in md and "stock/FLOPs" in md
 
 
