@@ -329,13 +329,14 @@ def test_stock_floor_runs_each_layer_at_the_rows_token_count(written):
         stock = model(**inputs).logits
         with eff.ideal_pruning(model, [float(n)] * len(layers)):
             same = model(**inputs).logits
-        with eff.ideal_pruning(model, [float(n), 30.0, 12.4, 12.4]):
-            hooks = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
-            model(**inputs, logits_to_keep=1)
-            for h in hooks:
-                h.remove()
+        for counts in ([float(n), 30.0, 12.4, 12.4], [40.0, 30.0, 12.4, 3.0]):  # the second cuts the LM's input
+            with eff.ideal_pruning(model, counts):
+                hooks = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
+                model(**inputs, logits_to_keep=1)
+                for h in hooks:
+                    h.remove()
     assert torch.equal(stock, same)
-    assert seen == [n, 30, 12, 12]
+    assert seen == [n, 30, 12, 12, 40, 30, 12, 3]
     data, md = written
     for r in data["rows"]:  # every measured row carries its floor; no reduction is its own floor
         assert r["floor_ms"] > 0 and len(r["tokens_per_layer"]) == 4
