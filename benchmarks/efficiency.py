@@ -438,9 +438,11 @@ def measure(
         raise ValueError("measure: stock=True interleaves the stock model; base must be None")
     interleave = stock or base is not None
     partner = None if stock else base  # None: the stock model
-    acc = accounting(model, reducer, inputs)  # also the warm-up
-    floor = contextlib.nullcontext if stock or base is None else lambda: ideal_pruning(model, acc["tokens_per_layer"])
-    if interleave:
+    acc = accounting(model, reducer, inputs)  # also the row's warm-up
+    floor = None if base is None else (lambda: ideal_pruning(model, acc["tokens_per_layer"]))
+    if stock:  # the stock model's warm-up
+        prefill_seconds(model, None, inputs, clock)
+    if floor:  # the floor's warm-up
         with floor():
             prefill_seconds(model, None, inputs, clock)
     runs, bases, floors = [], [], []
@@ -448,7 +450,7 @@ def measure(
         if interleave:
             bases.append(prefill_seconds(model, partner, inputs, clock))
         runs.append(prefill_seconds(model, reducer, inputs, clock))
-        if base is not None:
+        if floor:
             with floor():
                 floors.append(prefill_seconds(model, None, inputs, clock))
     decodes, base_decodes = [], []
