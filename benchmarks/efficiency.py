@@ -49,6 +49,9 @@ every group; all shapes run at batch 1 before any larger batch, and `--stop-afte
 row after that time, so a run cut short keeps what it measured (and says so).
 
   python -m benchmarks.efficiency --device cpu --shapes small         # CPU table, 8-9 min on 1 core
+  python -m benchmarks.efficiency --device cpu --shapes llava15 --batches 1 --repeats 3 --new-tokens 3
+      --decode-repeats 1   # the 7B shape on a CPU with bf16 matrix units (AMX): ~13 s per unreduced
+                           # prefill, ~1 h for every row (one command line)
   python -m benchmarks.efficiency --device cuda --stop-after 420 --profile none,fastv:192,sparsevlm:192
                                      # GPU table: llava15 + llavanext, batches 1/8/32, <= ~8 min; then
                                      # profiles of three prefills (kernels, device busy share)
@@ -698,6 +701,13 @@ def metadata(args, device: torch.device, clock_name: str, argv: list[str]) -> di
     }
 
 
+def default_stem(device: str, shapes: list[str], default_shapes: list[str]) -> Path:
+    """benchmarks/results/efficiency_<device>, and _<shape>... for other shapes than the device's default: a
+    run at other shapes never overwrites the device's main table."""
+    suffix = "" if shapes == default_shapes else "_" + "_".join(shapes)
+    return RESULTS / f"efficiency_{device}{suffix}"
+
+
 def parse_profiles(spec: str | None) -> list[tuple[str, str, int | None]]:
     """Parse --profile, e.g. "none,sparsevlm:192": [(label, strategy, budget)]; a bad entry fails at once."""
     out = []
@@ -748,7 +758,12 @@ def parse(argv):
         default="growing",
         help="decode KV cache: in-place appends (framework.cache.GrowingCache) or transformers' DynamicCache",
     )
-    p.add_argument("--out", default=None, help="output stem (default benchmarks/results/efficiency_<device>)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output stem (default benchmarks/results/efficiency_<device>, with _<shape>... appended when "
+        "--shapes is not the device's default)",
+    )
     p.add_argument(
         "--stop-after",
         type=float,
@@ -784,7 +799,8 @@ def main(argv: list[str] | None = None) -> int:
     args.repeats = args.repeats or (20 if cuda else 5)
     args.new_tokens = args.new_tokens or (16 if cuda else 8)
     profiles = parse_profiles(args.profile)
-    shapes = [s for s in (args.shapes or ("llava15,llavanext" if cuda else "small")).split(",") if s]
+    default_shapes = "llava15,llavanext" if cuda else "small"
+    shapes = [s for s in (args.shapes or default_shapes).split(",") if s]
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         raise SystemExit(f"unknown shape(s) {unknown}; allowed: {list(SHAPES)}")
@@ -792,7 +808,7 @@ def main(argv: list[str] | None = None) -> int:
     budgets = [int(b) for b in args.budgets.split(",") if b]
     batches = sorted({int(b) for b in (args.batches or ("1,8,32" if cuda else "1,8")).split(",") if b} | {1})
     batch_budgets = [int(b) for b in args.batch_budgets.split(",") if b]
-    stem = Path(args.out) if args.out else RESULTS / f"efficiency_{device.type}"
+    stem = Path(args.out) if args.out else default_stem(device.type, shapes, default_shapes.split(","))
     stem.parent.mkdir(parents=True, exist_ok=True)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -313,6 +313,16 @@ def test_a_bad_profile_entry_fails_before_anything_runs(spec, capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_a_run_at_other_shapes_writes_its_own_files():
+    """The device's default shapes write efficiency_<device>; other shapes add theirs, so a 7B-shape CPU run
+    never overwrites the small CPU table."""
+    assert eff.default_stem("cpu", ["small"], ["small"]) == eff.RESULTS / "efficiency_cpu"
+    assert eff.default_stem("cpu", ["llava15"], ["small"]) == eff.RESULTS / "efficiency_cpu_llava15"
+    cuda = ["llava15", "llavanext"]
+    assert eff.default_stem("cuda", cuda, cuda) == eff.RESULTS / "efficiency_cuda"
+    assert eff.default_stem("cuda", ["llavanext"], cuda) == eff.RESULTS / "efficiency_cuda_llavanext"
+
+
 def test_stock_floor_runs_each_layer_at_the_rows_token_count(written):
     """The floor is the stock model cutting each decoder layer's input to the row's token count at that
     layer: every layer sees exactly that many tokens, and with nothing cut it is the stock model itself."""
