@@ -799,8 +799,8 @@ def main(argv: list[str] | None = None) -> int:
     args.repeats = args.repeats or (20 if cuda else 5)
     args.new_tokens = args.new_tokens or (16 if cuda else 8)
     profiles = parse_profiles(args.profile)
-    default_shapes = "llava15,llavanext" if cuda else "small"
-    shapes = [s for s in (args.shapes or default_shapes).split(",") if s]
+    default_shapes = ["llava15", "llavanext"] if cuda else ["small"]
+    shapes = [s for s in args.shapes.split(",") if s] if args.shapes else default_shapes
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         raise SystemExit(f"unknown shape(s) {unknown}; allowed: {list(SHAPES)}")
@@ -808,7 +808,7 @@ def main(argv: list[str] | None = None) -> int:
     budgets = [int(b) for b in args.budgets.split(",") if b]
     batches = sorted({int(b) for b in (args.batches or ("1,8,32" if cuda else "1,8")).split(",") if b} | {1})
     batch_budgets = [int(b) for b in args.batch_budgets.split(",") if b]
-    stem = Path(args.out) if args.out else default_stem(device.type, shapes, default_shapes.split(","))
+    stem = Path(args.out) if args.out else default_stem(device.type, shapes, default_shapes)
     stem.parent.mkdir(parents=True, exist_ok=True)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
