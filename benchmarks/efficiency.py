@@ -52,13 +52,16 @@ row after that time, so a run cut short keeps what it measured (and says so).
   python -m benchmarks.efficiency --device cpu --shapes llava15 --batches 1 --repeats 3 --new-tokens 3
       --decode-repeats 1   # the 7B shape on a CPU with bf16 matrix units (AMX): ~13 s per unreduced
                            # prefill, ~1 h for every row (one command line)
-  python -m benchmarks.efficiency --device cuda --stop-after 420 --profile none,fastv:192,sparsevlm:192
-                                     # GPU table: llava15 + llavanext, batches 1/8/32, <= ~8 min; then
-                                     # profiles of three prefills (kernels, device busy share)
-On the lent H200 (transformers 5.17 installed there), carry a transformers 5.24 wheel (`pip download
---no-deps --only-binary=:all: --python-version 3.12 transformers==5.24.0 -d .whl`; if its import asks for
-a newer regex or huggingface-hub, carry those too), install it with `--target /tmp/site`, put that on
-PYTHONPATH, and pass `--out $OUT/efficiency_cuda`; then copy the two files to benchmarks/results/.
+  bash benchmarks/device_run.sh --device cuda --stop-after 420 --profile none,fastv:192,sparsevlm:192 \
+      --out $OUT/efficiency_cuda       # GPU table: llava15 + llavanext, batches 1/8/32, <= ~8 min; then
+                                       # profiles of three prefills (kernels, device busy share)
+On the lent H200 neither this package (whose entry points register the built-in strategies: a bare
+`PYTHONPATH=.` finds none) nor transformers 5.24 is installed (it has 5.17), and nothing can be downloaded.
+`benchmarks/device_run.sh` installs both offline into a private folder and runs this module. Here, first:
+`echo /.whl/ >> .git/info/exclude; pip download --no-deps --only-binary=:all: --python-version 3.12
+transformers==5.24.0 -d .whl`, and carry `.whl` (its requirements are met there: huggingface-hub 1.33,
+tokenizers 0.23, safetensors 0.8, and the others as 5.17 needs them). Copy the files written under $OUT to
+benchmarks/results/.
 """
 
 from __future__ import annotations

@@ -378,3 +378,30 @@ def test_every_strategy_runs_in_the_gpu_tables_dtype(tmp_path):
     for r in data["rows"]:
         if r["strategy"] == "none":
             assert r["kv_mib"] * 2**20 == r["batch"] * r["prompt_tokens"] * per_token
+
+
+def test_device_script_installs_the_package_and_runs_the_benchmark(tmp_path):
+    """benchmarks/device_run.sh, as the lent GPU runs it (where the package is not installed): it installs the
+    package, offline, into its own folder, whose metadata carries the entry points that register the built-in
+    strategies, leaves the tree clean, and passes its arguments to the benchmark."""
+    import importlib.metadata
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    site, stem = tmp_path / "site", tmp_path / "out" / "eff"
+    before = sorted(p.name for p in root.iterdir())
+    env = {**os.environ, "PYTHON": sys.executable, "SITE": str(site)}
+    args = ["--device", "cpu", "--shapes", "tiny", "--strategies", "sparsevlm", "--budgets", "64", "--batches", "1",
+            "--repeats", "1", "--new-tokens", "2", "--decode-repeats", "1", "--quiet", "--out", str(stem)]  # fmt: skip
+    done = subprocess.run(["bash", str(root / "benchmarks" / "device_run.sh"), *args], env=env, capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (dist,) = [d for d in importlib.metadata.distributions(path=[str(site)]) if d.metadata["Name"] == "sparsevlm"]
+    assert [ep.value for ep in dist.entry_points.select(group="sparsevlm.strategies")] == ["strategies"]
+    data = json.loads(stem.with_suffix(".json").read_text())
+    assert data["meta"]["complete"] is True and data["meta"]["failed"] == []
+    assert [(r["strategy"], r["budget"]) for r in data["rows"]] == [("none", None), ("sparsevlm", 64)]
+    assert sorted(p.name for p in root.iterdir()) == before  # no build/ or *.egg-info left in the tree
