@@ -6,7 +6,7 @@
 # folder, put it on PYTHONPATH behind the tree, and run the benchmark with this script's arguments.
 #
 #   bash benchmarks/device_run.sh --device cuda --stop-after 420 --profile none,fastv:192,sparsevlm:192 \
-#       --out "$OUT/efficiency_cuda"
+#       --out "$OUT/efficiency_cuda" 2>&1 | tee "$OUT/efficiency_cuda.log"
 #
 # PYTHON (default python3) and SITE (default /tmp/sparsevlm-site) override the interpreter and the folder.
 set -euo pipefail

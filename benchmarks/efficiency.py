@@ -53,7 +53,8 @@ row after that time, so a run cut short keeps what it measured (and says so).
       --decode-repeats 1   # the 7B shape on a CPU with bf16 matrix units (AMX): ~13 s per unreduced
                            # prefill, ~1 h for every row (one command line)
   bash benchmarks/device_run.sh --device cuda --stop-after 420 --profile none,fastv:192,sparsevlm:192 \
-      --out $OUT/efficiency_cuda       # GPU table: llava15 + llavanext, batches 1/8/32, <= ~8 min; then
+      --out $OUT/efficiency_cuda 2>&1 | tee $OUT/efficiency_cuda.log
+                                       # GPU table: llava15 + llavanext, batches 1/8/32, <= ~8 min; then
                                        # profiles of three prefills (kernels, device busy share)
 On the lent H200 neither this package (whose entry points register the built-in strategies: a bare
 `PYTHONPATH=.` finds none) nor transformers 5.24 is installed (it has 5.17), and nothing can be downloaded.
