@@ -18,7 +18,8 @@ shopt -s nullglob
 wheels=(.whl/*.whl)
 src=$(mktemp -d)
 trap 'rm -rf "$src"' EXIT
-# a copy, so that the build's build/ and *.egg-info stay out of the tree
+# a copy, so that the build's build/ and *.egg-info stay out of the tree: what pyproject.toml builds (its
+# packages; README.md is its readme)
 cp -r pyproject.toml README.md framework strategies models experiments "$src"/
 "$python" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-build-isolation --no-compile \
     --upgrade --target "$site" "${wheels[@]}" "$src"
