@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # benchmarks.efficiency on a machine where this package is not installed and nothing can be downloaded (the
 # lent GPU): its python has torch, but neither the package's entry points (through which the built-in
-# strategies register) nor transformers 5.24. So: install the wheels carried in .whl/ (if any) and the
-# package itself (built offline, from a copy of the tree, with the machine's setuptools) into a private
-# folder, put it on PYTHONPATH behind the tree, and run the benchmark with this script's arguments.
+# strategies register) nor transformers 5.24. So: install the wheels carried in .whl/ (if any) into a private
+# folder, write the package's metadata there (its name, version and entry points, read from pyproject.toml:
+# the code itself is imported from the tree, so nothing is built and no build backend is needed), put the
+# tree and the folder on PYTHONPATH, and run the benchmark with this script's arguments.
 #
 #   bash benchmarks/device_run.sh --device cuda --stop-after 420 --profile none,fastv:192,sparsevlm:192 \
 #       --out "$OUT/efficiency_cuda" 2>&1 | tee "$OUT/efficiency_cuda.log"
@@ -16,13 +17,25 @@ site=${SITE:-/tmp/sparsevlm-site}
 
 shopt -s nullglob
 wheels=(.whl/*.whl)
-src=$(mktemp -d)
-trap 'rm -rf "$src"' EXIT
-# a copy, so that the build's build/ and *.egg-info stay out of the tree: what pyproject.toml builds (its
-# packages; README.md is its readme)
-cp -r pyproject.toml README.md framework strategies models experiments "$src"/
-"$python" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-build-isolation --no-compile \
-    --upgrade --target "$site" "${wheels[@]}" "$src"
+if ((${#wheels[@]})); then
+    "$python" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --upgrade \
+        --target "$site" "${wheels[@]}"
+fi
+"$python" - "$site" <<'PY'
+import pathlib, sys, tomllib
+
+project = tomllib.loads(pathlib.Path("pyproject.toml").read_text())["project"]
+info = pathlib.Path(sys.argv[1]) / f"{project['name']}-{project['version']}.dist-info"
+info.mkdir(parents=True, exist_ok=True)
+(info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
+groups = {"console_scripts": project.get("scripts", {}), **project.get("entry-points", {})}
+sections = (
+    f"[{group}]\n" + "".join(f"{name} = {target}\n" for name, target in points.items())
+    for group, points in groups.items()
+    if points
+)
+(info / "entry_points.txt").write_text("\n".join(sections))
+PY
 
 export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 "$python" -c 'import torch, transformers; print(f"torch {torch.__version__}, transformers {transformers.__version__} from {transformers.__file__}")'

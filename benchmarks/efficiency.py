@@ -58,7 +58,8 @@ row after that time, so a run cut short keeps what it measured (and says so).
                                        # profiles of three prefills (kernels, device busy share)
 On the lent H200 neither this package (whose entry points register the built-in strategies: a bare
 `PYTHONPATH=.` finds none) nor transformers 5.24 is installed (it has 5.17), and nothing can be downloaded.
-`benchmarks/device_run.sh` installs both offline into a private folder and runs this module. Here, first:
+`benchmarks/device_run.sh` installs the carried wheels offline into a private folder, writes the package's
+entry points there (from pyproject.toml: nothing is built) and runs this module. Here, first:
 `echo /.whl/ >> .git/info/exclude; pip download --no-deps --only-binary=:all: --python-version 3.12
 transformers==5.24.0 -d .whl`, and carry `.whl` (its requirements are met there: huggingface-hub 1.33,
 tokenizers 0.23, safetensors 0.8, and the others as 5.17 needs them). Copy the files written under $OUT to

@@ -381,9 +381,10 @@ def test_every_strategy_runs_in_the_gpu_tables_dtype(tmp_path):
 
 
 def test_device_script_installs_the_package_and_runs_the_benchmark(tmp_path):
-    """benchmarks/device_run.sh, as the lent GPU runs it (where the package is not installed): it installs the
-    package, offline, into its own folder, whose metadata carries the entry points that register the built-in
-    strategies, leaves the tree clean, and passes its arguments to the benchmark."""
+    """benchmarks/device_run.sh, as the lent GPU runs it (where the package is not installed): it writes the
+    package's metadata, with the entry points that register the built-in strategies, into its own folder
+    (nothing built, so no build backend needed), leaves the tree clean, and passes its arguments to the
+    benchmark."""
     import importlib.metadata
     import os
     import subprocess
