@@ -46,7 +46,11 @@ Per shape and batch size, for none and every strategy x budget:
 
 Writes `benchmarks/results/efficiency_<device>.{md,json}` (device name, versions, the exact command) after
 every group; all shapes run at batch 1 before any larger batch, and `--stop-after SECONDS` starts no new
-row after that time, so a run cut short keeps what it measured (and says so).
+row after that time, so a run cut short keeps what it measured (and says so). The time is shared between
+the groups (batch size, shape): the batch-1 groups may use `--batch1-share` of it (0.6), the larger batches
+the rest, each group handing what it leaves to the next, so that a slower device than expected thins every
+group instead of losing the last ones; SparseVLM's rows, whose figures the targets are about, run first in
+every group and heed only the whole run's limit (no whole GPU run has been timed yet).
 
   python -m benchmarks.efficiency --device cpu --shapes small         # CPU table, 8-9 min on 1 core
   python -m benchmarks.efficiency --device cpu --shapes llava15 --batches 1 --repeats 3 --new-tokens 3
@@ -54,7 +58,7 @@ row after that time, so a run cut short keeps what it measured (and says so).
                            # prefill, ~1 h for every row (one command line)
   bash benchmarks/device_run.sh --device cuda --stop-after 420 --profile none,fastv:192,sparsevlm:192 \
       --out $OUT/efficiency_cuda 2>&1 | tee $OUT/efficiency_cuda.log
-                                       # GPU table: llava15 + llavanext, batches 1/8/32, <= ~8 min; then
+                                       # GPU table: llava15 + llavanext, batches 1/8/32, <= 7 min; then
                                        # profiles of three prefills (kernels, device busy share)
 On the lent H200 neither this package (whose entry points register the built-in strategies: a bare
 `PYTHONPATH=.` finds none) nor transformers 5.24 is installed (it has 5.17), and nothing can be downloaded.
@@ -95,6 +99,7 @@ from models.random import random_backbone  # noqa: E402
 from .efficiency_table import batch_scaling, targets, to_markdown  # noqa: E402
 
 STRATEGIES = ("fastv", "pdrop", "visionzip", "dart", "divprune", "sparsevlm", "sparsevlm_plus", "cdpruner")
+PRIORITY = "sparsevlm"  # the targets' strategy: measured first in every group, whatever the time left
 BUDGETS = (192, 128, 64)
 RESULTS = Path(__file__).resolve().parent / "results"
 _CLIP_L = {"hidden": 1024, "ffn": 4096, "layers": 24, "heads": 16, "patch": 14, "grid": 24}
@@ -613,10 +618,13 @@ def run_group(
     deadline: float | None = None,
     cache: str = "growing",
     failed: list[str] | None = None,
+    run_deadline: float | None = None,
 ) -> list[dict] | None:
-    """No reduction and every (strategy, budget) of `runs` at one shape and batch size -> finished rows
-    (None when no reduction does not fit in memory or fails). A row that raises is skipped, its error
-    appended to `failed`."""
+    """No reduction and every (strategy, budget) of `runs` at one shape and batch size -> finished rows, in
+    the order of `runs` (None when no reduction does not fit in memory or fails). A row that raises is
+    skipped, its error appended to `failed`. No row starts after `deadline` (this group's share of the run's
+    time), except those of `PRIORITY` (the targets' strategy), measured first, which heed only `run_deadline`
+    (the run's own)."""
     failed = [] if failed is None else failed
     t0 = time.perf_counter()
     model, clock, name = bb.model, bb.clock, bb.name
@@ -637,9 +645,11 @@ def run_group(
         return None
     base.update(strategy="none", budget=None)
     group = [("none", None, base)]
-    for i, (s, bu) in enumerate(runs):
-        if deadline is not None and time.perf_counter() > deadline:
-            log(f"[{name} b{batch}] --stop-after reached: {len(runs) - i} row(s) not measured")
+    order = sorted(runs, key=lambda run: run[0] != PRIORITY)  # stable: the priority strategy first
+    for i, (s, bu) in enumerate(order):
+        limit = run_deadline if s == PRIORITY else deadline
+        if limit is not None and time.perf_counter() > limit:
+            log(f"[{name} b{batch}] --stop-after (this group's share) reached: {len(order) - i} row(s) not measured")
             break
         t1 = time.perf_counter()
         paired = bb.none  # interleaved with no reduction: a CPU's speed drifts by more than the gaps measured
@@ -673,11 +683,28 @@ def run_group(
     for key in ("prefill_ms", "decoder_ms", "decode_ms"):  # the baseline row's: the median over every pairing
         pair = [r[f"interleaved_base_{key}"] for _, _, r in group[1:]] or [base[key]]
         base[key] = base[f"interleaved_base_{key}"] = _median(pair)
+    group[1:] = sorted(group[1:], key=lambda g: runs.index((g[0], g[1])))  # the table in the order asked for
     out = []
     for s, bu, row in group:
         fields = {"shape": name, "batch": batch, "visual": bb.n_visual, "prompt_tokens": prompt}
         fields["scaled_budget"] = None if bu is None else scaled_budget(bu, bb.n_visual)
         out.append({**fields, **finish(row, dict(base), batch, prompt)})
+    return out
+
+
+def group_shares(batches: list[int], batch1_share: float) -> list[float]:
+    """The fraction of --stop-after by whose end each group (batch size, shape), in run order, starts its last
+    row: the batch-1 groups share `batch1_share` of the time, the larger batches the rest, equally. Cumulative,
+    so the time a group leaves goes to the next; the last group's is the whole run's."""
+    n1 = batches.count(1)
+    n_more = len(batches) - n1
+    if not n_more:
+        batch1_share = 1.0
+    out, at = [], 0.0
+    for batch in batches:
+        at += batch1_share / n1 if batch == 1 else (1 - batch1_share) / n_more
+        out.append(at)
+    out[-1] = 1.0  # no rounding short of the run's deadline
     return out
 
 
@@ -748,7 +775,7 @@ def parse(argv):
     p.add_argument("--repeats", type=int, default=None, help="prefill repeats at batch 1 (cuda 20, cpu 5)")
     p.add_argument("--batch-repeats", type=int, default=3, help="prefill repeats at larger batches")
     p.add_argument("--new-tokens", type=int, default=None, help="decoded tokens per generate (cuda 16, cpu 8)")
-    p.add_argument("--decode-repeats", type=int, default=3)
+    p.add_argument("--decode-repeats", type=int, default=None, help="generate runs per row (cuda 1, cpu 3)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--dtype",
@@ -774,7 +801,17 @@ def parse(argv):
         type=float,
         default=None,
         metavar="SECONDS",
-        help="start no new row after this many seconds (what was measured is written)",
+        help="start no new row after this many seconds (what was measured is written). Each group (batch size, "
+        "shape) has a share of it (--batch1-share) and leaves what it does not use to the next; SparseVLM's rows, "
+        "measured first in each group, heed only the whole run's limit",
+    )
+    p.add_argument(
+        "--batch1-share",
+        type=float,
+        default=0.6,
+        metavar="FRACTION",
+        help="of --stop-after, the share of the batch-1 groups (split equally between the shapes); the larger "
+        "batches share the rest",
     )
     p.add_argument(
         "--profile",
@@ -803,6 +840,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     args.repeats = args.repeats or (20 if cuda else 5)
     args.new_tokens = args.new_tokens or (16 if cuda else 8)
+    # on a GPU one generate's median gap (of new_tokens - 1) is steady; its time goes to the rows instead
+    args.decode_repeats = args.decode_repeats or (1 if cuda else 3)
+    if not 0 < args.batch1_share <= 1:
+        raise SystemExit(f"--batch1-share {args.batch1_share}: expected a fraction in (0, 1]")
     profiles = parse_profiles(args.profile)
     default_shapes = ["llava15", "llavanext"] if cuda else ["small"]
     shapes = [s for s in args.shapes.split(",") if s] if args.shapes else default_shapes
@@ -839,23 +880,29 @@ def main(argv: list[str] | None = None) -> int:
         )
         stem.with_suffix(".md").write_text(to_markdown(meta, all_rows))
 
-    deadline = None if args.stop_after is None else time.perf_counter() + args.stop_after
+    start = time.perf_counter()
+    deadline = None if args.stop_after is None else start + args.stop_after
     backbones = [Backbone(name, args.device, strategies, budgets, log, args.dtype) for name in shapes]
     meta["dtypes"] = {bb.name: str(bb.model.dtype).removeprefix("torch.") for bb in backbones}
     skipped: set[str] = set()  # shapes whose baseline ran out of memory at a smaller batch
-    for batch in batches:  # every shape at batch 1 first, so a cut-short run still has both tables
-        for bb in backbones:
-            if bb.name in skipped or (deadline is not None and time.perf_counter() > deadline):
-                continue
-            runs = [(s, bu) for s in strategies for bu in (budgets if batch == 1 else batch_budgets)]
-            reps = args.repeats if batch == 1 else args.batch_repeats
-            dreps = args.decode_repeats if batch == 1 else max(1, args.decode_repeats - 1)
-            rows = run_group(bb, batch, runs, reps, args.new_tokens, dreps, log, deadline, args.cache, failed)
-            if rows is None:
-                skipped.add(bb.name)
-                continue
-            done.extend(rows)
-            write()
+    # every shape at batch 1 first, so a cut-short run still has both tables
+    groups = [(batch, bb) for batch in batches for bb in backbones]
+    shares = group_shares([batch for batch, _ in groups], args.batch1_share)
+    for (batch, bb), share in zip(groups, shares):
+        if bb.name in skipped or (deadline is not None and time.perf_counter() > deadline):
+            continue
+        runs = [(s, bu) for s in strategies for bu in (budgets if batch == 1 else batch_budgets)]
+        reps = args.repeats if batch == 1 else args.batch_repeats
+        dreps = args.decode_repeats if batch == 1 else max(1, args.decode_repeats - 1)
+        group_deadline = None if deadline is None else start + share * args.stop_after
+        rows = run_group(
+            bb, batch, runs, reps, args.new_tokens, dreps, log, group_deadline, args.cache, failed, deadline
+        )
+        if rows is None:
+            skipped.add(bb.name)
+            continue
+        done.extend(rows)
+        write()
     expected = len(shapes) * sum(1 + len(strategies) * len(budgets if b == 1 else batch_budgets) for b in batches)
     meta["complete"] = len(done) == expected  # False when --stop-after, memory or a failure cut the run short
     write()

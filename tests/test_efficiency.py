@@ -275,6 +275,27 @@ def test_stop_after_writes_the_table_and_says_it_is_incomplete(tmp_path):
     assert "incomplete" in stem.with_suffix(".md").read_text()
 
 
+def test_each_group_has_its_share_of_the_time_and_sparsevlm_is_measured_first(tmp_path):
+    """A batch-1 group whose share of --stop-after is spent still measures SparseVLM (the targets' rows) and
+    leaves its other rows; the next group gets the time left. The table keeps the order asked for."""
+    stem = tmp_path / "shares"
+    eff.main(["--device", "cpu", "--shapes", "tiny", "--strategies", "fastv,sparsevlm", "--budgets", "64",
+              "--batches", "1,2", "--batch-budgets", "64", "--repeats", "1", "--batch-repeats", "1", "--new-tokens",
+              "2", "--decode-repeats", "1", "--quiet", "--stop-after", "3600", "--batch1-share", "1e-9",
+              "--out", str(stem)])  # fmt: skip
+    data = json.loads(stem.with_suffix(".json").read_text())
+    assert [(r["batch"], r["strategy"]) for r in data["rows"]] == [
+        (1, "none"), (1, "sparsevlm"), (2, "none"), (2, "fastv"), (2, "sparsevlm")
+    ]  # fmt: skip
+    assert data["meta"]["complete"] is False
+
+
+def test_group_shares_split_the_time_between_batch_sizes():
+    assert eff.group_shares([1, 1, 8, 8, 32, 32], 0.6) == pytest.approx([0.3, 0.6, 0.7, 0.8, 0.9, 1.0])
+    assert eff.group_shares([1, 1], 0.6) == [0.5, 1.0]  # batch 1 alone has the whole run
+    assert eff.group_shares([1, 8], 1.0) == [1.0, 1.0]
+
+
 def test_a_failing_row_is_recorded_and_the_others_are_measured(tmp_path, monkeypatch):
     """A strategy that raises (on a lent GPU: a device-only bug) costs its row, not the run."""
     from strategies.sparsevlm import SparseVLM
