@@ -45,12 +45,13 @@ Per shape and batch size, for none and every strategy x budget:
     at `--batch-budgets`); SparseVLM's figures against the issue's targets (`efficiency_table.targets`).
 
 Writes `benchmarks/results/efficiency_<device>.{md,json}` (device name, versions, the exact command) after
-every group; all shapes run at batch 1 before any larger batch, and `--stop-after SECONDS` starts no new
-row after that time, so a run cut short keeps what it measured (and says so). The time is shared between
-the groups (batch size, shape): the batch-1 groups may use `--batch1-share` of it (0.6), the larger batches
-the rest, each group handing what it leaves to the next, so that a slower device than expected thins every
-group instead of losing the last ones; SparseVLM's rows, whose figures the targets are about, run first in
-every group and heed only the whole run's limit (no whole GPU run has been timed yet).
+every row (a run killed half-way keeps what it measured, marked incomplete); all shapes run at batch 1
+before any larger batch, and `--stop-after SECONDS` starts no new row after that time, so a run cut short
+keeps what it measured (and says so). The time is shared between the groups (batch size, shape): the batch-1
+groups may use `--batch1-share` of it (0.6), the larger batches the rest, each group handing what it leaves
+to the next, so that a slower device than expected thins every group instead of losing the last ones;
+SparseVLM's rows, whose figures the targets are about, run first in every group and heed only the whole
+run's limit (no whole GPU run has been timed yet).
 
   python -m benchmarks.efficiency --device cpu --shapes small         # CPU table, 8-9 min on 1 core
   python -m benchmarks.efficiency --device cpu --shapes llava15 --batches 1 --repeats 3 --new-tokens 3
@@ -619,12 +620,13 @@ def run_group(
     cache: str = "growing",
     failed: list[str] | None = None,
     run_deadline: float | None = None,
+    progress=None,
 ) -> list[dict] | None:
     """No reduction and every (strategy, budget) of `runs` at one shape and batch size -> finished rows, in
     the order of `runs` (None when no reduction does not fit in memory or fails). A row that raises is
     skipped, its error appended to `failed`. No row starts after `deadline` (this group's share of the run's
     time), except those of `PRIORITY` (the targets' strategy), measured first, which heed only `run_deadline`
-    (the run's own)."""
+    (the run's own). `progress`, if given, receives the group's rows so far after every row."""
     failed = [] if failed is None else failed
     t0 = time.perf_counter()
     model, clock, name = bb.model, bb.clock, bb.name
@@ -645,6 +647,8 @@ def run_group(
         return None
     base.update(strategy="none", budget=None)
     group = [("none", None, base)]
+    if progress is not None:
+        progress(group_rows(bb, batch, prompt, runs, group))
     order = sorted(runs, key=lambda run: run[0] != PRIORITY)  # stable: the priority strategy first
     for i, (s, bu) in enumerate(order):
         limit = run_deadline if s == PRIORITY else deadline
@@ -680,15 +684,25 @@ def run_group(
             f"decode {row['decode_ms']:.2f} ms/tok ({time.perf_counter() - t1:.1f} s; "
             f"{time.perf_counter() - t0:.0f} s on this group)"
         )
-    for key in ("prefill_ms", "decoder_ms", "decode_ms"):  # the baseline row's: the median over every pairing
+        if progress is not None:
+            progress(group_rows(bb, batch, prompt, runs, group))
+    return group_rows(bb, batch, prompt, runs, group)
+
+
+def group_rows(bb: Backbone, batch: int, prompt: int, runs: list[tuple[str, int]], group: list[tuple]) -> list[dict]:
+    """A group's table rows from its raw figures [("none", None, base), (strategy, budget, row), ...] (left
+    unchanged, so that a group in progress can be written after every row): none's prefill, decoder and
+    decode are the medians over every row's pairing, and the rows come in the order of `runs`."""
+    base = dict(group[0][2])
+    for key in ("prefill_ms", "decoder_ms", "decode_ms"):
         pair = [r[f"interleaved_base_{key}"] for _, _, r in group[1:]] or [base[key]]
         base[key] = base[f"interleaved_base_{key}"] = _median(pair)
-    group[1:] = sorted(group[1:], key=lambda g: runs.index((g[0], g[1])))  # the table in the order asked for
+    rows = sorted(group[1:], key=lambda g: runs.index((g[0], g[1])))
     out = []
-    for s, bu, row in group:
-        fields = {"shape": name, "batch": batch, "visual": bb.n_visual, "prompt_tokens": prompt}
+    for s, bu, row in [("none", None, base), *rows]:
+        fields = {"shape": bb.name, "batch": batch, "visual": bb.n_visual, "prompt_tokens": prompt}
         fields["scaled_budget"] = None if bu is None else scaled_budget(bu, bb.n_visual)
-        out.append({**fields, **finish(row, dict(base), batch, prompt)})
+        out.append({**fields, **finish(dict(row), dict(base), batch, prompt)})
     return out
 
 
@@ -863,10 +877,12 @@ def main(argv: list[str] | None = None) -> int:
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, flush=True))
     done: list[dict] = []
     failed: list[str] = meta.setdefault("failed", [])  # rows that raised, with their errors
+    meta["complete"] = False  # until every row is in: a run killed half-way says so in what it wrote
 
-    def write():
+    def write(in_progress: list[dict] = ()):
+        """The table of the finished groups and of the group in progress (so a killed run keeps every row)."""
         meta["load_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-        all_rows = done
+        all_rows = done + list(in_progress)
         stem.with_suffix(".json").write_text(
             json.dumps(
                 {
@@ -896,7 +912,7 @@ def main(argv: list[str] | None = None) -> int:
         dreps = args.decode_repeats if batch == 1 else max(1, args.decode_repeats - 1)
         group_deadline = None if deadline is None else start + share * args.stop_after
         rows = run_group(
-            bb, batch, runs, reps, args.new_tokens, dreps, log, group_deadline, args.cache, failed, deadline
+            bb, batch, runs, reps, args.new_tokens, dreps, log, group_deadline, args.cache, failed, deadline, write
         )
         if rows is None:
             skipped.add(bb.name)

@@ -290,6 +290,31 @@ def test_each_group_has_its_share_of_the_time_and_sparsevlm_is_measured_first(tm
     assert data["meta"]["complete"] is False
 
 
+def test_a_run_killed_half_way_through_a_group_keeps_its_rows(tmp_path, monkeypatch):
+    """The table is written after every row: a lent GPU's time limit kills the process mid-group, and what
+    it measured must come back, marked incomplete."""
+    from strategies.fastv import FastV
+
+    measure = eff.measure
+
+    def killed_at_fastv(model, reducer, *args, **kwargs):
+        if isinstance(reducer, FastV):
+            raise KeyboardInterrupt  # as a kill: not an error that the run records and goes on from
+        return measure(model, reducer, *args, **kwargs)
+
+    monkeypatch.setattr(eff, "measure", killed_at_fastv)
+    stem = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        eff.main(["--device", "cpu", "--shapes", "tiny", "--strategies", "sparsevlm,fastv", "--budgets", "64",
+                  "--batches", "1", "--repeats", "1", "--new-tokens", "2", "--decode-repeats", "1", "--quiet",
+                  "--out", str(stem)])  # fmt: skip
+    data = json.loads(stem.with_suffix(".json").read_text())
+    assert [r["strategy"] for r in data["rows"]] == ["none", "sparsevlm"]
+    assert data["meta"]["complete"] is False
+    assert data["rows"][1]["prefill_ms_ratio"] > 0
+    assert "incomplete" in stem.with_suffix(".md").read_text()
+
+
 def test_group_shares_split_the_time_between_batch_sizes():
     assert eff.group_shares([1, 1, 8, 8, 32, 32], 0.6) == pytest.approx([0.3, 0.6, 0.7, 0.8, 0.9, 1.0])
     assert eff.group_shares([1, 1], 0.6) == [0.5, 1.0]  # batch 1 alone has the whole run
