@@ -38,6 +38,13 @@ ARGS = [
 ]
 
 
+def quick_run(stem, strategies: str, batches: str = "1", *extra: str) -> list[str]:
+    """The arguments of the smallest run: the tiny shape, budget 64, one repeat, two new tokens."""
+    return ["--device", "cpu", "--shapes", "tiny", "--strategies", strategies, "--budgets", "64", "--batches", batches,
+            "--batch-budgets", "64", "--repeats", "1", "--batch-repeats", "1", "--new-tokens", "2",
+            "--decode-repeats", "1", "--quiet", "--out", str(stem), *extra]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
     stem = tmp_path_factory.mktemp("eff") / "eff"
@@ -266,9 +273,7 @@ def test_strategy_fields_are_the_benchs(strategy):
 
 def test_stop_after_writes_the_table_and_says_it_is_incomplete(tmp_path):
     stem = tmp_path / "cut"
-    eff.main(["--device", "cpu", "--shapes", "tiny", "--strategies", "fastv", "--budgets", "64", "--batches", "1,2",
-              "--repeats", "1", "--new-tokens", "2", "--decode-repeats", "1", "--quiet", "--stop-after", "0",
-              "--out", str(stem)])  # fmt: skip
+    eff.main(quick_run(stem, "fastv", "1,2", "--stop-after", "0"))
     data = json.loads(stem.with_suffix(".json").read_text())
     assert data["meta"]["complete"] is False
     assert data["rows"] == []  # the time was up before the first group
@@ -279,10 +284,7 @@ def test_each_group_has_its_share_of_the_time_and_sparsevlm_is_measured_first(tm
     """A batch-1 group whose share of --stop-after is spent still measures SparseVLM (the targets' rows) and
     leaves its other rows; the next group gets the time left. The table keeps the order asked for."""
     stem = tmp_path / "shares"
-    eff.main(["--device", "cpu", "--shapes", "tiny", "--strategies", "fastv,sparsevlm", "--budgets", "64",
-              "--batches", "1,2", "--batch-budgets", "64", "--repeats", "1", "--batch-repeats", "1", "--new-tokens",
-              "2", "--decode-repeats", "1", "--quiet", "--stop-after", "3600", "--batch1-share", "1e-9",
-              "--out", str(stem)])  # fmt: skip
+    eff.main(quick_run(stem, "fastv,sparsevlm", "1,2", "--stop-after", "3600", "--batch1-share", "1e-9"))
     data = json.loads(stem.with_suffix(".json").read_text())
     assert [(r["batch"], r["strategy"]) for r in data["rows"]] == [
         (1, "none"), (1, "sparsevlm"), (2, "none"), (2, "fastv"), (2, "sparsevlm")
@@ -305,9 +307,7 @@ def test_a_run_killed_half_way_through_a_group_keeps_its_rows(tmp_path, monkeypa
     monkeypatch.setattr(eff, "measure", killed_at_fastv)
     stem = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
-        eff.main(["--device", "cpu", "--shapes", "tiny", "--strategies", "sparsevlm,fastv", "--budgets", "64",
-                  "--batches", "1", "--repeats", "1", "--new-tokens", "2", "--decode-repeats", "1", "--quiet",
-                  "--out", str(stem)])  # fmt: skip
+        eff.main(quick_run(stem, "sparsevlm,fastv"))
     data = json.loads(stem.with_suffix(".json").read_text())
     assert [r["strategy"] for r in data["rows"]] == ["none", "sparsevlm"]
     assert data["meta"]["complete"] is False
@@ -330,9 +330,7 @@ def test_a_failing_row_is_recorded_and_the_others_are_measured(tmp_path, monkeyp
 
     monkeypatch.setattr(SparseVLM, "decide", decide)
     stem = tmp_path / "failing"
-    eff.main(["--device", "cpu", "--shapes", "tiny", "--strategies", "fastv,sparsevlm", "--budgets", "64",
-              "--batches", "1", "--repeats", "1", "--new-tokens", "2", "--decode-repeats", "1", "--quiet",
-              "--out", str(stem)])  # fmt: skip
+    eff.main(quick_run(stem, "fastv,sparsevlm"))
     data = json.loads(stem.with_suffix(".json").read_text())
     assert [r["strategy"] for r in data["rows"]] == ["none", "fastv"]
     assert data["meta"]["complete"] is False
@@ -342,9 +340,7 @@ def test_a_failing_row_is_recorded_and_the_others_are_measured(tmp_path, monkeyp
 
 def test_profile_writes_where_a_rows_time_goes(tmp_path):
     stem = tmp_path / "prof"
-    eff.main(["--device", "cpu", "--shapes", "tiny", "--strategies", "sparsevlm", "--budgets", "64", "--batches", "1",
-              "--repeats", "1", "--new-tokens", "2", "--decode-repeats", "1", "--quiet", "--out", str(stem),
-              "--profile", "none,sparsevlm:64"])  # fmt: skip
+    eff.main(quick_run(stem, "sparsevlm", "1", "--profile", "none,sparsevlm:64"))
     text = (tmp_path / "prof_profile.txt").read_text()
     none, sparse = text.split("tiny, batch 1, ")[1:]
     assert text.startswith("CPU") and none.startswith("none\n") and sparse.startswith("sparsevlm:64\n")
@@ -441,8 +437,7 @@ def test_device_script_installs_the_package_and_runs_the_benchmark(tmp_path):
     site, stem = tmp_path / "site", tmp_path / "out" / "eff"
     before = sorted(p.name for p in root.iterdir())
     env = {**os.environ, "PYTHON": sys.executable, "SITE": str(site)}
-    args = ["--device", "cpu", "--shapes", "tiny", "--strategies", "sparsevlm", "--budgets", "64", "--batches", "1",
-            "--repeats", "1", "--new-tokens", "2", "--decode-repeats", "1", "--quiet", "--out", str(stem)]  # fmt: skip
+    args = quick_run(stem, "sparsevlm")
     done = subprocess.run(["bash", str(root / "benchmarks" / "device_run.sh"), *args], env=env, capture_output=True,
                           text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
