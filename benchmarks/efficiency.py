@@ -653,7 +653,8 @@ def run_group(
     for i, (s, bu) in enumerate(order):
         limit = run_deadline if s == PRIORITY else deadline
         if limit is not None and time.perf_counter() > limit:
-            log(f"[{name} b{batch}] --stop-after (this group's share) reached: {len(order) - i} row(s) not measured")
+            spent = "--stop-after" if s == PRIORITY else "this group's share of --stop-after"
+            log(f"[{name} b{batch}] {spent} reached: {len(order) - i} row(s) not measured")
             break
         t1 = time.perf_counter()
         paired = bb.none  # interleaved with no reduction: a CPU's speed drifts by more than the gaps measured
@@ -917,8 +918,7 @@ def main(argv: list[str] | None = None) -> int:
         if rows is None:
             skipped.add(bb.name)
             continue
-        done.extend(rows)
-        write()
+        done.extend(rows)  # already written, as the group in progress, after its last row
     expected = len(shapes) * sum(1 + len(strategies) * len(budgets if b == 1 else batch_budgets) for b in batches)
     meta["complete"] = len(done) == expected  # False when --stop-after, memory or a failure cut the run short
     write()
