@@ -3,8 +3,13 @@ same run, FLOPs ratios equal to the accounting's."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import os
 import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -427,12 +432,6 @@ def test_device_script_installs_the_package_and_runs_the_benchmark(tmp_path):
     package's metadata, with the entry points that register the built-in strategies, into its own folder
     (nothing built, so no build backend needed), leaves the tree clean, and passes its arguments to the
     benchmark."""
-    import importlib.metadata
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     site, stem = tmp_path / "site", tmp_path / "out" / "eff"
     before = sorted(p.name for p in root.iterdir())
