@@ -6,6 +6,12 @@
 # the code itself is imported from the tree, so nothing is built and no build backend is needed), put the
 # tree and the folder on PYTHONPATH, and run the benchmark with this script's arguments.
 #
+# Fill .whl/ (git ignores it) on a machine that can reach an index, then carry it along:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 transformers==5.24.0 -d .whl
+# (--python-version is the target machine's python; the lent GPU's image already has transformers' own needs,
+# huggingface_hub, tokenizers, safetensors, regex, and this package's einops and pillow.)
+#
 #   bash benchmarks/device_run.sh --device cuda --stop-after 420 --profile none,fastv:192,sparsevlm:192 \
 #       --out "$OUT/efficiency_cuda" 2>&1 | tee "$OUT/efficiency_cuda.log"
 #
